@@ -1,0 +1,248 @@
+//! The CPU backend: the numerical reference for every other backend, and the
+//! default where no GPU is present.
+//!
+//! Arithmetic is f32 throughout. Weight matrices stay in their checkpoint
+//! dtype (bf16/f16 halve the bytes each decode step streams) and are widened
+//! in registers; vectors (norms, biases) are widened once at load. Every
+//! heavy op runs on all cores through rayon.
+
+mod attention;
+mod matmul;
+mod simd;
+
+use super::{AttentionSpec, Backend, DType, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A row-major `[rows, cols]` f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "CpuTensor: {} values for [{rows}, {cols}]", data.len());
+        CpuTensor { data, rows, cols }
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+enum WeightData {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A parameter: a `[rows, cols]` matrix in its checkpoint dtype, or a vector
+/// (`rows == 1`) widened to f32.
+pub struct CpuWeight {
+    data: WeightData,
+    rows: usize,
+    cols: usize,
+}
+
+impl CpuWeight {
+    fn vector(&self) -> &[f32] {
+        match &self.data {
+            WeightData::F32(v) => v,
+            _ => unreachable!("vectors are widened to f32 at load"),
+        }
+    }
+}
+
+/// One layer's paged KV cache: `[num_blocks · block_size, kv_heads, head_dim]` each.
+pub struct CpuKvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn load_weight(&self, host: HostTensor) -> Result<CpuWeight> {
+        let (rows, cols) = match host.shape[..] {
+            [rows, cols] => (rows, cols),
+            _ => (1, host.numel()),
+        };
+        let data = match host.dtype {
+            _ if rows == 1 => WeightData::F32(host.to_f32()),
+            DType::F32 => WeightData::F32(host.to_f32()),
+            DType::BF16 => WeightData::Bf16(host.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
+            DType::F16 => WeightData::F16(host.bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
+        };
+        Ok(CpuWeight { data, rows, cols })
+    }
+
+    fn weight_bytes(&self, w: &CpuWeight) -> usize {
+        let elem = match w.data {
+            WeightData::F32(_) => 4,
+            WeightData::Bf16(_) | WeightData::F16(_) => 2,
+        };
+        w.rows * w.cols * elem
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
+        let n = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        Ok(CpuKvCache {
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        })
+    }
+
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let cols = table.cols;
+        let mut out = vec![0.0f32; ids.len() * cols];
+        for (dst, &id) in out.chunks_mut(cols).zip(ids) {
+            let span = id as usize * cols..(id as usize + 1) * cols;
+            match &table.data {
+                WeightData::F32(v) => dst.copy_from_slice(&v[span]),
+                WeightData::Bf16(v) => dst.iter_mut().zip(&v[span]).for_each(|(d, s)| *d = s.to_f32()),
+                WeightData::F16(v) => dst.iter_mut().zip(&v[span]).for_each(|(d, s)| *d = s.to_f32()),
+            }
+        }
+        Ok(CpuTensor::new(out, ids.len(), cols))
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
+        Ok(matmul::linear(x, w, bias.map(CpuWeight::vector)))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let mut out = x.clone();
+        let w = weight.vector();
+        out.data.par_chunks_mut(x.cols).for_each(|row| rms_norm_row(row, w, eps));
+        Ok(out)
+    }
+
+    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        self.add_assign(residual, x)?;
+        self.rms_norm(residual, weight, eps)
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add_assign: shapes differ");
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn rope(&self, qkv: &mut CpuTensor, positions: &[u32], cos_sin: &CpuWeight, spec: &AttentionSpec) -> Result<()> {
+        let (hd, half) = (spec.head_dim, spec.head_dim / 2);
+        let table = cos_sin.vector();
+        let rotated_heads = spec.num_heads + spec.num_kv_heads;
+        qkv.data.par_chunks_mut(qkv.cols).zip(positions).for_each(|(row, &pos)| {
+            let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
+            let (cos, sin) = cs.split_at(half);
+            for head in row[..rotated_heads * hd].chunks_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn write_kv(&self, qkv: &CpuTensor, cache: &mut CpuKvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<()> {
+        attention::write_kv(qkv, cache, meta, spec);
+        Ok(())
+    }
+
+    fn paged_attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<CpuTensor> {
+        Ok(attention::paged_attention(qkv, cache, meta, spec))
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        let inter = gate_up.cols / 2;
+        let mut out = vec![0.0f32; gate_up.rows * inter];
+        out.par_chunks_mut(inter)
+            .zip(gate_up.data.par_chunks(gate_up.cols))
+            .for_each(|(o, gu)| {
+                let (gate, up) = gu.split_at(inter);
+                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok(CpuTensor::new(out, gate_up.rows, inter))
+    }
+
+    fn select_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor> {
+        let data = rows.iter().flat_map(|&r| x.row(r as usize).iter().copied()).collect();
+        Ok(CpuTensor::new(data, rows.len(), x.cols))
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}
+
+fn rms_norm_row(row: &mut [f32], w: &[f32], eps: f32) {
+    let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    row.iter_mut().zip(w).for_each(|(v, w)| *v = *v * inv * w);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weight(shape: Vec<usize>, values: &[f32], dtype: DType) -> CpuWeight {
+        let mut host = HostTensor::from_f32(shape, values);
+        if dtype == DType::BF16 {
+            host.bytes = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+            host.dtype = DType::BF16;
+        }
+        CpuBackend.load_weight(host).unwrap()
+    }
+
+    #[test]
+    fn linear_matches_naive_for_every_token_count() {
+        let (out_f, in_f) = (37, 45);
+        let w: Vec<f32> = (0..out_f * in_f).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let b: Vec<f32> = (0..out_f).map(|i| i as f32 * 0.01).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let wt = weight(vec![out_f, in_f], &w, dtype);
+            let wide: Vec<f32> = match &wt.data {
+                WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+                _ => w.clone(),
+            };
+            let bias = weight(vec![out_f], &b, DType::F32);
+            for tokens in [1, 2, 5, 40] {
+                let x: Vec<f32> = (0..tokens * in_f).map(|i| ((i * 31) % 53) as f32 / 53.0 - 0.3).collect();
+                let y = CpuBackend
+                    .linear(&CpuTensor::new(x.clone(), tokens, in_f), &wt, Some(&bias))
+                    .unwrap();
+                for t in 0..tokens {
+                    for o in 0..out_f {
+                        let want: f32 = (0..in_f).map(|k| x[t * in_f + k] * wide[o * in_f + k]).sum::<f32>() + b[o];
+                        assert!((y.row(t)[o] - want).abs() < 1e-4, "{dtype} tokens={tokens} t={t} o={o}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_scales_rows_to_unit_rms() {
+        let w = weight(vec![4], &[1.0, 2.0, 1.0, 1.0], DType::F32);
+        let x = CpuTensor::new(vec![1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0], 2, 4);
+        let y = CpuBackend.rms_norm(&x, &w, 0.0).unwrap();
+        assert_eq!(y.data, vec![1.0, 2.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
+    }
+}

@@ -1,0 +1,226 @@
+//! The tensor operations a Qwen2 forward needs, as a trait each device implements.
+//!
+//! The model is written once against [`Backend`]; the CPU backend is the
+//! reference and the default, and a CUDA backend implements the same ops with
+//! kernels. Activations are row-major `[rows, cols]` matrices (one row per
+//! token); weights stay in the device's preferred layout and, where that saves
+//! memory bandwidth, in their checkpoint dtype.
+
+pub mod cpu;
+
+use std::fmt;
+
+/// Element types a checkpoint may store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// A tensor in host memory, as read from a checkpoint: raw little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl HostTensor {
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        HostTensor {
+            dtype: DType::F32,
+            shape,
+            bytes,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values widened to f32 (exact for every supported dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            DType::F32 => self
+                .bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::BF16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::F16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// Stacks tensors with equal trailing dimensions along dimension 0
+    /// (fusing q/k/v or gate/up into one matrix). Mixed dtypes widen to f32.
+    pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
+        let cols: Vec<usize> = parts[0].shape[1..].to_vec();
+        assert!(parts.iter().all(|p| p.shape[1..] == cols[..]), "concat_rows: trailing dims differ");
+        let rows = parts.iter().map(|p| p.shape[0]).sum();
+        let shape = [vec![rows], cols].concat();
+        if parts.iter().all(|p| p.dtype == parts[0].dtype) {
+            let bytes = parts.iter().flat_map(|p| p.bytes.iter().copied()).collect();
+            return HostTensor {
+                dtype: parts[0].dtype,
+                shape,
+                bytes,
+            };
+        }
+        let values: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
+        HostTensor::from_f32(shape, &values)
+    }
+}
+
+/// Errors a device reports while running an op.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of device memory allocating {bytes} bytes for {what}")]
+    OutOfMemory { what: String, bytes: usize },
+    #[error("{0}")]
+    Device(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// The shape of one layer's paged KV cache: `num_blocks` blocks of
+/// `block_size` token slots, each slot holding `num_kv_heads × head_dim` keys
+/// and as many values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    /// Bytes per token slot for keys and values together, at `dtype_bytes` each.
+    pub fn bytes_per_slot(&self, dtype_bytes: usize) -> usize {
+        2 * self.num_kv_heads * self.head_dim * dtype_bytes
+    }
+}
+
+/// Attention head layout of one layer on one device.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSpec {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Where each sequence of a batch reads and writes the paged KV cache.
+///
+/// The batch's new tokens are laid out sequence after sequence; sequence `s`
+/// owns `query_lens[s]` consecutive rows, which are the last tokens of its
+/// `context_lens[s]`-token context (cached prefix plus new tokens).
+#[derive(Clone, Debug, Default)]
+pub struct PagedAttentionMeta {
+    pub block_size: usize,
+    /// `[num_tokens]`: the cache slot (`block * block_size + offset`) each new token writes.
+    pub slot_mapping: Vec<u32>,
+    /// `[num_seqs]`: new tokens per sequence in this step.
+    pub query_lens: Vec<usize>,
+    /// `[num_seqs]`: tokens in each sequence's context after this step.
+    pub context_lens: Vec<usize>,
+    /// `[num_seqs][blocks]`: physical block ids holding each sequence's context, in order.
+    pub block_tables: Vec<Vec<u32>>,
+}
+
+impl PagedAttentionMeta {
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+}
+
+/// The ops of a Qwen2 forward on one device.
+///
+/// `Tensor` is an activation matrix on the device; `Weight` a parameter
+/// (matrix `[out, in]` or vector) uploaded once; `KvCache` one layer's
+/// paged key/value store.
+pub trait Backend {
+    type Tensor;
+    type Weight: Send + Sync;
+    type KvCache;
+
+    fn name(&self) -> &'static str;
+
+    /// Uploads a parameter. Matrices are `[out_features, in_features]`.
+    fn load_weight(&self, host: HostTensor) -> Result<Self::Weight>;
+
+    /// Device bytes a weight occupies.
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
+
+    /// `table [vocab, hidden]`, `ids [n]` → `[n, hidden]`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// `x [n, in]`, `w [out, in]`, `bias [out]` → `x · wᵀ + bias`, `[n, out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
+
+    /// RMSNorm of each row of `x`, scaled by `weight`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// `residual += x`, then returns RMSNorm(residual) (the fused residual add).
+    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// Rotates the q and k heads of a fused `qkv [n, (heads + 2·kv_heads) · head_dim]`
+    /// in place (neox layout). `cos_sin [max_pos, head_dim]` holds cos in its
+    /// first half and sin in its second, per position.
+    fn rope(&self, qkv: &mut Self::Tensor, positions: &[u32], cos_sin: &Self::Weight, spec: &AttentionSpec) -> Result<()>;
+
+    /// Writes the k and v heads of `qkv` into the cache at `meta.slot_mapping`.
+    fn write_kv(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<()>;
+
+    /// Causal attention of the q heads of `qkv` over each sequence's cached
+    /// context (prefill, chunked prefill and decode alike) → `[n, heads · head_dim]`.
+    fn paged_attention(
+        &self,
+        qkv: &Self::Tensor,
+        cache: &Self::KvCache,
+        meta: &PagedAttentionMeta,
+        spec: &AttentionSpec,
+    ) -> Result<Self::Tensor>;
+
+    /// `gate_up [n, 2·i]` → `silu(gate) · up`, `[n, i]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// The listed rows of `x`, in order.
+    fn select_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
+
+    /// Copies a tensor to host memory as row-major f32.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,180 @@
+//! One prompt generated to the end on one device: `prefill` the prompt, then
+//! `decode_one_token` until EOS or `max_tokens`. This is the path of
+//! `shardline generate` and `shardline bench`; the serving engine batches
+//! many sequences through the same model forward instead.
+
+use crate::backend::{Backend, BackendError};
+use crate::model::{ForwardBatch, Qwen2ForCausalLM};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use std::time::{Duration, Instant};
+
+/// Tokens per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty; give at least one token")]
+    EmptyPrompt,
+    #[error("max_tokens {max_tokens} + prompt {prompt} tokens exceeds the model's {context}-token context")]
+    ContextLengthExceeded { max_tokens: usize, prompt: usize, context: usize },
+    #[error("the sequence would hold {tokens} tokens, over the {context}-token context")]
+    SequenceTooLong { tokens: usize, context: usize },
+    #[error("token id {id} is outside the model's vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A model with the KV cache of one sequence.
+pub struct Generator<B: Backend> {
+    model: Qwen2ForCausalLM<B>,
+    kv_caches: Vec<B::KvCache>,
+    block_table: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    cached: usize,
+}
+
+impl<B: Backend> Generator<B> {
+    /// Allocates a KV cache for `capacity` tokens.
+    pub fn new(model: Qwen2ForCausalLM<B>, capacity: usize) -> Result<Self, BackendError> {
+        let num_blocks = capacity.div_ceil(BLOCK_SIZE).max(1);
+        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks, BLOCK_SIZE))?;
+        Ok(Generator {
+            model,
+            kv_caches,
+            block_table: (0..num_blocks as u32).collect(),
+            cached: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Qwen2ForCausalLM<B> {
+        &self.model
+    }
+
+    /// Tokens the KV cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.block_table.len() * BLOCK_SIZE
+    }
+
+    /// Forgets the cached sequence.
+    pub fn reset(&mut self) {
+        self.cached = 0;
+    }
+
+    /// Appends `ids` to the sequence and returns logits `[rows, vocab]`: of
+    /// every new token when `all_logits`, else of the last one.
+    pub fn extend(&mut self, ids: &[u32], all_logits: bool) -> Result<Vec<f32>, GenerateError> {
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
+        let context = self.capacity().min(self.model.config().max_position_embeddings);
+        if self.cached + ids.len() > context {
+            return Err(GenerateError::SequenceTooLong {
+                tokens: self.cached + ids.len(),
+                context,
+            });
+        }
+        let batch = ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits);
+        let logits = self.model.forward(&batch, &mut self.kv_caches)?;
+        self.cached += ids.len();
+        Ok(logits)
+    }
+
+    /// Starts a new sequence with `prompt`; returns the last position's logits.
+    pub fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        self.reset();
+        self.extend(prompt, false)
+    }
+
+    pub fn decode_one_token(&mut self, id: u32) -> Result<Vec<f32>, GenerateError> {
+        self.extend(&[id], false)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub eos_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generated ids, the final EOS included when generation stopped on one.
+    pub tokens: Vec<SampledToken>,
+    pub finish_reason: FinishReason,
+    pub time_to_first_token: Duration,
+    pub total_time: Duration,
+}
+
+impl Generation {
+    pub fn completion_ids(&self) -> Vec<u32> {
+        self.tokens.iter().map(|t| t.token_id).collect()
+    }
+
+    /// Decode speed after the first token (which includes the prefill).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let decode = self.total_time.saturating_sub(self.time_to_first_token).as_secs_f64();
+        if self.tokens.len() < 2 || decode == 0.0 {
+            return 0.0;
+        }
+        (self.tokens.len() - 1) as f64 / decode
+    }
+}
+
+impl<B: Backend> Generator<B> {
+    /// Generates until an EOS id (unless `ignore_eos`) or `max_tokens`,
+    /// calling `on_token` with each token as it is sampled.
+    pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(&SampledToken)) -> Result<Generation, GenerateError> {
+        let context = self.capacity().min(self.model.config().max_position_embeddings);
+        if req.prompt_ids.len() + req.max_tokens > context {
+            return Err(GenerateError::ContextLengthExceeded {
+                max_tokens: req.max_tokens,
+                prompt: req.prompt_ids.len(),
+                context,
+            });
+        }
+        let start = Instant::now();
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut history = req.prompt_ids.clone();
+        let mut tokens = Vec::new();
+        let mut time_to_first_token = Duration::ZERO;
+        let mut logits = self.prefill(&req.prompt_ids)?;
+        let finish_reason = loop {
+            let token = sampler.sample(&logits, &history);
+            if tokens.is_empty() {
+                time_to_first_token = start.elapsed();
+            }
+            on_token(&token);
+            let id = token.token_id;
+            tokens.push(token);
+            history.push(id);
+            if !req.ignore_eos && req.eos_token_ids.contains(&id) {
+                break FinishReason::Stop;
+            }
+            if tokens.len() >= req.max_tokens {
+                break FinishReason::Length;
+            }
+            logits = self.decode_one_token(id)?;
+        };
+        Ok(Generation {
+            tokens,
+            finish_reason,
+            time_to_first_token,
+            total_time: start.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,18 @@
+//! shardline: a multi-GPU LLM inference server for Qwen2-family models.
+//!
+//! Layers, each knowing only the ones below it (see ARCHITECTURE.md):
+//! `generation` (one sequence: prefill, decode) → `model` (Qwen2 over a
+//! backend) → `backend` (tensor ops: `cpu`, later `cuda`). Beside them:
+//! `loader` (safetensors and dummy weights), `config` (HF config files),
+//! `tokenizer` (tokenizer.json, chat templates, incremental detokenization)
+//! and `sampling`.
+
+pub mod backend;
+pub mod config;
+pub mod generation;
+pub mod loader;
+pub mod model;
+pub mod model_dir;
+pub mod rng;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,0 +1,149 @@
+//! The Qwen2 decoder, layer by layer as in Hugging Face's `modeling_qwen2.py`:
+//! RMSNorm → attention (GQA, q/k/v bias, neox RoPE, paged KV cache) →
+//! residual → RMSNorm → SwiGLU MLP → residual. Struct fields mirror the
+//! checkpoint keys (`self_attn.q_proj` …); q/k/v and gate/up are fused into
+//! one matrix each at load so a step makes fewer, larger matmuls.
+
+use super::ForwardBatch;
+use crate::backend::{AttentionSpec, Backend, HostTensor, Result};
+use crate::config::ModelConfig;
+use crate::loader::{LoadError, WeightSource};
+
+/// What every layer's forward needs besides its input.
+pub struct ForwardCtx<'a, B: Backend> {
+    pub backend: &'a B,
+    pub batch: &'a ForwardBatch,
+    /// `[max_positions, head_dim]`: cos then sin of each position's rotary angles.
+    pub rope_cos_sin: &'a B::Weight,
+    pub rms_norm_eps: f32,
+}
+
+pub struct Qwen2Attention<B: Backend> {
+    /// `[(heads + 2·kv_heads)·head_dim, hidden]`: q_proj, k_proj, v_proj stacked.
+    qkv_proj: B::Weight,
+    qkv_bias: B::Weight,
+    /// `[hidden, heads·head_dim]`
+    o_proj: B::Weight,
+    pub spec: AttentionSpec,
+}
+
+impl<B: Backend> Qwen2Attention<B> {
+    fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, prefix: &str) -> std::result::Result<Self, LoadError> {
+        let (h, hd) = (config.hidden_size, config.head_dim());
+        let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
+        let proj = |name: &str, rows: usize, cols: usize| source.tensor(&format!("{prefix}.{name}"), &[rows, cols]);
+        let bias = |name: &str, rows: usize| source.tensor(&format!("{prefix}.{name}"), &[rows]);
+        let qkv = HostTensor::concat_rows(&[
+            proj("q_proj.weight", q, h)?,
+            proj("k_proj.weight", kv, h)?,
+            proj("v_proj.weight", kv, h)?,
+        ]);
+        let qkv_bias = HostTensor::concat_rows(&[bias("q_proj.bias", q)?, bias("k_proj.bias", kv)?, bias("v_proj.bias", kv)?]);
+        Ok(Qwen2Attention {
+            qkv_proj: backend.load_weight(qkv)?,
+            qkv_bias: backend.load_weight(qkv_bias)?,
+            o_proj: backend.load_weight(proj("o_proj.weight", h, q)?)?,
+            spec: AttentionSpec {
+                num_heads: config.num_attention_heads,
+                num_kv_heads: config.num_kv_heads(),
+                head_dim: hd,
+                scale: 1.0 / (hd as f32).sqrt(),
+            },
+        })
+    }
+
+    fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, B>) -> Result<B::Tensor> {
+        let b = ctx.backend;
+        let mut qkv = b.linear(x, &self.qkv_proj, Some(&self.qkv_bias))?;
+        b.rope(&mut qkv, &ctx.batch.positions, ctx.rope_cos_sin, &self.spec)?;
+        b.write_kv(&qkv, cache, &ctx.batch.attn, &self.spec)?;
+        let attn = b.paged_attention(&qkv, cache, &ctx.batch.attn, &self.spec)?;
+        b.linear(&attn, &self.o_proj, None)
+    }
+}
+
+pub struct Qwen2Mlp<B: Backend> {
+    /// `[2·intermediate, hidden]`: gate_proj then up_proj.
+    gate_up_proj: B::Weight,
+    /// `[hidden, intermediate]`
+    down_proj: B::Weight,
+}
+
+impl<B: Backend> Qwen2Mlp<B> {
+    fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, prefix: &str) -> std::result::Result<Self, LoadError> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let proj = |name: &str, shape: [usize; 2]| source.tensor(&format!("{prefix}.{name}"), &shape);
+        let gate_up = HostTensor::concat_rows(&[proj("gate_proj.weight", [i, h])?, proj("up_proj.weight", [i, h])?]);
+        Ok(Qwen2Mlp {
+            gate_up_proj: backend.load_weight(gate_up)?,
+            down_proj: backend.load_weight(proj("down_proj.weight", [h, i])?)?,
+        })
+    }
+
+    fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, B>) -> Result<B::Tensor> {
+        let b = ctx.backend;
+        let gate_up = b.linear(x, &self.gate_up_proj, None)?;
+        b.linear(&b.silu_mul(&gate_up)?, &self.down_proj, None)
+    }
+}
+
+pub struct Qwen2DecoderLayer<B: Backend> {
+    self_attn: Qwen2Attention<B>,
+    mlp: Qwen2Mlp<B>,
+    input_layernorm: B::Weight,
+    post_attention_layernorm: B::Weight,
+}
+
+impl<B: Backend> Qwen2DecoderLayer<B> {
+    pub fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, index: usize) -> std::result::Result<Self, LoadError> {
+        let prefix = format!("model.layers.{index}");
+        let norm = |name: &str| source.tensor(&format!("{prefix}.{name}.weight"), &[config.hidden_size]);
+        Ok(Qwen2DecoderLayer {
+            self_attn: Qwen2Attention::load(backend, config, source, &format!("{prefix}.self_attn"))?,
+            mlp: Qwen2Mlp::load(backend, config, source, &format!("{prefix}.mlp"))?,
+            input_layernorm: backend.load_weight(norm("input_layernorm")?)?,
+            post_attention_layernorm: backend.load_weight(norm("post_attention_layernorm")?)?,
+        })
+    }
+
+    /// Bytes of every parameter of the layer (all are read once per step).
+    pub fn weight_bytes(&self, b: &B) -> usize {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.qkv_proj,
+            &a.qkv_bias,
+            &a.o_proj,
+            &m.gate_up_proj,
+            &m.down_proj,
+            &self.input_layernorm,
+            &self.post_attention_layernorm,
+        ]
+        .into_iter()
+        .map(|w| b.weight_bytes(w))
+        .sum()
+    }
+
+    /// `hidden [n, hidden_size]` is the residual stream, updated in place.
+    pub fn forward(&self, hidden: &mut B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, B>) -> Result<()> {
+        let b = ctx.backend;
+        let x = b.rms_norm(hidden, &self.input_layernorm, ctx.rms_norm_eps)?;
+        let attn = self.self_attn.forward(&x, cache, ctx)?;
+        let x = b.add_rms_norm(hidden, &attn, &self.post_attention_layernorm, ctx.rms_norm_eps)?;
+        let mlp = self.mlp.forward(&x, ctx)?;
+        b.add_assign(hidden, &mlp)
+    }
+}
+
+/// `[max_positions, head_dim]`: per position, `cos(p·θᵢ)` for the head_dim/2
+/// frequencies, then `sin(p·θᵢ)`; `θᵢ = rope_theta^(−2i/head_dim)`.
+pub fn rope_cos_sin_table(config: &ModelConfig) -> HostTensor {
+    let (hd, theta) = (config.head_dim(), config.rope_theta());
+    let half = hd / 2;
+    let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    let mut values = Vec::with_capacity(config.max_position_embeddings * hd);
+    for pos in 0..config.max_position_embeddings {
+        values.extend(inv_freq.iter().map(|f| (pos as f64 * f).cos() as f32));
+        values.extend(inv_freq.iter().map(|f| (pos as f64 * f).sin() as f32));
+    }
+    HostTensor::from_f32(vec![config.max_position_embeddings, hd], &values)
+}

@@ -1,0 +1,228 @@
+//! Choosing the next token from a row of logits.
+//!
+//! The order follows Hugging Face's `generate` (and vLLM): repetition penalty,
+//! then temperature, top-k and top-p. Temperature 0 is greedy (argmax, lowest
+//! id on ties, as `torch.argmax`). Logprobs are those of the model's own
+//! distribution (log-softmax of the raw logits), as vLLM reports by default.
+
+use crate::rng::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f32,
+    /// > 1 discourages tokens already in the prompt or output (HF's rule).
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    /// Return this many most likely tokens with each sampled one.
+    pub logprobs: Option<usize>,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledToken {
+    pub token_id: u32,
+    /// Log-probability of `token_id` under the model's distribution.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, best first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = params.seed.map_or_else(Rng::from_entropy, Rng::seeded);
+        Sampler { params, rng }
+    }
+
+    /// Picks a token from `logits [vocab]`; `context` holds the prompt and the
+    /// tokens generated so far (for the repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> SampledToken {
+        let mut scores = logits.to_vec();
+        apply_repetition_penalty(&mut scores, context, self.params.repetition_penalty);
+        let token_id = if self.params.is_greedy() {
+            argmax(&scores)
+        } else {
+            self.draw(&scores)
+        };
+        let (logprob, top_logprobs) = log_probs(logits, token_id, self.params.logprobs.unwrap_or(0));
+        SampledToken {
+            token_id,
+            logprob,
+            top_logprobs,
+        }
+    }
+
+    fn draw(&mut self, scores: &[f32]) -> u32 {
+        let p = &self.params;
+        let mut candidates: Vec<(u32, f32)> = scores.iter().enumerate().map(|(i, &s)| (i as u32, s / p.temperature)).collect();
+        let by_score_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(p.top_k - 1, by_score_desc);
+            candidates.truncate(p.top_k);
+        }
+        candidates.sort_unstable_by(by_score_desc);
+        let max = candidates[0].1;
+        let mut probs: Vec<f64> = candidates.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|q| {
+                    cumulative += q;
+                    cumulative >= p.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let kept: f64 = probs.iter().sum();
+        let mut target = self.rng.next_f32() as f64 * kept;
+        for (c, q) in candidates.iter().zip(&probs) {
+            target -= q;
+            if target < 0.0 {
+                return c.0;
+            }
+        }
+        candidates[probs.len() - 1].0
+    }
+}
+
+/// HF's rule: a seen token's logit is divided by the penalty if positive,
+/// multiplied by it if negative.
+fn apply_repetition_penalty(scores: &mut [f32], context: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; scores.len()];
+    for &id in context {
+        let Some(flag) = seen.get_mut(id as usize) else {
+            continue;
+        };
+        if !std::mem::replace(flag, true) {
+            let s = &mut scores[id as usize];
+            *s = if *s > 0.0 { *s / penalty } else { *s * penalty };
+        }
+    }
+}
+
+pub fn argmax(scores: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The log-probability of `token` and the `k` most likely tokens under
+/// `log_softmax(logits)`.
+fn log_probs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = (logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>()).ln() as f32 + max;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let by_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = k.min(all.len());
+        all.select_nth_unstable_by(k - 1, by_desc);
+        all.truncate(k);
+        all.sort_unstable_by(by_desc);
+        top = all.into_iter().map(|(i, l)| (i, l - log_total)).collect();
+    }
+    (logits[token as usize] - log_total, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).token_id, 1);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let mut scores = vec![2.0, -2.0, 1.0];
+        apply_repetition_penalty(&mut scores, &[0, 1, 1], 2.0);
+        assert_eq!(scores, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seeds_reproduce() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(params).sample(&logits, &[]).token_id, argmax(&logits));
+        let seeded = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..SamplingParams::greedy()
+        };
+        let run = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..20).map(|_| s.sample(&logits, &[]).token_id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&seeded), run(&seeded));
+        assert!(run(&seeded).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities ≈ [0.665, 0.245, 0.090]: top_p 0.7 keeps the first two.
+        let logits = [2.0, 1.0, 0.0];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.7,
+            seed: Some(1),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[]).token_id).collect();
+        assert_eq!(drawn, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_of_the_raw_logits() {
+        let params = SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
+        let t = Sampler::new(params).sample(&[0.0, (3.0f32).ln()], &[]);
+        assert_eq!(t.token_id, 1);
+        assert!((t.logprob - 0.75f32.ln()).abs() < 1e-6);
+        assert_eq!(t.top_logprobs.len(), 2);
+        assert!((t.top_logprobs[1].1 - 0.25f32.ln()).abs() < 1e-6);
+    }
+}

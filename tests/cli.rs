@@ -1,0 +1,198 @@
+//! The `shardline` binary as a user runs it: `generate` streaming text and
+//! `--json` output against the Hugging Face references, the errors a user can
+//! trigger from the command line, and `bench`.
+
+mod common;
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn shardline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardline")).args(args).output().unwrap()
+}
+
+fn tiny_chat() -> String {
+    common::model_dir("tiny-chat").display().to_string()
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn reference_case(i: usize) -> Value {
+    let path = common::repo().join("tests/fixtures/tiny-chat/reference.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    all["greedy_chat"][i].clone()
+}
+
+#[test]
+fn generate_json_reports_the_reference_answer_with_logprobs() {
+    let case = reference_case(0);
+    let question = case["question"].as_str().unwrap();
+    let out = shardline(&[
+        "generate",
+        "--model",
+        &tiny_chat(),
+        "--chat",
+        "--prompt",
+        question,
+        "--temperature",
+        "0",
+        "--json",
+        "--logprobs",
+        "3",
+    ]);
+    let report = json_of(&out);
+    assert_eq!(report["prompt_ids"], case["prompt_ids"]);
+    assert_eq!(report["completion_ids"], case["completion_ids"]);
+    assert_eq!(report["text"], case["completion_text"]);
+    assert_eq!(report["finish_reason"], "stop");
+    let logprobs = report["logprobs"].as_array().unwrap();
+    assert_eq!(logprobs.len(), case["completion_ids"].as_array().unwrap().len());
+    for (entry, id) in logprobs.iter().zip(case["completion_ids"].as_array().unwrap()) {
+        assert_eq!(&entry["token_id"], id);
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy picks the most likely token, so it heads the list with its own logprob.
+        assert_eq!(&top[0][0], id);
+        assert_eq!(top[0][1], entry["logprob"]);
+        assert!(top.windows(2).all(|w| w[0][1].as_f64() >= w[1][1].as_f64()));
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    assert!(report["timings"]["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let case = reference_case(3);
+    let out = shardline(&[
+        "generate",
+        "--model",
+        &tiny_chat(),
+        "--chat",
+        "--prompt",
+        case["question"].as_str().unwrap(),
+        "--temperature",
+        "0",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", case["completion_text"].as_str().unwrap())
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("time to first token") && stderr.contains("tokens/s"), "{stderr}");
+}
+
+#[test]
+fn generate_from_prompt_ids_reproduces_the_reference_greedy_ids() {
+    let reference = common::Reference::open("tiny-gqa");
+    let ids: Vec<String> = reference.ids("prompt1.input_ids").iter().map(u32::to_string).collect();
+    let dir = common::model_dir("tiny-gqa").display().to_string();
+    let out = shardline(&[
+        "generate",
+        "--model",
+        &dir,
+        "--prompt-ids",
+        &ids.join(","),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-tokens",
+        "32",
+        "--json",
+    ]);
+    let report = json_of(&out);
+    let got: Vec<u32> = serde_json::from_value(report["completion_ids"].clone()).unwrap();
+    assert_eq!(got, reference.ids("prompt1.greedy_ids"));
+    assert_eq!(report["finish_reason"], "length");
+    assert_eq!(report["text"], Value::Null);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let run = |seed: &str| {
+        let args = [
+            "generate",
+            "--model",
+            &tiny_chat(),
+            "--prompt",
+            "Once upon",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+        ];
+        json_of(&shardline(
+            &[&args[..], &["--seed", seed, "--max-tokens", "12", "--ignore-eos", "--json"]].concat(),
+        ))["completion_ids"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+}
+
+fn assert_fails_with(args: &[&str], message: &str) {
+    let out = shardline(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(message), "{args:?}: expected {message:?} in {stderr}");
+}
+
+#[test]
+fn bad_command_lines_fail_with_clear_messages() {
+    let chat = tiny_chat();
+    let gqa = common::model_dir("tiny-gqa").display().to_string();
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--temperature", "-1"],
+        "--temperature must be 0 (greedy) or positive",
+    );
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--top-p", "0"],
+        "--top-p must be in (0, 1]",
+    );
+    assert_fails_with(
+        &["generate", "--model", &gqa, "--prompt", "hi"],
+        "no tokenizer.json, so it takes --prompt-ids",
+    );
+    assert_fails_with(
+        &["generate", "--model", &gqa, "--prompt-ids", "1,5000"],
+        "token id 5000 is outside the model's vocabulary of 1024",
+    );
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--max-tokens", "5000"],
+        "max_tokens 5000 + prompt 1 tokens exceeds the model's 4096-token context",
+    );
+    assert_fails_with(&["generate", "--model", &chat], "--prompt");
+    assert_fails_with(&["generate", "--model", "/no/such/model", "--prompt", "hi"], "no such model folder");
+    assert_fails_with(&["generate", "--model", &chat, "--prompt-ids", "1,x"], "invalid value 'x'");
+}
+
+#[test]
+fn bench_reports_speeds_and_the_bandwidth_fraction() {
+    let out = shardline(&[
+        "bench",
+        "--model",
+        &tiny_chat(),
+        "--prompt-len",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let report = json_of(&out);
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "memory_bandwidth_gb_per_s",
+        "decode_fraction_of_limit",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    // tiny-chat streams its tied 151,936 × 64 bf16 embedding as the LM head each step.
+    assert!(report["weight_bytes_per_token"].as_u64().unwrap() > 151_936 * 64 * 2);
+}

@@ -1,0 +1,106 @@
+//! Helpers shared by the integration tests: fixture paths, reading the
+//! Hugging Face reference tensors, loading fixture models on the CPU backend.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use safetensors::SafeTensors;
+use shardline::backend::cpu::CpuBackend;
+use shardline::backend::DType;
+use shardline::generation::Generator;
+use shardline::loader::LoadFormat;
+use shardline::model_dir::{self, LoadedModel, ModelOptions};
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A vendored test model: `tiny-chat` lives in `models/`, the others in `tests/fixtures/`.
+pub fn model_dir(name: &str) -> PathBuf {
+    match name {
+        "tiny-chat" => repo().join("models/tiny-chat"),
+        _ => repo().join("tests/fixtures").join(name),
+    }
+}
+
+pub fn reference_path(name: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(name).join("reference.safetensors")
+}
+
+pub fn options(dir: &Path) -> ModelOptions {
+    ModelOptions {
+        model: dir.into(),
+        load_format: LoadFormat::Safetensors,
+        seed: 0,
+        dummy_dtype: DType::BF16,
+    }
+}
+
+pub fn load(name: &str) -> LoadedModel<CpuBackend> {
+    model_dir::open(CpuBackend, &options(&model_dir(name))).unwrap()
+}
+
+pub fn generator(name: &str, capacity: usize) -> Generator<CpuBackend> {
+    Generator::new(load(name).model, capacity).unwrap()
+}
+
+/// The reference tensors of a fixture, by name.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    pub fn open(name: &str) -> Self {
+        Reference {
+            bytes: std::fs::read(reference_path(name)).unwrap(),
+        }
+    }
+
+    fn view(&self, key: &str) -> (Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("reference has no {key}"));
+        (t.shape().to_vec(), t.data().to_vec())
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes).unwrap().names().contains(&key)
+    }
+
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        let (_, data) = self.view(key);
+        data.chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
+    }
+
+    /// `(rows, cols, values)` of an f32 matrix.
+    pub fn matrix(&self, key: &str) -> (usize, usize, Vec<f32>) {
+        let (shape, data) = self.view(key);
+        let values = data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        (shape[0], shape[1], values)
+    }
+}
+
+/// ‖ours − ref‖ / ‖ref‖ over one row.
+pub fn relative_error(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let diff: f64 = ours.iter().zip(reference).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let norm: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// Asserts each row of `ours` is within `tolerance` of the matching row of `reference`.
+pub fn assert_rows_close(ours: &[f32], reference: &[f32], cols: usize, tolerance: f64, what: &str) {
+    assert_eq!(ours.len(), reference.len(), "{what}: row counts differ");
+    for (row, (a, b)) in ours.chunks(cols).zip(reference.chunks(cols)).enumerate() {
+        let err = relative_error(a, b);
+        assert!(err < tolerance, "{what}: position {row} relative error {err:.2e} ≥ {tolerance:.0e}");
+    }
+}
+
+pub fn prompt_keys(reference: &Reference) -> Vec<String> {
+    (0..)
+        .map(|i| format!("prompt{i}"))
+        .take_while(|p| reference.has(&format!("{p}.input_ids")))
+        .collect()
+}
