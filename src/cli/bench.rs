@@ -6,9 +6,8 @@
 use super::ModelArgs;
 use anyhow::Context;
 use clap::Args;
-use rayon::prelude::*;
 use serde_json::json;
-use shardline::backend::cpu::CpuBackend;
+use shardline::backend::cpu::{self, CpuBackend};
 use shardline::generation::Generator;
 use shardline::model_dir;
 use shardline::rng::Rng;
@@ -64,7 +63,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         decode.push(args.decode_tokens as f64 / start.elapsed().as_secs_f64());
     }
-    let bandwidth = measure_read_bandwidth();
+    let bandwidth = cpu::measure_read_bandwidth()?;
     let (prefill, decode) = (median(prefill), median(decode));
     let limit = bandwidth / weight_bytes as f64;
     let report = json!({
@@ -105,21 +104,4 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
-}
-
-/// Best of three parallel read passes over 1 GiB (far past every cache), in bytes/s.
-fn measure_read_bandwidth() -> f64 {
-    let words = (1usize << 30) / 8;
-    let buffer: Vec<u64> = (0..words as u64).into_par_iter().collect();
-    (0..3)
-        .map(|_| {
-            let start = Instant::now();
-            let sum = buffer
-                .par_chunks(1 << 17)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add);
-            std::hint::black_box(sum);
-            (words * 8) as f64 / start.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
 }

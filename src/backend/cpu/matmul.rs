@@ -31,8 +31,8 @@ pub fn linear(x: &CpuTensor, w: &CpuWeight, bias: Option<&[f32]>) -> CpuTensor {
                     let mut t = block_start;
                     while t < block_end {
                         let n = (block_end - t).min(4);
-                        let xs: Vec<&[f32]> = (t..t + n).map(|i| x.row(i)).collect();
-                        dot_rows(row, &xs, &mut out[t..t + n]);
+                        let xs = [0, 1, 2, 3].map(|j| x.row((t + j).min(tokens - 1)));
+                        dot_rows(row, &xs[..n], &mut out[t..t + n]);
                         t += n;
                     }
                 }
@@ -67,8 +67,8 @@ impl CpuWeight {
         let span = r * self.cols..(r + 1) * self.cols;
         match &self.data {
             super::WeightData::F32(v) => WeightRow::F32(&v[span]),
-            super::WeightData::Bf16(v) => WeightRow::Bf16(&v[span]),
-            super::WeightData::F16(v) => WeightRow::F16(&v[span]),
+            super::WeightData::Bf16(v) => WeightRow::Bf16(&v.as_slice()[span]),
+            super::WeightData::F16(v) => WeightRow::F16(&v.as_slice()[span]),
         }
     }
 }

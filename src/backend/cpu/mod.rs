@@ -7,10 +7,12 @@
 //! heavy op runs on all cores through rayon.
 
 mod attention;
+mod buffer;
 mod matmul;
 mod simd;
 
-use super::{AttentionSpec, Backend, DType, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use super::{AttentionSpec, Backend, BackendError, DType, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -35,8 +37,8 @@ impl CpuTensor {
 
 enum WeightData {
     F32(Vec<f32>),
-    Bf16(Vec<bf16>),
-    F16(Vec<f16>),
+    Bf16(WeightBuffer<bf16>),
+    F16(WeightBuffer<f16>),
 }
 
 /// A parameter: a `[rows, cols]` matrix in its checkpoint dtype, or a vector
@@ -82,8 +84,8 @@ impl Backend for CpuBackend {
         let data = match host.dtype {
             _ if rows == 1 => WeightData::F32(host.to_f32()),
             DType::F32 => WeightData::F32(host.to_f32()),
-            DType::BF16 => WeightData::Bf16(host.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
-            DType::F16 => WeightData::F16(host.bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
+            DType::BF16 => WeightData::Bf16(WeightBuffer::from_le_bytes(&host.bytes).map_err(|e| alloc_error(&host, e))?),
+            DType::F16 => WeightData::F16(WeightBuffer::from_le_bytes(&host.bytes).map_err(|e| alloc_error(&host, e))?),
         };
         Ok(CpuWeight { data, rows, cols })
     }
@@ -111,8 +113,8 @@ impl Backend for CpuBackend {
             let span = id as usize * cols..(id as usize + 1) * cols;
             match &table.data {
                 WeightData::F32(v) => dst.copy_from_slice(&v[span]),
-                WeightData::Bf16(v) => dst.iter_mut().zip(&v[span]).for_each(|(d, s)| *d = s.to_f32()),
-                WeightData::F16(v) => dst.iter_mut().zip(&v[span]).for_each(|(d, s)| *d = s.to_f32()),
+                WeightData::Bf16(v) => dst.iter_mut().zip(&v.as_slice()[span]).for_each(|(d, s)| *d = s.to_f32()),
+                WeightData::F16(v) => dst.iter_mut().zip(&v.as_slice()[span]).for_each(|(d, s)| *d = s.to_f32()),
             }
         }
         Ok(CpuTensor::new(out, ids.len(), cols))
@@ -192,6 +194,38 @@ impl Backend for CpuBackend {
     }
 }
 
+/// This machine's memory read bandwidth in bytes/s: the best of three
+/// parallel passes over 1 GiB (far past every cache) held the way weights are.
+pub fn measure_read_bandwidth() -> Result<f64> {
+    let words = (1usize << 30) / 8;
+    let bytes: Vec<u8> = (0..words as u64).flat_map(u64::to_le_bytes).collect();
+    let host = HostTensor {
+        dtype: DType::F32,
+        shape: vec![bytes.len()],
+        bytes,
+    };
+    let buffer = WeightBuffer::<u64>::from_le_bytes(&host.bytes).map_err(|e| alloc_error(&host, e))?;
+    drop(host);
+    let pass = || {
+        let start = std::time::Instant::now();
+        let sum = buffer
+            .as_slice()
+            .par_chunks(1 << 17)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        (words * 8) as f64 / start.elapsed().as_secs_f64()
+    };
+    Ok((0..3).map(|_| pass()).fold(0.0, f64::max))
+}
+
+fn alloc_error(host: &HostTensor, e: std::io::Error) -> BackendError {
+    BackendError::OutOfMemory {
+        what: format!("a {:?} weight ({e})", host.shape),
+        bytes: host.bytes.len(),
+    }
+}
+
 fn rms_norm_row(row: &mut [f32], w: &[f32], eps: f32) {
     let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
@@ -219,7 +253,7 @@ mod tests {
         for dtype in [DType::F32, DType::BF16] {
             let wt = weight(vec![out_f, in_f], &w, dtype);
             let wide: Vec<f32> = match &wt.data {
-                WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+                WeightData::Bf16(v) => v.as_slice().iter().map(|x| x.to_f32()).collect(),
                 _ => w.clone(),
             };
             let bias = weight(vec![out_f], &b, DType::F32);
