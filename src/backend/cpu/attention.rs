@@ -36,11 +36,10 @@ pub fn paged_attention(qkv: &CpuTensor, cache: &CpuKvCache, meta: &PagedAttentio
         let (s, pos) = token_seq[t];
         let q = &qkv.row(t)[h * hd..(h + 1) * hd];
         let kv_off = (h / group) * hd;
-        let table = &meta.block_tables[s];
-        let slot = |j: usize| table[j / meta.block_size] as usize * meta.block_size + j % meta.block_size;
-        let mut scores: Vec<f32> = (0..=pos)
-            .map(|j| {
-                let at = slot(j) * kv_width + kv_off;
+        let slots = || context_slots(&meta.block_tables[s], meta.block_size, pos + 1);
+        let mut scores: Vec<f32> = slots()
+            .map(|slot| {
+                let at = slot * kv_width + kv_off;
                 dot(q, &cache.k[at..at + hd]) * spec.scale
             })
             .collect();
@@ -50,11 +49,19 @@ pub fn paged_attention(qkv: &CpuTensor, cache: &CpuKvCache, meta: &PagedAttentio
             *s = (*s - max).exp();
             total += *s;
         }
-        for (j, p) in scores.iter().enumerate() {
-            let at = slot(j) * kv_width + kv_off;
+        for (slot, p) in slots().zip(&scores) {
+            let at = slot * kv_width + kv_off;
             let w = p / total;
             o.iter_mut().zip(&cache.v[at..at + hd]).for_each(|(o, v)| *o += w * v);
         }
     });
     CpuTensor::new(out, meta.num_tokens(), heads * hd)
+}
+
+/// The cache slots of a sequence's first `len` positions, in order.
+fn context_slots(block_table: &[u32], block_size: usize, len: usize) -> impl Iterator<Item = usize> + '_ {
+    block_table
+        .iter()
+        .flat_map(move |&b| (0..block_size).map(move |o| b as usize * block_size + o))
+        .take(len)
 }

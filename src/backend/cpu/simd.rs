@@ -17,6 +17,17 @@ pub enum WeightRow<'a> {
     F16(&'a [f16]),
 }
 
+impl<'a> WeightRow<'a> {
+    /// The elements in `range`.
+    pub fn slice(self, range: std::ops::Range<usize>) -> WeightRow<'a> {
+        match self {
+            WeightRow::F32(w) => WeightRow::F32(&w[range]),
+            WeightRow::Bf16(w) => WeightRow::Bf16(&w[range]),
+            WeightRow::F16(w) => WeightRow::F16(&w[range]),
+        }
+    }
+}
+
 /// `out[j] = Σ_k w[k] · xs[j][k]` for `xs.len() <= 4` activation rows.
 pub fn dot_rows(w: WeightRow<'_>, xs: &[&[f32]], out: &mut [f32]) {
     debug_assert!(xs.len() <= 4 && out.len() == xs.len());
@@ -33,6 +44,31 @@ pub fn dot_rows(w: WeightRow<'_>, xs: &[&[f32]], out: &mut [f32]) {
             WeightRow::Bf16(w) => scalar_dot(w, x),
             WeightRow::F16(w) => scalar_dot(w, x),
         };
+    }
+}
+
+/// Weight rows in the prefill register tile.
+pub const TILE_ROWS: usize = 3;
+/// Activation rows (tokens) in the prefill register tile.
+pub const TILE_TOKENS: usize = 3;
+
+/// `out[r][t] = Σ_k w[r·len + k] · xs[t][k]`: `TILE_ROWS` consecutive weight
+/// rows (`w` spans them) against `TILE_TOKENS` activation rows, the prefill
+/// tile. Each 8-wide weight chunk is widened once and used for every token,
+/// each activation chunk for every row: 6 loads per 9 FMAs, and the 9
+/// accumulators with their operands fit the 16 ymm registers (a 4×3 tile
+/// spills).
+pub fn dot_tile(w: WeightRow<'_>, xs: [&[f32]; TILE_TOKENS], out: &mut [[f32; TILE_TOKENS]; TILE_ROWS]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx::available() {
+        // SAFETY: avx2, fma and f16c are present (checked above); the callers
+        // pass four whole rows and activation rows of the same length.
+        unsafe { avx::dot_tile(w, xs, out) };
+        return;
+    }
+    let len = xs[0].len();
+    for (r, row_out) in out.iter_mut().enumerate() {
+        dot_rows(w.slice(r * len..(r + 1) * len), &xs, row_out);
     }
 }
 
@@ -80,7 +116,7 @@ fn scalar_dot<T: Widen>(w: &[T], x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{WeightRow, Widen};
+    use super::{WeightRow, Widen, TILE_ROWS, TILE_TOKENS};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
@@ -123,7 +159,33 @@ mod avx {
     /// accumulators (hides FMA latency while streaming) and a four-row kernel
     /// that loads each weight chunk once for four activation rows.
     macro_rules! kernels {
-        ($ty:ty, $load:ident, $dot1:ident, $dotn:ident) => {
+        ($ty:ty, $load:ident, $dot1:ident, $dotn:ident, $tile:ident) => {
+            /// `TILE_ROWS` rows of `w` (contiguous) against `TILE_TOKENS` x rows.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $tile(w: &[$ty], xs: [&[f32]; TILE_TOKENS], out: &mut [[f32; TILE_TOKENS]; TILE_ROWS]) {
+                let n = xs[0].len();
+                let wp: [*const $ty; TILE_ROWS] = std::array::from_fn(|r| w.as_ptr().add(r * n));
+                let xp = xs.map(|x| x.as_ptr());
+                let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; TILE_ROWS];
+                let mut k = 0;
+                while k + 8 <= n {
+                    let xv: [__m256; TILE_TOKENS] = std::array::from_fn(|t| _mm256_loadu_ps(xp[t].add(k)));
+                    for r in 0..TILE_ROWS {
+                        let wv = $load(wp[r].add(k));
+                        for t in 0..TILE_TOKENS {
+                            acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+                        }
+                    }
+                    k += 8;
+                }
+                for r in 0..TILE_ROWS {
+                    for t in 0..TILE_TOKENS {
+                        let tail: f32 = (k..n).map(|i| w[r * n + i].widen() * xs[t][i]).sum();
+                        out[r][t] = hsum(acc[r][t]) + tail;
+                    }
+                }
+            }
+
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn $dot1(w: &[$ty], x: &[f32]) -> f32 {
                 let (n, wp, xp) = (w.len(), w.as_ptr(), x.as_ptr());
@@ -182,9 +244,21 @@ mod avx {
         };
     }
 
-    kernels!(f32, load_f32, dot1_f32, dotn_f32);
-    kernels!(bf16, load_bf16, dot1_bf16, dotn_bf16);
-    kernels!(f16, load_f16, dot1_f16, dotn_f16);
+    kernels!(f32, load_f32, dot1_f32, dotn_f32, tile_f32);
+    kernels!(bf16, load_bf16, dot1_bf16, dotn_bf16, tile_bf16);
+    kernels!(f16, load_f16, dot1_f16, dotn_f16, tile_f16);
+
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c; `w` holds `TILE_ROWS` rows of the
+    /// activation rows' length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_tile(w: WeightRow<'_>, xs: [&[f32]; TILE_TOKENS], out: &mut [[f32; TILE_TOKENS]; TILE_ROWS]) {
+        match w {
+            WeightRow::F32(w) => tile_f32(w, xs, out),
+            WeightRow::Bf16(w) => tile_bf16(w, xs, out),
+            WeightRow::F16(w) => tile_f16(w, xs, out),
+        }
+    }
 
     /// # Safety
     /// The CPU must support avx2, fma and f16c, and each `xs[j]` must be at
@@ -215,6 +289,25 @@ mod tests {
         (0..n)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn the_prefill_tile_matches_row_by_row_dots() {
+        for n in [8, 13, 64, 100] {
+            let w = values(TILE_ROWS * n, 5);
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xs: Vec<Vec<f32>> = (0..TILE_TOKENS as u32).map(|j| values(n, 20 + j)).collect();
+            let x: [&[f32]; TILE_TOKENS] = std::array::from_fn(|t| xs[t].as_slice());
+            let mut tile = [[0.0; TILE_TOKENS]; TILE_ROWS];
+            dot_tile(WeightRow::Bf16(&wb), x, &mut tile);
+            for (r, row) in tile.iter().enumerate() {
+                let mut want = [0.0; TILE_TOKENS];
+                dot_rows(WeightRow::Bf16(&wb[r * n..(r + 1) * n]), &x, &mut want);
+                for t in 0..TILE_TOKENS {
+                    assert!((row[t] - want[t]).abs() < 1e-4, "n={n} r={r} t={t}");
+                }
+            }
+        }
     }
 
     #[test]
