@@ -15,6 +15,8 @@ pub const BLOCK_SIZE: usize = 16;
 pub enum GenerateError {
     #[error("the prompt is empty; give at least one token")]
     EmptyPrompt,
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
     #[error("max_tokens {max_tokens} + prompt {prompt} tokens exceeds the model's {context}-token context")]
     ContextLengthExceeded { max_tokens: usize, prompt: usize, context: usize },
     #[error("the sequence would hold {tokens} tokens, over the {context}-token context")]
@@ -139,6 +141,9 @@ impl<B: Backend> Generator<B> {
     /// Generates until an EOS id (unless `ignore_eos`) or `max_tokens`,
     /// calling `on_token` with each token as it is sampled.
     pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(&SampledToken)) -> Result<Generation, GenerateError> {
+        if req.max_tokens == 0 {
+            return Err(GenerateError::ZeroMaxTokens);
+        }
         let context = self.capacity().min(self.model.config().max_position_embeddings);
         if req.prompt_ids.len() + req.max_tokens > context {
             return Err(GenerateError::ContextLengthExceeded {

@@ -166,6 +166,11 @@ fn bad_command_lines_fail_with_clear_messages() {
         "max_tokens 5000 + prompt 1 tokens exceeds the model's 4096-token context",
     );
     assert_fails_with(&["generate", "--model", &chat], "--prompt");
+    assert_fails_with(&["generate", "--model", &chat, "--prompt", ""], "the prompt is empty");
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--max-tokens", "0"],
+        "max_tokens must be at least 1",
+    );
     assert_fails_with(&["generate", "--model", "/no/such/model", "--prompt", "hi"], "no such model folder");
     assert_fails_with(&["generate", "--model", &chat, "--prompt-ids", "1,x"], "invalid value 'x'");
 }

@@ -38,7 +38,7 @@ fn tiny_chat_answers_all_greedy_chat_cases_word_for_word() {
             eos_token_ids: loaded.eos_token_ids.clone(),
             ignore_eos: false,
         };
-        let mut stream = DecodeStream::new(&request.prompt_ids);
+        let mut stream = DecodeStream::new(&tokenizer, &request.prompt_ids);
         let mut streamed = String::new();
         let out = gen
             .generate(&request, |t| streamed += &stream.step(&tokenizer, t.token_id))

@@ -9,6 +9,7 @@ use common::{assert_rows_close, Reference};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use shardline::backend::cpu::CpuBackend;
+use shardline::backend::DType;
 use shardline::generation::Generator;
 use shardline::loader::LoadFormat;
 use shardline::model_dir::{self, ModelOptions, OpenError};
@@ -100,6 +101,25 @@ fn dummy_weights_need_only_a_config_and_are_deterministic_by_seed() {
     assert!(a.iter().all(|v| v.is_finite()));
     assert_eq!(a, prompt_logits(&dummy(1), &ids));
     assert_ne!(a, prompt_logits(&dummy(2), &ids));
+}
+
+#[test]
+fn f16_and_bf16_weights_run_the_same_model_as_f32_to_their_precision() {
+    let config = common::model_dir("tiny-mqa128").join("config.json");
+    let ids = [3, 99, 512, 7, 1000];
+    let logits = |dtype| {
+        let options = ModelOptions {
+            model: config.clone(),
+            load_format: LoadFormat::Dummy,
+            seed: 3,
+            dummy_dtype: dtype,
+        };
+        prompt_logits(&options, &ids)
+    };
+    let exact = logits(DType::F32);
+    let vocab = 1024;
+    assert_rows_close(&logits(DType::F16), &exact, vocab, 2e-3, "f16 weights");
+    assert_rows_close(&logits(DType::BF16), &exact, vocab, 2e-2, "bf16 weights");
 }
 
 #[test]

@@ -63,7 +63,7 @@ fn incremental_detokenization_equals_the_full_decode_and_never_splits_a_characte
     let t = tokenizer();
     for case in cases()["decode"].as_array().unwrap() {
         let ids = ids(&case["ids"]);
-        let mut stream = DecodeStream::new(&[]);
+        let mut stream = DecodeStream::new(&t, &[]);
         let mut pieces: Vec<String> = ids.iter().map(|&id| stream.step(&t, id)).collect();
         pieces.push(stream.finish(&t));
         assert!(
@@ -73,7 +73,18 @@ fn incremental_detokenization_equals_the_full_decode_and_never_splits_a_characte
         assert_eq!(pieces.concat(), case["text"].as_str().unwrap());
     }
     // 🚀 is three tokens (11162, 248, 222): nothing, nothing, then the whole emoji.
-    let mut stream = DecodeStream::new(&[37523]);
+    let mut stream = DecodeStream::new(&t, &[37523]);
     let pieces: Vec<String> = [11162, 248, 222].iter().map(|&id| stream.step(&t, id)).collect();
     assert_eq!(pieces, ["", "", " 🚀"]);
+}
+
+#[test]
+fn a_prompt_ending_inside_a_character_does_not_swallow_the_completion() {
+    let t = tokenizer();
+    // The prompt holds the first byte of 🚀; the completion brings the rest, then text.
+    let mut stream = DecodeStream::new(&t, &[37523, 11162]);
+    let mut text: String = [248, 222, 323].iter().map(|&id| stream.step(&t, id)).collect();
+    text += &stream.finish(&t);
+    assert_eq!(text, t.decode(&[248, 222, 323], true));
+    assert!(text.ends_with(" and"), "{text:?}");
 }

@@ -125,15 +125,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let mut generator = Generator::new(model, request.prompt_ids.len() + request.max_tokens)?;
-    let mut stream = DecodeStream::new(&request.prompt_ids);
+    let mut stream = tokenizer.as_ref().map(|t| DecodeStream::new(t, &request.prompt_ids));
     let mut stdout = std::io::stdout().lock();
     let out = generator.generate(&request, |token| {
         if args.json {
             return;
         }
-        let piece = match &tokenizer {
-            Some(t) => stream.step(t, token.token_id),
-            None => format!("{} ", token.token_id),
+        let piece = match (&tokenizer, &mut stream) {
+            (Some(t), Some(stream)) => stream.step(t, token.token_id),
+            _ => format!("{} ", token.token_id),
         };
         // A closed stdout (piped into `head`) must not stop generation midway.
         let _ = write!(stdout, "{piece}").and_then(|_| stdout.flush());
@@ -143,7 +143,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
-    let rest = tokenizer.as_ref().map(|t| stream.finish(t)).unwrap_or_default();
+    let rest = match (&tokenizer, &mut stream) {
+        (Some(t), Some(stream)) => stream.finish(t),
+        _ => String::new(),
+    };
     writeln!(stdout, "{rest}")?;
     eprintln!(
         "[{} prompt tokens, {} generated, finish: {:?}] time to first token {:.1} ms, decode {:.2} tokens/s",

@@ -19,10 +19,15 @@ pub struct DecodeStream {
 
 impl DecodeStream {
     /// `prompt_ids` give the first token context (its leading space, for
-    /// instance); their own text is never emitted.
-    pub fn new(prompt_ids: &[u32]) -> Self {
+    /// instance); their own text is never emitted. A prompt that ends inside
+    /// a character gives no context, so the completion streams exactly as
+    /// its own full decode reads, instead of never matching it.
+    pub fn new(tokenizer: &Tokenizer, prompt_ids: &[u32]) -> Self {
         // A few prompt tokens are enough context for any merge boundary.
-        let tail = &prompt_ids[prompt_ids.len().saturating_sub(6)..];
+        let mut tail = &prompt_ids[prompt_ids.len().saturating_sub(6)..];
+        if tokenizer.decode(tail, true).ends_with('\u{FFFD}') {
+            tail = &[];
+        }
         DecodeStream {
             ids: tail.to_vec(),
             prefix_offset: 0,
