@@ -159,7 +159,7 @@ impl<B: Backend> Generator<B> {
         let mut time_to_first_token = Duration::ZERO;
         let mut logits = self.prefill(&req.prompt_ids)?;
         let finish_reason = loop {
-            let token = sampler.sample(&logits, &history);
+            let token = sampler.sample(&logits, &history, req.prompt_ids.len());
             if tokens.is_empty() {
                 time_to_first_token = start.elapsed();
             }

@@ -1,8 +1,10 @@
 //! Choosing the next token from a row of logits.
 //!
-//! The order follows Hugging Face's `generate` (and vLLM): repetition penalty,
-//! then temperature, top-k and top-p. Temperature 0 is greedy (argmax, lowest
-//! id on ties, as `torch.argmax`). Logprobs are those of the model's own
+//! The order follows vLLM (and, for what it shares, Hugging Face's
+//! `generate`): logit bias; presence, frequency and repetition penalties;
+//! then temperature, min-p, top-k and top-p. Penalties and bias apply to
+//! greedy decoding too. Temperature 0 is greedy (argmax, lowest id on ties,
+//! as `torch.argmax`). Logprobs are those of the model's own
 //! distribution (log-softmax of the raw logits), as vLLM reports by default.
 
 use crate::rng::Rng;
@@ -15,8 +17,16 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one.
+    pub min_p: f32,
     /// > 1 discourages tokens already in the prompt or output (HF's rule).
     pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given token ids.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: Option<u64>,
     /// Return this many most likely tokens with each sampled one.
     pub logprobs: Option<usize>,
@@ -28,7 +38,11 @@ impl SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: None,
             logprobs: None,
         }
@@ -59,11 +73,22 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Picks a token from `logits [vocab]`; `context` holds the prompt and the
-    /// tokens generated so far (for the repetition penalty).
-    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> SampledToken {
+    /// Picks a token from `logits [vocab]`; `tokens` holds the prompt and then
+    /// the `tokens.len() - prompt_len` tokens generated so far.
+    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> SampledToken {
         let mut scores = logits.to_vec();
-        apply_repetition_penalty(&mut scores, context, self.params.repetition_penalty);
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(s) = scores.get_mut(id as usize) {
+                *s += bias;
+            }
+        }
+        apply_output_penalties(
+            &mut scores,
+            &tokens[prompt_len..],
+            self.params.presence_penalty,
+            self.params.frequency_penalty,
+        );
+        apply_repetition_penalty(&mut scores, tokens, self.params.repetition_penalty);
         let token_id = if self.params.is_greedy() {
             argmax(&scores)
         } else {
@@ -88,6 +113,11 @@ impl Sampler {
         candidates.sort_unstable_by(by_score_desc);
         let max = candidates[0].1;
         let mut probs: Vec<f64> = candidates.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        if p.min_p > 0.0 {
+            // probs[0] is the most likely token's (unnormalised: exp(0) = 1).
+            let keep = probs.iter().take_while(|&&q| q >= p.min_p as f64).count().max(1);
+            probs.truncate(keep);
+        }
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -110,6 +140,23 @@ impl Sampler {
             }
         }
         candidates[probs.len() - 1].0
+    }
+}
+
+/// OpenAI's rule, over generated tokens only: `logit -= presence if seen,
+/// and frequency × count`.
+fn apply_output_penalties(scores: &mut [f32], output: &[u32], presence: f32, frequency: f32) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    let mut counts = std::collections::HashMap::new();
+    for &id in output {
+        *counts.entry(id).or_insert(0u32) += 1;
+    }
+    for (id, count) in counts {
+        if let Some(s) = scores.get_mut(id as usize) {
+            *s -= presence + frequency * count as f32;
+        }
     }
 }
 
@@ -166,7 +213,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]).token_id, 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], 0).token_id, 1);
     }
 
     #[test]
@@ -184,7 +231,7 @@ mod tests {
             top_k: 1,
             ..SamplingParams::greedy()
         };
-        assert_eq!(Sampler::new(params).sample(&logits, &[]).token_id, argmax(&logits));
+        assert_eq!(Sampler::new(params).sample(&logits, &[], 0).token_id, argmax(&logits));
         let seeded = SamplingParams {
             temperature: 1.0,
             seed: Some(3),
@@ -192,7 +239,7 @@ mod tests {
         };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..20).map(|_| s.sample(&logits, &[]).token_id).collect::<Vec<_>>()
+            (0..20).map(|_| s.sample(&logits, &[], 0).token_id).collect::<Vec<_>>()
         };
         assert_eq!(run(&seeded), run(&seeded));
         assert!(run(&seeded).iter().collect::<std::collections::HashSet<_>>().len() > 1);
@@ -209,8 +256,42 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = Sampler::new(params);
-        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[]).token_id).collect();
+        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[], 0).token_id).collect();
         assert_eq!(drawn, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_best() {
+        // Probabilities ∝ [1, 0.6, 0.1]: min_p 0.5 keeps the first two.
+        let logits = [0.0, 0.6f32.ln(), 0.1f32.ln()];
+        let params = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: Some(2),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[], 0).token_id).collect();
+        assert_eq!(drawn, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn presence_frequency_and_bias_shift_greedy_choices() {
+        let logits = [1.0, 0.9, 0.0];
+        // Token 0 was generated twice: 1.0 - 0.05 - 2 × 0.05 = 0.85 < 0.9.
+        let params = SamplingParams {
+            presence_penalty: 0.05,
+            frequency_penalty: 0.05,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(params.clone()).sample(&logits, &[0, 0, 0], 1).token_id, 1);
+        // The prompt's occurrence does not count.
+        assert_eq!(Sampler::new(params).sample(&logits, &[0, 0], 2).token_id, 0);
+        let biased = SamplingParams {
+            logit_bias: vec![(2, 5.0)],
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(biased).sample(&logits, &[], 0).token_id, 2);
     }
 
     #[test]
@@ -219,7 +300,7 @@ mod tests {
             logprobs: Some(2),
             ..SamplingParams::greedy()
         };
-        let t = Sampler::new(params).sample(&[0.0, (3.0f32).ln()], &[]);
+        let t = Sampler::new(params).sample(&[0.0, (3.0f32).ln()], &[], 0);
         assert_eq!(t.token_id, 1);
         assert!((t.logprob - 0.75f32.ln()).abs() < 1e-6);
         assert_eq!(t.top_logprobs.len(), 2);

@@ -72,6 +72,7 @@ impl GenerateArgs {
             repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
             seed: Some(self.seed),
             logprobs: self.logprobs,
+            ..SamplingParams::greedy()
         };
         if params.temperature < 0.0 || !params.temperature.is_finite() {
             bail!("--temperature must be 0 (greedy) or positive, got {}", params.temperature);

@@ -1,0 +1,280 @@
+//! The engine loop: schedule a step, run the model on it, sample, detokenize,
+//! check stops, and send each request its events. One thread owns all of it
+//! (queue, sequences, KV blocks), so nothing here is shared or locked.
+
+use super::block_manager::BlockManager;
+use super::request::{Event, FinishReason, Finished, Request, StopReason};
+use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
+use super::stats::EngineStats;
+use super::stop::StopStrings;
+use crate::backend::{Backend, BackendError, PagedAttentionMeta};
+use crate::model::{ForwardBatch, Qwen2ForCausalLM};
+use crate::sampling::Sampler;
+use crate::tokenizer::{DecodeStream, Tokenizer};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub num_kv_blocks: usize,
+    pub block_size: usize,
+}
+
+/// What the engine keeps per request beside the scheduler's sequence.
+struct Active {
+    request: Request,
+    sampler: Sampler,
+    events: UnboundedSender<Event>,
+    detokenizer: Option<DecodeStream>,
+    stops: StopStrings,
+    arrived: Instant,
+    queue_time: Option<Duration>,
+    cached_tokens: usize,
+}
+
+pub struct Engine<B: Backend> {
+    model: Qwen2ForCausalLM<B>,
+    kv_caches: Vec<B::KvCache>,
+    scheduler: Scheduler,
+    active: HashMap<SeqId, Active>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    stats: Arc<EngineStats>,
+    /// Most tokens a sequence may hold.
+    context_len: usize,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(model: Qwen2ForCausalLM<B>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Result<Self, BackendError> {
+        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(config.num_kv_blocks, config.block_size))?;
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            },
+            BlockManager::new(config.num_kv_blocks, config.block_size),
+        );
+        let stats = Arc::new(EngineStats::default());
+        stats.total_blocks.store(config.num_kv_blocks, Ordering::Relaxed);
+        let context_len = model.config().max_position_embeddings;
+        let engine = Engine {
+            model,
+            kv_caches,
+            scheduler,
+            active: HashMap::new(),
+            tokenizer,
+            stats,
+            context_len,
+        };
+        engine.publish_stats();
+        Ok(engine)
+    }
+
+    pub fn stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Queues a request, or answers at once with `Failed` if it can never run.
+    pub fn add(&mut self, id: SeqId, request: Request, events: UnboundedSender<Event>) {
+        let needed = request.prompt_ids.len() + request.max_tokens;
+        let blocks = self.scheduler.blocks();
+        let capacity = blocks.num_blocks() * blocks.block_size();
+        let refusal = if request.prompt_ids.is_empty() {
+            Some("the prompt is empty".to_string())
+        } else if needed > self.context_len {
+            Some(format!(
+                "max_tokens {} + prompt {} tokens exceeds the model's {}-token context",
+                request.max_tokens,
+                request.prompt_ids.len(),
+                self.context_len
+            ))
+        } else if needed > capacity {
+            Some(format!(
+                "max_tokens {} + prompt {} tokens exceeds the KV cache's {capacity} tokens",
+                request.max_tokens,
+                request.prompt_ids.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            let _ = events.send(Event::Failed(message));
+            return;
+        }
+        let active = Active {
+            sampler: Sampler::new(request.sampling.clone()),
+            detokenizer: self.tokenizer.as_ref().map(|t| DecodeStream::new(t, &request.prompt_ids)),
+            stops: StopStrings::new(request.stop.stop_strings.clone()),
+            events,
+            arrived: Instant::now(),
+            queue_time: None,
+            cached_tokens: 0,
+            request,
+        };
+        self.scheduler.add(Sequence::new(id, active.request.prompt_ids.clone()));
+        self.active.insert(id, active);
+        self.publish_stats();
+    }
+
+    /// Drops a request and frees its blocks (no further events are sent).
+    pub fn abort(&mut self, id: SeqId) {
+        self.scheduler.remove(id);
+        self.active.remove(&id);
+        self.publish_stats();
+    }
+
+    /// Fails every request in flight (a step failed; the device state is unknown).
+    pub fn fail_all(&mut self, message: &str) {
+        for (id, active) in self.active.drain() {
+            let _ = active.events.send(Event::Failed(message.to_string()));
+            self.scheduler.remove(id);
+        }
+        self.publish_stats();
+    }
+
+    /// Runs one scheduler step: a forward over the planned tokens, then one
+    /// sampled token for each sequence whose known tokens are all computed.
+    pub fn step(&mut self) -> Result<(), BackendError> {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        gone.into_iter().for_each(|id| self.abort(id));
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        for step in &plan {
+            let active = self.active.get_mut(&step.id).expect("scheduled sequences are active");
+            if active.queue_time.is_none() {
+                active.queue_time = Some(active.arrived.elapsed());
+                active.cached_tokens = self.scheduler.get(step.id).map_or(0, |s| s.num_computed);
+            }
+        }
+        let (batch, sampled) = self.build_batch(&plan);
+        let result = self.model.forward(&batch, &mut self.kv_caches);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
+        let logits = result?;
+        self.scheduler.complete(&plan);
+        let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>() - sampled.len();
+        self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        let vocab = self.model.config().vocab_size;
+        for (row, id) in sampled.into_iter().enumerate() {
+            self.emit(id, &logits[row * vocab..(row + 1) * vocab]);
+        }
+        self.publish_stats();
+        Ok(())
+    }
+
+    /// The model input for a plan, and the sequences (in logit-row order)
+    /// that get a new token from it.
+    fn build_batch(&self, plan: &[Scheduled]) -> (ForwardBatch, Vec<SeqId>) {
+        let bs = self.scheduler.blocks().block_size();
+        let mut batch = ForwardBatch {
+            attn: PagedAttentionMeta {
+                block_size: bs,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut sampled = Vec::new();
+        for step in plan {
+            let seq = self.scheduler.get(step.id).expect("planned sequences exist");
+            let (start, end) = (seq.num_computed, seq.num_computed + step.num_new_tokens);
+            batch.token_ids.extend_from_slice(&seq.tokens[start..end]);
+            for pos in start..end {
+                batch.positions.push(pos as u32);
+                batch
+                    .attn
+                    .slot_mapping
+                    .push(seq.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
+            }
+            batch.attn.query_lens.push(step.num_new_tokens);
+            batch.attn.context_lens.push(end);
+            batch.attn.block_tables.push(seq.block_table.clone());
+            if end == seq.tokens.len() {
+                batch.logit_rows.push(batch.token_ids.len() as u32 - 1);
+                sampled.push(step.id);
+            }
+        }
+        (batch, sampled)
+    }
+
+    /// Samples a sequence's next token and sends what it releases; ends the
+    /// sequence on a stop condition.
+    fn emit(&mut self, id: SeqId, logits: &[f32]) {
+        let seq = self.scheduler.get(id).expect("sampled sequences exist");
+        let (tokens_before, prompt_len) = (seq.tokens.len(), seq.prompt_len);
+        let active = self.active.get_mut(&id).expect("sampled sequences are active");
+        let token = active.sampler.sample(logits, &seq.tokens, prompt_len);
+        let token_id = token.token_id;
+        self.scheduler.append_token(id, token_id);
+        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+
+        let stop = &active.request.stop;
+        let mut stop_reason = None;
+        if (!stop.ignore_eos && stop.eos_token_ids.contains(&token_id)) || stop.stop_token_ids.contains(&token_id) {
+            stop_reason = Some(StopReason::Token(token_id));
+        }
+        let piece = match (&self.tokenizer, &mut active.detokenizer) {
+            (Some(t), Some(d)) => d.step(t, token_id),
+            _ => String::new(),
+        };
+        let released = active.stops.push(&piece);
+        if let Some(s) = released.stopped_on {
+            stop_reason = Some(StopReason::String(s));
+        }
+        let generated = tokens_before + 1 - prompt_len;
+        let finish = match stop_reason {
+            Some(_) => Some(FinishReason::Stop),
+            None if generated >= active.request.max_tokens || tokens_before + 1 >= self.context_len => Some(FinishReason::Length),
+            None => None,
+        };
+        let sent = active.events.send(Event::Token {
+            token,
+            text: released.text,
+        });
+        let Some(reason) = finish else {
+            if sent.is_err() {
+                self.abort(id);
+            }
+            return;
+        };
+        let mut text = String::new();
+        if !matches!(stop_reason, Some(StopReason::String(_))) {
+            if let (Some(t), Some(d)) = (&self.tokenizer, &mut active.detokenizer) {
+                text = active.stops.push(&d.finish(t)).text;
+            }
+            text += &active.stops.flush();
+        }
+        let finished = Finished {
+            reason,
+            stop_reason,
+            prompt_tokens: prompt_len,
+            completion_tokens: generated,
+            cached_tokens: active.cached_tokens,
+            queue_time: active.queue_time.unwrap_or_default(),
+        };
+        let _ = active.events.send(Event::Finished { text, finished });
+        self.abort(id);
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.running.store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        s.free_blocks.store(self.scheduler.blocks().num_free(), Ordering::Relaxed);
+        s.preemptions.store(self.scheduler.num_preemptions, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,119 @@
+//! The engine on its own thread, and the handle the API layer holds: submit
+//! a request (getting its event channel), abort one, read the stats. The
+//! thread ends when the handle is dropped, failing nothing silently: any
+//! request still in flight sees its channel close.
+
+use super::core::Engine;
+use super::request::{Event, Request};
+use super::scheduler::SeqId;
+use super::stats::EngineStats;
+use crate::backend::Backend;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+enum Command {
+    Add(SeqId, Box<Request>, UnboundedSender<Event>),
+    Abort(SeqId),
+    Shutdown,
+}
+
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    next_id: AtomicU64,
+    stats: Arc<EngineStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    pub fn spawn<B>(engine: Engine<B>) -> Self
+    where
+        B: Backend + 'static,
+        Engine<B>: Send,
+    {
+        let (commands, rx) = mpsc::channel();
+        let stats = engine.stats();
+        let thread = std::thread::Builder::new()
+            .name("shardline-engine".into())
+            .spawn(move || run(engine, rx))
+            .expect("spawning the engine thread");
+        EngineHandle {
+            commands,
+            next_id: AtomicU64::new(0),
+            stats,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues a request; its events arrive on the returned channel. Dropping
+    /// the receiver aborts the request.
+    pub fn submit(&self, request: Request) -> (SeqId, UnboundedReceiver<Event>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded_channel();
+        if self.commands.send(Command::Add(id, Box::new(request), tx.clone())).is_err() {
+            let _ = tx.send(Event::Failed("the engine has stopped".into()));
+        }
+        (id, rx)
+    }
+
+    pub fn abort(&self, id: SeqId) {
+        let _ = self.commands.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The engine thread: block while idle, otherwise take every queued command
+/// and run a step.
+fn run<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>) {
+    'serve: loop {
+        if !engine.has_work() {
+            match commands.recv() {
+                Ok(command) => {
+                    if !apply(&mut engine, command) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(command) => {
+                    if !apply(&mut engine, command) {
+                        break 'serve;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => break 'serve,
+            }
+        }
+        if let Err(e) = engine.step() {
+            engine.fail_all(&format!("the model step failed: {e}"));
+        }
+    }
+    engine.fail_all("the server is shutting down");
+}
+
+/// Applies one command; false means stop.
+fn apply<B: Backend>(engine: &mut Engine<B>, command: Command) -> bool {
+    match command {
+        Command::Add(id, request, events) => engine.add(id, *request, events),
+        Command::Abort(id) => engine.abort(id),
+        Command::Shutdown => return false,
+    }
+    true
+}

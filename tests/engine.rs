@@ -1,0 +1,212 @@
+//! The continuous-batching engine on tiny-chat against the Hugging Face
+//! references: every greedy answer is exact when all 30 run in one batch,
+//! alone or under a KV cache so small that sequences are preempted and
+//! recomputed; seeded samples do not depend on their batch; stop strings,
+//! aborts, refusals and prefix-cache hits behave.
+
+mod common;
+
+use serde_json::Value;
+use shardline::engine::request::{Event, FinishReason, Finished, Request, StopConditions, StopReason};
+use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::sampling::SamplingParams;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn engine(num_kv_blocks: usize, max_num_seqs: usize) -> EngineHandle {
+    let loaded = common::load("tiny-chat");
+    let config = EngineConfig {
+        max_num_seqs,
+        max_num_batched_tokens: 256,
+        num_kv_blocks,
+        block_size: 16,
+    };
+    EngineHandle::spawn(Engine::new(loaded.model, loaded.tokenizer.map(Arc::new), config).unwrap())
+}
+
+fn cases() -> Vec<Value> {
+    let path = common::repo().join("tests/fixtures/tiny-chat/reference.json");
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    all["greedy_chat"].as_array().unwrap().clone()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn request(prompt_ids: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> Request {
+    let stop = StopConditions {
+        eos_token_ids: vec![151645, 151643],
+        ..Default::default()
+    };
+    Request {
+        prompt_ids,
+        sampling,
+        max_tokens,
+        stop,
+    }
+}
+
+struct Output {
+    ids: Vec<u32>,
+    text: String,
+    finished: Finished,
+}
+
+fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, String> {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            Event::Token { token, text: piece } => {
+                ids.push(token.token_id);
+                text += &piece;
+            }
+            Event::Finished { text: rest, finished } => {
+                return Ok(Output {
+                    ids,
+                    text: text + &rest,
+                    finished,
+                })
+            }
+            Event::Failed(message) => return Err(message),
+        }
+    }
+    Err("the channel closed without an end".into())
+}
+
+fn assert_all_cases_exact(handle: &EngineHandle) {
+    let cases = cases();
+    let receivers: Vec<_> = cases
+        .iter()
+        .map(|c| handle.submit(request(ids(&c["prompt_ids"]), SamplingParams::greedy(), 96)).1)
+        .collect();
+    for (case, rx) in cases.iter().zip(receivers) {
+        let out = collect(rx).unwrap();
+        assert_eq!(out.ids, ids(&case["completion_ids"]), "{}", case["question"]);
+        assert_eq!(out.text, case["completion_text"].as_str().unwrap());
+        assert_eq!(out.finished.reason, FinishReason::Stop);
+        assert_eq!(out.finished.completion_tokens, out.ids.len());
+        assert_eq!(out.finished.prompt_tokens, case["prompt_ids"].as_array().unwrap().len());
+    }
+}
+
+#[test]
+fn thirty_greedy_answers_in_one_batch_are_each_exact() {
+    let handle = engine(512, 64);
+    assert_all_cases_exact(&handle);
+    assert_eq!(handle.stats().preemptions.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_tiny_kv_cache_preempts_and_every_answer_is_still_exact() {
+    // 12 blocks of 16 tokens: a few sequences at a time, so most wait or are preempted.
+    let handle = engine(12, 64);
+    assert_all_cases_exact(&handle);
+    assert!(handle.stats().preemptions.load(Ordering::Relaxed) > 0, "no preemption happened");
+    wait_until_idle(&handle, 12);
+}
+
+/// Waits until nothing runs and every block is free (the engine frees a
+/// sequence right after sending its last event).
+fn wait_until_idle(handle: &EngineHandle, total_blocks: usize) {
+    let stats = handle.stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.running.load(Ordering::Relaxed) > 0 || stats.free_blocks.load(Ordering::Relaxed) < total_blocks {
+        assert!(std::time::Instant::now() < deadline, "requests still hold blocks");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_text_whatever_else_is_in_the_batch() {
+    let prompt = ids(&cases()[4]["prompt_ids"]);
+    let seeded = SamplingParams {
+        temperature: 1.3,
+        top_p: 0.95,
+        seed: Some(11),
+        ..SamplingParams::greedy()
+    };
+    let alone = collect(engine(512, 64).submit(request(prompt.clone(), seeded.clone(), 24)).1)
+        .unwrap()
+        .ids;
+    let handle = engine(512, 64);
+    let noise: Vec<_> = (0..6)
+        .map(|i| {
+            let other = SamplingParams {
+                temperature: 1.0,
+                seed: Some(i),
+                ..SamplingParams::greedy()
+            };
+            handle.submit(request(ids(&cases()[i as usize]["prompt_ids"]), other, 30)).1
+        })
+        .collect();
+    let batched = collect(handle.submit(request(prompt, seeded, 24)).1).unwrap().ids;
+    noise.into_iter().for_each(|rx| drop(collect(rx)));
+    assert_eq!(alone, batched);
+}
+
+#[test]
+fn a_stop_string_ends_generation_and_is_not_in_the_text() {
+    let case = &cases()[0]; // "Tensor parallelism splits every weight matrix across GPUs, ..."
+    let mut req = request(ids(&case["prompt_ids"]), SamplingParams::greedy(), 96);
+    req.stop.stop_strings = vec![" across".into()];
+    let out = collect(engine(512, 64).submit(req).1).unwrap();
+    assert_eq!(out.text, "Tensor parallelism splits every weight matrix");
+    assert_eq!(out.finished.reason, FinishReason::Stop);
+    assert_eq!(out.finished.stop_reason, Some(StopReason::String(" across".into())));
+}
+
+#[test]
+fn max_tokens_ends_with_length() {
+    let out = collect(
+        engine(512, 64)
+            .submit(request(ids(&cases()[0]["prompt_ids"]), SamplingParams::greedy(), 5))
+            .1,
+    )
+    .unwrap();
+    assert_eq!(out.ids, ids(&cases()[0]["completion_ids"])[..5]);
+    assert_eq!(out.finished.reason, FinishReason::Length);
+}
+
+#[test]
+fn dropping_the_receiver_aborts_and_frees_the_blocks() {
+    let handle = engine(64, 64);
+    let mut req = request(ids(&cases()[0]["prompt_ids"]), SamplingParams::greedy(), 500);
+    req.stop.ignore_eos = true;
+    let (_, mut rx) = handle.submit(req);
+    assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
+    drop(rx);
+    wait_until_idle(&handle, 64);
+}
+
+#[test]
+fn requests_that_can_never_fit_are_refused_up_front() {
+    let handle = engine(8, 64); // 128 tokens of KV cache
+    let prompt = ids(&cases()[0]["prompt_ids"]);
+    let err = collect(handle.submit(request(prompt.clone(), SamplingParams::greedy(), 200)).1)
+        .err()
+        .unwrap();
+    assert_eq!(err, "max_tokens 200 + prompt 31 tokens exceeds the KV cache's 128 tokens");
+    let err = collect(handle.submit(request(prompt, SamplingParams::greedy(), 5000)).1)
+        .err()
+        .unwrap();
+    assert!(err.contains("exceeds the model's 4096-token context"), "{err}");
+    let err = collect(handle.submit(request(vec![], SamplingParams::greedy(), 5)).1)
+        .err()
+        .unwrap();
+    assert_eq!(err, "the prompt is empty");
+}
+
+#[test]
+fn a_shared_system_prompt_is_served_from_the_prefix_cache() {
+    let handle = engine(512, 64);
+    // Both start with the default system prompt: 16 identical tokens, one full block.
+    let (a, b) = (ids(&cases()[0]["prompt_ids"]), ids(&cases()[1]["prompt_ids"]));
+    assert_eq!(a[..16], b[..16]);
+    let first = collect(handle.submit(request(a, SamplingParams::greedy(), 96)).1).unwrap();
+    let second = collect(handle.submit(request(b, SamplingParams::greedy(), 96)).1).unwrap();
+    assert_eq!(first.finished.cached_tokens, 0);
+    assert_eq!(second.finished.cached_tokens, 16, "the first block of the shared system prompt");
+    assert_eq!(second.ids, ids(&cases()[1]["completion_ids"]));
+}
