@@ -7,6 +7,7 @@
 //! `tokenizer` (tokenizer.json, chat templates, incremental detokenization)
 //! and `sampling`.
 
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod engine;

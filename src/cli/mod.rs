@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use shardline::backend::DType;
@@ -23,6 +24,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and batch-1 decode speed against the memory-bandwidth limit.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Which model to load and how.
@@ -67,5 +70,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -112,6 +112,11 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         }
     }
 
+    /// KV-cache bytes one token takes across all layers, at `dtype_bytes` per value.
+    pub fn kv_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        self.layers.len() * self.kv_cache_shape(1, 1).bytes_per_slot(dtype_bytes)
+    }
+
     /// One KV cache per layer.
     pub fn alloc_kv_caches(&self, shape: KvCacheShape) -> Result<Vec<B::KvCache>, BackendError> {
         (0..self.layers.len()).map(|_| self.backend.alloc_kv_cache(shape)).collect()
