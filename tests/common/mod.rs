@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod http;
+
 use safetensors::SafeTensors;
 use shardline::backend::cpu::CpuBackend;
 use shardline::backend::DType;
