@@ -81,7 +81,8 @@ impl<B: Backend> Generator<B> {
             });
         }
         let batch = ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits);
-        let logits = self.model.forward(&batch, &mut self.kv_caches)?;
+        let mut logits = Vec::new();
+        self.model.forward(&batch, &mut self.kv_caches, &mut logits)?;
         self.cached += ids.len();
         Ok(logits)
     }

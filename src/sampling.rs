@@ -56,10 +56,17 @@ impl SamplingParams {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampledToken {
     pub token_id: u32,
-    /// Log-probability of `token_id` under the model's distribution.
+    /// Present when the request asked for logprobs (computing them costs a
+    /// pass over the whole vocabulary).
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the sampled token under the model's distribution.
     pub logprob: f32,
     /// The most likely tokens with their log-probabilities, best first.
-    pub top_logprobs: Vec<(u32, f32)>,
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Sampler {
@@ -94,12 +101,8 @@ impl Sampler {
         } else {
             self.draw(&scores)
         };
-        let (logprob, top_logprobs) = log_probs(logits, token_id, self.params.logprobs.unwrap_or(0));
-        SampledToken {
-            token_id,
-            logprob,
-            top_logprobs,
-        }
+        let logprobs = self.params.logprobs.map(|k| log_probs(logits, token_id, k));
+        SampledToken { token_id, logprobs }
     }
 
     fn draw(&mut self, scores: &[f32]) -> u32 {
@@ -190,7 +193,7 @@ pub fn argmax(scores: &[f32]) -> u32 {
 
 /// The log-probability of `token` and the `k` most likely tokens under
 /// `log_softmax(logits)`.
-fn log_probs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+fn log_probs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_total = (logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>()).ln() as f32 + max;
     let mut top: Vec<(u32, f32)> = Vec::new();
@@ -203,7 +206,10 @@ fn log_probs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
         all.sort_unstable_by(by_desc);
         top = all.into_iter().map(|(i, l)| (i, l - log_total)).collect();
     }
-    (logits[token as usize] - log_total, top)
+    TokenLogprobs {
+        logprob: logits[token as usize] - log_total,
+        top,
+    }
 }
 
 #[cfg(test)]
@@ -302,8 +308,11 @@ mod tests {
         };
         let t = Sampler::new(params).sample(&[0.0, (3.0f32).ln()], &[], 0);
         assert_eq!(t.token_id, 1);
-        assert!((t.logprob - 0.75f32.ln()).abs() < 1e-6);
-        assert_eq!(t.top_logprobs.len(), 2);
-        assert!((t.top_logprobs[1].1 - 0.25f32.ln()).abs() < 1e-6);
+        let l = t.logprobs.unwrap();
+        assert!((l.logprob - 0.75f32.ln()).abs() < 1e-6);
+        assert_eq!(l.top.len(), 2);
+        assert!((l.top[1].1 - 0.25f32.ln()).abs() < 1e-6);
+        let none = Sampler::new(SamplingParams::greedy()).sample(&[0.0, 1.0], &[], 0);
+        assert_eq!(none.logprobs, None);
     }
 }

@@ -120,7 +120,8 @@ fn a_batch_of_prompts_in_interleaved_blocks_gives_each_its_reference_logits() {
     let mut caches = model
         .alloc_kv_caches(model.kv_cache_shape(next_block as usize, block_size))
         .unwrap();
-    let logits = model.forward(&batch, &mut caches).unwrap();
+    let mut logits = Vec::new();
+    model.forward(&batch, &mut caches, &mut logits).unwrap();
     let mut offset = 0;
     for (i, p) in prompts.iter().enumerate() {
         let (_, vocab, want) = reference.matrix(&format!("prompt{i}.logits"));

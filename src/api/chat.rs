@@ -157,7 +157,7 @@ impl ChoiceStream {
         }
         let released = self.before_calls.push(text);
         if released.stopped_on.is_some() {
-            self.held = Some(String::new());
+            self.held = Some(released.rest);
         }
         released.text
     }
@@ -299,4 +299,36 @@ fn stream(state: Arc<AppState>, guard: InFlight, requests: Vec<Request>, meta: M
         let _ = tx.send("[DONE]".into()).await;
     });
     render::sse(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_text_before_a_tool_call_flows_and_the_call_arrives_at_the_end() {
+        let mut s = ChoiceStream::new();
+        assert_eq!(s.push("Let me look. <tool"), "Let me look. ");
+        assert_eq!(s.push("_call>\n{\"name\": \"get_weather\", "), "");
+        assert_eq!(s.push("\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"), "");
+        let (rest, calls) = s.finish();
+        assert_eq!(rest, "");
+        let calls = calls.unwrap();
+        assert_eq!(
+            (calls[0].function.name.as_str(), calls[0].function.arguments.as_str()),
+            ("get_weather", r#"{"city":"Paris"}"#)
+        );
+    }
+
+    #[test]
+    fn a_malformed_call_is_streamed_as_text_after_all() {
+        let mut s = ChoiceStream::new();
+        assert_eq!(s.push("<tool_call> not json"), "");
+        assert_eq!(s.finish(), ("<tool_call> not json".to_string(), None));
+        // Text that could begin `<tool_call>` waits; at the end it is plain text.
+        let mut plain = ChoiceStream::new();
+        assert_eq!(plain.push("a < b"), "a < b");
+        assert_eq!(plain.push(" <to"), " ");
+        assert_eq!(plain.finish(), ("<to".to_string(), None));
+    }
 }

@@ -192,11 +192,11 @@ fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[(SampledToken, String)],
         text_offset: vec![],
     };
     for (token, text) in tokens {
+        let Some(l) = &token.logprobs else { continue };
         out.tokens.push(token_text(tokenizer, token.token_id));
-        out.token_logprobs.push(token.logprob);
+        out.token_logprobs.push(l.logprob);
         out.top_logprobs.push(
-            token
-                .top_logprobs
+            l.top
                 .iter()
                 .map(|&(id, lp)| (token_text(tokenizer, id), lp))
                 .collect::<HashMap<_, _>>(),

@@ -84,12 +84,6 @@ impl Metrics {
 
     pub fn render(&self, engine: Option<&EngineStats>) -> String {
         let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        };
-        let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-        };
         let _ = writeln!(
             out,
             "# HELP shardline_requests_total Finished requests by outcome.\n# TYPE shardline_requests_total counter"
@@ -108,42 +102,74 @@ impl Metrics {
         if let Some(s) = engine {
             let total = s.total_blocks.load(Ordering::Relaxed).max(1);
             let used = total - s.free_blocks.load(Ordering::Relaxed).min(total);
-            gauge(
-                &mut out,
-                "shardline_requests_running",
-                "Requests in the running batch.",
-                s.running.load(Ordering::Relaxed) as f64,
-            );
-            gauge(
-                &mut out,
-                "shardline_requests_waiting",
-                "Requests waiting to be scheduled.",
-                s.waiting.load(Ordering::Relaxed) as f64,
-            );
-            gauge(
-                &mut out,
-                "shardline_kv_cache_usage_ratio",
-                "Fraction of KV-cache blocks held by requests.",
-                used as f64 / total as f64,
-            );
-            counter(
-                &mut out,
-                "shardline_prompt_tokens_total",
-                "Prompt tokens computed.",
-                s.prompt_tokens.load(Ordering::Relaxed),
-            );
-            counter(
-                &mut out,
-                "shardline_generation_tokens_total",
-                "Tokens generated.",
-                s.generation_tokens.load(Ordering::Relaxed),
-            );
-            counter(
-                &mut out,
-                "shardline_preemptions_total",
-                "Sequences preempted for KV-cache space.",
-                s.preemptions.load(Ordering::Relaxed),
-            );
+            let count = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
+            let seconds = |ns: &AtomicU64| ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let rows = [
+                (
+                    "shardline_requests_running",
+                    "gauge",
+                    "Requests in the running batch.",
+                    s.running.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "shardline_requests_waiting",
+                    "gauge",
+                    "Requests waiting to be scheduled.",
+                    s.waiting.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "shardline_kv_cache_usage_ratio",
+                    "gauge",
+                    "Fraction of KV-cache blocks held by requests.",
+                    used as f64 / total as f64,
+                ),
+                (
+                    "shardline_prompt_tokens_total",
+                    "counter",
+                    "Prompt tokens computed.",
+                    count(&s.prompt_tokens),
+                ),
+                (
+                    "shardline_generation_tokens_total",
+                    "counter",
+                    "Tokens generated.",
+                    count(&s.generation_tokens),
+                ),
+                (
+                    "shardline_preemptions_total",
+                    "counter",
+                    "Sequences preempted for KV-cache space.",
+                    count(&s.preemptions),
+                ),
+                ("shardline_engine_steps_total", "counter", "Engine steps run.", count(&s.steps)),
+                (
+                    "shardline_engine_scheduled_seqs_total",
+                    "counter",
+                    "Sequences scheduled, summed over steps.",
+                    count(&s.scheduled_seqs),
+                ),
+                (
+                    "shardline_engine_forward_seconds_total",
+                    "counter",
+                    "Time in the model forward.",
+                    seconds(&s.forward_ns),
+                ),
+                (
+                    "shardline_engine_sampling_seconds_total",
+                    "counter",
+                    "Time sampling tokens from logits.",
+                    seconds(&s.sampling_ns),
+                ),
+                (
+                    "shardline_engine_overhead_seconds_total",
+                    "counter",
+                    "The engine's own time in steps: scheduling, batching, detokenizing, stop checks, events.",
+                    seconds(&s.overhead_ns),
+                ),
+            ];
+            for (name, kind, help, value) in rows {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            }
         }
         let l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
         l.time_to_first_token.render(

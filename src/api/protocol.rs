@@ -153,7 +153,7 @@ pub struct ChatLogprobs {
     pub content: Vec<TokenLogprob>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ToolCall {
     /// Position among the message's calls (stream deltas only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,7 +164,7 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FunctionCall {
     pub name: String,
     /// JSON text, as OpenAI sends it.

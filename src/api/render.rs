@@ -59,10 +59,11 @@ pub fn chat_logprobs(tokenizer: &Tokenizer, tokens: &[&SampledToken]) -> ChatLog
     };
     let content = tokens
         .iter()
-        .map(|t| {
-            let (bytes, token, logprob) = entry(t.token_id, t.logprob);
-            let top_logprobs = t
-                .top_logprobs
+        .filter_map(|t| Some((t.token_id, t.logprobs.as_ref()?)))
+        .map(|(id, l)| {
+            let (bytes, token, logprob) = entry(id, l.logprob);
+            let top_logprobs = l
+                .top
                 .iter()
                 .map(|&(id, lp)| {
                     let (bytes, token, logprob) = entry(id, lp);

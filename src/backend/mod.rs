@@ -221,6 +221,7 @@ pub trait Backend {
     /// The listed rows of `x`, in order.
     fn select_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
 
-    /// Copies a tensor to host memory as row-major f32.
-    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Copies a tensor to host memory as row-major f32, into `out` (replacing
+    /// its contents; a buffer reused across steps is never reallocated).
+    fn to_host(&self, x: &Self::Tensor, out: &mut Vec<f32>) -> Result<()>;
 }

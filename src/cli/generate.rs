@@ -165,7 +165,11 @@ fn json_report(request: &GenerateRequest, out: &Generation, tokenizer: Option<&T
     let logprobs = request.sampling.logprobs.map(|_| {
         out.tokens
             .iter()
-            .map(|t| json!({"token_id": t.token_id, "logprob": t.logprob, "top_logprobs": t.top_logprobs}))
+            .filter_map(|t| {
+                t.logprobs
+                    .as_ref()
+                    .map(|l| json!({"token_id": t.token_id, "logprob": l.logprob, "top_logprobs": l.top}))
+            })
             .collect::<Vec<_>>()
     });
     json!({

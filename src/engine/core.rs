@@ -46,6 +46,11 @@ pub struct Engine<B: Backend> {
     stats: Arc<EngineStats>,
     /// Most tokens a sequence may hold.
     context_len: usize,
+    /// Time spent sampling in the current step.
+    step_sampling: Duration,
+    /// `[sampled sequences, vocab]` logits of the current step; reused so a
+    /// large batch's buffer is not allocated and freed every step.
+    logits: Vec<f32>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -69,6 +74,8 @@ impl<B: Backend> Engine<B> {
             tokenizer,
             stats,
             context_len,
+            step_sampling: Duration::ZERO,
+            logits: Vec::new(),
         };
         engine.publish_stats();
         Ok(engine)
@@ -143,6 +150,7 @@ impl<B: Backend> Engine<B> {
     /// Runs one scheduler step: a forward over the planned tokens, then one
     /// sampled token for each sequence whose known tokens are all computed.
     pub fn step(&mut self) -> Result<(), BackendError> {
+        let started = Instant::now();
         let gone: Vec<SeqId> = self
             .active
             .iter()
@@ -162,18 +170,35 @@ impl<B: Backend> Engine<B> {
             }
         }
         let (batch, sampled) = self.build_batch(&plan);
-        let result = self.model.forward(&batch, &mut self.kv_caches);
+        let forward_started = Instant::now();
+        let mut logits = std::mem::take(&mut self.logits);
+        let result = self.model.forward(&batch, &mut self.kv_caches, &mut logits);
+        let forward = forward_started.elapsed();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
-        let logits = result?;
+        if let Err(e) = result {
+            self.logits = logits;
+            return Err(e);
+        }
         self.scheduler.complete(&plan);
         let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>() - sampled.len();
         self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let vocab = self.model.config().vocab_size;
+        self.step_sampling = Duration::ZERO;
         for (row, id) in sampled.into_iter().enumerate() {
             self.emit(id, &logits[row * vocab..(row + 1) * vocab]);
         }
+        self.logits = logits;
         self.publish_stats();
+        let s = &self.stats;
+        let nanos = |d: Duration| d.as_nanos() as u64;
+        s.scheduled_seqs.fetch_add(plan.len() as u64, Ordering::Relaxed);
+        s.forward_ns.fetch_add(nanos(forward), Ordering::Relaxed);
+        s.sampling_ns.fetch_add(nanos(self.step_sampling), Ordering::Relaxed);
+        s.overhead_ns.fetch_add(
+            nanos(started.elapsed().saturating_sub(forward + self.step_sampling)),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -217,7 +242,9 @@ impl<B: Backend> Engine<B> {
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
         let (tokens_before, prompt_len) = (seq.tokens.len(), seq.prompt_len);
         let active = self.active.get_mut(&id).expect("sampled sequences are active");
+        let sampling_started = Instant::now();
         let token = active.sampler.sample(logits, &seq.tokens, prompt_len);
+        self.step_sampling += sampling_started.elapsed();
         let token_id = token.token_id;
         self.scheduler.append_token(id, token_id);
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);

@@ -15,6 +15,9 @@ pub struct Released {
     pub text: String,
     /// The stop string that matched, ending generation.
     pub stopped_on: Option<String>,
+    /// After a match: the text that followed the stop string (never sent as
+    /// output; tool-call parsing continues from it).
+    pub rest: String,
 }
 
 impl StopStrings {
@@ -35,16 +38,22 @@ impl StopStrings {
         if let Some((at, stop)) = first_match {
             let stop = stop.clone();
             let text = self.pending[..at].to_string();
+            let rest = self.pending[at + stop.len()..].to_string();
             self.pending.clear();
             return Released {
                 text,
                 stopped_on: Some(stop),
+                rest,
             };
         }
         let keep = self.longest_stop_prefix_suffix();
         let text = self.pending[..self.pending.len() - keep].to_string();
         self.pending.drain(..self.pending.len() - keep);
-        Released { text, stopped_on: None }
+        Released {
+            text,
+            stopped_on: None,
+            rest: String::new(),
+        }
     }
 
     /// The held-back text, at the end of generation without a stop match.
@@ -85,7 +94,8 @@ mod tests {
             end,
             Released {
                 text: String::new(),
-                stopped_on: Some("\n\nUser:".into())
+                stopped_on: Some("\n\nUser:".into()),
+                rest: " more".into()
             }
         );
     }

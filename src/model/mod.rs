@@ -123,9 +123,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 
     /// Runs the batch through every layer, writing its keys and values into
-    /// `kv_caches`, and returns the logits of `batch.logit_rows` as
-    /// row-major `[logit_rows, vocab]` f32.
-    pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache]) -> Result<Vec<f32>, BackendError> {
+    /// `kv_caches`, and puts the logits of `batch.logit_rows` into `logits`
+    /// as row-major `[logit_rows, vocab]` f32.
+    pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache], logits: &mut Vec<f32>) -> Result<(), BackendError> {
         let b = &self.backend;
         let ctx = ForwardCtx {
             backend: b,
@@ -139,7 +139,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         }
         let last = b.select_rows(&hidden, &batch.logit_rows)?;
         let normed = b.rms_norm(&last, &self.norm, ctx.rms_norm_eps)?;
-        let logits = b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?;
-        b.to_host(&logits)
+        let device_logits = b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?;
+        b.to_host(&device_logits, logits)
     }
 }

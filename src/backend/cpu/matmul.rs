@@ -88,11 +88,21 @@ fn tile_rows(x: &CpuTensor, rows: WeightRow<'_>, tokens: Range<usize>, out: &mut
 }
 
 /// `[outputs, tokens]` column-major → `[tokens, outputs]` row-major.
+///
+/// Each task writes a block of token rows, reading for every output feature
+/// the block's consecutive values (one cache line) rather than one value per
+/// line, which made this copy cost as much as the matmul for wide outputs.
 fn transpose(yt: &[f32], outputs: usize, tokens: usize) -> CpuTensor {
+    const ROWS: usize = 16;
     let mut data = vec![0.0f32; outputs * tokens];
-    data.par_chunks_mut(outputs).enumerate().for_each(|(t, row)| {
-        for (o, v) in row.iter_mut().enumerate() {
-            *v = yt[o * tokens + t];
+    data.par_chunks_mut(ROWS * outputs).enumerate().for_each(|(block, rows)| {
+        let first = block * ROWS;
+        let n = rows.len() / outputs;
+        for o in 0..outputs {
+            let column = &yt[o * tokens + first..o * tokens + first + n];
+            for (r, &v) in column.iter().enumerate() {
+                rows[r * outputs + o] = v;
+            }
         }
     });
     CpuTensor::new(data, tokens, outputs)

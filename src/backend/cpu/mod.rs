@@ -189,8 +189,10 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data, rows.len(), x.cols))
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(x.data.clone())
+    fn to_host(&self, x: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(&x.data);
+        Ok(())
     }
 }
 
