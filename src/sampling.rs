@@ -8,6 +8,7 @@
 //! distribution (log-softmax of the raw logits), as vLLM reports by default.
 
 use crate::rng::Rng;
+use std::borrow::Cow;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -83,66 +84,97 @@ impl Sampler {
     /// Picks a token from `logits [vocab]`; `tokens` holds the prompt and then
     /// the `tokens.len() - prompt_len` tokens generated so far.
     pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> SampledToken {
-        let mut scores = logits.to_vec();
-        for &(id, bias) in &self.params.logit_bias {
-            if let Some(s) = scores.get_mut(id as usize) {
-                *s += bias;
+        let p = &self.params;
+        let adjusts = !p.logit_bias.is_empty() || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
+        let scores: Cow<[f32]> = match adjusts {
+            false => Cow::Borrowed(logits),
+            true => {
+                let mut scores = logits.to_vec();
+                for &(id, bias) in &p.logit_bias {
+                    if let Some(s) = scores.get_mut(id as usize) {
+                        *s += bias;
+                    }
+                }
+                apply_output_penalties(&mut scores, &tokens[prompt_len..], p.presence_penalty, p.frequency_penalty);
+                apply_repetition_penalty(&mut scores, tokens, p.repetition_penalty);
+                Cow::Owned(scores)
             }
-        }
-        apply_output_penalties(
-            &mut scores,
-            &tokens[prompt_len..],
-            self.params.presence_penalty,
-            self.params.frequency_penalty,
-        );
-        apply_repetition_penalty(&mut scores, tokens, self.params.repetition_penalty);
-        let token_id = if self.params.is_greedy() {
-            argmax(&scores)
-        } else {
-            self.draw(&scores)
         };
+        let token_id = if p.is_greedy() { argmax(&scores) } else { self.draw(&scores) };
         let logprobs = self.params.logprobs.map(|k| log_probs(logits, token_id, k));
         SampledToken { token_id, logprobs }
     }
 
+    /// Draws from `softmax(scores / temperature)` restricted by top-k, min-p
+    /// and top-p. Tokens more than [`NEGLIGIBLE`] below the best scaled score
+    /// are left out first: together they weigh less than the generator's
+    /// resolution, and skipping them spares an `exp` and a sort per token.
     fn draw(&mut self, scores: &[f32]) -> u32 {
         let p = &self.params;
-        let mut candidates: Vec<(u32, f32)> = scores.iter().enumerate().map(|(i, &s)| (i as u32, s / p.temperature)).collect();
-        let by_score_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) / p.temperature;
+        let floor = max - NEGLIGIBLE;
+        let mut candidates: Vec<(u32, f32)> = scores
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s / p.temperature >= floor)
+            .map(|(i, &s)| (i as u32, s / p.temperature))
+            .collect();
         if p.top_k > 0 && p.top_k < candidates.len() {
             candidates.select_nth_unstable_by(p.top_k - 1, by_score_desc);
             candidates.truncate(p.top_k);
         }
-        candidates.sort_unstable_by(by_score_desc);
-        let max = candidates[0].1;
-        let mut probs: Vec<f64> = candidates.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        // From here on the second field is the unnormalised probability
+        // exp(score - max): the best token's is 1, so min-p compares directly.
+        candidates.iter_mut().for_each(|c| c.1 = (c.1 - max).exp());
         if p.min_p > 0.0 {
-            // probs[0] is the most likely token's (unnormalised: exp(0) = 1).
-            let keep = probs.iter().take_while(|&&q| q >= p.min_p as f64).count().max(1);
-            probs.truncate(keep);
+            candidates.retain(|c| c.1 >= p.min_p);
         }
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|q| {
-                    cumulative += q;
-                    cumulative >= p.top_p as f64
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
+            let total: f64 = candidates.iter().map(|c| c.1 as f64).sum();
+            keep_nucleus(&mut candidates, p.top_p as f64 * total);
         }
-        let kept: f64 = probs.iter().sum();
+        let kept: f64 = candidates.iter().map(|c| c.1 as f64).sum();
         let mut target = self.rng.next_f32() as f64 * kept;
-        for (c, q) in candidates.iter().zip(&probs) {
-            target -= q;
+        for c in &candidates {
+            target -= c.1 as f64;
             if target < 0.0 {
                 return c.0;
             }
         }
-        candidates[probs.len() - 1].0
+        candidates.last().expect("the best token always survives").0
+    }
+}
+
+/// Scaled logits this far below the best have probability under e^-40
+/// relative to it: 150k of them weigh ~1e-12, far below 2^-24.
+const NEGLIGIBLE: f32 = 40.0;
+
+fn by_score_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the most likely candidates, best first, until their mass reaches
+/// `mass`. Only as many as needed are sorted: the nucleus is usually small.
+fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, mass: f64) {
+    let mut k = 64;
+    loop {
+        let k_now = k.min(candidates.len());
+        if k_now < candidates.len() {
+            candidates.select_nth_unstable_by(k_now - 1, by_score_desc);
+        }
+        candidates[..k_now].sort_unstable_by(by_score_desc);
+        let mut cumulative = 0.0;
+        if let Some(i) = candidates[..k_now].iter().position(|c| {
+            cumulative += c.1 as f64;
+            cumulative >= mass
+        }) {
+            candidates.truncate(i + 1);
+            return;
+        }
+        if k_now == candidates.len() {
+            return;
+        }
+        k *= 8;
     }
 }
 
@@ -181,14 +213,21 @@ fn apply_repetition_penalty(scores: &mut [f32], context: &[u32], penalty: f32) {
     }
 }
 
+/// The first index of the largest score. Two passes that vectorise (a max,
+/// then a search for it) beat one branchy pass over a 150k vocabulary.
 pub fn argmax(scores: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &s) in scores.iter().enumerate() {
-        if s > scores[best] {
-            best = i;
-        }
-    }
-    best as u32
+    let lanes = scores.chunks_exact(16).fold([f32::NEG_INFINITY; 16], |mut m, c| {
+        m.iter_mut().zip(c).for_each(|(m, &s)| *m = m.max(s));
+        m
+    });
+    let max = scores
+        .chunks_exact(16)
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    scores.iter().position(|&s| s == max).unwrap_or(0) as u32
 }
 
 /// The log-probability of `token` and the `k` most likely tokens under
@@ -199,11 +238,10 @@ fn log_probs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let mut top: Vec<(u32, f32)> = Vec::new();
     if k > 0 {
         let mut all: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        let by_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = k.min(all.len());
-        all.select_nth_unstable_by(k - 1, by_desc);
+        all.select_nth_unstable_by(k - 1, by_score_desc);
         all.truncate(k);
-        all.sort_unstable_by(by_desc);
+        all.sort_unstable_by(by_score_desc);
         top = all.into_iter().map(|(i, l)| (i, l - log_total)).collect();
     }
     TokenLogprobs {
@@ -264,6 +302,38 @@ mod tests {
         let mut s = Sampler::new(params);
         let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[], 0).token_id).collect();
         assert_eq!(drawn, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn a_wide_nucleus_is_found_past_the_first_partial_sort() {
+        // 1000 nearly flat tokens, best first: the 0.5 nucleus is ids 0..=k.
+        let logits: Vec<f32> = (0..1000).map(|i| -(i as f32) * 1e-3).collect();
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut cumulative = 0.0;
+        let k = weights.iter().position(|w| {
+            cumulative += w;
+            cumulative >= 0.5 * total
+        });
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(4),
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        let drawn: Vec<u32> = (0..2000).map(|_| s.sample(&logits, &[], 0).token_id).collect();
+        assert!(drawn.iter().all(|&id| id as usize <= k.unwrap()));
+        assert!(drawn.iter().any(|&id| id > 300));
+    }
+
+    #[test]
+    fn argmax_agrees_with_a_plain_scan_on_ties_and_odd_lengths() {
+        for len in [1, 15, 16, 17, 1003] {
+            let scores: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32).collect();
+            let plain = (0..len).fold(0, |best, i| if scores[i] > scores[best] { i } else { best });
+            assert_eq!(argmax(&scores) as usize, plain, "length {len}");
+        }
     }
 
     #[test]

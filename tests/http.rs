@@ -1,11 +1,12 @@
 //! `shardline serve` over real HTTP on loopback, against the Hugging Face
 //! references: every greedy chat answer word for word (streamed and not)
 //! with exact usage, 64 concurrent mixed requests, preemption under a tiny
-//! KV cache, abort on disconnect, every error path, and the SIGTERM drain.
+//! KV cache, abort on disconnect, every error path (503 while loading
+//! included), and the SIGTERM drain.
 
 mod common;
 
-use common::http::{HttpResponse, Server};
+use common::http::{request_at, HttpResponse, Server};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 
@@ -294,6 +295,31 @@ fn every_user_error_is_openai_shaped_with_the_right_status() {
         chat(json!({})).json()["choices"][0]["message"]["content"],
         cases()[0]["completion_text"]
     );
+}
+
+#[test]
+fn a_server_still_loading_answers_503_and_reports_not_ready() {
+    // The router before `set_served`: what `serve` answers while it loads.
+    let state = shardline::api::AppState::new(shardline::api::ServerOptions {
+        served_model_name: "tiny-chat".into(),
+        api_key: None,
+        max_body_bytes: 1 << 20,
+        max_waiting: 8,
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move { axum::serve(listener, shardline::api::router(state)).await });
+    let body = json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]}).to_string();
+    let chat = request_at(addr, "POST", "/v1/chat/completions", &[], &body);
+    assert_error(&chat, 503, "still loading");
+    assert_error(
+        &request_at(addr, "POST", "/tokenize", &[], r#"{"prompt": "Hi"}"#),
+        503,
+        "still loading",
+    );
+    assert_eq!(request_at(addr, "GET", "/ready", &[], "").status, 503);
+    assert_eq!(request_at(addr, "GET", "/health", &[], "").status, 200);
 }
 
 #[test]

@@ -72,10 +72,21 @@ fn incremental_detokenization_equals_the_full_decode_and_never_splits_a_characte
         );
         assert_eq!(pieces.concat(), case["text"].as_str().unwrap());
     }
-    // 🚀 is three tokens (11162, 248, 222): nothing, nothing, then the whole emoji.
+    // " 🚀" is three tokens (11162 = space and the emoji's first byte, 248,
+    // 222): the space at once, then nothing, then the whole emoji.
     let mut stream = DecodeStream::new(&t, &[37523]);
     let pieces: Vec<String> = [11162, 248, 222].iter().map(|&id| stream.step(&t, id)).collect();
-    assert_eq!(pieces, ["", "", " 🚀"]);
+    assert_eq!(pieces, [" ", "", "🚀"]);
+}
+
+#[test]
+fn each_tokens_bytes_read_as_the_library_decodes_it() {
+    let t = tokenizer();
+    let ids = (0..151_640).step_by(7).chain(151_640..151_670);
+    for id in ids {
+        let bytes = t.token_bytes(id).expect("Qwen2's decoder is byte-level");
+        assert_eq!(String::from_utf8_lossy(bytes), t.decode(&[id], true), "id {id}");
+    }
 }
 
 #[test]

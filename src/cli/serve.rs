@@ -6,6 +6,7 @@
 
 use super::ModelArgs;
 use anyhow::{bail, Context};
+use axum::serve::ListenerExt;
 use clap::Args;
 use shardline::api::{self, AppState, Limits, Served, ServerOptions};
 use shardline::backend::cpu::CpuBackend;
@@ -115,6 +116,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || load(&args, &state).map(|()| args.shutdown_timeout))
     };
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    // Without TCP_NODELAY, a streamed token can sit ~40 ms in Nagle's buffer
+    // waiting for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown({
         let shutdown = shutdown.clone();
         async move { shutdown.notified().await }

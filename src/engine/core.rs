@@ -1,6 +1,9 @@
 //! The engine loop: schedule a step, run the model on it, sample, detokenize,
-//! check stops, and send each request its events. One thread owns all of it
-//! (queue, sequences, KV blocks), so nothing here is shared or locked.
+//! check stops, and queue each request's events. One thread owns all of it
+//! (queue, sequences, KV blocks), so nothing here is shared or locked. A
+//! step's events leave together ([`Engine::take_outbox`]): waking a
+//! client's task costs tens of microseconds, too much to pay per request
+//! on the engine thread.
 
 use super::block_manager::BlockManager;
 use super::request::{Event, FinishReason, Finished, Request, StopReason};
@@ -51,7 +54,12 @@ pub struct Engine<B: Backend> {
     /// `[sampled sequences, vocab]` logits of the current step; reused so a
     /// large batch's buffer is not allocated and freed every step.
     logits: Vec<f32>,
+    /// Events produced since the last [`Engine::take_outbox`].
+    outbox: Outbox,
 }
+
+/// Events bound for their requests' channels, in the order produced.
+pub type Outbox = Vec<(UnboundedSender<Event>, Event)>;
 
 impl<B: Backend> Engine<B> {
     pub fn new(model: Qwen2ForCausalLM<B>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Result<Self, BackendError> {
@@ -76,6 +84,7 @@ impl<B: Backend> Engine<B> {
             context_len,
             step_sampling: Duration::ZERO,
             logits: Vec::new(),
+            outbox: Vec::new(),
         };
         engine.publish_stats();
         Ok(engine)
@@ -87,6 +96,11 @@ impl<B: Backend> Engine<B> {
 
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
+    }
+
+    /// The events produced since the last call, to deliver in order.
+    pub fn take_outbox(&mut self) -> Outbox {
+        std::mem::take(&mut self.outbox)
     }
 
     /// Queues a request, or answers at once with `Failed` if it can never run.
@@ -113,7 +127,7 @@ impl<B: Backend> Engine<B> {
             None
         };
         if let Some(message) = refusal {
-            let _ = events.send(Event::Failed(message));
+            self.outbox.push((events, Event::Failed(message)));
             return;
         }
         let active = Active {
@@ -141,7 +155,7 @@ impl<B: Backend> Engine<B> {
     /// Fails every request in flight (a step failed; the device state is unknown).
     pub fn fail_all(&mut self, message: &str) {
         for (id, active) in self.active.drain() {
-            let _ = active.events.send(Event::Failed(message.to_string()));
+            self.outbox.push((active.events, Event::Failed(message.to_string())));
             self.scheduler.remove(id);
         }
         self.publish_stats();
@@ -181,6 +195,7 @@ impl<B: Backend> Engine<B> {
             return Err(e);
         }
         self.scheduler.complete(&plan);
+        self.stats.generation_tokens.fetch_add(sampled.len() as u64, Ordering::Relaxed);
         let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>() - sampled.len();
         self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let vocab = self.model.config().vocab_size;
@@ -247,7 +262,6 @@ impl<B: Backend> Engine<B> {
         self.step_sampling += sampling_started.elapsed();
         let token_id = token.token_id;
         self.scheduler.append_token(id, token_id);
-        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
 
         let stop = &active.request.stop;
         let mut stop_reason = None;
@@ -268,14 +282,12 @@ impl<B: Backend> Engine<B> {
             None if generated >= active.request.max_tokens || tokens_before + 1 >= self.context_len => Some(FinishReason::Length),
             None => None,
         };
-        let sent = active.events.send(Event::Token {
+        let event = Event::Token {
             token,
             text: released.text,
-        });
+        };
+        self.outbox.push((active.events.clone(), event));
         let Some(reason) = finish else {
-            if sent.is_err() {
-                self.abort(id);
-            }
             return;
         };
         let mut text = String::new();
@@ -293,7 +305,7 @@ impl<B: Backend> Engine<B> {
             cached_tokens: active.cached_tokens,
             queue_time: active.queue_time.unwrap_or_default(),
         };
-        let _ = active.events.send(Event::Finished { text, finished });
+        self.outbox.push((active.events.clone(), Event::Finished { text, finished }));
         self.abort(id);
     }
 

@@ -2,8 +2,13 @@
 //! a request (getting its event channel), abort one, read the stats. The
 //! thread ends when the handle is dropped, failing nothing silently: any
 //! request still in flight sees its channel close.
+//!
+//! Events reach their requests through a postman: the engine hands it each
+//! step's events at once, and it sends them on, inside the async runtime
+//! when there is one (waking a task from there is cheap) or on a thread of
+//! its own otherwise.
 
-use super::core::Engine;
+use super::core::{Engine, Outbox};
 use super::request::{Event, Request};
 use super::scheduler::SeqId;
 use super::stats::EngineStats;
@@ -35,9 +40,11 @@ impl EngineHandle {
     {
         let (commands, rx) = mpsc::channel();
         let stats = engine.stats();
+        let (mail, mailbox) = unbounded_channel();
+        spawn_postman(mailbox);
         let thread = std::thread::Builder::new()
             .name("shardline-engine".into())
-            .spawn(move || run(engine, rx))
+            .spawn(move || run(engine, rx, mail))
             .expect("spawning the engine thread");
         EngineHandle {
             commands,
@@ -77,9 +84,13 @@ impl Drop for EngineHandle {
 }
 
 /// The engine thread: block while idle, otherwise take every queued command
-/// and run a step.
-fn run<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>) {
+/// and run a step; then hand what it produced to the postman.
+fn run<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>, mail: UnboundedSender<Outbox>) {
     'serve: loop {
+        let outbox = engine.take_outbox();
+        if !outbox.is_empty() {
+            let _ = mail.send(outbox);
+        }
         if !engine.has_work() {
             match commands.recv() {
                 Ok(command) => {
@@ -106,6 +117,34 @@ fn run<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>) {
         }
     }
     engine.fail_all("the server is shutting down");
+    let _ = mail.send(engine.take_outbox());
+}
+
+fn spawn_postman(mut mailbox: UnboundedReceiver<Outbox>) {
+    let deliver = |outbox: Outbox| {
+        for (events, event) in outbox {
+            let _ = events.send(event);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                while let Some(outbox) = mailbox.recv().await {
+                    deliver(outbox);
+                }
+            });
+        }
+        Err(_) => {
+            std::thread::Builder::new()
+                .name("shardline-postman".into())
+                .spawn(move || {
+                    while let Some(outbox) = mailbox.blocking_recv() {
+                        deliver(outbox);
+                    }
+                })
+                .expect("spawning the postman thread");
+        }
+    }
 }
 
 /// Applies one command; false means stop.

@@ -29,6 +29,13 @@ impl StopStrings {
     }
 
     pub fn push(&mut self, piece: &str) -> Released {
+        if self.stops.is_empty() {
+            return Released {
+                text: piece.to_string(),
+                stopped_on: None,
+                rest: String::new(),
+            };
+        }
         self.pending.push_str(piece);
         let first_match = self
             .stops

@@ -29,6 +29,14 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
     /// Ids dropped by `skip_special_tokens`.
     special_ids: HashSet<u32>,
+    /// For byte-level vocabularies: each id's bytes, special ids empty.
+    bytes: Option<TokenBytes>,
+}
+
+/// Every token's bytes in one buffer: id `i` is `bytes[ends[i-1]..ends[i]]`.
+struct TokenBytes {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
 }
 
 impl Tokenizer {
@@ -59,10 +67,12 @@ impl Tokenizer {
             .transpose()
             .map_err(|e| load_err(&config_path, e.to_string()))?;
         let special_ids = special_ids(&inner, &config);
+        let bytes = byte_level_table(&inner, &special_ids);
         Ok(Tokenizer {
             inner,
             chat_template,
             special_ids,
+            bytes,
         })
     }
 
@@ -83,6 +93,19 @@ impl Tokenizer {
         // Byte-level decoding cannot fail for ids the vocabulary knows; unknown
         // ids are skipped by the library itself.
         self.inner.decode(&kept, false).unwrap_or_default()
+    }
+
+    /// The bytes a token decodes to (special tokens skipped: none), for
+    /// byte-level vocabularies, where a token's text never depends on its
+    /// neighbours; None for other decoders.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        let table = self.bytes.as_ref()?;
+        let id = id as usize;
+        let Some(&end) = table.ends.get(id) else {
+            return Some(&[]);
+        };
+        let start = if id == 0 { 0 } else { table.ends[id - 1] };
+        Some(&table.bytes[start as usize..end as usize])
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -125,6 +148,41 @@ fn special_ids(inner: &tokenizers::Tokenizer, config: &Value) -> HashSet<u32> {
         }
     }
     special
+}
+
+/// Each id's bytes under the `ByteLevel` decoder, which maps every character
+/// of a token through GPT-2's byte↔character table (a token with a character
+/// outside it, such as an added token with a space, keeps its UTF-8 bytes).
+fn byte_level_table(inner: &tokenizers::Tokenizer, special_ids: &HashSet<u32>) -> Option<TokenBytes> {
+    if !matches!(inner.get_decoder(), Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))) {
+        return None;
+    }
+    let mut char_byte = std::collections::HashMap::new();
+    let mut next_unprintable = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            b as u32
+        } else {
+            next_unprintable += 1;
+            next_unprintable - 1
+        };
+        char_byte.insert(char::from_u32(c).expect("below U+0200"), b);
+    }
+    let mut table = TokenBytes {
+        bytes: Vec::new(),
+        ends: Vec::new(),
+    };
+    for id in 0..inner.get_vocab_size(true) as u32 {
+        if let Some(token) = inner.id_to_token(id).filter(|_| !special_ids.contains(&id)) {
+            match token.chars().map(|c| char_byte.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+                Some(mapped) => table.bytes.extend(mapped),
+                None => table.bytes.extend(token.as_bytes()),
+            }
+        }
+        table.ends.push(table.bytes.len() as u32);
+    }
+    Some(table)
 }
 
 /// `chat_template` is a string, or a list of `{name, template}` of which HF
