@@ -15,6 +15,7 @@ pub mod generation;
 pub mod loader;
 pub mod model;
 pub mod model_dir;
+pub mod parallel;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;

@@ -201,3 +201,43 @@ fn bench_reports_speeds_and_the_bandwidth_fraction() {
     // tiny-chat streams its tied 151,936 × 64 bf16 embedding as the LM head each step.
     assert!(report["weight_bytes_per_token"].as_u64().unwrap() > 151_936 * 64 * 2);
 }
+
+#[test]
+fn plan_shows_qwen_72b_needs_two_80_gib_gpus_in_bf16() {
+    let config = common::repo().join("configs/models/qwen2.5-72b.json");
+    let config = config.to_str().unwrap();
+    let run = |gpus: &str| {
+        json_of(&shardline(&[
+            "plan",
+            "--model",
+            config,
+            "--gpus",
+            gpus,
+            "--gpu-memory-gib",
+            "80",
+            "--json",
+        ]))
+    };
+    let one = run("1");
+    let layouts = one["layouts"].as_array().unwrap();
+    let bf16 = layouts
+        .iter()
+        .find(|l| l["dtype"] == "bf16" && l["tp"] == 1 && l["pp"] == 1)
+        .unwrap();
+    assert_eq!(bf16["fits"], false);
+    for key in ["weight_bytes_per_gpu", "kv_bytes_per_token", "max_kv_tokens"] {
+        assert!(bf16[key].is_u64(), "{key} missing: {bf16}");
+    }
+    assert!(one["recommended"].is_null());
+    let two = run("2");
+    let recommended = &two["recommended"];
+    assert_eq!((recommended["tp"].as_u64(), recommended["pp"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(recommended["dtype"], "bf16");
+    assert_eq!(recommended["fits"], true);
+    // The table names the recommendation too.
+    let table = shardline(&["plan", "--model", config, "--gpus", "2", "--gpu-memory-gib", "80"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("recommended: --tp 2 --pp 1 with bf16 weights"));
+    let bad = shardline(&["plan", "--model", config, "--gpus", "0", "--gpu-memory-gib", "80"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gpus must be at least 1"));
+}

@@ -107,6 +107,10 @@ pub enum BackendError {
     OutOfMemory { what: String, bytes: usize },
     #[error("{0}")]
     Device(String),
+    /// A collective or point-to-point transfer failed (a peer rank died,
+    /// or ranks disagreed on a buffer's size).
+    #[error("communication: {0}")]
+    Comm(String),
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod plan;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Which tensor/pipeline-parallel layouts fit a model on N GPUs, and which to use.
+    Plan(plan::PlanArgs),
 }
 
 /// Which model to load and how.
@@ -71,5 +74,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Plan(args) => plan::run(args),
     }
 }
