@@ -228,4 +228,34 @@ pub trait Backend {
     /// Copies a tensor to host memory as row-major f32, into `out` (replacing
     /// its contents; a buffer reused across steps is never reallocated).
     fn to_host(&self, x: &Self::Tensor, out: &mut Vec<f32>) -> Result<()>;
+
+    /// A `[rows, cols]` tensor of zeros (a buffer to receive into).
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+}
+
+/// Tensors whose values live in host memory as f32, which the in-process
+/// communicator can move directly.
+pub trait HostValues {
+    fn values(&self) -> &[f32];
+    fn values_mut(&mut self) -> &mut [f32];
+}
+
+impl HostValues for [f32] {
+    fn values(&self) -> &[f32] {
+        self
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        self
+    }
+}
+
+impl HostValues for Vec<f32> {
+    fn values(&self) -> &[f32] {
+        self
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        self
+    }
 }

@@ -3,11 +3,16 @@
 //! tokens at a time through a paged KV cache.
 
 mod qwen2;
+mod shard;
+
+pub use shard::Shard;
 
 use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
+use crate::parallel::Communicator;
 use qwen2::{rope_cos_sin_table, ForwardCtx, Qwen2DecoderLayer};
+use std::borrow::Cow;
 
 /// One step's input: the new tokens of every sequence in the batch, where
 /// they go in the KV cache, and which of them need logits.
@@ -54,30 +59,71 @@ impl ForwardBatch {
 pub struct Qwen2ForCausalLM<B: Backend> {
     backend: B,
     config: ModelConfig,
-    embed_tokens: B::Weight,
+    shard: Shard,
+    /// First stage: the token embedding (this rank's vocabulary rows).
+    embed_tokens: Option<B::Weight>,
+    /// This stage's layers.
     layers: Vec<Qwen2DecoderLayer<B>>,
-    norm: B::Weight,
-    /// `None` when the LM head is tied to `embed_tokens`.
+    /// Last stage: the final norm.
+    norm: Option<B::Weight>,
+    /// Last stage: the LM head, unless it is tied to `embed_tokens` on
+    /// this same stage.
     lm_head: Option<B::Weight>,
     rope_cos_sin: B::Weight,
 }
 
+/// The communicators of a rank whose model is split: its tensor-parallel
+/// group (the ranks of its stage) and its pipeline group (the stages, at
+/// its TP rank).
+pub struct Collectives<'a, T> {
+    pub tp: &'a dyn Communicator<T>,
+    pub pp: &'a dyn Communicator<T>,
+}
+
 impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// The whole model on one device.
     pub fn load(backend: B, config: ModelConfig, source: &dyn WeightSource) -> Result<Self, LoadError> {
+        let shard = Shard::whole(&config);
+        Self::load_shard(backend, config, source, shard)
+    }
+
+    /// The part of the model one rank holds: its stage's layers, sliced for
+    /// its TP rank. Each weight is read, sliced and uploaded in turn.
+    pub fn load_shard(backend: B, config: ModelConfig, source: &dyn WeightSource, shard: Shard) -> Result<Self, LoadError> {
         let (vocab, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = backend.load_weight(source.tensor("model.embed_tokens.weight", &[vocab, h])?)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| Qwen2DecoderLayer::load(&backend, &config, source, i))
+        let embedding = || -> Result<B::Weight, LoadError> {
+            let table = source.tensor("model.embed_tokens.weight", &[vocab, h])?;
+            Ok(backend.load_weight(shard.vocab_rows(&config, table))?)
+        };
+        let embed_tokens = match shard.first_stage {
+            true => Some(embedding()?),
+            false => None,
+        };
+        let layers = shard
+            .layers
+            .clone()
+            .map(|i| Qwen2DecoderLayer::load(&backend, &config, source, i, &shard))
             .collect::<Result<Vec<_>, _>>()?;
-        let norm = backend.load_weight(source.tensor("model.norm.weight", &[h])?)?;
-        let lm_head = match config.tie_word_embeddings {
-            true => None,
-            false => Some(backend.load_weight(source.tensor("lm_head.weight", &[vocab, h])?)?),
+        let (norm, lm_head) = match shard.last_stage {
+            false => (None, None),
+            true => {
+                let norm = backend.load_weight(source.tensor("model.norm.weight", &[h])?)?;
+                let lm_head = match (config.tie_word_embeddings, shard.first_stage) {
+                    (true, true) => None,
+                    (true, false) => Some(embedding()?),
+                    (false, _) => {
+                        let head = source.tensor("lm_head.weight", &[vocab, h])?;
+                        Some(backend.load_weight(shard.vocab_rows(&config, head))?)
+                    }
+                };
+                (Some(norm), lm_head)
+            }
         };
         let rope_cos_sin = backend.load_weight(rope_cos_sin_table(&config))?;
         Ok(Qwen2ForCausalLM {
             backend,
             config,
+            shard,
             embed_tokens,
             layers,
             norm,
@@ -90,34 +136,46 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         &self.config
     }
 
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
-    /// Weight bytes one decode step streams: every layer, the final norm and
-    /// the LM head (the embedding lookup reads a single row).
+    fn head(&self) -> Option<&B::Weight> {
+        self.lm_head
+            .as_ref()
+            .or(self.embed_tokens.as_ref().filter(|_| self.shard.last_stage))
+    }
+
+    /// Weight bytes one decode step streams on this rank: its layers and,
+    /// on the last stage, the final norm and the LM head (the embedding
+    /// lookup reads a single row).
     pub fn decode_weight_bytes(&self) -> usize {
         let b = &self.backend;
         let layers: usize = self.layers.iter().map(|l| l.weight_bytes(b)).sum();
-        layers + b.weight_bytes(&self.norm) + b.weight_bytes(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+        layers + self.norm.iter().chain(self.head()).map(|w| b.weight_bytes(w)).sum::<usize>()
     }
 
-    /// The per-layer KV cache shape for `num_blocks` blocks of `block_size` tokens.
+    /// The per-layer KV cache shape for `num_blocks` blocks of `block_size`
+    /// tokens (this rank's KV heads).
     pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
         KvCacheShape {
             num_blocks,
             block_size,
-            num_kv_heads: self.config.num_kv_heads(),
+            num_kv_heads: self.shard.kv_heads(&self.config).len(),
             head_dim: self.config.head_dim(),
         }
     }
 
-    /// KV-cache bytes one token takes across all layers, at `dtype_bytes` per value.
+    /// KV-cache bytes one token takes across this rank's layers, at `dtype_bytes` per value.
     pub fn kv_cache_bytes_per_token(&self, dtype_bytes: usize) -> usize {
         self.layers.len() * self.kv_cache_shape(1, 1).bytes_per_slot(dtype_bytes)
     }
 
-    /// One KV cache per layer.
+    /// One KV cache per layer of this stage.
     pub fn alloc_kv_caches(&self, shape: KvCacheShape) -> Result<Vec<B::KvCache>, BackendError> {
         (0..self.layers.len()).map(|_| self.backend.alloc_kv_cache(shape)).collect()
     }
@@ -126,20 +184,98 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     /// `kv_caches`, and puts the logits of `batch.logit_rows` into `logits`
     /// as row-major `[logit_rows, vocab]` f32.
     pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache], logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        self.forward_shard(batch, kv_caches, None, logits)
+    }
+
+    /// This rank's part of a forward. A first stage embeds the tokens, a
+    /// later one receives the hidden states from the stage before; a last
+    /// stage writes the full logits (on every one of its TP ranks), an
+    /// earlier one sends its hidden states on and leaves `logits` empty.
+    pub fn forward_shard(
+        &self,
+        batch: &ForwardBatch,
+        kv_caches: &mut [B::KvCache],
+        comms: Option<&Collectives<'_, B::Tensor>>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
         let b = &self.backend;
         let ctx = ForwardCtx {
             backend: b,
             batch,
             rope_cos_sin: &self.rope_cos_sin,
             rms_norm_eps: self.config.rms_norm_eps as f32,
+            tp: comms.map(|c| c.tp).filter(|tp| tp.size() > 1),
         };
-        let mut hidden = b.embedding(&self.embed_tokens, &batch.token_ids)?;
+        let mut hidden = match (&self.embed_tokens, comms) {
+            (Some(table), _) => {
+                let mut hidden = b.embedding(table, &self.local_ids(&batch.token_ids))?;
+                ctx.all_reduce(&mut hidden)?;
+                hidden
+            }
+            (None, Some(c)) => {
+                let mut hidden = b.zeros(batch.token_ids.len(), self.config.hidden_size)?;
+                c.pp.recv(&mut hidden, c.pp.rank() - 1)?;
+                hidden
+            }
+            (None, None) => unreachable!("a later pipeline stage always has communicators"),
+        };
         for (layer, cache) in self.layers.iter().zip(kv_caches.iter_mut()) {
             layer.forward(&mut hidden, cache, &ctx)?;
         }
+        let (Some(norm), Some(head)) = (&self.norm, self.head()) else {
+            let c = comms.expect("a split model has communicators");
+            logits.clear();
+            return c.pp.send(&hidden, c.pp.rank() + 1);
+        };
         let last = b.select_rows(&hidden, &batch.logit_rows)?;
-        let normed = b.rms_norm(&last, &self.norm, ctx.rms_norm_eps)?;
-        let device_logits = b.linear(&normed, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?;
-        b.to_host(&device_logits, logits)
+        let normed = b.rms_norm(&last, norm, ctx.rms_norm_eps)?;
+        let local = b.linear(&normed, head, None)?;
+        match ctx.tp {
+            None => b.to_host(&local, logits),
+            Some(tp) => self.gather_logits(tp, &local, batch.logit_rows.len(), logits),
+        }
+    }
+
+    /// Token ids as rows of this rank's embedding: ids of other ranks'
+    /// vocabulary read the final zero row.
+    fn local_ids<'a>(&self, ids: &'a [u32]) -> Cow<'a, [u32]> {
+        if self.shard.tp == 1 {
+            return Cow::Borrowed(ids);
+        }
+        let mine = self.shard.vocab(&self.config);
+        let zero_row = self.shard.vocab_per_rank(&self.config) as u32;
+        let local = ids.iter().map(|&id| match mine.contains(&(id as usize)) {
+            true => id - mine.start as u32,
+            false => zero_row,
+        });
+        Cow::Owned(local.collect())
+    }
+
+    /// Gathers every TP rank's vocabulary slice of the logits and lays them
+    /// out as `[rows, vocab]`, dropping the padding rows' columns.
+    fn gather_logits(
+        &self,
+        tp: &dyn Communicator<B::Tensor>,
+        local: &B::Tensor,
+        rows: usize,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        let b = &self.backend;
+        let (vocab, per) = (self.config.vocab_size, self.shard.vocab_per_rank(&self.config));
+        let width = per + 1;
+        let mut all = b.zeros(tp.size() * rows, width)?;
+        tp.all_gather(local, &mut all)?;
+        let mut host = Vec::new();
+        b.to_host(&all, &mut host)?;
+        logits.clear();
+        logits.reserve(rows * vocab);
+        for row in 0..rows {
+            for rank in 0..tp.size() {
+                let valid = vocab.saturating_sub(rank * per).min(per);
+                let start = (rank * rows + row) * width;
+                logits.extend_from_slice(&host[start..start + valid]);
+            }
+        }
+        Ok(())
     }
 }

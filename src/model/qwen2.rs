@@ -4,10 +4,12 @@
 //! checkpoint keys (`self_attn.q_proj` …); q/k/v and gate/up are fused into
 //! one matrix each at load so a step makes fewer, larger matmuls.
 
-use super::ForwardBatch;
+use super::{ForwardBatch, Shard};
 use crate::backend::{AttentionSpec, Backend, HostTensor, Result};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
+use crate::parallel::Communicator;
+use std::ops::Range;
 
 /// What every layer's forward needs besides its input.
 pub struct ForwardCtx<'a, B: Backend> {
@@ -16,6 +18,34 @@ pub struct ForwardCtx<'a, B: Backend> {
     /// `[max_positions, head_dim]`: cos then sin of each position's rotary angles.
     pub rope_cos_sin: &'a B::Weight,
     pub rms_norm_eps: f32,
+    /// The tensor-parallel group, when the layers are split across ranks.
+    pub tp: Option<&'a dyn Communicator<B::Tensor>>,
+}
+
+impl<B: Backend> ForwardCtx<'_, B> {
+    /// Sums a row-parallel layer's partial outputs over the TP ranks.
+    pub fn all_reduce(&self, x: &mut B::Tensor) -> Result<()> {
+        match self.tp {
+            Some(comm) => comm.all_reduce_sum(x),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Rows `range` of `t`, scaled by `unit` (a head's rows), unless unsplit.
+fn rows(shard: &Shard, t: HostTensor, range: Range<usize>, unit: usize) -> HostTensor {
+    match shard.tp {
+        1 => t,
+        _ => t.slice_rows(range.start * unit..range.end * unit),
+    }
+}
+
+/// Columns `range` of `t`, scaled by `unit`, unless unsplit.
+fn cols(shard: &Shard, t: HostTensor, range: Range<usize>, unit: usize) -> HostTensor {
+    match shard.tp {
+        1 => t,
+        _ => t.slice_cols(range.start * unit..range.end * unit),
+    }
 }
 
 pub struct Qwen2Attention<B: Backend> {
@@ -28,24 +58,37 @@ pub struct Qwen2Attention<B: Backend> {
 }
 
 impl<B: Backend> Qwen2Attention<B> {
-    fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, prefix: &str) -> std::result::Result<Self, LoadError> {
+    fn load(
+        backend: &B,
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        prefix: &str,
+        shard: &Shard,
+    ) -> std::result::Result<Self, LoadError> {
         let (h, hd) = (config.hidden_size, config.head_dim());
         let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
-        let proj = |name: &str, rows: usize, cols: usize| source.tensor(&format!("{prefix}.{name}"), &[rows, cols]);
-        let bias = |name: &str, rows: usize| source.tensor(&format!("{prefix}.{name}"), &[rows]);
+        let (heads, kv_heads) = (shard.heads(config), shard.kv_heads(config));
+        let tensor = |name: &str, shape: &[usize]| source.tensor(&format!("{prefix}.{name}"), shape);
+        let q_rows = |t| rows(shard, t, heads.clone(), hd);
+        let kv_rows = |t| rows(shard, t, kv_heads.clone(), hd);
         let qkv = HostTensor::concat_rows(&[
-            proj("q_proj.weight", q, h)?,
-            proj("k_proj.weight", kv, h)?,
-            proj("v_proj.weight", kv, h)?,
+            q_rows(tensor("q_proj.weight", &[q, h])?),
+            kv_rows(tensor("k_proj.weight", &[kv, h])?),
+            kv_rows(tensor("v_proj.weight", &[kv, h])?),
         ]);
-        let qkv_bias = HostTensor::concat_rows(&[bias("q_proj.bias", q)?, bias("k_proj.bias", kv)?, bias("v_proj.bias", kv)?]);
+        let qkv_bias = HostTensor::concat_rows(&[
+            q_rows(tensor("q_proj.bias", &[q])?),
+            kv_rows(tensor("k_proj.bias", &[kv])?),
+            kv_rows(tensor("v_proj.bias", &[kv])?),
+        ]);
+        let o_proj = cols(shard, tensor("o_proj.weight", &[h, q])?, heads.clone(), hd);
         Ok(Qwen2Attention {
             qkv_proj: backend.load_weight(qkv)?,
             qkv_bias: backend.load_weight(qkv_bias)?,
-            o_proj: backend.load_weight(proj("o_proj.weight", h, q)?)?,
+            o_proj: backend.load_weight(o_proj)?,
             spec: AttentionSpec {
-                num_heads: config.num_attention_heads,
-                num_kv_heads: config.num_kv_heads(),
+                num_heads: heads.len(),
+                num_kv_heads: kv_heads.len(),
                 head_dim: hd,
                 scale: 1.0 / (hd as f32).sqrt(),
             },
@@ -58,7 +101,9 @@ impl<B: Backend> Qwen2Attention<B> {
         b.rope(&mut qkv, &ctx.batch.positions, ctx.rope_cos_sin, &self.spec)?;
         b.write_kv(&qkv, cache, &ctx.batch.attn, &self.spec)?;
         let attn = b.paged_attention(&qkv, cache, &ctx.batch.attn, &self.spec)?;
-        b.linear(&attn, &self.o_proj, None)
+        let mut out = b.linear(&attn, &self.o_proj, None)?;
+        ctx.all_reduce(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -70,20 +115,32 @@ pub struct Qwen2Mlp<B: Backend> {
 }
 
 impl<B: Backend> Qwen2Mlp<B> {
-    fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, prefix: &str) -> std::result::Result<Self, LoadError> {
+    fn load(
+        backend: &B,
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        prefix: &str,
+        shard: &Shard,
+    ) -> std::result::Result<Self, LoadError> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let proj = |name: &str, shape: [usize; 2]| source.tensor(&format!("{prefix}.{name}"), &shape);
-        let gate_up = HostTensor::concat_rows(&[proj("gate_proj.weight", [i, h])?, proj("up_proj.weight", [i, h])?]);
+        let mine = shard.intermediate(config);
+        let gate_up = HostTensor::concat_rows(&[
+            rows(shard, proj("gate_proj.weight", [i, h])?, mine.clone(), 1),
+            rows(shard, proj("up_proj.weight", [i, h])?, mine.clone(), 1),
+        ]);
         Ok(Qwen2Mlp {
             gate_up_proj: backend.load_weight(gate_up)?,
-            down_proj: backend.load_weight(proj("down_proj.weight", [h, i])?)?,
+            down_proj: backend.load_weight(cols(shard, proj("down_proj.weight", [h, i])?, mine, 1))?,
         })
     }
 
     fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
         let gate_up = b.linear(x, &self.gate_up_proj, None)?;
-        b.linear(&b.silu_mul(&gate_up)?, &self.down_proj, None)
+        let mut out = b.linear(&b.silu_mul(&gate_up)?, &self.down_proj, None)?;
+        ctx.all_reduce(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -95,12 +152,18 @@ pub struct Qwen2DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> Qwen2DecoderLayer<B> {
-    pub fn load(backend: &B, config: &ModelConfig, source: &dyn WeightSource, index: usize) -> std::result::Result<Self, LoadError> {
+    pub fn load(
+        backend: &B,
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        index: usize,
+        shard: &Shard,
+    ) -> std::result::Result<Self, LoadError> {
         let prefix = format!("model.layers.{index}");
         let norm = |name: &str| source.tensor(&format!("{prefix}.{name}.weight"), &[config.hidden_size]);
         Ok(Qwen2DecoderLayer {
-            self_attn: Qwen2Attention::load(backend, config, source, &format!("{prefix}.self_attn"))?,
-            mlp: Qwen2Mlp::load(backend, config, source, &format!("{prefix}.mlp"))?,
+            self_attn: Qwen2Attention::load(backend, config, source, &format!("{prefix}.self_attn"), shard)?,
+            mlp: Qwen2Mlp::load(backend, config, source, &format!("{prefix}.mlp"), shard)?,
             input_layernorm: backend.load_weight(norm("input_layernorm")?)?,
             post_attention_layernorm: backend.load_weight(norm("post_attention_layernorm")?)?,
         })

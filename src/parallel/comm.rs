@@ -8,7 +8,7 @@
 //! calls [`InProcessComm::abort`]) fails every peer's pending and future
 //! calls, so no worker waits forever on a dead one.
 
-use crate::backend::{BackendError, Result};
+use crate::backend::{BackendError, HostValues, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -78,12 +78,39 @@ struct State {
 }
 
 impl InProcessComm {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
     /// Marks the group failed: every peer's pending and later calls return
     /// an error naming this rank.
     pub fn abort(&self, why: &str) {
         let mut state = self.lock();
         state.failed.get_or_insert_with(|| format!("rank {} failed: {why}", self.rank));
         self.shared.wake.notify_all();
+    }
+
+    /// The barrier: returns once every rank has arrived.
+    fn wait_all(&self) -> Result<()> {
+        let mut state = self.lock();
+        Self::check(&state)?;
+        state.arrived += 1;
+        if state.arrived == self.shared.size {
+            state.arrived = 0;
+            state.generation += 1;
+            self.shared.wake.notify_all();
+            return Ok(());
+        }
+        let generation = state.generation;
+        while state.generation == generation {
+            Self::check(&state)?;
+            state = self.wait(state);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -112,7 +139,7 @@ impl InProcessComm {
             Self::check(&state)?;
             state.slots[self.rank] = input.to_vec();
         }
-        self.barrier()?;
+        self.wait_all()?;
         {
             let state = self.lock();
             Self::check(&state)?;
@@ -127,23 +154,24 @@ impl InProcessComm {
             }
             read(&state.slots)?;
         }
-        self.barrier()
+        self.wait_all()
     }
 }
 
-impl Communicator<[f32]> for InProcessComm {
+impl<T: HostValues + ?Sized> Communicator<T> for InProcessComm {
     fn rank(&self) -> usize {
-        self.rank
+        InProcessComm::rank(self)
     }
 
     fn size(&self) -> usize {
-        self.shared.size
+        InProcessComm::size(self)
     }
 
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+    fn all_reduce_sum(&self, buf: &mut T) -> Result<()> {
         if self.shared.size == 1 {
             return Ok(());
         }
+        let buf = buf.values_mut();
         let input = buf.to_vec();
         self.exchange(&input, |slots| {
             buf.copy_from_slice(&slots[0]);
@@ -154,7 +182,8 @@ impl Communicator<[f32]> for InProcessComm {
         })
     }
 
-    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<()> {
+    fn all_gather(&self, input: &T, output: &mut T) -> Result<()> {
+        let (input, output) = (input.values(), output.values_mut());
         if output.len() != input.len() * self.shared.size {
             return Err(BackendError::Comm(format!(
                 "all_gather of {} values over {} ranks into {} values",
@@ -172,7 +201,8 @@ impl Communicator<[f32]> for InProcessComm {
         })
     }
 
-    fn send(&self, buf: &[f32], to: usize) -> Result<()> {
+    fn send(&self, buf: &T, to: usize) -> Result<()> {
+        let buf = buf.values();
         let mut state = self.lock();
         Self::check(&state)?;
         state.mail.entry((self.rank, to)).or_default().push_back(buf.to_vec());
@@ -180,7 +210,8 @@ impl Communicator<[f32]> for InProcessComm {
         Ok(())
     }
 
-    fn recv(&self, buf: &mut [f32], from: usize) -> Result<()> {
+    fn recv(&self, buf: &mut T, from: usize) -> Result<()> {
+        let buf = buf.values_mut();
         let mut state = self.lock();
         loop {
             Self::check(&state)?;
@@ -201,21 +232,7 @@ impl Communicator<[f32]> for InProcessComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        let mut state = self.lock();
-        Self::check(&state)?;
-        state.arrived += 1;
-        if state.arrived == self.shared.size {
-            state.arrived = 0;
-            state.generation += 1;
-            self.shared.wake.notify_all();
-            return Ok(());
-        }
-        let generation = state.generation;
-        while state.generation == generation {
-            Self::check(&state)?;
-            state = self.wait(state);
-        }
-        Ok(())
+        self.wait_all()
     }
 }
 
@@ -254,7 +271,7 @@ mod tests {
                 let mut buf = vec![rank as f32 + round as f32, 1.0];
                 comm.all_reduce_sum(&mut buf).unwrap();
                 let mut gathered = vec![0.0; 8];
-                comm.all_gather(&[rank as f32, -(rank as f32)], &mut gathered).unwrap();
+                comm.all_gather(&vec![rank as f32, -(rank as f32)], &mut gathered).unwrap();
                 out.push((buf, gathered));
             }
             out
@@ -284,7 +301,7 @@ mod tests {
                 }
                 got.push(buf);
             }
-            comm.barrier().unwrap();
+            comm.wait_all().unwrap();
             got
         });
         let last = results.into_iter().last().unwrap().unwrap();
@@ -316,6 +333,6 @@ mod tests {
         });
         assert!(results.into_iter().all(|r| r.unwrap()));
         let comm = in_process_group(2).remove(0);
-        assert!(comm.all_gather(&[1.0], &mut [0.0; 3]).is_err());
+        assert!(comm.all_gather(&vec![1.0], &mut vec![0.0; 3]).is_err());
     }
 }

@@ -11,7 +11,7 @@ mod buffer;
 mod matmul;
 mod simd;
 
-use super::{AttentionSpec, Backend, BackendError, DType, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use super::{AttentionSpec, Backend, BackendError, DType, HostTensor, HostValues, KvCacheShape, PagedAttentionMeta, Result};
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -193,6 +193,20 @@ impl Backend for CpuBackend {
         out.clear();
         out.extend_from_slice(&x.data);
         Ok(())
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(vec![0.0; rows * cols], rows, cols))
+    }
+}
+
+impl HostValues for CpuTensor {
+    fn values(&self) -> &[f32] {
+        &self.data
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.data
     }
 }
 
