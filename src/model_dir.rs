@@ -5,7 +5,7 @@
 use crate::backend::{Backend, DType};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::loader::{DummyWeights, LoadError, LoadFormat, ModelPaths, SafetensorsCheckpoint, WeightSource};
-use crate::model::Qwen2ForCausalLM;
+use crate::model::{Qwen2ForCausalLM, Shard};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use std::path::PathBuf;
 
@@ -39,16 +39,42 @@ pub struct LoadedModel<B: Backend> {
     pub name: String,
 }
 
-pub fn open<B: Backend>(backend: B, options: &ModelOptions) -> Result<LoadedModel<B>, OpenError> {
-    let paths = ModelPaths::resolve(&options.model)?;
-    let config = ModelConfig::from_file(&paths.config)?;
-    let source: Box<dyn WeightSource> = match options.load_format {
+/// The weights `options` name.
+fn weight_source(options: &ModelOptions, paths: &ModelPaths) -> Result<Box<dyn WeightSource>, LoadError> {
+    Ok(match options.load_format {
         LoadFormat::Safetensors => Box::new(SafetensorsCheckpoint::open(&paths.dir)?),
         LoadFormat::Dummy => Box::new(DummyWeights {
             seed: options.seed,
             dtype: options.dummy_dtype,
         }),
-    };
+    })
+}
+
+/// One rank's part of the model (checkpoints are memory-mapped, so each
+/// rank reads only the slices it keeps).
+pub fn open_shard<B: Backend>(backend: B, options: &ModelOptions, shard: Shard) -> Result<Qwen2ForCausalLM<B>, LoadError> {
+    let paths = ModelPaths::resolve(&options.model)?;
+    let config = ModelConfig::from_file(&paths.config)?;
+    let source = weight_source(options, &paths)?;
+    Qwen2ForCausalLM::load_shard(backend, config, source.as_ref(), shard)
+}
+
+/// Everything `--model` names except the weights: for a model whose ranks
+/// load their own shards.
+pub struct ModelInfo {
+    pub config: ModelConfig,
+    /// `None` when the folder has no `tokenizer.json` (token ids only).
+    pub tokenizer: Option<Tokenizer>,
+    pub generation: GenerationConfig,
+    /// Ids that end generation: generation_config.json's, else config.json's.
+    pub eos_token_ids: Vec<u32>,
+    /// The folder's name, as served.
+    pub name: String,
+}
+
+pub fn describe(options: &ModelOptions) -> Result<ModelInfo, OpenError> {
+    let paths = ModelPaths::resolve(&options.model)?;
+    let config = ModelConfig::from_file(&paths.config)?;
     let generation = GenerationConfig::from_dir(&paths.dir)?;
     let eos_token_ids = generation
         .eos_token_id
@@ -66,6 +92,25 @@ pub fn open<B: Backend>(backend: B, options: &ModelOptions) -> Result<LoadedMode
     }
     .map(|n| n.to_string_lossy().into_owned())
     .unwrap_or_else(|| "model".into());
+    Ok(ModelInfo {
+        config,
+        tokenizer,
+        generation,
+        eos_token_ids,
+        name,
+    })
+}
+
+pub fn open<B: Backend>(backend: B, options: &ModelOptions) -> Result<LoadedModel<B>, OpenError> {
+    let ModelInfo {
+        config,
+        tokenizer,
+        generation,
+        eos_token_ids,
+        name,
+    } = describe(options)?;
+    let paths = ModelPaths::resolve(&options.model)?;
+    let source = weight_source(options, &paths)?;
     let model = Qwen2ForCausalLM::load(backend, config, source.as_ref())?;
     Ok(LoadedModel {
         model,

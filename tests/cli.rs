@@ -241,3 +241,17 @@ fn plan_shows_qwen_72b_needs_two_80_gib_gpus_in_bf16() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--gpus must be at least 1"));
 }
+
+#[test]
+fn an_impossible_split_is_a_startup_error_naming_the_dimension() {
+    // tiny-chat has 2 attention heads and 4 layers.
+    let out = shardline(&["serve", "--model", &tiny_chat(), "--port", "0", "--tp", "4"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tp=4 does not divide num_attention_heads=2; tp may be one of [1, 2]"),
+        "{stderr}"
+    );
+    let out = shardline(&["serve", "--model", &tiny_chat(), "--port", "0", "--pp", "2", "--pp-layers", "3,2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pp-layers [3, 2] must give 2 positive counts summing to num_hidden_layers=4"));
+}

@@ -8,7 +8,7 @@ mod common;
 
 use serde_json::Value;
 use shardline::engine::request::{Event, FinishReason, Finished, Request, StopConditions, StopReason};
-use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::engine::{Engine, EngineConfig, EngineHandle, LocalExecutor};
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +22,8 @@ fn engine(num_kv_blocks: usize, max_num_seqs: usize) -> EngineHandle {
         num_kv_blocks,
         block_size: 16,
     };
-    EngineHandle::spawn(Engine::new(loaded.model, loaded.tokenizer.map(Arc::new), config).unwrap())
+    let executor = LocalExecutor::new(loaded.model, num_kv_blocks, 16).unwrap();
+    EngineHandle::spawn(Engine::new(Box::new(executor), loaded.tokenizer.map(Arc::new), config))
 }
 
 fn cases() -> Vec<Value> {

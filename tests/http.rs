@@ -2,7 +2,9 @@
 //! references: every greedy chat answer word for word (streamed and not)
 //! with exact usage, 64 concurrent mixed requests, preemption under a tiny
 //! KV cache, abort on disconnect, every error path (503 while loading
-//! included), and the SIGTERM drain.
+//! included), the SIGTERM drain, and a worker rank that panics. Run with
+//! `SHARDLINE_TP=2 SHARDLINE_PP=2` in the environment, every server here is
+//! split over four ranks.
 
 mod common;
 
@@ -320,6 +322,21 @@ fn a_server_still_loading_answers_503_and_reports_not_ready() {
     );
     assert_eq!(request_at(addr, "GET", "/ready", &[], "").status, 503);
     assert_eq!(request_at(addr, "GET", "/health", &[], "").status, 200);
+}
+
+#[test]
+fn a_panicking_worker_fails_requests_cleanly_and_the_server_turns_not_ready() {
+    // Rank 1 of a tp=2 split panics in its 4th step (warm-up is step 0).
+    let server = Server::start(&["--tp", "2", "--pp", "1", "--inject-worker-panic", "1:3"]);
+    assert_eq!(server.get("/ready").status, 200);
+    let case = &cases()[0];
+    let failed = server.post("/v1/chat/completions", &chat_body(case, json!({"max_tokens": 20})));
+    assert_error(&failed, 500, "worker rank 1 panicked");
+    assert_eq!(server.get("/ready").status, 503);
+    // Later requests fail at once instead of hanging; the process stays up.
+    let again = server.post("/v1/chat/completions", &chat_body(case, json!({"max_tokens": 2})));
+    assert_eq!(again.status, 500, "{}", again.body);
+    assert_eq!(server.get("/health").status, 200);
 }
 
 #[test]

@@ -46,6 +46,34 @@ pub struct ModelArgs {
     dummy_dtype: WeightDtype,
 }
 
+/// How the model is split across devices (ranks are threads here).
+#[derive(Args, Debug, Clone)]
+pub struct ParallelArgs {
+    /// Tensor-parallel ranks: each holds a slice of every weight matrix.
+    #[arg(long, default_value_t = 1, env = "SHARDLINE_TP")]
+    tp: usize,
+    /// Pipeline stages: each holds a contiguous range of layers.
+    #[arg(long, default_value_t = 1, env = "SHARDLINE_PP")]
+    pp: usize,
+    /// Layers per pipeline stage, e.g. 13,11 (default: balanced by weight bytes).
+    #[arg(long, value_delimiter = ',', env = "SHARDLINE_PP_LAYERS")]
+    pp_layers: Option<Vec<usize>>,
+    /// Fault injection for tests: worker RANK panics in step STEP.
+    #[arg(long, hide = true, value_name = "RANK:STEP", value_parser = parse_rank_step)]
+    inject_worker_panic: Option<(usize, u64)>,
+}
+
+impl ParallelArgs {
+    fn layout(&self) -> shardline::parallel::Layout {
+        shardline::parallel::Layout { tp: self.tp, pp: self.pp }
+    }
+}
+
+fn parse_rank_step(text: &str) -> Result<(usize, u64), String> {
+    let (rank, step) = text.split_once(':').ok_or("expected RANK:STEP")?;
+    Ok((rank.parse().map_err(|_| "bad rank")?, step.parse().map_err(|_| "bad step")?))
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum WeightDtype {
     Bf16,

@@ -4,16 +4,18 @@
 //! requests, lets those in flight finish within `--shutdown-timeout`, and
 //! exits 0.
 
-use super::ModelArgs;
+use super::{ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
 use clap::Args;
 use shardline::api::{self, AppState, Limits, Served, ServerOptions};
 use shardline::backend::cpu::CpuBackend;
 use shardline::engine::request::{Event, Request, StopConditions};
-use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::engine::{Engine, EngineConfig, EngineHandle, Executor, LocalExecutor, WorkerOptions, Workers};
 use shardline::generation::BLOCK_SIZE;
+use shardline::model::Shard;
 use shardline::model_dir;
+use shardline::parallel::layout::ShardSizes;
 use shardline::sampling::SamplingParams;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,8 @@ use std::time::Duration;
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     #[arg(long, default_value = "0.0.0.0", env = "SHARDLINE_HOST")]
     host: String,
     #[arg(long, default_value_t = 8000, env = "SHARDLINE_PORT")]
@@ -158,15 +162,20 @@ async fn wait_for_signal() {
 
 /// Loads the model, starts the engine, proves it decodes, then serves it.
 fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
-    let loaded = model_dir::open(CpuBackend, &args.model.options(args.seed)).context("loading the model")?;
-    let tokenizer = Arc::new(loaded.tokenizer.context("serving needs the model folder's tokenizer.json")?);
-    let model = loaded.model;
-    let config = model.config().clone();
-    let per_token = model.kv_cache_bytes_per_token(4);
+    let options = args.model.options(args.seed);
+    let info = model_dir::describe(&options).context("loading the model")?;
+    let tokenizer = Arc::new(info.tokenizer.context("serving needs the model folder's tokenizer.json")?);
+    let config = info.config;
+    let layout = args.parallel.layout();
+    layout.validate(&config)?;
+    let stages = layout.stage_layers(&config, args.parallel.pp_layers.as_deref())?;
+    // KV bytes per token on the rank with the most layers (f32 on the CPU).
+    let fullest = stages.iter().map(|s| s.len()).max().unwrap_or(0);
+    let per_token = fullest * 2 * ShardSizes::new(&config, layout.tp).kv_heads * config.head_dim() * 4;
     let wanted = args.max_num_seqs * config.max_position_embeddings * per_token;
     let budget = args
         .kv_cache_memory
-        .unwrap_or_else(|| (available_memory().unwrap_or(4 << 30) / 5).min(wanted));
+        .unwrap_or_else(|| (available_memory().unwrap_or(4 << 30) / (5 * layout.world_size())).min(wanted));
     let num_kv_blocks = budget / (BLOCK_SIZE * per_token);
     anyhow::ensure!(
         num_kv_blocks > 0,
@@ -179,7 +188,24 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         num_kv_blocks,
         block_size: BLOCK_SIZE,
     };
-    let engine = EngineHandle::spawn(Engine::new(model, Some(tokenizer.clone()), engine_config)?);
+    let executor: Box<dyn Executor> = match (layout.world_size(), args.parallel.inject_worker_panic) {
+        (1, None) => {
+            let model = model_dir::open_shard(CpuBackend, &options, Shard::whole(&config)).context("loading the model")?;
+            Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?)
+        }
+        (_, panic_at) => {
+            let worker_options = WorkerOptions {
+                layout,
+                pp_layers: args.parallel.pp_layers.clone(),
+                num_kv_blocks,
+                block_size: BLOCK_SIZE,
+                panic_at,
+            };
+            let load = move |shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
+            Box::new(Workers::spawn(config.clone(), worker_options, load)?)
+        }
+    };
+    let engine = EngineHandle::spawn(Engine::new(executor, Some(tokenizer.clone()), engine_config));
     eprintln!(
         "shardline: KV cache of {} tokens ({:.1} MiB)",
         num_kv_blocks * BLOCK_SIZE,
@@ -190,8 +216,8 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         context_len: config.max_position_embeddings,
         kv_cache_tokens: num_kv_blocks * BLOCK_SIZE,
         vocab_size: config.vocab_size,
-        eos_token_ids: loaded.eos_token_ids,
-        defaults: loaded.generation,
+        eos_token_ids: info.eos_token_ids,
+        defaults: info.generation,
     };
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -6,12 +6,13 @@
 //! on the engine thread.
 
 use super::block_manager::BlockManager;
+use super::executor::Executor;
 use super::request::{Event, FinishReason, Finished, Request, StopReason};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use super::stats::EngineStats;
 use super::stop::StopStrings;
-use crate::backend::{Backend, BackendError, PagedAttentionMeta};
-use crate::model::{ForwardBatch, Qwen2ForCausalLM};
+use crate::backend::{BackendError, PagedAttentionMeta};
+use crate::model::ForwardBatch;
 use crate::sampling::Sampler;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::collections::HashMap;
@@ -40,9 +41,8 @@ struct Active {
     cached_tokens: usize,
 }
 
-pub struct Engine<B: Backend> {
-    model: Qwen2ForCausalLM<B>,
-    kv_caches: Vec<B::KvCache>,
+pub struct Engine {
+    executor: Box<dyn Executor>,
     scheduler: Scheduler,
     active: HashMap<SeqId, Active>,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -61,9 +61,10 @@ pub struct Engine<B: Backend> {
 /// Events bound for their requests' channels, in the order produced.
 pub type Outbox = Vec<(UnboundedSender<Event>, Event)>;
 
-impl<B: Backend> Engine<B> {
-    pub fn new(model: Qwen2ForCausalLM<B>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Result<Self, BackendError> {
-        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(config.num_kv_blocks, config.block_size))?;
+impl Engine {
+    /// An engine over `executor`, whose KV cache holds `config.num_kv_blocks`
+    /// blocks of `config.block_size` tokens.
+    pub fn new(executor: Box<dyn Executor>, tokenizer: Option<Arc<Tokenizer>>, config: EngineConfig) -> Self {
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
@@ -73,10 +74,9 @@ impl<B: Backend> Engine<B> {
         );
         let stats = Arc::new(EngineStats::default());
         stats.total_blocks.store(config.num_kv_blocks, Ordering::Relaxed);
-        let context_len = model.config().max_position_embeddings;
+        let context_len = executor.config().max_position_embeddings;
         let engine = Engine {
-            model,
-            kv_caches,
+            executor,
             scheduler,
             active: HashMap::new(),
             tokenizer,
@@ -87,7 +87,7 @@ impl<B: Backend> Engine<B> {
             outbox: Vec::new(),
         };
         engine.publish_stats();
-        Ok(engine)
+        engine
     }
 
     pub fn stats(&self) -> Arc<EngineStats> {
@@ -186,7 +186,7 @@ impl<B: Backend> Engine<B> {
         let (batch, sampled) = self.build_batch(&plan);
         let forward_started = Instant::now();
         let mut logits = std::mem::take(&mut self.logits);
-        let result = self.model.forward(&batch, &mut self.kv_caches, &mut logits);
+        let result = self.executor.forward(&batch, &mut logits);
         let forward = forward_started.elapsed();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
@@ -198,7 +198,7 @@ impl<B: Backend> Engine<B> {
         self.stats.generation_tokens.fetch_add(sampled.len() as u64, Ordering::Relaxed);
         let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>() - sampled.len();
         self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        let vocab = self.model.config().vocab_size;
+        let vocab = self.executor.config().vocab_size;
         self.step_sampling = Duration::ZERO;
         for (row, id) in sampled.into_iter().enumerate() {
             self.emit(id, &logits[row * vocab..(row + 1) * vocab]);

@@ -12,7 +12,6 @@ use super::core::{Engine, Outbox};
 use super::request::{Event, Request};
 use super::scheduler::SeqId;
 use super::stats::EngineStats;
-use crate::backend::Backend;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::Arc;
@@ -33,11 +32,7 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    pub fn spawn<B>(engine: Engine<B>) -> Self
-    where
-        B: Backend + 'static,
-        Engine<B>: Send,
-    {
+    pub fn spawn(engine: Engine) -> Self {
         let (commands, rx) = mpsc::channel();
         let stats = engine.stats();
         let (mail, mailbox) = unbounded_channel();
@@ -85,7 +80,7 @@ impl Drop for EngineHandle {
 
 /// The engine thread: block while idle, otherwise take every queued command
 /// and run a step; then hand what it produced to the postman.
-fn run<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>, mail: UnboundedSender<Outbox>) {
+fn run(mut engine: Engine, commands: mpsc::Receiver<Command>, mail: UnboundedSender<Outbox>) {
     'serve: loop {
         let outbox = engine.take_outbox();
         if !outbox.is_empty() {
@@ -148,7 +143,7 @@ fn spawn_postman(mut mailbox: UnboundedReceiver<Outbox>) {
 }
 
 /// Applies one command; false means stop.
-fn apply<B: Backend>(engine: &mut Engine<B>, command: Command) -> bool {
+fn apply(engine: &mut Engine, command: Command) -> bool {
     match command {
         Command::Add(id, request, events) => engine.add(id, *request, events),
         Command::Abort(id) => engine.abort(id),
