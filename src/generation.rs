@@ -1,9 +1,11 @@
-//! One prompt generated to the end on one device: `prefill` the prompt, then
+//! One prompt generated to the end (on one device, or split over ranks by
+//! an executor): `prefill` the prompt, then
 //! `decode_one_token` until EOS or `max_tokens`. This is the path of
 //! `shardline generate` and `shardline bench`; the serving engine batches
 //! many sequences through the same model forward instead.
 
 use crate::backend::{Backend, BackendError};
+use crate::executor::{Executor, LocalExecutor};
 use crate::model::{ForwardBatch, Qwen2ForCausalLM};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use std::time::{Duration, Instant};
@@ -27,30 +29,46 @@ pub enum GenerateError {
     Backend(#[from] BackendError),
 }
 
-/// A model with the KV cache of one sequence.
-pub struct Generator<B: Backend> {
-    model: Qwen2ForCausalLM<B>,
-    kv_caches: Vec<B::KvCache>,
+/// KV blocks that hold `capacity` tokens.
+pub fn blocks_for(capacity: usize) -> usize {
+    capacity.div_ceil(BLOCK_SIZE).max(1)
+}
+
+/// A model (on one device or split over ranks) with the KV cache of one
+/// sequence.
+pub struct Generator {
+    executor: Box<dyn Executor>,
     block_table: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     cached: usize,
 }
 
-impl<B: Backend> Generator<B> {
-    /// Allocates a KV cache for `capacity` tokens.
-    pub fn new(model: Qwen2ForCausalLM<B>, capacity: usize) -> Result<Self, BackendError> {
-        let num_blocks = capacity.div_ceil(BLOCK_SIZE).max(1);
-        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks, BLOCK_SIZE))?;
-        Ok(Generator {
-            model,
-            kv_caches,
-            block_table: (0..num_blocks as u32).collect(),
-            cached: 0,
-        })
+impl Generator {
+    /// A model on one device, with a KV cache for `capacity` tokens.
+    pub fn new<B>(model: Qwen2ForCausalLM<B>, capacity: usize) -> Result<Self, BackendError>
+    where
+        B: Backend + Send + 'static,
+        B::Weight: Send,
+        B::KvCache: Send,
+    {
+        let num_blocks = blocks_for(capacity);
+        Ok(Self::with_executor(
+            Box::new(LocalExecutor::new(model, num_blocks, BLOCK_SIZE)?),
+            num_blocks,
+        ))
     }
 
-    pub fn model(&self) -> &Qwen2ForCausalLM<B> {
-        &self.model
+    /// Runs on `executor`, whose KV cache holds `num_blocks` blocks (see [`blocks_for`]).
+    pub fn with_executor(executor: Box<dyn Executor>, num_blocks: usize) -> Self {
+        Generator {
+            executor,
+            block_table: (0..num_blocks as u32).collect(),
+            cached: 0,
+        }
+    }
+
+    pub fn executor(&self) -> &dyn Executor {
+        self.executor.as_ref()
     }
 
     /// Tokens the KV cache can hold.
@@ -69,11 +87,11 @@ impl<B: Backend> Generator<B> {
         if ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let vocab = self.model.config().vocab_size;
+        let vocab = self.executor.config().vocab_size;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(GenerateError::TokenOutOfRange { id, vocab });
         }
-        let context = self.capacity().min(self.model.config().max_position_embeddings);
+        let context = self.capacity().min(self.executor.config().max_position_embeddings);
         if self.cached + ids.len() > context {
             return Err(GenerateError::SequenceTooLong {
                 tokens: self.cached + ids.len(),
@@ -82,7 +100,7 @@ impl<B: Backend> Generator<B> {
         }
         let batch = ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits);
         let mut logits = Vec::new();
-        self.model.forward(&batch, &mut self.kv_caches, &mut logits)?;
+        self.executor.forward(&batch, &mut logits)?;
         self.cached += ids.len();
         Ok(logits)
     }
@@ -138,14 +156,14 @@ impl Generation {
     }
 }
 
-impl<B: Backend> Generator<B> {
+impl Generator {
     /// Generates until an EOS id (unless `ignore_eos`) or `max_tokens`,
     /// calling `on_token` with each token as it is sampled.
     pub fn generate(&mut self, req: &GenerateRequest, mut on_token: impl FnMut(&SampledToken)) -> Result<Generation, GenerateError> {
         if req.max_tokens == 0 {
             return Err(GenerateError::ZeroMaxTokens);
         }
-        let context = self.capacity().min(self.model.config().max_position_embeddings);
+        let context = self.capacity().min(self.executor.config().max_position_embeddings);
         if req.prompt_ids.len() + req.max_tokens > context {
             return Err(GenerateError::ContextLengthExceeded {
                 max_tokens: req.max_tokens,

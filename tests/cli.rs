@@ -255,3 +255,45 @@ fn an_impossible_split_is_a_startup_error_naming_the_dimension() {
     let out = shardline(&["serve", "--model", &tiny_chat(), "--port", "0", "--pp", "2", "--pp-layers", "3,2"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pp-layers [3, 2] must give 2 positive counts summing to num_hidden_layers=4"));
 }
+
+#[test]
+fn generate_and_bench_split_over_ranks_give_the_reference() {
+    let case = reference_case(3);
+    for (tp, pp) in [("2", "1"), ("1", "2"), ("2", "2")] {
+        let out = shardline(&[
+            "generate",
+            "--model",
+            &tiny_chat(),
+            "--chat",
+            "--prompt",
+            case["question"].as_str().unwrap(),
+            "--temperature",
+            "0",
+            "--json",
+            "--tp",
+            tp,
+            "--pp",
+            pp,
+        ]);
+        let report = json_of(&out);
+        assert_eq!(report["completion_ids"], case["completion_ids"], "tp={tp} pp={pp}");
+    }
+    let bench = json_of(&shardline(&[
+        "bench",
+        "--model",
+        &tiny_chat(),
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--prompt-len",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]));
+    assert_eq!((bench["tp"].as_u64(), bench["pp"].as_u64()), (Some(2), Some(2)));
+    assert!(bench["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+}

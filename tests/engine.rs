@@ -8,7 +8,8 @@ mod common;
 
 use serde_json::Value;
 use shardline::engine::request::{Event, FinishReason, Finished, Request, StopConditions, StopReason};
-use shardline::engine::{Engine, EngineConfig, EngineHandle, LocalExecutor};
+use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::executor::LocalExecutor;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -3,12 +3,12 @@
 //! every weight once per token, so the limit is
 //! `measured memory bandwidth ÷ weight bytes per token`.
 
-use super::ModelArgs;
+use super::{start_executor, ModelArgs, ParallelArgs};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use shardline::backend::cpu::{self, CpuBackend};
-use shardline::generation::Generator;
+use shardline::backend::cpu;
+use shardline::generation::{blocks_for, Generator};
 use shardline::model_dir;
 use shardline::rng::Rng;
 use shardline::sampling::argmax;
@@ -18,6 +18,8 @@ use std::time::Instant;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     /// Prompt tokens for the prefill measurement (random ids).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
@@ -41,12 +43,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--prompt-len, --decode-tokens and --repeats must be positive"
     );
     let load_start = Instant::now();
-    let loaded = model_dir::open(CpuBackend, &args.model.options(args.seed)).context("loading the model")?;
+    let options = args.model.options(args.seed);
+    let info = model_dir::describe(&options).context("loading the model")?;
+    let (name, config) = (info.name, info.config);
+    let num_blocks = blocks_for(args.prompt_len + args.decode_tokens);
+    let mut generator = Generator::with_executor(start_executor(&options, &config, &args.parallel, num_blocks)?, num_blocks);
     let load_seconds = load_start.elapsed().as_secs_f64();
-    let (name, model) = (loaded.name, loaded.model);
-    let config = model.config().clone();
-    let weight_bytes = model.decode_weight_bytes();
-    let mut generator = Generator::new(model, args.prompt_len + args.decode_tokens)?;
+    let weight_bytes = generator.executor().decode_weight_bytes();
 
     let mut rng = Rng::seeded(args.seed);
     let prompt: Vec<u32> = (0..args.prompt_len)
@@ -70,6 +73,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "model": name,
         "parameters": config.num_parameters(),
         "threads": rayon::current_num_threads(),
+        "tp": args.parallel.layout().tp,
+        "pp": args.parallel.layout().pp,
         "load_seconds": load_seconds,
         "weight_bytes_per_token": weight_bytes,
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
@@ -83,9 +88,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
+    let layout = args.parallel.layout();
     println!(
-        "model              {name}: {:.1}M parameters, loaded in {load_seconds:.1} s",
-        config.num_parameters() as f64 / 1e6
+        "model              {name}: {:.1}M parameters, tp={} pp={}, loaded in {load_seconds:.1} s",
+        config.num_parameters() as f64 / 1e6,
+        layout.tp,
+        layout.pp
     );
     println!("weights per token  {:.1} MB streamed per decode step", weight_bytes as f64 / 1e6);
     println!(

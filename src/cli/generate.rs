@@ -2,14 +2,13 @@
 //! streamed to stdout as it is produced, with time to first token and decode
 //! speed at the end; or one JSON object with `--json`.
 
-use super::ModelArgs;
+use super::{start_executor, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
-use shardline::backend::cpu::CpuBackend;
 use shardline::config::GenerationConfig;
-use shardline::generation::{GenerateRequest, Generation, Generator};
-use shardline::model_dir::{self, LoadedModel};
+use shardline::generation::{blocks_for, GenerateRequest, Generation, Generator};
+use shardline::model_dir::{self, ModelInfo};
 use shardline::sampling::SamplingParams;
 use shardline::tokenizer::{DecodeStream, Tokenizer};
 use std::io::Write;
@@ -18,6 +17,8 @@ use std::io::Write;
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
     /// The prompt text (sent as is, or as a user message with --chat).
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -110,14 +111,14 @@ impl GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = model_dir::open(CpuBackend, &args.model.options(args.seed)).context("loading the model")?;
-    let LoadedModel {
-        model,
+    let options = args.model.options(args.seed);
+    let ModelInfo {
+        config,
         tokenizer,
         generation,
         eos_token_ids,
         ..
-    } = loaded;
+    } = model_dir::describe(&options).context("loading the model")?;
     let request = GenerateRequest {
         prompt_ids: args.prompt_ids(tokenizer.as_ref())?,
         max_tokens: args.max_tokens,
@@ -125,7 +126,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eos_token_ids,
         ignore_eos: args.ignore_eos,
     };
-    let mut generator = Generator::new(model, request.prompt_ids.len() + request.max_tokens)?;
+    let num_blocks = blocks_for(request.prompt_ids.len() + request.max_tokens);
+    let mut generator = Generator::with_executor(start_executor(&options, &config, &args.parallel, num_blocks)?, num_blocks);
     let mut stream = tokenizer.as_ref().map(|t| DecodeStream::new(t, &request.prompt_ids));
     let mut stdout = std::io::stdout().lock();
     let out = generator.generate(&request, |token| {

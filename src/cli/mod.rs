@@ -6,10 +6,16 @@ mod generate;
 mod plan;
 mod serve;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use shardline::backend::cpu::CpuBackend;
 use shardline::backend::DType;
+use shardline::config::ModelConfig;
+use shardline::executor::{Executor, LocalExecutor, WorkerOptions, Workers};
+use shardline::generation::BLOCK_SIZE;
 use shardline::loader::LoadFormat;
-use shardline::model_dir::ModelOptions;
+use shardline::model::Shard;
+use shardline::model_dir::{self, ModelOptions};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -67,6 +73,33 @@ impl ParallelArgs {
     fn layout(&self) -> shardline::parallel::Layout {
         shardline::parallel::Layout { tp: self.tp, pp: self.pp }
     }
+}
+
+/// Loads the model as `parallel` asks: whole, driven from the caller's
+/// thread, or one worker thread per rank; each with a KV cache of
+/// `num_kv_blocks` blocks.
+fn start_executor(
+    options: &ModelOptions,
+    config: &ModelConfig,
+    parallel: &ParallelArgs,
+    num_kv_blocks: usize,
+) -> anyhow::Result<Box<dyn Executor>> {
+    let layout = parallel.layout();
+    layout.validate(config)?;
+    if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
+        let model = model_dir::open_shard(CpuBackend, options, Shard::whole(config)).context("loading the model")?;
+        return Ok(Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?));
+    }
+    let worker_options = WorkerOptions {
+        layout,
+        pp_layers: parallel.pp_layers.clone(),
+        num_kv_blocks,
+        block_size: BLOCK_SIZE,
+        panic_at: parallel.inject_worker_panic,
+    };
+    let options = options.clone();
+    let load = move |shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
+    Ok(Box::new(Workers::spawn(config.clone(), worker_options, load)?))
 }
 
 fn parse_rank_step(text: &str) -> Result<(usize, u64), String> {

@@ -4,16 +4,14 @@
 //! requests, lets those in flight finish within `--shutdown-timeout`, and
 //! exits 0.
 
-use super::{ModelArgs, ParallelArgs};
+use super::{start_executor, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
 use clap::Args;
 use shardline::api::{self, AppState, Limits, Served, ServerOptions};
-use shardline::backend::cpu::CpuBackend;
 use shardline::engine::request::{Event, Request, StopConditions};
-use shardline::engine::{Engine, EngineConfig, EngineHandle, Executor, LocalExecutor, WorkerOptions, Workers};
+use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::generation::BLOCK_SIZE;
-use shardline::model::Shard;
 use shardline::model_dir;
 use shardline::parallel::layout::ShardSizes;
 use shardline::sampling::SamplingParams;
@@ -188,23 +186,7 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         num_kv_blocks,
         block_size: BLOCK_SIZE,
     };
-    let executor: Box<dyn Executor> = match (layout.world_size(), args.parallel.inject_worker_panic) {
-        (1, None) => {
-            let model = model_dir::open_shard(CpuBackend, &options, Shard::whole(&config)).context("loading the model")?;
-            Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?)
-        }
-        (_, panic_at) => {
-            let worker_options = WorkerOptions {
-                layout,
-                pp_layers: args.parallel.pp_layers.clone(),
-                num_kv_blocks,
-                block_size: BLOCK_SIZE,
-                panic_at,
-            };
-            let load = move |shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
-            Box::new(Workers::spawn(config.clone(), worker_options, load)?)
-        }
-    };
+    let executor = start_executor(&options, &config, &args.parallel, num_kv_blocks)?;
     let engine = EngineHandle::spawn(Engine::new(executor, Some(tokenizer.clone()), engine_config));
     eprintln!(
         "shardline: KV cache of {} tokens ({:.1} MiB)",

@@ -6,12 +6,12 @@
 //! on the engine thread.
 
 use super::block_manager::BlockManager;
-use super::executor::Executor;
 use super::request::{Event, FinishReason, Finished, Request, StopReason};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use super::stats::EngineStats;
 use super::stop::StopStrings;
 use crate::backend::{BackendError, PagedAttentionMeta};
+use crate::executor::Executor;
 use crate::model::ForwardBatch;
 use crate::sampling::Sampler;
 use crate::tokenizer::{DecodeStream, Tokenizer};

@@ -42,7 +42,7 @@ pub fn load(name: &str) -> LoadedModel<CpuBackend> {
     model_dir::open(CpuBackend, &options(&model_dir(name))).unwrap()
 }
 
-pub fn generator(name: &str, capacity: usize) -> Generator<CpuBackend> {
+pub fn generator(name: &str, capacity: usize) -> Generator {
     Generator::new(load(name).model, capacity).unwrap()
 }
 

@@ -7,7 +7,7 @@
 //! failing rank's message, and every later step fails at once: the engine
 //! fails its requests, and `/ready` reports not ready.
 
-use super::executor::Executor;
+use super::Executor;
 use crate::backend::{Backend, BackendError, HostValues};
 use crate::config::ModelConfig;
 use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
@@ -45,6 +45,8 @@ pub struct Workers {
     jobs: Vec<Sender<Arc<ForwardBatch>>>,
     results: Receiver<StepResult>,
     threads: Vec<JoinHandle<()>>,
+    /// Summed over ranks.
+    decode_weight_bytes: usize,
     /// Set after the first failed step: the groups are broken for good.
     broken: Option<String>,
 }
@@ -96,9 +98,10 @@ impl Workers {
         }
         jobs.reverse();
         drop((result_tx, ready_tx));
+        let mut decode_weight_bytes = 0;
         for _ in 0..tp * pp {
             match ready.recv() {
-                Ok(Ok(())) => {}
+                Ok(Ok(bytes)) => decode_weight_bytes += bytes,
                 Ok(Err((rank, message))) => return Err(WorkersError::Load { rank, message }),
                 Err(_) => {
                     return Err(WorkersError::Load {
@@ -113,6 +116,7 @@ impl Workers {
             jobs,
             results,
             threads,
+            decode_weight_bytes,
             broken: None,
         })
     }
@@ -121,6 +125,10 @@ impl Workers {
 impl Executor for Workers {
     fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn decode_weight_bytes(&self) -> usize {
+        self.decode_weight_bytes
     }
 
     fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
@@ -168,7 +176,7 @@ impl Worker {
         load: &(dyn Fn(Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
         jobs: Receiver<Arc<ForwardBatch>>,
         results: Sender<StepResult>,
-        ready: Sender<Result<(), (usize, String)>>,
+        ready: Sender<Result<usize, (usize, String)>>,
     ) where
         B: Backend,
         B::Tensor: HostValues,
@@ -195,7 +203,7 @@ impl Worker {
         load: &(dyn Fn(Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
         jobs: Receiver<Arc<ForwardBatch>>,
         results: &Sender<StepResult>,
-        ready: &Sender<Result<(), (usize, String)>>,
+        ready: &Sender<Result<usize, (usize, String)>>,
     ) where
         B: Backend,
         B::Tensor: HostValues,
@@ -212,7 +220,7 @@ impl Worker {
                 return;
             }
         };
-        let _ = ready.send(Ok(()));
+        let _ = ready.send(Ok(model.decode_weight_bytes()));
         let reports = self.shard.last_stage && self.shard.tp_rank == 0;
         let comms = Collectives {
             tp: &self.tp_comm,

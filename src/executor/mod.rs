@@ -1,6 +1,10 @@
-//! What runs the model forward for the engine: a model on one device,
-//! driven from the engine's own thread ([`LocalExecutor`]), or one worker
-//! thread per rank of a split model ([`super::workers::Workers`]).
+//! What runs the model forward for the engine and the generator: a model
+//! on one device, driven from the caller's thread ([`LocalExecutor`]), or
+//! one worker thread per rank of a split model ([`Workers`]).
+
+mod workers;
+
+pub use workers::{WorkerOptions, Workers, WorkersError};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
@@ -8,6 +12,9 @@ use crate::model::{ForwardBatch, Qwen2ForCausalLM};
 
 pub trait Executor: Send {
     fn config(&self) -> &ModelConfig;
+
+    /// Weight bytes one decode step streams, over all ranks.
+    fn decode_weight_bytes(&self) -> usize;
 
     /// Runs one step, writing its KV cache, and puts the logits of
     /// `batch.logit_rows` into `logits` as `[rows, vocab]`.
@@ -35,6 +42,10 @@ where
 {
     fn config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    fn decode_weight_bytes(&self) -> usize {
+        self.model.decode_weight_bytes()
     }
 
     fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
