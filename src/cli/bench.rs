@@ -8,10 +8,17 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use shardline::backend::cpu;
-use shardline::generation::{blocks_for, Generator};
+use shardline::config::ModelConfig;
+use shardline::engine::request::{Event, Request, StopConditions};
+use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::executor::BusyTimes;
+use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
 use shardline::model_dir;
+use shardline::model_dir::ModelOptions;
 use shardline::rng::Rng;
 use shardline::sampling::argmax;
+use shardline::sampling::SamplingParams;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -32,6 +39,11 @@ pub struct BenchArgs {
     /// Seeds dummy weights and the prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Instead of batch 1: this many requests at once through the serving
+    /// engine (each a `--prompt-len` prompt and `--decode-tokens` outputs),
+    /// reporting output tokens/s and, for split models, each stage's idle share.
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -46,8 +58,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let options = args.model.options(args.seed);
     let info = model_dir::describe(&options).context("loading the model")?;
     let (name, config) = (info.name, info.config);
+    if let Some(concurrency) = args.concurrency {
+        return engine_load(&args, &options, &config, concurrency);
+    }
     let num_blocks = blocks_for(args.prompt_len + args.decode_tokens);
-    let mut generator = Generator::with_executor(start_executor(&options, &config, &args.parallel, num_blocks)?, num_blocks);
+    let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;
+    let mut generator = Generator::with_executor(executor, num_blocks);
     let load_seconds = load_start.elapsed().as_secs_f64();
     let weight_bytes = generator.executor().decode_weight_bytes();
 
@@ -107,6 +123,95 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         100.0 * decode / limit
     );
     Ok(())
+}
+
+/// `concurrency` requests through the engine at once, `--repeats` times;
+/// output tokens/s and each stage's idle share (median run).
+fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, concurrency: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(concurrency > 0, "--concurrency must be positive");
+    let per_request = blocks_for(args.prompt_len + args.decode_tokens);
+    let num_kv_blocks = per_request * concurrency + 1;
+    let (executor, busy) = start_executor(options, config, &args.parallel, num_kv_blocks)?;
+    let engine_config = EngineConfig {
+        max_num_seqs: concurrency,
+        max_num_batched_tokens: 2048,
+        num_kv_blocks,
+        block_size: BLOCK_SIZE,
+    };
+    let engine = EngineHandle::spawn(Engine::new(executor, None, engine_config));
+    let layout = args.parallel.layout();
+    let mut rng = Rng::seeded(args.seed);
+    let mut runs = Vec::new();
+    for _ in 0..args.repeats + 1 {
+        let requests: Vec<Request> = (0..concurrency)
+            .map(|_| Request {
+                prompt_ids: (0..args.prompt_len)
+                    .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
+                    .collect(),
+                sampling: SamplingParams::greedy(),
+                max_tokens: args.decode_tokens,
+                stop: StopConditions {
+                    ignore_eos: true,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        let busy_before = busy_snapshot(busy.as_ref());
+        let start = Instant::now();
+        let receivers: Vec<_> = requests.into_iter().map(|r| engine.submit(r).1).collect();
+        for mut events in receivers {
+            while let Some(event) = events.blocking_recv() {
+                match event {
+                    Event::Token { .. } => {}
+                    Event::Finished { .. } => break,
+                    Event::Failed(message) => anyhow::bail!("a request failed: {message}"),
+                }
+            }
+        }
+        let wall = start.elapsed().as_secs_f64();
+        // Each stage's idle share: its ranks' mean computing time against the wall.
+        let stage_idle: Vec<f64> = busy_snapshot(busy.as_ref())
+            .iter()
+            .zip(&busy_before)
+            .map(|(after, before)| (after - before) as f64 / 1e9)
+            .collect::<Vec<f64>>()
+            .chunks(layout.tp)
+            .map(|ranks| 1.0 - ranks.iter().sum::<f64>() / ranks.len() as f64 / wall)
+            .collect();
+        runs.push(((concurrency * args.decode_tokens) as f64 / wall, stage_idle));
+    }
+    // The first run warms up.
+    runs.remove(0);
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (tokens_per_s, stage_idle) = runs.swap_remove(runs.len() / 2);
+    let micro_batching = layout.pp > 1 && !args.parallel.no_micro_batching;
+    if args.json {
+        let report = json!({
+            "tp": layout.tp, "pp": layout.pp, "micro_batching": micro_batching, "concurrency": concurrency,
+            "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
+            "output_tokens_per_s": tokens_per_s, "stage_idle_fraction": stage_idle,
+        });
+        println!("{report}");
+        return Ok(());
+    }
+    let idle: Vec<String> = stage_idle.iter().map(|f| format!("{:.0}%", 100.0 * f)).collect();
+    println!(
+        "tp={} pp={} micro-batching={} concurrency={concurrency}: {tokens_per_s:.1} output tokens/s; stage idle {}",
+        layout.tp,
+        layout.pp,
+        if micro_batching { "on" } else { "off" },
+        if idle.is_empty() {
+            "n/a (one rank)".to_string()
+        } else {
+            idle.join(" / ")
+        }
+    );
+    Ok(())
+}
+
+fn busy_snapshot(busy: Option<&BusyTimes>) -> Vec<u64> {
+    busy.map(|b| b.iter().map(|t| t.load(Ordering::Relaxed)).collect())
+        .unwrap_or_default()
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

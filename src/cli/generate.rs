@@ -127,7 +127,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let num_blocks = blocks_for(request.prompt_ids.len() + request.max_tokens);
-    let mut generator = Generator::with_executor(start_executor(&options, &config, &args.parallel, num_blocks)?, num_blocks);
+    let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;
+    let mut generator = Generator::with_executor(executor, num_blocks);
     let mut stream = tokenizer.as_ref().map(|t| DecodeStream::new(t, &request.prompt_ids));
     let mut stdout = std::io::stdout().lock();
     let out = generator.generate(&request, |token| {

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use shardline::backend::cpu::CpuBackend;
 use shardline::backend::DType;
 use shardline::config::ModelConfig;
-use shardline::executor::{Executor, LocalExecutor, WorkerOptions, Workers};
+use shardline::executor::{BusyTimes, Executor, LocalExecutor, WorkerOptions, Workers};
 use shardline::generation::BLOCK_SIZE;
 use shardline::loader::LoadFormat;
 use shardline::model::Shard;
@@ -64,6 +64,10 @@ pub struct ParallelArgs {
     /// Layers per pipeline stage, e.g. 13,11 (default: balanced by weight bytes).
     #[arg(long, value_delimiter = ',', env = "SHARDLINE_PP_LAYERS")]
     pp_layers: Option<Vec<usize>>,
+    /// Run one step at a time through the pipeline stages instead of one
+    /// micro-batch per stage.
+    #[arg(long, env = "SHARDLINE_NO_MICRO_BATCHING")]
+    no_micro_batching: bool,
     /// Fault injection for tests: worker RANK panics in step STEP.
     #[arg(long, hide = true, value_name = "RANK:STEP", value_parser = parse_rank_step)]
     inject_worker_panic: Option<(usize, u64)>,
@@ -76,30 +80,33 @@ impl ParallelArgs {
 }
 
 /// Loads the model as `parallel` asks: whole, driven from the caller's
-/// thread, or one worker thread per rank; each with a KV cache of
-/// `num_kv_blocks` blocks.
+/// thread, or one worker thread per rank (whose computing times come
+/// along); each with a KV cache of `num_kv_blocks` blocks.
 fn start_executor(
     options: &ModelOptions,
     config: &ModelConfig,
     parallel: &ParallelArgs,
     num_kv_blocks: usize,
-) -> anyhow::Result<Box<dyn Executor>> {
+) -> anyhow::Result<(Box<dyn Executor>, Option<BusyTimes>)> {
     let layout = parallel.layout();
     layout.validate(config)?;
     if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
         let model = model_dir::open_shard(CpuBackend, options, Shard::whole(config)).context("loading the model")?;
-        return Ok(Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?));
+        return Ok((Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?), None));
     }
     let worker_options = WorkerOptions {
         layout,
         pp_layers: parallel.pp_layers.clone(),
         num_kv_blocks,
         block_size: BLOCK_SIZE,
+        micro_batching: !parallel.no_micro_batching,
         panic_at: parallel.inject_worker_panic,
     };
     let options = options.clone();
     let load = move |shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
-    Ok(Box::new(Workers::spawn(config.clone(), worker_options, load)?))
+    let workers = Workers::spawn(config.clone(), worker_options, load)?;
+    let busy = workers.busy_times();
+    Ok((Box::new(workers), Some(busy)))
 }
 
 fn parse_rank_step(text: &str) -> Result<(usize, u64), String> {

@@ -186,7 +186,7 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         num_kv_blocks,
         block_size: BLOCK_SIZE,
     };
-    let executor = start_executor(&options, &config, &args.parallel, num_kv_blocks)?;
+    let (executor, _) = start_executor(&options, &config, &args.parallel, num_kv_blocks)?;
     let engine = EngineHandle::spawn(Engine::new(executor, Some(tokenizer.clone()), engine_config));
     eprintln!(
         "shardline: KV cache of {} tokens ({:.1} MiB)",

@@ -15,7 +15,7 @@ use crate::executor::Executor;
 use crate::model::ForwardBatch;
 use crate::sampling::Sampler;
 use crate::tokenizer::{DecodeStream, Tokenizer};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +49,8 @@ pub struct Engine {
     stats: Arc<EngineStats>,
     /// Most tokens a sequence may hold.
     context_len: usize,
+    /// Most sequences in flight at once, over all micro-batches.
+    max_num_seqs: usize,
     /// Time spent sampling in the current step.
     step_sampling: Duration,
     /// `[sampled sequences, vocab]` logits of the current step; reused so a
@@ -56,6 +58,17 @@ pub struct Engine {
     logits: Vec<f32>,
     /// Events produced since the last [`Engine::take_outbox`].
     outbox: Outbox,
+    /// Steps submitted to the executor and not yet collected, oldest first.
+    in_flight: VecDeque<InFlightStep>,
+    /// Sequences in those steps.
+    busy: HashSet<SeqId>,
+}
+
+/// A submitted step: its plan, and the sequences (in logit-row order) that
+/// get a token from it.
+struct InFlightStep {
+    plan: Vec<Scheduled>,
+    sampled: Vec<SeqId>,
 }
 
 /// Events bound for their requests' channels, in the order produced.
@@ -82,9 +95,12 @@ impl Engine {
             tokenizer,
             stats,
             context_len,
+            max_num_seqs: config.max_num_seqs,
             step_sampling: Duration::ZERO,
             logits: Vec::new(),
             outbox: Vec::new(),
+            in_flight: VecDeque::new(),
+            busy: HashSet::new(),
         };
         engine.publish_stats();
         engine
@@ -95,7 +111,7 @@ impl Engine {
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || !self.in_flight.is_empty()
     }
 
     /// The events produced since the last call, to deliver in order.
@@ -154,6 +170,8 @@ impl Engine {
 
     /// Fails every request in flight (a step failed; the device state is unknown).
     pub fn fail_all(&mut self, message: &str) {
+        self.in_flight.clear();
+        self.busy.clear();
         for (id, active) in self.active.drain() {
             self.outbox.push((active.events, Event::Failed(message.to_string())));
             self.scheduler.remove(id);
@@ -161,8 +179,10 @@ impl Engine {
         self.publish_stats();
     }
 
-    /// Runs one scheduler step: a forward over the planned tokens, then one
-    /// sampled token for each sequence whose known tokens are all computed.
+    /// Runs one step: fills the pipeline with new micro-batches (up to the
+    /// executor's depth, a sequence in at most one of them), then takes the
+    /// oldest one's logits and samples a token for each of its sequences
+    /// whose known tokens are all computed.
     pub fn step(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
         let gone: Vec<SeqId> = self
@@ -172,36 +192,70 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         gone.into_iter().for_each(|id| self.abort(id));
-        let plan = self.scheduler.schedule();
-        if plan.is_empty() {
-            return Ok(());
-        }
-        for step in &plan {
-            let active = self.active.get_mut(&step.id).expect("scheduled sequences are active");
-            if active.queue_time.is_none() {
-                active.queue_time = Some(active.arrived.elapsed());
-                active.cached_tokens = self.scheduler.get(step.id).map_or(0, |s| s.num_computed);
+        let mut forward = Duration::ZERO;
+        let depth = self.executor.depth();
+        // With a pipeline, the sequences are shared out over `depth`
+        // micro-batches so every stage has one to work on.
+        let unfinished = self.scheduler.num_running() + self.scheduler.num_waiting();
+        let per_micro_batch = match depth {
+            1 => usize::MAX,
+            _ => unfinished.min(self.max_num_seqs).div_ceil(depth).max(1),
+        };
+        while self.in_flight.len() < depth {
+            let plan = self.scheduler.schedule_micro_batch(&self.busy, per_micro_batch);
+            if plan.is_empty() {
+                break;
             }
+            for step in &plan {
+                let active = self.active.get_mut(&step.id).expect("scheduled sequences are active");
+                if active.queue_time.is_none() {
+                    active.queue_time = Some(active.arrived.elapsed());
+                    active.cached_tokens = self.scheduler.get(step.id).map_or(0, |s| s.num_computed);
+                }
+            }
+            let (batch, sampled) = self.build_batch(&plan);
+            let submit_started = Instant::now();
+            let submitted = self.executor.submit(&batch);
+            forward += submit_started.elapsed();
+            if let Err(e) = submitted {
+                self.stats.last_step_ok.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+            self.busy.extend(plan.iter().map(|p| p.id));
+            self.in_flight.push_back(InFlightStep { plan, sampled });
         }
-        let (batch, sampled) = self.build_batch(&plan);
-        let forward_started = Instant::now();
+        let Some(step) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        step.plan.iter().for_each(|p| {
+            self.busy.remove(&p.id);
+        });
         let mut logits = std::mem::take(&mut self.logits);
-        let result = self.executor.forward(&batch, &mut logits);
-        let forward = forward_started.elapsed();
+        let collect_started = Instant::now();
+        let result = self.executor.collect(&mut logits);
+        forward += collect_started.elapsed();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = result {
             self.logits = logits;
             return Err(e);
         }
+        // Requests aborted while their step was in flight are gone.
+        let plan: Vec<Scheduled> = step.plan.into_iter().filter(|p| self.active.contains_key(&p.id)).collect();
         self.scheduler.complete(&plan);
-        self.stats.generation_tokens.fetch_add(sampled.len() as u64, Ordering::Relaxed);
-        let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>() - sampled.len();
+        self.stats.generation_tokens.fetch_add(step.sampled.len() as u64, Ordering::Relaxed);
+        let prompt_tokens: usize = plan
+            .iter()
+            .map(|p| p.num_new_tokens)
+            .sum::<usize>()
+            .saturating_sub(step.sampled.len());
         self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let vocab = self.executor.config().vocab_size;
         self.step_sampling = Duration::ZERO;
-        for (row, id) in sampled.into_iter().enumerate() {
-            self.emit(id, &logits[row * vocab..(row + 1) * vocab]);
+        for (row, id) in step.sampled.into_iter().enumerate() {
+            if self.active.contains_key(&id) {
+                self.emit(id, &logits[row * vocab..(row + 1) * vocab]);
+            }
         }
         self.logits = logits;
         self.publish_stats();

@@ -10,7 +10,7 @@
 //! the head of the queue, to be recomputed (prompt and output so far) later.
 
 use super::block_manager::{BlockId, BlockManager};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 pub type SeqId = u64;
 
@@ -133,16 +133,31 @@ impl Scheduler {
     /// Plans the next step. Every scheduled sequence has the blocks its new
     /// tokens need.
     pub fn schedule(&mut self) -> Vec<Scheduled> {
+        self.schedule_micro_batch(&HashSet::new(), usize::MAX)
+    }
+
+    /// Plans a step of at most `max_seqs` sequences that leaves out the
+    /// `busy` ones (those in a step still in flight through the pipeline):
+    /// they are neither scheduled nor preempted.
+    pub fn schedule_micro_batch(&mut self, busy: &HashSet<SeqId>, max_seqs: usize) -> Vec<Scheduled> {
         let mut budget = self.config.max_num_batched_tokens;
         let mut plan = Vec::new();
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && plan.len() < max_seqs {
             let seq = &self.running[i];
+            if busy.contains(&seq.id) {
+                i += 1;
+                continue;
+            }
             let n = (seq.tokens.len() - seq.num_computed).min(budget);
             let needed = self.blocks.blocks_for(seq.num_computed + n) - seq.block_table.len();
-            while self.blocks.num_free() < needed && self.running.len() > i + 1 {
-                let newest = self.running.pop().expect("len > i + 1");
-                self.preempt(newest);
+            while self.blocks.num_free() < needed {
+                // The newest idle sequence after this one gives way.
+                let Some(newest) = (i + 1..self.running.len()).rev().find(|&j| !busy.contains(&self.running[j].id)) else {
+                    break;
+                };
+                let victim = self.running.remove(newest);
+                self.preempt(victim);
             }
             if self.blocks.num_free() < needed {
                 let this = self.running.remove(i);
@@ -157,7 +172,7 @@ impl Scheduler {
             budget -= n;
             i += 1;
         }
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while budget > 0 && self.running.len() < self.config.max_num_seqs && plan.len() < max_seqs {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             if seq.block_table.is_empty() {
                 self.take_cached_prefix(&mut seq);
@@ -252,6 +267,38 @@ mod tests {
             }
         }
         plan
+    }
+
+    #[test]
+    fn micro_batches_share_out_sequences_and_never_touch_busy_ones() {
+        // 5 blocks of 4 tokens: four 3-token prompts take one block each.
+        let mut s = scheduler(5, 8, 64);
+        for id in 0..4 {
+            s.add(Sequence::new(id, vec![1, 2, 3]));
+        }
+        let first = s.schedule_micro_batch(&HashSet::new(), 2);
+        assert_eq!(first.iter().map(|p| p.id).collect::<Vec<_>>(), vec![0, 1]);
+        let busy: HashSet<SeqId> = first.iter().map(|p| p.id).collect();
+        let second = s.schedule_micro_batch(&busy, 2);
+        assert_eq!(second.iter().map(|p| p.id).collect::<Vec<_>>(), vec![2, 3]);
+    }
+
+    #[test]
+    fn preemption_skips_sequences_whose_step_is_in_flight() {
+        // Five 4-token blocks; four full 4-token prompts leave one free.
+        let mut s = scheduler(5, 8, 64);
+        for id in 0..4 {
+            s.add(Sequence::new(id, vec![1, 2, 3, 4]));
+        }
+        step(&mut s, 7);
+        // Each now needs a second block; sequence 3 is in flight.
+        let plan = s.schedule_micro_batch(&[3].into_iter().collect(), 8);
+        // 0 takes the free block; 1 gets sequence 2's (the newest idle one), not 3's.
+        assert_eq!(plan.iter().map(|p| p.id).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(s.num_preemptions, 1);
+        assert_eq!(s.num_running(), 3);
+        assert_eq!(s.get(2).unwrap().num_computed, 0);
+        assert_eq!(s.get(3).unwrap().num_computed, 4);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 mod workers;
 
-pub use workers::{WorkerOptions, Workers, WorkersError};
+pub use workers::{BusyTimes, WorkerOptions, Workers, WorkersError};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
@@ -16,21 +16,46 @@ pub trait Executor: Send {
     /// Weight bytes one decode step streams, over all ranks.
     fn decode_weight_bytes(&self) -> usize;
 
-    /// Runs one step, writing its KV cache, and puts the logits of
+    /// Steps that may be in flight at once: one per pipeline stage, so each
+    /// stage works on its own micro-batch.
+    fn depth(&self) -> usize {
+        1
+    }
+
+    /// Starts a step (writing its KV cache); at most [`Executor::depth`]
+    /// may be in flight.
+    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError>;
+
+    /// Waits for the oldest step in flight and puts the logits of its
     /// `batch.logit_rows` into `logits` as `[rows, vocab]`.
-    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError>;
+    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError>;
+
+    /// One step, start to finish.
+    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        self.submit(batch)?;
+        self.collect(logits)
+    }
 }
 
 /// The whole model on one device, with its KV cache.
 pub struct LocalExecutor<B: Backend> {
     model: Qwen2ForCausalLM<B>,
     kv_caches: Vec<B::KvCache>,
+    /// The submitted step's logits, until collected.
+    done: Option<Vec<f32>>,
+    /// A buffer kept between steps so large logits are not reallocated.
+    spare: Vec<f32>,
 }
 
 impl<B: Backend> LocalExecutor<B> {
     pub fn new(model: Qwen2ForCausalLM<B>, num_blocks: usize, block_size: usize) -> Result<Self, BackendError> {
         let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks, block_size))?;
-        Ok(LocalExecutor { model, kv_caches })
+        Ok(LocalExecutor {
+            model,
+            kv_caches,
+            done: None,
+            spare: Vec::new(),
+        })
     }
 }
 
@@ -48,7 +73,17 @@ where
         self.model.decode_weight_bytes()
     }
 
-    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        self.model.forward(batch, &mut self.kv_caches, logits)
+    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
+        assert!(self.done.is_none(), "a local executor runs one step at a time");
+        let mut out = std::mem::take(&mut self.spare);
+        self.model.forward(batch, &mut self.kv_caches, &mut out)?;
+        self.done = Some(out);
+        Ok(())
+    }
+
+    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        let out = self.done.take().expect("collect follows submit");
+        self.spare = std::mem::replace(logits, out);
+        Ok(())
     }
 }

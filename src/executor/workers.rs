@@ -13,9 +13,11 @@ use crate::config::ModelConfig;
 use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
 use crate::parallel::{in_process_group, InProcessComm, Layout, LayoutError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -24,9 +26,16 @@ pub struct WorkerOptions {
     pub pp_layers: Option<Vec<usize>>,
     pub num_kv_blocks: usize,
     pub block_size: usize,
+    /// Keep up to `pp` steps in flight, so each stage works on its own
+    /// micro-batch; without it one step at a time crosses the stages.
+    pub micro_batching: bool,
     /// Fault injection for tests: rank `.0` panics in step `.1` (counting from 0).
     pub panic_at: Option<(usize, u64)>,
 }
+
+/// Nanoseconds each rank has spent computing (in its forward, not blocked
+/// on a peer), indexed by rank: against wall time, each stage's idle share.
+pub type BusyTimes = Arc<Vec<AtomicU64>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkersError {
@@ -47,6 +56,9 @@ pub struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Summed over ranks.
     decode_weight_bytes: usize,
+    /// Steps that may be in flight.
+    depth: usize,
+    busy: BusyTimes,
     /// Set after the first failed step: the groups are broken for good.
     broken: Option<String>,
 }
@@ -67,6 +79,7 @@ impl Workers {
         let mut tp_groups: Vec<Vec<InProcessComm>> = (0..pp).map(|_| in_process_group(tp)).collect();
         let mut pp_groups: Vec<Vec<InProcessComm>> = (0..tp).map(|_| in_process_group(pp)).collect();
         let load = Arc::new(load);
+        let busy: BusyTimes = Arc::new((0..tp * pp).map(|_| AtomicU64::new(0)).collect());
         let (result_tx, results) = channel();
         let (ready_tx, ready) = channel();
         let mut jobs = Vec::new();
@@ -86,6 +99,7 @@ impl Workers {
                 tp_comm: tp_groups[stage].pop().expect("one endpoint per TP rank"),
                 pp_comm: pp_groups[tp_rank].pop().expect("one endpoint per stage"),
                 options: options.clone(),
+                busy: busy.clone(),
             };
             let (job_tx, job_rx) = channel();
             jobs.push(job_tx);
@@ -117,6 +131,8 @@ impl Workers {
             results,
             threads,
             decode_weight_bytes,
+            depth: if options.micro_batching { pp } else { 1 },
+            busy,
             broken: None,
         })
     }
@@ -131,25 +147,47 @@ impl Executor for Workers {
         self.decode_weight_bytes
     }
 
-    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
         if let Some(why) = &self.broken {
             return Err(BackendError::Device(why.clone()));
         }
         let batch = Arc::new(batch.clone());
-        let outcome = match self.jobs.iter().all(|j| j.send(batch.clone()).is_ok()) {
-            false => Err("a worker has stopped".to_string()),
-            true => self.results.recv().unwrap_or_else(|_| Err("every worker has stopped".into())),
-        };
-        match outcome {
-            Ok(values) => {
+        if !self.jobs.iter().all(|j| j.send(batch.clone()).is_ok()) {
+            return Err(self.break_with("a worker has stopped".into()));
+        }
+        Ok(())
+    }
+
+    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        if let Some(why) = &self.broken {
+            return Err(BackendError::Device(why.clone()));
+        }
+        match self.results.recv() {
+            Ok(Ok(values)) => {
                 *logits = values;
                 Ok(())
             }
-            Err(why) => {
-                self.broken = Some(why.clone());
-                Err(BackendError::Device(why))
-            }
+            Ok(Err(why)) => Err(self.break_with(why)),
+            Err(_) => Err(self.break_with("every worker has stopped".into())),
         }
+    }
+}
+
+impl Workers {
+    /// Each rank's computing time so far.
+    pub fn busy_times(&self) -> BusyTimes {
+        self.busy.clone()
+    }
+
+    /// Marks the group broken for good (results of steps still in flight
+    /// are never read) and returns the error.
+    fn break_with(&mut self, why: String) -> BackendError {
+        self.broken = Some(why.clone());
+        BackendError::Device(why)
     }
 }
 
@@ -168,6 +206,7 @@ struct Worker {
     tp_comm: InProcessComm,
     pp_comm: InProcessComm,
     options: WorkerOptions,
+    busy: BusyTimes,
 }
 
 impl Worker {
@@ -183,7 +222,19 @@ impl Worker {
     {
         let rank = self.rank;
         let (tp_comm, pp_comm) = (&self.tp_comm, &self.pp_comm);
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.serve(load, jobs, &results, &ready)));
+        // Each rank computes on its own share of the cores, as it would on
+        // its own device (the CPU backend's parallel loops use this pool).
+        let world = self.shard.tp * self.options.layout.pp;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads((cores / world).max(1))
+            .thread_name(move |i| format!("shardline-rank-{rank}-{i}"))
+            .build();
+        let serve = || self.serve(load, jobs, &results, &ready);
+        let outcome = catch_unwind(AssertUnwindSafe(|| match &pool {
+            Ok(pool) => pool.install(serve),
+            Err(_) => serve(),
+        }));
         if let Err(panic) = outcome {
             let message = panic
                 .downcast_ref::<&str>()
@@ -231,7 +282,12 @@ impl Worker {
             if self.options.panic_at == Some((self.rank, step as u64)) {
                 panic!("injected fault in step {step}");
             }
-            match model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits) {
+            let (started, waited) = (Instant::now(), self.tp_comm.waited() + self.pp_comm.waited());
+            let outcome = model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits);
+            let blocked = self.tp_comm.waited() + self.pp_comm.waited() - waited;
+            let computing = started.elapsed().saturating_sub(blocked);
+            self.busy[self.rank].fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
+            match outcome {
                 Ok(()) if reports => {
                     let _ = results.send(Ok(std::mem::take(&mut logits)));
                 }

@@ -10,7 +10,9 @@
 
 use crate::backend::{BackendError, HostValues, Result};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Collectives and point-to-point transfers over buffers of type `Buf`
 /// (`[f32]` in host memory; device buffers for a GPU backend).
@@ -49,6 +51,7 @@ pub fn in_process_group(size: usize) -> Vec<InProcessComm> {
         .map(|rank| InProcessComm {
             rank,
             shared: shared.clone(),
+            waited_ns: AtomicU64::new(0),
         })
         .collect()
 }
@@ -56,6 +59,8 @@ pub fn in_process_group(size: usize) -> Vec<InProcessComm> {
 pub struct InProcessComm {
     rank: usize,
     shared: Arc<Shared>,
+    /// Nanoseconds this endpoint spent blocked, waiting for peers.
+    waited_ns: AtomicU64,
 }
 
 struct Shared {
@@ -121,7 +126,15 @@ impl InProcessComm {
     }
 
     fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner())
+        let started = Instant::now();
+        let guard = self.shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+        self.waited_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        guard
+    }
+
+    /// Total time this endpoint has spent blocked on its peers.
+    pub fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
     }
 
     fn check(state: &State) -> Result<()> {
