@@ -235,3 +235,24 @@ fn a_broken_tokenizer_is_an_error_not_a_silent_fallback() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rank_reads_its_slice_straight_from_the_mapped_file() {
+    use shardline::loader::{SafetensorsCheckpoint, WeightSource};
+    let source = SafetensorsCheckpoint::open(&common::model_dir("tiny-gqa")).unwrap();
+    let name = "model.layers.1.mlp.down_proj.weight";
+    let shape = [256, 512];
+    let whole = source.tensor(name, &shape).unwrap();
+    let slice = source.tensor_slice(name, &shape, 3..70, Some(128..384)).unwrap();
+    assert_eq!(slice.shape, vec![67, 256]);
+    assert_eq!(slice.bytes, whole.slice_rows(3..70).slice_cols(128..384).bytes);
+    let rows = source
+        .tensor_slice("model.layers.0.self_attn.q_proj.bias", &[256], 64..128, None)
+        .unwrap();
+    assert_eq!(
+        rows.to_f32(),
+        source.tensor("model.layers.0.self_attn.q_proj.bias", &[256]).unwrap().to_f32()[64..128]
+    );
+    let wrong = source.tensor_slice(name, &[512, 256], 0..1, None).unwrap_err().to_string();
+    assert!(wrong.contains("shape"), "{wrong}");
+}

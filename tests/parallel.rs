@@ -130,7 +130,11 @@ fn tiny_mqa128_replicates_its_one_kv_head_and_splits_six_layers_unevenly() {
 }
 
 #[test]
-fn tiny_chat_matches_hf_split_over_two_by_two() {
-    check("tiny-chat", Layout { tp: 2, pp: 2 }, None);
-    check("tiny-chat", Layout { tp: 2, pp: 1 }, None);
+fn tiny_chat_every_layout_matches_hf_over_the_full_vocabulary() {
+    let all = layouts("tiny-chat");
+    // 2 heads: tp 4 is out; 4 layers allow up to 4 stages.
+    assert_eq!(all.len(), 6);
+    for layout in all {
+        check("tiny-chat", layout, None);
+    }
 }

@@ -11,6 +11,7 @@ pub use self::dummy::DummyWeights;
 pub use self::safetensors::SafetensorsCheckpoint;
 
 use crate::backend::{BackendError, DType, HostTensor};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,18 @@ pub trait WeightSource {
 
     /// Whether the source holds `name` (for optional tensors such as an untied LM head).
     fn contains(&self, name: &str) -> bool;
+
+    /// Rows `rows` of tensor `name` (which must have `shape`) and, for a
+    /// matrix, only columns `cols`: one tensor-parallel rank's slice.
+    /// Sources that can read a slice alone (memory-mapped files) override
+    /// this, so a rank never holds more than its share.
+    fn tensor_slice(&self, name: &str, shape: &[usize], rows: Range<usize>, cols: Option<Range<usize>>) -> Result<HostTensor, LoadError> {
+        let rows = self.tensor(name, shape)?.slice_rows(rows);
+        Ok(match cols {
+            Some(cols) => rows.slice_cols(cols),
+            None => rows,
+        })
+    }
 }
 
 /// How `--model` is read.

@@ -4,11 +4,12 @@
 //! rank that needs part of a model touches only that part.
 
 use super::{dtype_from_safetensors, LoadError, WeightSource};
-use crate::backend::HostTensor;
+use crate::backend::{DType, HostTensor};
 use ::safetensors::tensor::{Metadata, SafeTensors};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 struct MappedFile {
@@ -91,8 +92,9 @@ fn map_file(path: &Path) -> Result<MappedFile, LoadError> {
     })
 }
 
-impl WeightSource for SafetensorsCheckpoint {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+impl SafetensorsCheckpoint {
+    /// The dtype and the mapped bytes of tensor `name`, checked against `shape`.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8]), LoadError> {
         let Some(&index) = self.location.get(name) else {
             return Err(LoadError::MissingTensor {
                 path: self.primary_path().into(),
@@ -122,11 +124,38 @@ impl WeightSource for SafetensorsCheckpoint {
                 message,
             });
         };
-        let bytes = bytes.to_vec();
+        Ok((dtype, bytes))
+    }
+}
+
+impl WeightSource for SafetensorsCheckpoint {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+        let (dtype, bytes) = self.locate(name, shape)?;
         Ok(HostTensor {
             dtype,
-            shape: info.shape.clone(),
-            bytes,
+            shape: shape.to_vec(),
+            bytes: bytes.to_vec(),
+        })
+    }
+
+    fn tensor_slice(&self, name: &str, shape: &[usize], rows: Range<usize>, cols: Option<Range<usize>>) -> Result<HostTensor, LoadError> {
+        let (dtype, bytes) = self.locate(name, shape)?;
+        let size = dtype.size_in_bytes();
+        let row_len: usize = shape[1..].iter().product();
+        let span = cols.clone().unwrap_or(0..row_len);
+        let mut out = Vec::with_capacity(rows.len() * span.len() * size);
+        for r in rows.clone() {
+            out.extend_from_slice(&bytes[(r * row_len + span.start) * size..(r * row_len + span.end) * size]);
+        }
+        let mut out_shape = shape.to_vec();
+        out_shape[0] = rows.len();
+        if cols.is_some() {
+            out_shape[1] = span.len();
+        }
+        Ok(HostTensor {
+            dtype,
+            shape: out_shape,
+            bytes: out,
         })
     }
 

@@ -90,11 +90,10 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     /// The part of the model one rank holds: its stage's layers, sliced for
     /// its TP rank. Each weight is read, sliced and uploaded in turn.
     pub fn load_shard(backend: B, config: ModelConfig, source: &dyn WeightSource, shard: Shard) -> Result<Self, LoadError> {
-        let (vocab, h) = (config.vocab_size, config.hidden_size);
-        let embedding = || -> Result<B::Weight, LoadError> {
-            let table = source.tensor("model.embed_tokens.weight", &[vocab, h])?;
-            Ok(backend.load_weight(shard.vocab_rows(&config, table))?)
-        };
+        let h = config.hidden_size;
+        let vocab_rows =
+            |name: &str| -> Result<B::Weight, LoadError> { Ok(backend.load_weight(shard.vocab_rows(&config, source, name)?)?) };
+        let embedding = || vocab_rows("model.embed_tokens.weight");
         let embed_tokens = match shard.first_stage {
             true => Some(embedding()?),
             false => None,
@@ -111,10 +110,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 let lm_head = match (config.tie_word_embeddings, shard.first_stage) {
                     (true, true) => None,
                     (true, false) => Some(embedding()?),
-                    (false, _) => {
-                        let head = source.tensor("lm_head.weight", &[vocab, h])?;
-                        Some(backend.load_weight(shard.vocab_rows(&config, head))?)
-                    }
+                    (false, _) => Some(vocab_rows("lm_head.weight")?),
                 };
                 (Some(norm), lm_head)
             }

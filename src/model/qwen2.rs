@@ -32,19 +32,35 @@ impl<B: Backend> ForwardCtx<'_, B> {
     }
 }
 
-/// Rows `range` of `t`, scaled by `unit` (a head's rows), unless unsplit.
-fn rows(shard: &Shard, t: HostTensor, range: Range<usize>, unit: usize) -> HostTensor {
+/// Rows `range × unit` of tensor `name` (a column-parallel weight, `unit`
+/// rows per head), read alone; the whole tensor when unsplit.
+fn rows_of(
+    source: &dyn WeightSource,
+    shard: &Shard,
+    name: &str,
+    shape: &[usize],
+    range: Range<usize>,
+    unit: usize,
+) -> std::result::Result<HostTensor, LoadError> {
     match shard.tp {
-        1 => t,
-        _ => t.slice_rows(range.start * unit..range.end * unit),
+        1 => source.tensor(name, shape),
+        _ => source.tensor_slice(name, shape, range.start * unit..range.end * unit, None),
     }
 }
 
-/// Columns `range` of `t`, scaled by `unit`, unless unsplit.
-fn cols(shard: &Shard, t: HostTensor, range: Range<usize>, unit: usize) -> HostTensor {
+/// Columns `range × unit` of matrix `name` (a row-parallel weight), read
+/// alone; the whole matrix when unsplit.
+fn cols_of(
+    source: &dyn WeightSource,
+    shard: &Shard,
+    name: &str,
+    shape: &[usize],
+    range: Range<usize>,
+    unit: usize,
+) -> std::result::Result<HostTensor, LoadError> {
     match shard.tp {
-        1 => t,
-        _ => t.slice_cols(range.start * unit..range.end * unit),
+        1 => source.tensor(name, shape),
+        _ => source.tensor_slice(name, shape, 0..shape[0], Some(range.start * unit..range.end * unit)),
     }
 }
 
@@ -68,20 +84,20 @@ impl<B: Backend> Qwen2Attention<B> {
         let (h, hd) = (config.hidden_size, config.head_dim());
         let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
         let (heads, kv_heads) = (shard.heads(config), shard.kv_heads(config));
-        let tensor = |name: &str, shape: &[usize]| source.tensor(&format!("{prefix}.{name}"), shape);
-        let q_rows = |t| rows(shard, t, heads.clone(), hd);
-        let kv_rows = |t| rows(shard, t, kv_heads.clone(), hd);
+        let name = |n: &str| format!("{prefix}.{n}");
+        let q_rows = |n: &str, shape: &[usize]| rows_of(source, shard, &name(n), shape, heads.clone(), hd);
+        let kv_rows = |n: &str, shape: &[usize]| rows_of(source, shard, &name(n), shape, kv_heads.clone(), hd);
         let qkv = HostTensor::concat_rows(&[
-            q_rows(tensor("q_proj.weight", &[q, h])?),
-            kv_rows(tensor("k_proj.weight", &[kv, h])?),
-            kv_rows(tensor("v_proj.weight", &[kv, h])?),
+            q_rows("q_proj.weight", &[q, h])?,
+            kv_rows("k_proj.weight", &[kv, h])?,
+            kv_rows("v_proj.weight", &[kv, h])?,
         ]);
         let qkv_bias = HostTensor::concat_rows(&[
-            q_rows(tensor("q_proj.bias", &[q])?),
-            kv_rows(tensor("k_proj.bias", &[kv])?),
-            kv_rows(tensor("v_proj.bias", &[kv])?),
+            q_rows("q_proj.bias", &[q])?,
+            kv_rows("k_proj.bias", &[kv])?,
+            kv_rows("v_proj.bias", &[kv])?,
         ]);
-        let o_proj = cols(shard, tensor("o_proj.weight", &[h, q])?, heads.clone(), hd);
+        let o_proj = cols_of(source, shard, &name("o_proj.weight"), &[h, q], heads.clone(), hd)?;
         Ok(Qwen2Attention {
             qkv_proj: backend.load_weight(qkv)?,
             qkv_bias: backend.load_weight(qkv_bias)?,
@@ -123,15 +139,15 @@ impl<B: Backend> Qwen2Mlp<B> {
         shard: &Shard,
     ) -> std::result::Result<Self, LoadError> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
-        let proj = |name: &str, shape: [usize; 2]| source.tensor(&format!("{prefix}.{name}"), &shape);
+        let name = |n: &str| format!("{prefix}.{n}");
         let mine = shard.intermediate(config);
         let gate_up = HostTensor::concat_rows(&[
-            rows(shard, proj("gate_proj.weight", [i, h])?, mine.clone(), 1),
-            rows(shard, proj("up_proj.weight", [i, h])?, mine.clone(), 1),
+            rows_of(source, shard, &name("gate_proj.weight"), &[i, h], mine.clone(), 1)?,
+            rows_of(source, shard, &name("up_proj.weight"), &[i, h], mine.clone(), 1)?,
         ]);
         Ok(Qwen2Mlp {
             gate_up_proj: backend.load_weight(gate_up)?,
-            down_proj: backend.load_weight(cols(shard, proj("down_proj.weight", [h, i])?, mine, 1))?,
+            down_proj: backend.load_weight(cols_of(source, shard, &name("down_proj.weight"), &[h, i], mine, 1)?)?,
         })
     }
 

@@ -7,6 +7,7 @@
 
 use crate::backend::HostTensor;
 use crate::config::ModelConfig;
+use crate::loader::{LoadError, WeightSource};
 use std::ops::Range;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,16 +73,18 @@ impl Shard {
         (self.tp_rank * per).min(config.vocab_size)..((self.tp_rank + 1) * per).min(config.vocab_size)
     }
 
-    /// The embedding or LM head rows of this rank, `[vocab, hidden]` →
-    /// `[vocab_per_rank + 1, hidden]`: the rank's rows, zero rows to pad
-    /// every rank to the same height, and a final zero row that tokens of
-    /// other ranks look up (so a lookup plus all-reduce is the full lookup).
-    /// Unchanged when the vocabulary is not split.
-    pub fn vocab_rows(&self, config: &ModelConfig, table: HostTensor) -> HostTensor {
+    /// The embedding or LM head `name` as this rank holds it: `[vocab,
+    /// hidden]` → `[vocab_per_rank + 1, hidden]`, the rank's rows, zero rows
+    /// padding every rank to the same height, and a final zero row that
+    /// tokens of other ranks look up (so a lookup plus all-reduce is the
+    /// full lookup). The whole table when the vocabulary is not split.
+    pub fn vocab_rows(&self, config: &ModelConfig, source: &dyn WeightSource, name: &str) -> Result<HostTensor, LoadError> {
+        let shape = [config.vocab_size, config.hidden_size];
         if self.tp == 1 {
-            return table;
+            return source.tensor(name, &shape);
         }
-        table.slice_rows(self.vocab(config)).pad_rows(self.vocab_per_rank(config) + 1)
+        let rows = source.tensor_slice(name, &shape, self.vocab(config), None)?;
+        Ok(rows.pad_rows(self.vocab_per_rank(config) + 1))
     }
 }
 
@@ -126,10 +129,24 @@ impl HostTensor {
 mod tests {
     use super::*;
 
-    fn config(heads: usize, kv: usize, vocab: usize) -> ModelConfig {
+    /// One tensor, served whatever its name.
+    struct Table(HostTensor);
+
+    impl WeightSource for Table {
+        fn tensor(&self, _name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+            assert_eq!(shape, self.0.shape);
+            Ok(self.0.clone())
+        }
+
+        fn contains(&self, _name: &str) -> bool {
+            true
+        }
+    }
+
+    fn config(heads: usize, kv: usize, vocab: usize, hidden: usize) -> ModelConfig {
         serde_json::from_value(serde_json::json!({
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab,
-            "hidden_size": heads * 8, "intermediate_size": 64, "num_hidden_layers": 4,
+            "hidden_size": hidden, "intermediate_size": 64, "num_hidden_layers": 4,
             "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": 1e-6,
             "max_position_embeddings": 64, "tie_word_embeddings": true
         }))
@@ -148,7 +165,7 @@ mod tests {
 
     #[test]
     fn query_heads_of_a_rank_read_the_kv_head_it_holds() {
-        let c = config(8, 2, 10);
+        let c = config(8, 2, 10, 64);
         for tp in [1, 2, 4, 8] {
             for r in 0..tp {
                 let s = shard(r, tp);
@@ -163,12 +180,12 @@ mod tests {
 
     #[test]
     fn vocab_rows_pad_every_rank_to_one_height_plus_a_zero_row() {
-        let c = config(2, 2, 10);
-        let table = HostTensor::from_f32(vec![10, 1], &(0..10).map(|v| v as f32 + 1.0).collect::<Vec<_>>());
-        let rows = |r| shard(r, 3).vocab_rows(&c, table.clone()).to_f32();
-        assert_eq!(rows(0), vec![1.0, 2.0, 3.0, 4.0, 0.0]);
-        assert_eq!(rows(2), vec![9.0, 10.0, 0.0, 0.0, 0.0]);
-        assert_eq!(shard(0, 1).vocab_rows(&c, table.clone()).shape, vec![10, 1]);
+        let c = config(2, 2, 10, 2);
+        let source = Table(HostTensor::from_f32(vec![10, 2], &(0..20).map(|v| v as f32).collect::<Vec<_>>()));
+        let rows = |r| shard(r, 3).vocab_rows(&c, &source, "t").unwrap().to_f32();
+        assert_eq!(rows(0), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 0.0, 0.0]);
+        assert_eq!(rows(2), vec![16.0, 17.0, 18.0, 19.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(shard(0, 1).vocab_rows(&c, &source, "t").unwrap().shape, vec![10, 2]);
         let m = HostTensor::from_f32(vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(m.slice_cols(1..3).to_f32(), vec![2.0, 3.0, 5.0, 6.0]);
     }
