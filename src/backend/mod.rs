@@ -7,6 +7,7 @@
 //! memory bandwidth, in their checkpoint dtype.
 
 pub mod cpu;
+pub mod cuda;
 
 use std::fmt;
 

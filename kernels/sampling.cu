@@ -1,0 +1,46 @@
+// Greedy sampling on the device: the first index of each row's maximum
+// (ties to the lowest id, as torch.argmax), one block per row.
+// -inf without math.h (NVRTC has no standard headers).
+#define NEG_INF __int_as_float(0xff800000)
+
+extern "C" __global__ void argmax_f32(unsigned int* __restrict__ out, const float* __restrict__ logits, int vocab) {
+    __shared__ float best_value[32];
+    __shared__ unsigned int best_index[32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float value = NEG_INF;
+    unsigned int index = 0xffffffffu;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        if (row[i] > value) {
+            value = row[i];
+            index = i;
+        }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffff, value, offset);
+        const unsigned int j = __shfl_xor_sync(0xffffffff, index, offset);
+        if (v > value || (v == value && j < index)) {
+            value = v;
+            index = j;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_value[warp] = value;
+        best_index[warp] = index;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        value = lane < warps ? best_value[lane] : NEG_INF;
+        index = lane < warps ? best_index[lane] : 0xffffffffu;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float v = __shfl_xor_sync(0xffffffff, value, offset);
+            const unsigned int j = __shfl_xor_sync(0xffffffff, index, offset);
+            if (v > value || (v == value && j < index)) {
+                value = v;
+                index = j;
+            }
+        }
+        if (lane == 0) out[blockIdx.x] = index == 0xffffffffu ? 0 : index;
+    }
+}
