@@ -1,8 +1,6 @@
 // Token embedding lookup: out[t, :] = table[ids[t], :], widened to f32.
 // Vocab-parallel ranks pass ids already mapped into their slice (ids of
 // other ranks point at the slice's zero row).
-#include <cuda_bf16.h>
-
 extern "C" __global__ void embedding_bf16(
     float* __restrict__ out,                 // [tokens, hidden]
     const __nv_bfloat16* __restrict__ table, // [rows, hidden]

@@ -1,8 +1,6 @@
 // Writes each new token's k and v heads into the paged cache at its slot
 // (block * block_size + offset). Cache layout per layer:
 // [num_blocks * block_size, kv_heads, head_dim], keys and values apart.
-#include <cuda_bf16.h>
-
 extern "C" __global__ void write_kv_bf16(
     __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
     const float* __restrict__ qkv,            // [tokens, (heads + 2*kv_heads) * head_dim]

@@ -1,29 +1,6 @@
 // RMSNorm over rows of f32 activations with a bf16 weight, and the fused
 // residual form: residual += x, then out = RMSNorm(residual). One block
-// per row; the sum of squares is reduced in f32 through shared memory.
-#include <cuda_bf16.h>
-
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffff, v, offset);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    const int warps = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < warps ? partial[threadIdx.x] : 0.0f;
-    if (warp == 0) {
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            v += __shfl_xor_sync(0xffffffff, v, offset);
-        }
-        if (lane == 0) partial[0] = v;
-    }
-    __syncthreads();
-    const float total = partial[0];
-    __syncthreads();
-    return total;
-}
+// per row; the sum of squares is reduced in f32 (block_sum, common.cuh).
 
 __device__ void normalize_row(float* out, const float* x, const __nv_bfloat16* weight, int cols, float eps) {
     float squares = 0.0f;

@@ -1,8 +1,5 @@
 // Greedy sampling on the device: the first index of each row's maximum
 // (ties to the lowest id, as torch.argmax), one block per row.
-// -inf without math.h (NVRTC has no standard headers).
-#define NEG_INF __int_as_float(0xff800000)
-
 extern "C" __global__ void argmax_f32(unsigned int* __restrict__ out, const float* __restrict__ logits, int vocab) {
     __shared__ float best_value[32];
     __shared__ unsigned int best_index[32];

@@ -1,4 +1,5 @@
-//! The kernel sources, and their compilation to PTX by NVRTC.
+//! The kernel sources, and their compilation to PTX by NVRTC. Each file is
+//! compiled with `kernels/common.cuh` (block reductions) in front.
 //!
 //! NVRTC needs `cuda_bf16.h` on its include path: the CUDA toolkit's
 //! `include` folder, or the one the pip package `nvidia-cuda-runtime` ships.
@@ -31,8 +32,12 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("rope.cu", ["rope_neox_f32"]),
     kernel!("activation.cu", ["silu_mul_f32"]),
     kernel!("kv_cache.cu", ["write_kv_bf16"]),
+    kernel!("attention.cu", ["paged_attention_bf16"]),
     kernel!("sampling.cu", ["argmax_f32"]),
 ];
+
+/// Helpers (block reductions, constants) prepended to every kernel file.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Whether the NVRTC library can be loaded (compiling needs no GPU).
 pub fn nvrtc_available() -> bool {
@@ -63,7 +68,7 @@ pub fn compile(kernel: &KernelSource, arch: &'static str, include_dirs: &[PathBu
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    compile_ptx_with_opts(kernel.source, options).map_err(|e| match e {
+    compile_ptx_with_opts(format!("{COMMON}\n{}", kernel.source), options).map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { log, .. } => format!("{}: {}", kernel.file, log.to_string_lossy()),
         other => format!("{}: {other:?}", kernel.file),
     })
