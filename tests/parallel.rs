@@ -1,85 +1,59 @@
-//! Tensor and pipeline parallelism on the CPU backend, one thread per rank
-//! talking through the in-process communicator: every layout the fixtures
-//! allow gives the Hugging Face reference logits (within 1e-4 relative) and
-//! the same greedy ids as the reference.
+//! Tensor and pipeline parallelism on the CPU backend, through the worker
+//! threads (one per rank, talking through the in-process communicator):
+//! every layout the fixtures allow gives the Hugging Face reference logits
+//! (within 1e-4 relative) and the same greedy ids as the reference.
 
 mod common;
 
 use common::{assert_rows_close, prompt_keys, Reference};
 use shardline::backend::cpu::CpuBackend;
 use shardline::config::ModelConfig;
+use shardline::executor::{WorkerOptions, Workers};
+use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
 use shardline::loader::SafetensorsCheckpoint;
-use shardline::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
-use shardline::parallel::{in_process_group, InProcessComm, Layout};
+use shardline::model::Qwen2ForCausalLM;
+use shardline::parallel::Layout;
 use shardline::sampling::argmax;
-use std::sync::{Arc, Barrier, Mutex};
 
 const TOLERANCE: f64 = 1e-4;
-const BLOCK: usize = 16;
-const BLOCKS: usize = 16;
 
-/// What the last stage's first TP rank saw: the prompt's logits at every
-/// position, and the greedy continuation.
+/// The prompt's logits at every position, and the greedy continuation.
 struct Output {
     logits: Vec<f32>,
     greedy: Vec<u32>,
 }
 
 /// Runs `prompt` and `steps` greedy decode steps through a `layout` split
-/// of fixture `name`, each rank on its own thread.
+/// of fixture `name`: one worker thread per rank, each loading its shard.
 fn run_split(name: &str, layout: Layout, pp_layers: Option<&[usize]>, prompt: &[u32], steps: usize) -> Output {
     let dir = common::model_dir(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    layout.validate(&config).unwrap();
-    let stages = layout.stage_layers(&config, pp_layers).unwrap();
-    let Layout { tp, pp } = layout;
-    let mut tp_groups: Vec<Vec<Option<InProcessComm>>> = (0..pp).map(|_| in_process_group(tp).into_iter().map(Some).collect()).collect();
-    let mut pp_groups: Vec<Vec<Option<InProcessComm>>> = (0..tp).map(|_| in_process_group(pp).into_iter().map(Some).collect()).collect();
-    let next_token = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let step_done = Arc::new(Barrier::new(tp * pp));
-    let mut threads = Vec::new();
-    for rank in 0..tp * pp {
-        let (stage, tp_rank) = (rank / tp, rank % tp);
-        let shard = Shard {
-            tp_rank,
-            tp,
-            layers: stages[stage].clone(),
-            first_stage: stage == 0,
-            last_stage: stage == pp - 1,
-        };
-        let tp_comm = tp_groups[stage][tp_rank].take().unwrap();
-        let pp_comm = pp_groups[tp_rank][stage].take().unwrap();
-        let (dir, config, prompt) = (dir.clone(), config.clone(), prompt.to_vec());
-        let (next_token, step_done) = (next_token.clone(), step_done.clone());
-        threads.push(std::thread::spawn(move || {
-            let source = SafetensorsCheckpoint::open(&dir).unwrap();
-            let model = Qwen2ForCausalLM::load_shard(CpuBackend, config, &source, shard.clone()).unwrap();
-            let mut caches = model.alloc_kv_caches(model.kv_cache_shape(BLOCKS, BLOCK)).unwrap();
-            let comms = Collectives {
-                tp: &tp_comm,
-                pp: &pp_comm,
-            };
-            let table: Vec<u32> = (0..BLOCKS as u32).collect();
-            let reports = shard.last_stage && tp_rank == 0;
-            let mut logits = Vec::new();
-            let batch = ForwardBatch::single(&prompt, 0, &table, BLOCK, true);
-            model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits).unwrap();
-            let prompt_logits = logits.clone();
-            let vocab = model.config().vocab_size;
-            for position in prompt.len()..prompt.len() + steps {
-                if reports {
-                    next_token.lock().unwrap().push(argmax(&logits[logits.len() - vocab..]));
-                }
-                step_done.wait();
-                let token = *next_token.lock().unwrap().last().unwrap();
-                let batch = ForwardBatch::single(&[token], position, &table, BLOCK, false);
-                model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits).unwrap();
-            }
-            reports.then_some(prompt_logits)
-        }));
+    let num_kv_blocks = blocks_for(prompt.len() + steps);
+    let options = WorkerOptions {
+        layout,
+        pp_layers: pp_layers.map(<[usize]>::to_vec),
+        num_kv_blocks,
+        block_size: BLOCK_SIZE,
+        micro_batching: true,
+        panic_at: None,
+    };
+    let shard_config = config.clone();
+    let load = move |shard| {
+        let source = SafetensorsCheckpoint::open(&dir).map_err(|e| e.to_string())?;
+        Qwen2ForCausalLM::load_shard(CpuBackend, shard_config.clone(), &source, shard).map_err(|e| e.to_string())
+    };
+    let workers = Workers::spawn(config.clone(), options, load).unwrap();
+    let mut generator = Generator::with_executor(Box::new(workers), num_kv_blocks);
+    let logits = generator.extend(prompt, true).unwrap();
+    let vocab = config.vocab_size;
+    let mut greedy = Vec::new();
+    let mut last = logits[logits.len() - vocab..].to_vec();
+    for _ in 0..steps {
+        greedy.push(argmax(&last));
+        if greedy.len() < steps {
+            last = generator.decode_one_token(*greedy.last().unwrap()).unwrap();
+        }
     }
-    let logits = threads.into_iter().filter_map(|t| t.join().unwrap()).next().unwrap();
-    let greedy = next_token.lock().unwrap().clone();
     Output { logits, greedy }
 }
 
