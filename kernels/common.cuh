@@ -41,3 +41,20 @@ __device__ float block_max(float v) {
     __syncthreads();
     return total;
 }
+
+// Folds (v, j) into (value, index) by maximum, ties to the lower index.
+__device__ __forceinline__ void max_with_index(float& value, unsigned int& index, float v, unsigned int j) {
+    if (v > value || (v == value && j < index)) {
+        value = v;
+        index = j;
+    }
+}
+
+// Argmax over a warp: every lane gets the warp's (value, index).
+__device__ __forceinline__ void warp_argmax(float& value, unsigned int& index) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffff, value, offset);
+        const unsigned int j = __shfl_xor_sync(0xffffffff, index, offset);
+        max_with_index(value, index, v, j);
+    }
+}

@@ -6,20 +6,8 @@ extern "C" __global__ void argmax_f32(unsigned int* __restrict__ out, const floa
     const float* row = logits + (size_t)blockIdx.x * vocab;
     float value = NEG_INF;
     unsigned int index = 0xffffffffu;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (row[i] > value) {
-            value = row[i];
-            index = i;
-        }
-    }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffff, value, offset);
-        const unsigned int j = __shfl_xor_sync(0xffffffff, index, offset);
-        if (v > value || (v == value && j < index)) {
-            value = v;
-            index = j;
-        }
-    }
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) max_with_index(value, index, row[i], i);
+    warp_argmax(value, index);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         best_value[warp] = value;
@@ -30,14 +18,7 @@ extern "C" __global__ void argmax_f32(unsigned int* __restrict__ out, const floa
         const int warps = (blockDim.x + 31) >> 5;
         value = lane < warps ? best_value[lane] : NEG_INF;
         index = lane < warps ? best_index[lane] : 0xffffffffu;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float v = __shfl_xor_sync(0xffffffff, value, offset);
-            const unsigned int j = __shfl_xor_sync(0xffffffff, index, offset);
-            if (v > value || (v == value && j < index)) {
-                value = v;
-                index = j;
-            }
-        }
+        warp_argmax(value, index);
         if (lane == 0) out[blockIdx.x] = index == 0xffffffffu ? 0 : index;
     }
 }

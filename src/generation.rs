@@ -100,7 +100,7 @@ impl Generator {
         }
         let batch = ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits);
         let mut logits = Vec::new();
-        self.executor.forward(&batch, &mut logits)?;
+        self.executor.forward(batch, &mut logits)?;
         self.cached += ids.len();
         Ok(logits)
     }

@@ -254,6 +254,12 @@ fn log_probs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
 mod tests {
     use super::*;
 
+    /// `n` tokens drawn one after another by one sampler with `params`.
+    fn draws(params: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params.clone());
+        (0..n).map(|_| s.sample(logits, &[], 0).token_id).collect()
+    }
+
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::greedy());
@@ -281,12 +287,8 @@ mod tests {
             seed: Some(3),
             ..SamplingParams::greedy()
         };
-        let run = |p: &SamplingParams| {
-            let mut s = Sampler::new(p.clone());
-            (0..20).map(|_| s.sample(&logits, &[], 0).token_id).collect::<Vec<_>>()
-        };
-        assert_eq!(run(&seeded), run(&seeded));
-        assert!(run(&seeded).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+        assert_eq!(draws(&seeded, &logits, 20), draws(&seeded, &logits, 20));
+        assert!(draws(&seeded, &logits, 20).iter().collect::<std::collections::HashSet<_>>().len() > 1);
     }
 
     #[test]
@@ -299,8 +301,7 @@ mod tests {
             seed: Some(1),
             ..SamplingParams::greedy()
         };
-        let mut s = Sampler::new(params);
-        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[], 0).token_id).collect();
+        let drawn: std::collections::HashSet<u32> = draws(&params, &logits, 500).into_iter().collect();
         assert_eq!(drawn, [0, 1].into_iter().collect());
     }
 
@@ -321,8 +322,7 @@ mod tests {
             seed: Some(4),
             ..SamplingParams::greedy()
         };
-        let mut s = Sampler::new(params);
-        let drawn: Vec<u32> = (0..2000).map(|_| s.sample(&logits, &[], 0).token_id).collect();
+        let drawn = draws(&params, &logits, 2000);
         assert!(drawn.iter().all(|&id| id as usize <= k.unwrap()));
         assert!(drawn.iter().any(|&id| id > 300));
     }
@@ -346,8 +346,7 @@ mod tests {
             seed: Some(2),
             ..SamplingParams::greedy()
         };
-        let mut s = Sampler::new(params);
-        let drawn: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits, &[], 0).token_id).collect();
+        let drawn: std::collections::HashSet<u32> = draws(&params, &logits, 500).into_iter().collect();
         assert_eq!(drawn, [0, 1].into_iter().collect());
     }
 

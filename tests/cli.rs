@@ -20,6 +20,14 @@ fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `shardline generate --chat` of `question`, greedy, with `extra` flags.
+fn generate_chat(question: &str, extra: &[&str]) -> Output {
+    let model = tiny_chat();
+    let mut args = vec!["generate", "--model", &model, "--chat", "--prompt", question, "--temperature", "0"];
+    args.extend_from_slice(extra);
+    shardline(&args)
+}
+
 fn reference_case(i: usize) -> Value {
     let path = common::repo().join("tests/fixtures/tiny-chat/reference.json");
     let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -30,19 +38,7 @@ fn reference_case(i: usize) -> Value {
 fn generate_json_reports_the_reference_answer_with_logprobs() {
     let case = reference_case(0);
     let question = case["question"].as_str().unwrap();
-    let out = shardline(&[
-        "generate",
-        "--model",
-        &tiny_chat(),
-        "--chat",
-        "--prompt",
-        question,
-        "--temperature",
-        "0",
-        "--json",
-        "--logprobs",
-        "3",
-    ]);
+    let out = generate_chat(question, &["--json", "--logprobs", "3"]);
     let report = json_of(&out);
     assert_eq!(report["prompt_ids"], case["prompt_ids"]);
     assert_eq!(report["completion_ids"], case["completion_ids"]);
@@ -66,16 +62,7 @@ fn generate_json_reports_the_reference_answer_with_logprobs() {
 #[test]
 fn generate_streams_text_and_reports_speed() {
     let case = reference_case(3);
-    let out = shardline(&[
-        "generate",
-        "--model",
-        &tiny_chat(),
-        "--chat",
-        "--prompt",
-        case["question"].as_str().unwrap(),
-        "--temperature",
-        "0",
-    ]);
+    let out = generate_chat(case["question"].as_str().unwrap(), &[]);
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
@@ -173,6 +160,10 @@ fn bad_command_lines_fail_with_clear_messages() {
     );
     assert_fails_with(&["generate", "--model", "/no/such/model", "--prompt", "hi"], "no such model folder");
     assert_fails_with(&["generate", "--model", &chat, "--prompt-ids", "1,x"], "invalid value 'x'");
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--inject-worker-panic", "1"],
+        "expected RANK:STEP",
+    );
 }
 
 #[test]
@@ -237,9 +228,24 @@ fn plan_shows_qwen_72b_needs_two_80_gib_gpus_in_bf16() {
     // The table names the recommendation too.
     let table = shardline(&["plan", "--model", config, "--gpus", "2", "--gpu-memory-gib", "80"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("recommended: --tp 2 --pp 1 with bf16 weights"));
-    let bad = shardline(&["plan", "--model", config, "--gpus", "0", "--gpu-memory-gib", "80"]);
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gpus must be at least 1"));
+    assert_fails_with(
+        &["plan", "--model", config, "--gpus", "0", "--gpu-memory-gib", "80"],
+        "--gpus must be at least 1",
+    );
+    assert_fails_with(
+        &[
+            "plan",
+            "--model",
+            config,
+            "--gpus",
+            "2",
+            "--gpu-memory-gib",
+            "80",
+            "--gpu-memory-utilization",
+            "1.5",
+        ],
+        "--gpu-memory-utilization within 0..1",
+    );
 }
 
 #[test]
@@ -260,21 +266,7 @@ fn an_impossible_split_is_a_startup_error_naming_the_dimension() {
 fn generate_and_bench_split_over_ranks_give_the_reference() {
     let case = reference_case(3);
     for (tp, pp) in [("2", "1"), ("1", "2"), ("2", "2")] {
-        let out = shardline(&[
-            "generate",
-            "--model",
-            &tiny_chat(),
-            "--chat",
-            "--prompt",
-            case["question"].as_str().unwrap(),
-            "--temperature",
-            "0",
-            "--json",
-            "--tp",
-            tp,
-            "--pp",
-            pp,
-        ]);
+        let out = generate_chat(case["question"].as_str().unwrap(), &["--json", "--tp", tp, "--pp", pp]);
         let report = json_of(&out);
         assert_eq!(report["completion_ids"], case["completion_ids"], "tp={tp} pp={pp}");
     }

@@ -250,13 +250,3 @@ impl HostValues for [f32] {
         self
     }
 }
-
-impl HostValues for Vec<f32> {
-    fn values(&self) -> &[f32] {
-        self
-    }
-
-    fn values_mut(&mut self) -> &mut [f32] {
-        self
-    }
-}

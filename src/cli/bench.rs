@@ -85,12 +85,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bandwidth = cpu::measure_read_bandwidth()?;
     let (prefill, decode) = (median(prefill), median(decode));
     let limit = bandwidth / weight_bytes as f64;
+    let layout = args.parallel.layout();
     let report = json!({
         "model": name,
         "parameters": config.num_parameters(),
         "threads": rayon::current_num_threads(),
-        "tp": args.parallel.layout().tp,
-        "pp": args.parallel.layout().pp,
+        "tp": layout.tp,
+        "pp": layout.pp,
         "load_seconds": load_seconds,
         "weight_bytes_per_token": weight_bytes,
         "memory_bandwidth_gb_per_s": bandwidth / 1e9,
@@ -104,7 +105,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let layout = args.parallel.layout();
     println!(
         "model              {name}: {:.1}M parameters, tp={} pp={}, loaded in {load_seconds:.1} s",
         config.num_parameters() as f64 / 1e6,

@@ -215,7 +215,7 @@ impl Engine {
             }
             let (batch, sampled) = self.build_batch(&plan);
             let submit_started = Instant::now();
-            let submitted = self.executor.submit(&batch);
+            let submitted = self.executor.submit(batch);
             forward += submit_started.elapsed();
             if let Err(e) = submitted {
                 self.stats.last_step_ok.store(false, Ordering::Relaxed);

@@ -24,14 +24,14 @@ pub trait Executor: Send {
 
     /// Starts a step (writing its KV cache); at most [`Executor::depth`]
     /// may be in flight.
-    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError>;
+    fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError>;
 
     /// Waits for the oldest step in flight and puts the logits of its
     /// `batch.logit_rows` into `logits` as `[rows, vocab]`.
     fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError>;
 
     /// One step, start to finish.
-    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+    fn forward(&mut self, batch: ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
         self.submit(batch)?;
         self.collect(logits)
     }
@@ -73,10 +73,10 @@ where
         self.model.decode_weight_bytes()
     }
 
-    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
+    fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         assert!(self.done.is_none(), "a local executor runs one step at a time");
         let mut out = std::mem::take(&mut self.spare);
-        self.model.forward(batch, &mut self.kv_caches, &mut out)?;
+        self.model.forward(&batch, &mut self.kv_caches, &mut out)?;
         self.done = Some(out);
         Ok(())
     }

@@ -151,11 +151,11 @@ impl Executor for Workers {
         self.depth
     }
 
-    fn submit(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
+    fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         if let Some(why) = &self.broken {
             return Err(BackendError::Device(why.clone()));
         }
-        let batch = Arc::new(batch.clone());
+        let batch = Arc::new(batch);
         if !self.jobs.iter().all(|j| j.send(batch.clone()).is_ok()) {
             return Err(self.break_with("a worker has stopped".into()));
         }

@@ -32,35 +32,33 @@ impl<B: Backend> ForwardCtx<'_, B> {
     }
 }
 
-/// Rows `range × unit` of tensor `name` (a column-parallel weight, `unit`
-/// rows per head), read alone; the whole tensor when unsplit.
-fn rows_of(
-    source: &dyn WeightSource,
-    shard: &Shard,
-    name: &str,
-    shape: &[usize],
-    range: Range<usize>,
-    unit: usize,
-) -> std::result::Result<HostTensor, LoadError> {
-    match shard.tp {
-        1 => source.tensor(name, shape),
-        _ => source.tensor_slice(name, shape, range.start * unit..range.end * unit, None),
-    }
+/// Which dimension of a weight a tensor-parallel rank keeps.
+#[derive(Clone, Copy)]
+enum Split {
+    /// Output rows: a column-parallel weight (q/k/v, gate/up).
+    Rows,
+    /// Input columns: a row-parallel weight (o_proj, down_proj), all-reduced after.
+    Cols,
 }
 
-/// Columns `range × unit` of matrix `name` (a row-parallel weight), read
-/// alone; the whole matrix when unsplit.
-fn cols_of(
+/// This rank's `range × unit` rows or columns of tensor `name`, read alone;
+/// the whole tensor when unsplit.
+fn split_of(
     source: &dyn WeightSource,
     shard: &Shard,
     name: &str,
     shape: &[usize],
+    split: Split,
     range: Range<usize>,
     unit: usize,
 ) -> std::result::Result<HostTensor, LoadError> {
-    match shard.tp {
-        1 => source.tensor(name, shape),
-        _ => source.tensor_slice(name, shape, 0..shape[0], Some(range.start * unit..range.end * unit)),
+    if shard.tp == 1 {
+        return source.tensor(name, shape);
+    }
+    let mine = range.start * unit..range.end * unit;
+    match split {
+        Split::Rows => source.tensor_slice(name, shape, mine, None),
+        Split::Cols => source.tensor_slice(name, shape, 0..shape[0], Some(mine)),
     }
 }
 
@@ -85,8 +83,8 @@ impl<B: Backend> Qwen2Attention<B> {
         let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
         let (heads, kv_heads) = (shard.heads(config), shard.kv_heads(config));
         let name = |n: &str| format!("{prefix}.{n}");
-        let q_rows = |n: &str, shape: &[usize]| rows_of(source, shard, &name(n), shape, heads.clone(), hd);
-        let kv_rows = |n: &str, shape: &[usize]| rows_of(source, shard, &name(n), shape, kv_heads.clone(), hd);
+        let q_rows = |n: &str, shape: &[usize]| split_of(source, shard, &name(n), shape, Split::Rows, heads.clone(), hd);
+        let kv_rows = |n: &str, shape: &[usize]| split_of(source, shard, &name(n), shape, Split::Rows, kv_heads.clone(), hd);
         let qkv = HostTensor::concat_rows(&[
             q_rows("q_proj.weight", &[q, h])?,
             kv_rows("k_proj.weight", &[kv, h])?,
@@ -97,7 +95,7 @@ impl<B: Backend> Qwen2Attention<B> {
             kv_rows("k_proj.bias", &[kv])?,
             kv_rows("v_proj.bias", &[kv])?,
         ]);
-        let o_proj = cols_of(source, shard, &name("o_proj.weight"), &[h, q], heads.clone(), hd)?;
+        let o_proj = split_of(source, shard, &name("o_proj.weight"), &[h, q], Split::Cols, heads.clone(), hd)?;
         Ok(Qwen2Attention {
             qkv_proj: backend.load_weight(qkv)?,
             qkv_bias: backend.load_weight(qkv_bias)?,
@@ -142,12 +140,12 @@ impl<B: Backend> Qwen2Mlp<B> {
         let name = |n: &str| format!("{prefix}.{n}");
         let mine = shard.intermediate(config);
         let gate_up = HostTensor::concat_rows(&[
-            rows_of(source, shard, &name("gate_proj.weight"), &[i, h], mine.clone(), 1)?,
-            rows_of(source, shard, &name("up_proj.weight"), &[i, h], mine.clone(), 1)?,
+            split_of(source, shard, &name("gate_proj.weight"), &[i, h], Split::Rows, mine.clone(), 1)?,
+            split_of(source, shard, &name("up_proj.weight"), &[i, h], Split::Rows, mine.clone(), 1)?,
         ]);
         Ok(Qwen2Mlp {
             gate_up_proj: backend.load_weight(gate_up)?,
-            down_proj: backend.load_weight(cols_of(source, shard, &name("down_proj.weight"), &[h, i], mine, 1)?)?,
+            down_proj: backend.load_weight(split_of(source, shard, &name("down_proj.weight"), &[h, i], Split::Cols, mine, 1)?)?,
         })
     }
 

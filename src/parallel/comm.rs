@@ -282,9 +282,9 @@ mod tests {
             let mut out = Vec::new();
             for round in 0..50 {
                 let mut buf = vec![rank as f32 + round as f32, 1.0];
-                comm.all_reduce_sum(&mut buf).unwrap();
+                comm.all_reduce_sum(&mut buf[..]).unwrap();
                 let mut gathered = vec![0.0; 8];
-                comm.all_gather(&vec![rank as f32, -(rank as f32)], &mut gathered).unwrap();
+                comm.all_gather(&[rank as f32, -(rank as f32)][..], &mut gathered[..]).unwrap();
                 out.push((buf, gathered));
             }
             out
@@ -306,11 +306,11 @@ mod tests {
                 if rank == 0 {
                     buf = vec![step as f32, 0.0];
                 } else {
-                    comm.recv(&mut buf, rank - 1).unwrap();
+                    comm.recv(&mut buf[..], rank - 1).unwrap();
                     buf[1] += 1.0;
                 }
                 if rank + 1 < comm.size() {
-                    comm.send(&buf, rank + 1).unwrap();
+                    comm.send(&buf[..], rank + 1).unwrap();
                 }
                 got.push(buf);
             }
@@ -327,9 +327,9 @@ mod tests {
             if rank == 1 {
                 panic!("worker 1 dies");
             }
-            let mut buf = vec![1.0];
-            let reduced = comm.all_reduce_sum(&mut buf);
-            let received = comm.recv(&mut buf, 1);
+            let mut buf = [1.0];
+            let reduced = comm.all_reduce_sum(&mut buf[..]);
+            let received = comm.recv(&mut buf[..], 1);
             (reduced.is_err(), received.is_err())
         });
         assert!(results[1].is_err());
@@ -342,10 +342,10 @@ mod tests {
     fn mismatched_sizes_are_errors() {
         let results = on_ranks(2, |rank, comm| {
             let mut buf = vec![0.0; rank + 1];
-            comm.all_reduce_sum(&mut buf).is_err()
+            comm.all_reduce_sum(&mut buf[..]).is_err()
         });
         assert!(results.into_iter().all(|r| r.unwrap()));
         let comm = in_process_group(2).remove(0);
-        assert!(comm.all_gather(&vec![1.0], &mut vec![0.0; 3]).is_err());
+        assert!(comm.all_gather(&[1.0][..], &mut [0.0; 3][..]).is_err());
     }
 }
