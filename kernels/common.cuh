@@ -4,6 +4,10 @@
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// A stored weight widened to f32 (weights are bf16 or f32).
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+
 // Sum of `v` over the block; every thread gets it. Every thread must call.
 __device__ float block_sum(float v) {
     __shared__ float partial[32];

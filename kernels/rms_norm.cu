@@ -1,25 +1,23 @@
-// RMSNorm over rows of f32 activations with a bf16 weight, and the fused
+// RMSNorm over rows of f32 activations with an f32 weight, and the fused
 // residual form: residual += x, then out = RMSNorm(residual). One block
 // per row; the sum of squares is reduced in f32 (block_sum, common.cuh).
 
-__device__ void normalize_row(float* out, const float* x, const __nv_bfloat16* weight, int cols, float eps) {
+__device__ void normalize_row(float* out, const float* x, const float* weight, int cols, float eps) {
     float squares = 0.0f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) squares += x[i] * x[i];
     const float scale = rsqrtf(block_sum(squares) / cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        out[i] = x[i] * scale * __bfloat162float(weight[i]);
-    }
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) out[i] = x[i] * scale * weight[i];
 }
 
-extern "C" __global__ void rms_norm_bf16(
-    float* __restrict__ out, const float* __restrict__ x, const __nv_bfloat16* __restrict__ weight, int cols, float eps) {
+extern "C" __global__ void rms_norm_f32(
+    float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ weight, int cols, float eps) {
     const size_t row = (size_t)blockIdx.x * cols;
     normalize_row(out + row, x + row, weight, cols, eps);
 }
 
-extern "C" __global__ void add_rms_norm_bf16(
+extern "C" __global__ void add_rms_norm_f32(
     float* __restrict__ out, float* __restrict__ residual, const float* __restrict__ x,
-    const __nv_bfloat16* __restrict__ weight, int cols, float eps) {
+    const float* __restrict__ weight, int cols, float eps) {
     const size_t row = (size_t)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) residual[row + i] += x[row + i];
     __syncthreads();

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 
 fn shardline(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardline")).args(args).output().unwrap()
+    Command::new(common::shardline_bin()).args(args).output().unwrap()
 }
 
 fn tiny_chat() -> String {
@@ -164,6 +164,12 @@ fn bad_command_lines_fail_with_clear_messages() {
         &["generate", "--model", &chat, "--prompt", "hi", "--inject-worker-panic", "1"],
         "expected RANK:STEP",
     );
+    if shardline::backend::cuda::gpu_count() == 0 {
+        assert_fails_with(
+            &["generate", "--model", &chat, "--prompt", "hi", "--device", "cuda"],
+            "--device cuda: no CUDA GPU found",
+        );
+    }
 }
 
 #[test]

@@ -60,6 +60,14 @@ impl HostTensor {
         self.shape.iter().product()
     }
 
+    /// `[rows, cols]` of a matrix; any other tensor as one row (a vector).
+    pub fn matrix_dims(&self) -> (usize, usize) {
+        match self.shape[..] {
+            [rows, cols] => (rows, cols),
+            _ => (1, self.numel()),
+        }
+    }
+
     /// The values widened to f32 (exact for every supported dtype).
     pub fn to_f32(&self) -> Vec<f32> {
         match self.dtype {
@@ -176,6 +184,9 @@ pub trait Backend {
     type Tensor;
     type Weight: Send + Sync;
     type KvCache;
+    /// One forward's token positions and paged-cache metadata, prepared
+    /// once (a GPU uploads them) for every layer's attention ops.
+    type Step<'a>;
 
     fn name(&self) -> &'static str;
 
@@ -202,13 +213,17 @@ pub trait Backend {
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
 
-    /// Rotates the q and k heads of a fused `qkv [n, (heads + 2·kv_heads) · head_dim]`
-    /// in place (neox layout). `cos_sin [max_pos, head_dim]` holds cos in its
-    /// first half and sin in its second, per position.
-    fn rope(&self, qkv: &mut Self::Tensor, positions: &[u32], cos_sin: &Self::Weight, spec: &AttentionSpec) -> Result<()>;
+    /// The step of a batch whose `n` new tokens sit at `positions` (`[n]`)
+    /// and in the cache as `meta` says.
+    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<Self::Step<'a>>;
 
-    /// Writes the k and v heads of `qkv` into the cache at `meta.slot_mapping`.
-    fn write_kv(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<()>;
+    /// Rotates the q and k heads of a fused `qkv [n, (heads + 2·kv_heads) · head_dim]`
+    /// in place (neox layout) by each token's position. `cos_sin [max_pos,
+    /// head_dim]` holds cos in its first half and sin in its second, per position.
+    fn rope(&self, qkv: &mut Self::Tensor, step: &Self::Step<'_>, cos_sin: &Self::Weight, spec: &AttentionSpec) -> Result<()>;
+
+    /// Writes the k and v heads of `qkv` into the cache at the step's slot mapping.
+    fn write_kv(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, step: &Self::Step<'_>, spec: &AttentionSpec) -> Result<()>;
 
     /// Causal attention of the q heads of `qkv` over each sequence's cached
     /// context (prefill, chunked prefill and decode alike) → `[n, heads · head_dim]`.
@@ -216,7 +231,7 @@ pub trait Backend {
         &self,
         qkv: &Self::Tensor,
         cache: &Self::KvCache,
-        meta: &PagedAttentionMeta,
+        step: &Self::Step<'_>,
         spec: &AttentionSpec,
     ) -> Result<Self::Tensor>;
 
@@ -234,19 +249,33 @@ pub trait Backend {
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
 }
 
-/// Tensors whose values live in host memory as f32, which the in-process
-/// communicator can move directly.
-pub trait HostValues {
-    fn values(&self) -> &[f32];
-    fn values_mut(&mut self) -> &mut [f32];
+/// Tensors the in-process communicator can exchange: copied out to host
+/// f32 and back (free for host tensors; a device copy for a GPU's).
+pub trait HostStaging {
+    /// Number of f32 values.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Replaces `out`'s contents with the values.
+    fn copy_to_host(&self, out: &mut Vec<f32>) -> Result<()>;
+    /// Overwrites the values with `values` (of length [`HostStaging::len`]).
+    fn copy_from_host(&mut self, values: &[f32]) -> Result<()>;
 }
 
-impl HostValues for [f32] {
-    fn values(&self) -> &[f32] {
-        self
+impl HostStaging for [f32] {
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
     }
 
-    fn values_mut(&mut self) -> &mut [f32] {
-        self
+    fn copy_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(self);
+        Ok(())
+    }
+
+    fn copy_from_host(&mut self, values: &[f32]) -> Result<()> {
+        self.copy_from_slice(values);
+        Ok(())
     }
 }

@@ -9,6 +9,8 @@ mod serve;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardline::backend::cpu::CpuBackend;
+use shardline::backend::cuda::{self, CudaBackend};
+use shardline::backend::Backend;
 use shardline::backend::DType;
 use shardline::config::ModelConfig;
 use shardline::executor::{BusyTimes, Executor, LocalExecutor, WorkerOptions, Workers};
@@ -52,9 +54,13 @@ pub struct ModelArgs {
     dummy_dtype: WeightDtype,
 }
 
-/// How the model is split across devices (ranks are threads here).
+/// Where the model runs and how it is split across devices (ranks are
+/// threads of this process; with CUDA, rank r uses GPU r mod the GPUs visible).
 #[derive(Args, Debug, Clone)]
 pub struct ParallelArgs {
+    /// `auto` takes the GPU where CUDA finds one (`CUDA_VISIBLE_DEVICES` applies), else the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Auto, env = "SHARDLINE_DEVICE")]
+    device: Device,
     /// Tensor-parallel ranks: each holds a slice of every weight matrix.
     #[arg(long, default_value_t = 1, env = "SHARDLINE_TP")]
     tp: usize,
@@ -73,9 +79,28 @@ pub struct ParallelArgs {
     inject_worker_panic: Option<(usize, u64)>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
 impl ParallelArgs {
     fn layout(&self) -> shardline::parallel::Layout {
         shardline::parallel::Layout { tp: self.tp, pp: self.pp }
+    }
+
+    /// The device `--device` names, `auto` resolved: CUDA when a GPU is visible.
+    fn device(&self) -> anyhow::Result<Device> {
+        let gpus = cuda::gpu_count();
+        match (self.device, gpus) {
+            (Device::Cuda, 0) => anyhow::bail!(
+                "--device cuda: no CUDA GPU found (the driver library libcuda.so is missing, or CUDA_VISIBLE_DEVICES hides every GPU)"
+            ),
+            (Device::Auto, 0) | (Device::Cpu, _) => Ok(Device::Cpu),
+            _ => Ok(Device::Cuda),
+        }
     }
 }
 
@@ -90,9 +115,13 @@ fn start_executor(
 ) -> anyhow::Result<(Box<dyn Executor>, Option<BusyTimes>)> {
     let layout = parallel.layout();
     layout.validate(config)?;
+    let device = parallel.device()?;
     if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
-        let model = model_dir::open_shard(CpuBackend, options, Shard::whole(config)).context("loading the model")?;
-        return Ok((Box::new(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?), None));
+        let executor: Box<dyn Executor> = match device {
+            Device::Cuda => Box::new(local_executor(CudaBackend::new(0)?, options, config, num_kv_blocks)?),
+            _ => Box::new(local_executor(CpuBackend, options, config, num_kv_blocks)?),
+        };
+        return Ok((executor, None));
     }
     let worker_options = WorkerOptions {
         layout,
@@ -103,10 +132,33 @@ fn start_executor(
         panic_at: parallel.inject_worker_panic,
     };
     let options = options.clone();
-    let load = move |shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
-    let workers = Workers::spawn(config.clone(), worker_options, load)?;
+    let workers = match device {
+        Device::Cuda => {
+            let gpus = cuda::gpu_count();
+            let load = move |rank: usize, shard| {
+                let backend = CudaBackend::new(rank % gpus).map_err(|e| e.to_string())?;
+                model_dir::open_shard(backend, &options, shard).map_err(|e| e.to_string())
+            };
+            Workers::spawn(config.clone(), worker_options, load)?
+        }
+        _ => {
+            let load = move |_, shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
+            Workers::spawn(config.clone(), worker_options, load)?
+        }
+    };
     let busy = workers.busy_times();
     Ok((Box::new(workers), Some(busy)))
+}
+
+/// The whole model on one device, driven from the caller's thread.
+fn local_executor<B>(backend: B, options: &ModelOptions, config: &ModelConfig, num_kv_blocks: usize) -> anyhow::Result<LocalExecutor<B>>
+where
+    B: Backend + Send,
+    B::Weight: Send,
+    B::KvCache: Send,
+{
+    let model = model_dir::open_shard(backend, options, Shard::whole(config)).context("loading the model")?;
+    Ok(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?)
 }
 
 fn parse_rank_step(text: &str) -> Result<(usize, u64), String> {

@@ -8,7 +8,7 @@
 //! fails its requests, and `/ready` reports not ready.
 
 use super::Executor;
-use crate::backend::{Backend, BackendError, HostValues};
+use crate::backend::{Backend, BackendError, HostStaging};
 use crate::config::ModelConfig;
 use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
 use crate::parallel::{in_process_group, InProcessComm, Layout, LayoutError};
@@ -64,13 +64,14 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one thread per rank; each builds its shard with `load` and
-    /// allocates its KV cache. Returns once every rank is ready.
+    /// Starts one thread per rank; each builds its shard with
+    /// `load(rank, shard)` (on its own thread, so a device context is
+    /// created where it is used) and allocates its KV cache. Returns once every rank is ready.
     pub fn spawn<B, F>(config: ModelConfig, options: WorkerOptions, load: F) -> Result<Self, WorkersError>
     where
         B: Backend + 'static,
-        B::Tensor: HostValues,
-        F: Fn(Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync + 'static,
+        B::Tensor: HostStaging,
+        F: Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync + 'static,
     {
         let layout = options.layout;
         layout.validate(&config)?;
@@ -212,13 +213,13 @@ struct Worker {
 impl Worker {
     fn run<B>(
         self,
-        load: &(dyn Fn(Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
+        load: &(dyn Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
         jobs: Receiver<Arc<ForwardBatch>>,
         results: Sender<StepResult>,
         ready: Sender<Result<usize, (usize, String)>>,
     ) where
         B: Backend,
-        B::Tensor: HostValues,
+        B::Tensor: HostStaging,
     {
         let rank = self.rank;
         let (tp_comm, pp_comm) = (&self.tp_comm, &self.pp_comm);
@@ -251,15 +252,15 @@ impl Worker {
 
     fn serve<B>(
         &self,
-        load: &(dyn Fn(Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
+        load: &(dyn Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
         jobs: Receiver<Arc<ForwardBatch>>,
         results: &Sender<StepResult>,
         ready: &Sender<Result<usize, (usize, String)>>,
     ) where
         B: Backend,
-        B::Tensor: HostValues,
+        B::Tensor: HostStaging,
     {
-        let loaded = load(self.shard.clone()).and_then(|model| {
+        let loaded = load(self.rank, self.shard.clone()).and_then(|model| {
             let shape = model.kv_cache_shape(self.options.num_kv_blocks, self.options.block_size);
             let caches = model.alloc_kv_caches(shape).map_err(|e| e.to_string())?;
             Ok((model, caches))

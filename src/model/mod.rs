@@ -195,9 +195,10 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         logits: &mut Vec<f32>,
     ) -> Result<(), BackendError> {
         let b = &self.backend;
+        let step = b.prepare_step(&batch.positions, &batch.attn)?;
         let ctx = ForwardCtx {
             backend: b,
-            batch,
+            step: &step,
             rope_cos_sin: &self.rope_cos_sin,
             rms_norm_eps: self.config.rms_norm_eps as f32,
             tp: comms.map(|c| c.tp).filter(|tp| tp.size() > 1),

@@ -4,7 +4,7 @@
 //! checkpoint keys (`self_attn.q_proj` …); q/k/v and gate/up are fused into
 //! one matrix each at load so a step makes fewer, larger matmuls.
 
-use super::{ForwardBatch, Shard};
+use super::Shard;
 use crate::backend::{AttentionSpec, Backend, HostTensor, Result};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
@@ -12,9 +12,9 @@ use crate::parallel::Communicator;
 use std::ops::Range;
 
 /// What every layer's forward needs besides its input.
-pub struct ForwardCtx<'a, B: Backend> {
+pub struct ForwardCtx<'a, 's, B: Backend> {
     pub backend: &'a B,
-    pub batch: &'a ForwardBatch,
+    pub step: &'a B::Step<'s>,
     /// `[max_positions, head_dim]`: cos then sin of each position's rotary angles.
     pub rope_cos_sin: &'a B::Weight,
     pub rms_norm_eps: f32,
@@ -22,7 +22,7 @@ pub struct ForwardCtx<'a, B: Backend> {
     pub tp: Option<&'a dyn Communicator<B::Tensor>>,
 }
 
-impl<B: Backend> ForwardCtx<'_, B> {
+impl<B: Backend> ForwardCtx<'_, '_, B> {
     /// Sums a row-parallel layer's partial outputs over the TP ranks.
     pub fn all_reduce(&self, x: &mut B::Tensor) -> Result<()> {
         match self.tp {
@@ -109,12 +109,12 @@ impl<B: Backend> Qwen2Attention<B> {
         })
     }
 
-    fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, B>) -> Result<B::Tensor> {
+    fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
         let mut qkv = b.linear(x, &self.qkv_proj, Some(&self.qkv_bias))?;
-        b.rope(&mut qkv, &ctx.batch.positions, ctx.rope_cos_sin, &self.spec)?;
-        b.write_kv(&qkv, cache, &ctx.batch.attn, &self.spec)?;
-        let attn = b.paged_attention(&qkv, cache, &ctx.batch.attn, &self.spec)?;
+        b.rope(&mut qkv, ctx.step, ctx.rope_cos_sin, &self.spec)?;
+        b.write_kv(&qkv, cache, ctx.step, &self.spec)?;
+        let attn = b.paged_attention(&qkv, cache, ctx.step, &self.spec)?;
         let mut out = b.linear(&attn, &self.o_proj, None)?;
         ctx.all_reduce(&mut out)?;
         Ok(out)
@@ -149,7 +149,7 @@ impl<B: Backend> Qwen2Mlp<B> {
         })
     }
 
-    fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, B>) -> Result<B::Tensor> {
+    fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
         let gate_up = b.linear(x, &self.gate_up_proj, None)?;
         let mut out = b.linear(&b.silu_mul(&gate_up)?, &self.down_proj, None)?;
@@ -201,7 +201,7 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
     }
 
     /// `hidden [n, hidden_size]` is the residual stream, updated in place.
-    pub fn forward(&self, hidden: &mut B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, B>) -> Result<()> {
+    pub fn forward(&self, hidden: &mut B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<()> {
         let b = ctx.backend;
         let x = b.rms_norm(hidden, &self.input_layernorm, ctx.rms_norm_eps)?;
         let attn = self.self_attn.forward(&x, cache, ctx)?;

@@ -8,7 +8,7 @@
 //! calls [`InProcessComm::abort`]) fails every peer's pending and future
 //! calls, so no worker waits forever on a dead one.
 
-use crate::backend::{BackendError, HostValues, Result};
+use crate::backend::{BackendError, HostStaging, Result};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Collectives and point-to-point transfers over buffers of type `Buf`
 /// (`[f32]` in host memory; device buffers for a GPU backend).
-pub trait Communicator<Buf: ?Sized>: Send {
+pub trait Communicator<Buf: ?Sized> {
     /// This rank's index in the group.
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
@@ -171,7 +171,7 @@ impl InProcessComm {
     }
 }
 
-impl<T: HostValues + ?Sized> Communicator<T> for InProcessComm {
+impl<T: HostStaging + ?Sized> Communicator<T> for InProcessComm {
     fn rank(&self) -> usize {
         InProcessComm::rank(self)
     }
@@ -184,19 +184,18 @@ impl<T: HostValues + ?Sized> Communicator<T> for InProcessComm {
         if self.shared.size == 1 {
             return Ok(());
         }
-        let buf = buf.values_mut();
-        let input = buf.to_vec();
+        let mut input = Vec::new();
+        buf.copy_to_host(&mut input)?;
         self.exchange(&input, |slots| {
-            buf.copy_from_slice(&slots[0]);
+            let mut sum = slots[0].clone();
             for slot in &slots[1..] {
-                buf.iter_mut().zip(slot).for_each(|(b, s)| *b += s);
+                sum.iter_mut().zip(slot).for_each(|(b, s)| *b += s);
             }
-            Ok(())
+            buf.copy_from_host(&sum)
         })
     }
 
     fn all_gather(&self, input: &T, output: &mut T) -> Result<()> {
-        let (input, output) = (input.values(), output.values_mut());
         if output.len() != input.len() * self.shared.size {
             return Err(BackendError::Comm(format!(
                 "all_gather of {} values over {} ranks into {} values",
@@ -205,43 +204,40 @@ impl<T: HostValues + ?Sized> Communicator<T> for InProcessComm {
                 output.len()
             )));
         }
-        self.exchange(input, |slots| {
-            output
-                .chunks_exact_mut(input.len().max(1))
-                .zip(slots)
-                .for_each(|(o, s)| o.copy_from_slice(s));
-            Ok(())
-        })
+        let mut mine = Vec::new();
+        input.copy_to_host(&mut mine)?;
+        self.exchange(&mine, |slots| output.copy_from_host(&slots.concat()))
     }
 
     fn send(&self, buf: &T, to: usize) -> Result<()> {
-        let buf = buf.values();
+        let mut values = Vec::new();
+        buf.copy_to_host(&mut values)?;
         let mut state = self.lock();
         Self::check(&state)?;
-        state.mail.entry((self.rank, to)).or_default().push_back(buf.to_vec());
+        state.mail.entry((self.rank, to)).or_default().push_back(values);
         self.shared.wake.notify_all();
         Ok(())
     }
 
     fn recv(&self, buf: &mut T, from: usize) -> Result<()> {
-        let buf = buf.values_mut();
         let mut state = self.lock();
-        loop {
+        let data = loop {
             Self::check(&state)?;
             if let Some(data) = state.mail.get_mut(&(from, self.rank)).and_then(VecDeque::pop_front) {
-                if data.len() != buf.len() {
-                    return Err(BackendError::Comm(format!(
-                        "rank {} expected {} values from rank {from}, which sent {}",
-                        self.rank,
-                        buf.len(),
-                        data.len()
-                    )));
-                }
-                buf.copy_from_slice(&data);
-                return Ok(());
+                break data;
             }
             state = self.wait(state);
+        };
+        drop(state);
+        if data.len() != buf.len() {
+            return Err(BackendError::Comm(format!(
+                "rank {} expected {} values from rank {from}, which sent {}",
+                self.rank,
+                buf.len(),
+                data.len()
+            )));
         }
+        buf.copy_from_host(&data)
     }
 
     fn barrier(&self) -> Result<()> {

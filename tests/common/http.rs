@@ -45,7 +45,7 @@ impl Server {
     /// Serves tiny-chat with `args` added; returns once it is ready.
     pub fn start(args: &[&str]) -> Server {
         let model = super::model_dir("tiny-chat");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardline"))
+        let mut child = Command::new(super::shardline_bin())
             .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .stdout(Stdio::null())

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod chat;
 pub mod http;
+pub mod split;
 
 use safetensors::SafeTensors;
 use shardline::backend::cpu::CpuBackend;
@@ -13,8 +15,15 @@ use shardline::loader::LoadFormat;
 use shardline::model_dir::{self, LoadedModel, ModelOptions};
 use std::path::{Path, PathBuf};
 
+/// The repository root: `SHARDLINE_REPO` where test binaries built on one
+/// machine run in a copy of the repository on another (tests/gpu-check.sh).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("SHARDLINE_REPO").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+/// The `shardline` binary: `SHARDLINE_BIN` where it was carried elsewhere.
+pub fn shardline_bin() -> PathBuf {
+    std::env::var_os("SHARDLINE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_shardline")), PathBuf::from)
 }
 
 /// A vendored test model: `tiny-chat` lives in `models/`, the others in `tests/fixtures/`.

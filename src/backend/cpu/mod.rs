@@ -11,7 +11,7 @@ mod buffer;
 mod matmul;
 mod simd;
 
-use super::{AttentionSpec, Backend, BackendError, DType, HostTensor, HostValues, KvCacheShape, PagedAttentionMeta, Result};
+use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -64,6 +64,12 @@ pub struct CpuKvCache {
     v: Vec<f32>,
 }
 
+/// A step's inputs, read where they are.
+pub struct CpuStep<'a> {
+    positions: &'a [u32],
+    meta: &'a PagedAttentionMeta,
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
@@ -71,16 +77,14 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
+    type Step<'a> = CpuStep<'a>;
 
     fn name(&self) -> &'static str {
         "cpu"
     }
 
     fn load_weight(&self, host: HostTensor) -> Result<CpuWeight> {
-        let (rows, cols) = match host.shape[..] {
-            [rows, cols] => (rows, cols),
-            _ => (1, host.numel()),
-        };
+        let (rows, cols) = host.matrix_dims();
         let data = match host.dtype {
             _ if rows == 1 => WeightData::F32(host.to_f32()),
             DType::F32 => WeightData::F32(host.to_f32()),
@@ -142,11 +146,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, qkv: &mut CpuTensor, positions: &[u32], cos_sin: &CpuWeight, spec: &AttentionSpec) -> Result<()> {
+    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<CpuStep<'a>> {
+        Ok(CpuStep { positions, meta })
+    }
+
+    fn rope(&self, qkv: &mut CpuTensor, step: &CpuStep<'_>, cos_sin: &CpuWeight, spec: &AttentionSpec) -> Result<()> {
         let (hd, half) = (spec.head_dim, spec.head_dim / 2);
         let table = cos_sin.vector();
         let rotated_heads = spec.num_heads + spec.num_kv_heads;
-        qkv.data.par_chunks_mut(qkv.cols).zip(positions).for_each(|(row, &pos)| {
+        qkv.data.par_chunks_mut(qkv.cols).zip(step.positions).for_each(|(row, &pos)| {
             let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
             let (cos, sin) = cs.split_at(half);
             for head in row[..rotated_heads * hd].chunks_mut(hd) {
@@ -161,13 +169,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn write_kv(&self, qkv: &CpuTensor, cache: &mut CpuKvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<()> {
-        attention::write_kv(qkv, cache, meta, spec);
+    fn write_kv(&self, qkv: &CpuTensor, cache: &mut CpuKvCache, step: &CpuStep<'_>, spec: &AttentionSpec) -> Result<()> {
+        attention::write_kv(qkv, cache, step.meta, spec);
         Ok(())
     }
 
-    fn paged_attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, meta: &PagedAttentionMeta, spec: &AttentionSpec) -> Result<CpuTensor> {
-        Ok(attention::paged_attention(qkv, cache, meta, spec))
+    fn paged_attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, step: &CpuStep<'_>, spec: &AttentionSpec) -> Result<CpuTensor> {
+        Ok(attention::paged_attention(qkv, cache, step.meta, spec))
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
@@ -200,13 +208,17 @@ impl Backend for CpuBackend {
     }
 }
 
-impl HostValues for CpuTensor {
-    fn values(&self) -> &[f32] {
-        &self.data
+impl HostStaging for CpuTensor {
+    fn len(&self) -> usize {
+        self.data.len()
     }
 
-    fn values_mut(&mut self) -> &mut [f32] {
-        &mut self.data
+    fn copy_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
+        self.data.copy_to_host(out)
+    }
+
+    fn copy_from_host(&mut self, values: &[f32]) -> Result<()> {
+        self.data.copy_from_host(values)
     }
 }
 

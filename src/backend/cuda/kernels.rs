@@ -7,7 +7,7 @@
 //! `:`), then `$CUDA_HOME/include` and `/usr/local/cuda/include`.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One kernel file and the entry points it defines.
 pub struct KernelSource {
@@ -27,12 +27,14 @@ macro_rules! kernel {
 }
 
 pub const KERNELS: &[KernelSource] = &[
-    kernel!("embedding.cu", ["embedding_bf16"]),
-    kernel!("rms_norm.cu", ["rms_norm_bf16", "add_rms_norm_bf16"]),
+    kernel!("embedding.cu", ["embedding_bf16", "embedding_f32"]),
+    kernel!("rms_norm.cu", ["rms_norm_f32", "add_rms_norm_f32"]),
     kernel!("rope.cu", ["rope_neox_f32"]),
     kernel!("activation.cu", ["silu_mul_f32"]),
     kernel!("kv_cache.cu", ["write_kv_bf16"]),
     kernel!("attention.cu", ["paged_attention_bf16"]),
+    kernel!("linear.cu", ["matvec_bf16", "matvec_f32"]),
+    kernel!("elementwise.cu", ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32"]),
     kernel!("sampling.cu", ["argmax_f32"]),
 ];
 
@@ -72,4 +74,59 @@ pub fn compile(kernel: &KernelSource, arch: &'static str, include_dirs: &[PathBu
         cudarc::nvrtc::CompileError::CompileError { log, .. } => format!("{}: {}", kernel.file, log.to_string_lossy()),
         other => format!("{}: {other:?}", kernel.file),
     })
+}
+
+/// Where compiled PTX is kept between runs: `SHARDLINE_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/shardline/kernels`, else `~/.cache/shardline/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("SHARDLINE_KERNEL_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("shardline").join("kernels"))
+}
+
+/// The cache file of `kernel` for `arch`, named by a hash of both sources
+/// and the architecture, so an edited kernel never reads a stale entry.
+pub fn cache_path(dir: &Path, kernel: &KernelSource, arch: &str) -> PathBuf {
+    let key = format!("{COMMON}\0{}\0{arch}", kernel.source);
+    let stem = kernel.file.trim_end_matches(".cu");
+    dir.join(format!("{stem}-{arch}-{:016x}.ptx", crate::rng::fnv1a(key.as_bytes())))
+}
+
+/// Compiles `kernel` for `arch`, or (with `read_cache`) reads the PTX an
+/// earlier run compiled; returns whether it came from the cache. A cache
+/// that cannot be written costs a recompile next time, nothing more.
+pub fn compile_cached(kernel: &KernelSource, arch: &'static str, read_cache: bool) -> Result<(Ptx, bool), String> {
+    let path = cache_dir().map(|dir| cache_path(&dir, kernel, arch));
+    if let Some(text) = path.as_ref().filter(|_| read_cache).and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok((Ptx::from_src(text), true));
+    }
+    if !nvrtc_available() {
+        return Err(format!(
+            "{}: libnvrtc cannot be loaded to compile it (LD_LIBRARY_PATH?)",
+            kernel.file
+        ));
+    }
+    let includes = include_dirs();
+    if includes.is_empty() {
+        return Err(format!(
+            "{}: cuda_bf16.h not found; set SHARDLINE_CUDA_INCLUDE or CUDA_HOME to a CUDA include folder",
+            kernel.file
+        ));
+    }
+    let ptx = compile(kernel, arch, &includes)?;
+    if let Some(path) = path {
+        let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+            let partial = path.with_extension(format!("{}.partial", std::process::id()));
+            std::fs::write(&partial, ptx.to_src())?;
+            std::fs::rename(&partial, &path)
+        });
+        if let Err(e) = written {
+            eprintln!("shardline: could not cache {} in {}: {e}", kernel.file, path.display());
+        }
+    }
+    Ok((ptx, false))
 }

@@ -1,6 +1,276 @@
 //! The CUDA backend. Its kernels (`kernels/*.cu`, one file per op family,
 //! `<op>_<dtype>` entry points) are embedded in the binary and compiled by
-//! NVRTC for the device's architecture. cudarc loads the CUDA libraries at
-//! run time, so the same binary runs where there is no CUDA at all.
+//! NVRTC for the device's architecture on first use, then cached on disk.
+//! cudarc loads the CUDA libraries at run time, so the same binary runs
+//! where there is no CUDA at all: [`gpu_count`] is 0 there.
+//!
+//! Activations are f32 on the device, as on the CPU. Weight matrices stay
+//! bf16 (or f32; f16 is widened), vectors (norms, biases) are widened to f32
+//! at load, and the KV cache is bf16. Small batches multiply through our
+//! mat-vec kernel, which reads each weight once against f32 activations;
+//! larger ones through cuBLAS with the activations rounded to bf16.
 
+mod gemm;
 pub mod kernels;
+pub mod nccl;
+mod ops;
+
+use super::{BackendError, DType, HostStaging, HostTensor, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// GPUs this process can use (`CUDA_VISIBLE_DEVICES` applies); 0 where the
+/// driver library is missing or finds no device.
+pub fn gpu_count() -> usize {
+    // SAFETY: only tries to open the driver library; nothing is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// A row-major `[rows, cols]` f32 matrix in device memory.
+pub struct CudaTensor {
+    data: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaTensor {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+enum WeightData {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+/// A parameter in device memory: a `[rows, cols]` matrix, or a vector
+/// (`rows == 1`, always f32).
+pub struct CudaWeight {
+    data: WeightData,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaWeight {
+    /// The weight as an f32 vector or table (norms, biases, the RoPE table).
+    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            WeightData::F32(v) => Ok(v),
+            WeightData::Bf16(_) => Err(BackendError::Device(format!("{what} must be an f32 weight"))),
+        }
+    }
+}
+
+/// One layer's paged KV cache: `[num_blocks · block_size, kv_heads, head_dim]` each, bf16.
+pub struct CudaKvCache {
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+}
+
+/// A step's token metadata on the device, in one buffer: positions
+/// `[n]`, slots `[n]`, each token's sequence `[n]` and position in it
+/// `[n]`, then the block tables `[seqs, max_blocks]` (padded with 0).
+pub struct CudaStep {
+    buf: CudaSlice<u32>,
+    tokens: usize,
+    max_blocks: usize,
+    block_size: usize,
+}
+
+/// One device, one stream: every op of a rank is queued in order on its
+/// stream, and only copies to the host wait for it.
+pub struct CudaBackend {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    blas: gemm::Blas,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`) and loads every
+    /// kernel, compiling those not in the disk cache.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = gpu_count();
+        if ordinal >= count {
+            return Err(BackendError::Device(match count {
+                0 => "no CUDA GPU found (no driver library, or no visible device)".into(),
+                n => format!("GPU {ordinal} requested but only {n} visible"),
+            }));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
+        // Each backend queues all its work on one stream and copies to the
+        // host synchronously, so cudarc's per-buffer events are not needed.
+        // SAFETY: no buffer of this context is used on two streams.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_error("creating a stream"))?;
+        let arch = arch_of(ctx.compute_capability().map_err(driver_error("reading the compute capability"))?);
+        let mut functions = HashMap::new();
+        for kernel in kernels::KERNELS {
+            let (ptx, cached) = kernels::compile_cached(kernel, arch, true).map_err(BackendError::Device)?;
+            let module = match (ctx.load_module(ptx), cached) {
+                (Ok(module), _) => module,
+                // A cached PTX the driver refuses (made by another NVRTC): compile afresh.
+                (Err(_), true) => {
+                    let (ptx, _) = kernels::compile_cached(kernel, arch, false).map_err(BackendError::Device)?;
+                    ctx.load_module(ptx).map_err(driver_error(kernel.file))?
+                }
+                (Err(e), false) => return Err(driver_error(kernel.file)(e)),
+            };
+            for &entry in kernel.entry_points {
+                functions.insert(entry, module.load_function(entry).map_err(driver_error(entry))?);
+            }
+        }
+        let blas = gemm::Blas::new(stream.clone())?;
+        Ok(CudaBackend {
+            ordinal,
+            stream,
+            blas,
+            functions,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Waits until every op queued so far has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_error("synchronizing"))
+    }
+
+    fn function(&self, name: &'static str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    fn alloc_f32(&self, len: usize, what: &str) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller's kernel writes all `len` values before any is read.
+        unsafe { self.stream.alloc::<f32>(len) }.map_err(alloc_error(what, len * 4))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            data: self.alloc_f32(rows * cols, what)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, values: &[T], what: &str) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(values)
+            .map_err(alloc_error(what, std::mem::size_of_val(values)))
+    }
+
+    fn upload_weight(&self, host: &HostTensor) -> Result<WeightData> {
+        let what = format!("a {:?} weight", host.shape);
+        let vector = host.shape.len() < 2;
+        Ok(match host.dtype {
+            DType::BF16 if !vector => {
+                let values: Vec<bf16> = host.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+                WeightData::Bf16(self.upload(&values, &what)?)
+            }
+            _ => WeightData::F32(self.upload(&host.to_f32(), &what)?),
+        })
+    }
+}
+
+impl HostStaging for CudaTensor {
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    fn copy_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
+        let stream = self.data.stream();
+        out.resize(self.len(), 0.0);
+        stream
+            .memcpy_dtoh(&self.data, out.as_mut_slice())
+            .and_then(|()| stream.synchronize())
+            .map_err(driver_error("copying to the host"))
+    }
+
+    fn copy_from_host(&mut self, values: &[f32]) -> Result<()> {
+        let stream = self.data.stream().clone();
+        stream
+            .memcpy_htod(values, &mut self.data)
+            .map_err(driver_error("copying from the host"))
+    }
+}
+
+/// The NVRTC virtual architecture for a compute capability; an unknown
+/// newer GPU gets Hopper's PTX, which its driver compiles forward.
+fn arch_of((major, minor): (i32, i32)) -> &'static str {
+    match (major, minor) {
+        (7, 0) => "compute_70",
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (m, _) if m < 8 => "compute_70",
+        (8, _) => "compute_80",
+        _ => "compute_90",
+    }
+}
+
+/// A launch of `blocks` blocks of `threads` threads with `shared` bytes of
+/// dynamic shared memory.
+fn grid(blocks: usize, threads: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// Enough blocks of 256 threads for a grid-strided loop over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(256).min(65_535), 256, 0)
+}
+
+fn driver_error(context: &str) -> impl Fn(DriverError) -> BackendError + '_ {
+    move |e| BackendError::Device(format!("CUDA error {context}: {e}"))
+}
+
+fn alloc_error(what: &str, bytes: usize) -> impl Fn(DriverError) -> BackendError + '_ {
+    move |e| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory {
+            what: what.to_string(),
+            bytes,
+        },
+        _ => BackendError::Device(format!("CUDA error allocating {bytes} bytes for {what}: {e}")),
+    }
+}
+
+impl CudaBackend {
+    /// Device-to-device copy bandwidth in bytes/s, counting bytes read and
+    /// written: the best of ten copies of 1 GiB after a warm-up.
+    pub fn measure_copy_bandwidth(&self) -> Result<f64> {
+        let bytes = 1usize << 30;
+        let src = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(alloc_error("a bandwidth probe", bytes))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(alloc_error("a bandwidth probe", bytes))?;
+        let copy = |dst: &mut CudaSlice<u8>| -> Result<f64> {
+            let started = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, dst).map_err(driver_error("copying on the device"))?;
+            self.synchronize()?;
+            Ok(2.0 * bytes as f64 / started.elapsed().as_secs_f64())
+        };
+        copy(&mut dst)?;
+        (0..10).map(|_| copy(&mut dst)).try_fold(0.0, |best, b| Ok(f64::max(best, b?)))
+    }
+}

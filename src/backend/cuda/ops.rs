@@ -1,0 +1,353 @@
+//! The [`Backend`] ops as kernel launches and cuBLAS calls on the
+//! backend's stream. Shapes are checked on the host before each launch.
+
+use super::gemm::Operands;
+use super::{alloc_error, driver_error, elementwise, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight, WeightData};
+use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+/// Batches up to this many tokens multiply through the mat-vec kernel
+/// (`MAX_TOKENS` in `kernels/linear.cu`); larger ones through cuBLAS.
+const MATVEC_MAX_TOKENS: usize = 8;
+/// Threads per block of the row kernels (norms, embedding, RoPE, KV writes, attention).
+const ROW_THREADS: u32 = 256;
+/// Threads per (token, head) block of paged attention; with 4 output
+/// dimensions a thread (`DIMS_PER_THREAD`), head_dim may be up to 512.
+const ATTENTION_THREADS: u32 = 128;
+
+fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    match ok {
+        true => Ok(()),
+        false => Err(BackendError::Device(message())),
+    }
+}
+
+fn int(v: usize) -> i32 {
+    v as i32
+}
+
+impl CudaBackend {
+    /// Queues `args` on the stream; the error names the kernel.
+    fn launch(&self, name: &str, mut args: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+        // SAFETY: each caller passes the arguments its kernel declares, with
+        // buffers of the sizes the launch shape reads and writes.
+        unsafe { args.launch(config) }.map(|_| ()).map_err(driver_error(name))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+    type Step<'a> = CudaStep;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn load_weight(&self, host: HostTensor) -> Result<CudaWeight> {
+        let (rows, cols) = host.matrix_dims();
+        Ok(CudaWeight {
+            data: self.upload_weight(&host)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn weight_bytes(&self, w: &CudaWeight) -> usize {
+        let elem = match w.data {
+            WeightData::Bf16(_) => 2,
+            WeightData::F32(_) => 4,
+        };
+        w.rows * w.cols * elem
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
+        let n = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        let zeros = || self.stream.alloc_zeros::<bf16>(n).map_err(alloc_error("the KV cache", n * 2));
+        Ok(CudaKvCache { k: zeros()?, v: zeros()? })
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        check(ids.iter().all(|&id| (id as usize) < table.rows), || {
+            format!("embedding: a token id is outside the table's {} rows", table.rows)
+        })?;
+        let mut out = self.tensor(ids.len(), table.cols, "embeddings")?;
+        let ids = self.upload(ids, "token ids")?;
+        let hidden = int(table.cols);
+        let config = grid(out.rows, ROW_THREADS, 0);
+        let name = match &table.data {
+            WeightData::Bf16(_) => "embedding_bf16",
+            WeightData::F32(_) => "embedding_f32",
+        };
+        let mut args = self.stream.launch_builder(self.function(name));
+        args.arg(&mut out.data);
+        match &table.data {
+            WeightData::Bf16(t) => args.arg(t),
+            WeightData::F32(t) => args.arg(t),
+        };
+        args.arg(&ids).arg(&hidden);
+        self.launch(name, args, config)?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaTensor> {
+        check(x.cols == w.cols, || {
+            format!("linear: input [{}, {}] against weight [{}, {}]", x.rows, x.cols, w.rows, w.cols)
+        })?;
+        let bias = bias.map(|b| b.f32("a bias")).transpose()?;
+        if let Some(b) = bias {
+            check(b.len() == w.rows, || format!("linear: bias of {} for {} outputs", b.len(), w.rows))?;
+        }
+        let mut out = self.tensor(x.rows, w.rows, "a linear output")?;
+        if x.rows <= MATVEC_MAX_TOKENS {
+            self.matvec(x, w, bias, &mut out)?;
+            return Ok(out);
+        }
+        match &w.data {
+            WeightData::Bf16(weights) => {
+                let n = x.rows * x.cols;
+                let mut rounded = self.stream.alloc_zeros::<bf16>(n).map_err(alloc_error("bf16 activations", n * 2))?;
+                let mut args = self.stream.launch_builder(self.function("cast_f32_bf16"));
+                args.arg(&mut rounded).arg(&x.data).arg(&n);
+                self.launch("cast_f32_bf16", args, elementwise(n))?;
+                let operands = Operands::Bf16 { w: weights, x: &rounded };
+                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows)?;
+            }
+            WeightData::F32(weights) => {
+                let operands = Operands::F32 { w: weights, x: &x.data };
+                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows)?;
+            }
+        }
+        if let Some(b) = bias {
+            let (n, cols) = (out.rows * out.cols, int(out.cols));
+            let mut args = self.stream.launch_builder(self.function("add_bias_f32"));
+            args.arg(&mut out.data).arg(b).arg(&cols).arg(&n);
+            self.launch("add_bias_f32", args, elementwise(n))?;
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let w = weight.f32("an RMSNorm weight")?;
+        check(w.len() == x.cols, || {
+            format!("rms_norm: weight of {} for rows of {}", w.len(), x.cols)
+        })?;
+        let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
+        let cols = int(x.cols);
+        let mut args = self.stream.launch_builder(self.function("rms_norm_f32"));
+        args.arg(&mut out.data).arg(&x.data).arg(w).arg(&cols).arg(&eps);
+        self.launch("rms_norm_f32", args, grid(x.rows, ROW_THREADS, 0))?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let w = weight.f32("an RMSNorm weight")?;
+        check((residual.rows, residual.cols) == (x.rows, x.cols) && w.len() == x.cols, || {
+            format!(
+                "add_rms_norm: residual [{}, {}], x [{}, {}], weight {}",
+                residual.rows,
+                residual.cols,
+                x.rows,
+                x.cols,
+                w.len()
+            )
+        })?;
+        let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
+        let cols = int(x.cols);
+        let mut args = self.stream.launch_builder(self.function("add_rms_norm_f32"));
+        args.arg(&mut out.data)
+            .arg(&mut residual.data)
+            .arg(&x.data)
+            .arg(w)
+            .arg(&cols)
+            .arg(&eps);
+        self.launch("add_rms_norm_f32", args, grid(x.rows, ROW_THREADS, 0))?;
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        check((x.rows, x.cols) == (y.rows, y.cols), || "add_assign: shapes differ".into())?;
+        let n = x.rows * x.cols;
+        let mut args = self.stream.launch_builder(self.function("add_f32"));
+        args.arg(&mut x.data).arg(&y.data).arg(&n);
+        self.launch("add_f32", args, elementwise(n))
+    }
+
+    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<CudaStep> {
+        let tokens = meta.num_tokens();
+        check(positions.len() == tokens && meta.query_lens.iter().sum::<usize>() == tokens, || {
+            format!(
+                "a step of {tokens} slots has {} positions and query lengths summing to {}",
+                positions.len(),
+                meta.query_lens.iter().sum::<usize>()
+            )
+        })?;
+        let max_blocks = meta.block_tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut host = Vec::with_capacity(4 * tokens + meta.block_tables.len() * max_blocks);
+        host.extend_from_slice(positions);
+        host.extend_from_slice(&meta.slot_mapping);
+        for (s, (&q, &ctx)) in meta.query_lens.iter().zip(&meta.context_lens).enumerate() {
+            check(q <= ctx && ctx <= meta.block_tables[s].len() * meta.block_size, || {
+                format!("sequence {s}: {q} new of {ctx} tokens over {} blocks", meta.block_tables[s].len())
+            })?;
+            host.extend(std::iter::repeat_n(s as u32, q));
+        }
+        for (&q, &ctx) in meta.query_lens.iter().zip(&meta.context_lens) {
+            host.extend((ctx - q..ctx).map(|p| p as u32));
+        }
+        for table in &meta.block_tables {
+            host.extend_from_slice(table);
+            host.extend(std::iter::repeat_n(0, max_blocks - table.len()));
+        }
+        Ok(CudaStep {
+            buf: self.upload(&host, "step metadata")?,
+            tokens,
+            max_blocks,
+            block_size: meta.block_size,
+        })
+    }
+
+    fn rope(&self, qkv: &mut CudaTensor, step: &CudaStep, cos_sin: &CudaWeight, spec: &AttentionSpec) -> Result<()> {
+        let table = cos_sin.f32("the RoPE table")?;
+        check(qkv.rows == step.tokens && cos_sin.cols == spec.head_dim, || {
+            "rope: shapes differ from the step".into()
+        })?;
+        let positions = step.section(0);
+        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
+        let mut args = self.stream.launch_builder(self.function("rope_neox_f32"));
+        args.arg(&mut qkv.data)
+            .arg(&positions)
+            .arg(table)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&head_dim);
+        self.launch("rope_neox_f32", args, grid(qkv.rows, ROW_THREADS, 0))
+    }
+
+    fn write_kv(&self, qkv: &CudaTensor, cache: &mut CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<()> {
+        check(qkv.rows == step.tokens, || "write_kv: rows differ from the step".into())?;
+        let slots = step.section(1);
+        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
+        let mut args = self.stream.launch_builder(self.function("write_kv_bf16"));
+        args.arg(&mut cache.k)
+            .arg(&mut cache.v)
+            .arg(&qkv.data)
+            .arg(&slots)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&head_dim);
+        self.launch("write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
+    }
+
+    fn paged_attention(&self, qkv: &CudaTensor, cache: &CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<CudaTensor> {
+        check(qkv.rows == step.tokens && spec.head_dim <= 4 * ATTENTION_THREADS as usize, || {
+            format!(
+                "paged_attention: {} rows for {} tokens, head_dim {}",
+                qkv.rows, step.tokens, spec.head_dim
+            )
+        })?;
+        let mut out = self.tensor(qkv.rows, spec.num_heads * spec.head_dim, "attention output")?;
+        let (seqs, poss, tables) = (step.section(2), step.section(3), step.block_tables());
+        let (max_blocks, block_size) = (int(step.max_blocks), int(step.block_size));
+        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
+        let scale = spec.scale;
+        let mut args = self.stream.launch_builder(self.function("paged_attention_bf16"));
+        args.arg(&mut out.data)
+            .arg(&qkv.data)
+            .arg(&cache.k)
+            .arg(&cache.v)
+            .arg(&tables)
+            .arg(&seqs)
+            .arg(&poss);
+        args.arg(&max_blocks)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&head_dim)
+            .arg(&block_size)
+            .arg(&scale);
+        let shared = ((spec.head_dim + ATTENTION_THREADS as usize) * 4) as u32;
+        let config = LaunchConfig {
+            grid_dim: (qkv.rows as u32, spec.num_heads as u32, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        self.launch("paged_attention_bf16", args, config)?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let inter = gate_up.cols / 2;
+        let mut out = self.tensor(gate_up.rows, inter, "SwiGLU output")?;
+        let (inter_i, rows) = (int(inter), int(gate_up.rows));
+        let mut args = self.stream.launch_builder(self.function("silu_mul_f32"));
+        args.arg(&mut out.data).arg(&gate_up.data).arg(&inter_i).arg(&rows);
+        self.launch("silu_mul_f32", args, elementwise(gate_up.rows * inter))?;
+        Ok(out)
+    }
+
+    fn select_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor> {
+        check(rows.iter().all(|&r| (r as usize) < x.rows), || {
+            format!("select_rows: a row is outside {}", x.rows)
+        })?;
+        let mut out = self.tensor(rows.len(), x.cols, "selected rows")?;
+        let rows_dev = self.upload(rows, "row ids")?;
+        let (cols, n) = (int(x.cols), rows.len() * x.cols);
+        let mut args = self.stream.launch_builder(self.function("gather_rows_f32"));
+        args.arg(&mut out.data).arg(&x.data).arg(&rows_dev).arg(&cols).arg(&n);
+        self.launch("gather_rows_f32", args, elementwise(n))?;
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {
+        crate::backend::HostStaging::copy_to_host(x, out)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            data: self
+                .stream
+                .alloc_zeros::<f32>(rows * cols)
+                .map_err(alloc_error("a zero tensor", rows * cols * 4))?,
+            rows,
+            cols,
+        })
+    }
+}
+
+impl CudaBackend {
+    /// `out = x · wᵀ + bias` for a few tokens: one warp per output feature.
+    fn matvec(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&cudarc::driver::CudaSlice<f32>>, out: &mut CudaTensor) -> Result<()> {
+        let (inner, outs, tokens) = (int(x.cols), int(w.rows), int(x.rows));
+        let null = 0u64;
+        let name = match &w.data {
+            WeightData::Bf16(_) => "matvec_bf16",
+            WeightData::F32(_) => "matvec_f32",
+        };
+        let mut args = self.stream.launch_builder(self.function(name));
+        args.arg(&mut out.data).arg(&x.data);
+        match &w.data {
+            WeightData::Bf16(v) => args.arg(v),
+            WeightData::F32(v) => args.arg(v),
+        };
+        match bias {
+            Some(b) => args.arg(b),
+            None => args.arg(&null),
+        };
+        args.arg(&inner).arg(&outs).arg(&tokens);
+        // Eight warps a block, one output feature a warp.
+        self.launch(name, args, grid(w.rows.div_ceil(8), 256, 0))
+    }
+}
+
+impl CudaStep {
+    /// The `i`-th `[tokens]` section: 0 positions, 1 slots, 2 sequences, 3 positions in them.
+    fn section(&self, i: usize) -> cudarc::driver::CudaView<'_, u32> {
+        self.buf.slice(i * self.tokens..(i + 1) * self.tokens)
+    }
+
+    fn block_tables(&self) -> cudarc::driver::CudaView<'_, u32> {
+        self.buf.slice(4 * self.tokens..)
+    }
+}

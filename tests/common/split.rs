@@ -1,0 +1,97 @@
+//! A fixture model split over worker threads (one per rank, talking through
+//! the in-process communicator) on any backend, checked against the Hugging
+//! Face reference logits and greedy ids.
+
+use super::{assert_rows_close, model_dir, prompt_keys, Reference};
+use shardline::backend::{Backend, HostStaging};
+use shardline::config::ModelConfig;
+use shardline::executor::{WorkerOptions, Workers};
+use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
+use shardline::loader::SafetensorsCheckpoint;
+use shardline::model::Qwen2ForCausalLM;
+use shardline::parallel::Layout;
+use shardline::sampling::argmax;
+
+/// The prompt's logits at every position, and the greedy continuation.
+pub struct Output {
+    pub logits: Vec<f32>,
+    pub greedy: Vec<u32>,
+}
+
+/// Runs `prompt` and `steps` greedy decode steps through a `layout` split
+/// of fixture `name`, rank `r` computing on `backend(r)`.
+pub fn run_split<B>(
+    name: &str,
+    layout: Layout,
+    pp_layers: Option<&[usize]>,
+    backend: fn(usize) -> B,
+    prompt: &[u32],
+    steps: usize,
+) -> Output
+where
+    B: Backend + 'static,
+    B::Tensor: HostStaging,
+{
+    let dir = model_dir(name);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let num_kv_blocks = blocks_for(prompt.len() + steps);
+    let options = WorkerOptions {
+        layout,
+        pp_layers: pp_layers.map(<[usize]>::to_vec),
+        num_kv_blocks,
+        block_size: BLOCK_SIZE,
+        micro_batching: true,
+        panic_at: None,
+    };
+    let shard_config = config.clone();
+    let load = move |rank, shard| {
+        let source = SafetensorsCheckpoint::open(&dir).map_err(|e| e.to_string())?;
+        Qwen2ForCausalLM::load_shard(backend(rank), shard_config.clone(), &source, shard).map_err(|e| e.to_string())
+    };
+    let workers = Workers::spawn(config.clone(), options, load).unwrap();
+    let mut generator = Generator::with_executor(Box::new(workers), num_kv_blocks);
+    let logits = generator.extend(prompt, true).unwrap();
+    let vocab = config.vocab_size;
+    let mut greedy = Vec::new();
+    let mut last = logits[logits.len() - vocab..].to_vec();
+    for _ in 0..steps {
+        greedy.push(argmax(&last));
+        if greedy.len() < steps {
+            last = generator.decode_one_token(*greedy.last().unwrap()).unwrap();
+        }
+    }
+    Output { logits, greedy }
+}
+
+/// Every prompt of the fixture through `layout`: logits within `tolerance`
+/// (relative, per position) and greedy ids equal to the reference.
+pub fn check_split<B>(name: &str, layout: Layout, pp_layers: Option<&[usize]>, backend: fn(usize) -> B, tolerance: f64)
+where
+    B: Backend + 'static,
+    B::Tensor: HostStaging,
+{
+    let reference = Reference::open(name);
+    for p in prompt_keys(&reference) {
+        let ids = reference.ids(&format!("{p}.input_ids"));
+        let (rows, vocab, want) = reference.matrix(&format!("{p}.logits"));
+        let greedy_key = format!("{p}.greedy_ids");
+        let want_ids = reference.has(&greedy_key).then(|| reference.ids(&greedy_key));
+        let steps = want_ids.as_ref().map_or(0, Vec::len);
+        let out = run_split(name, layout, pp_layers, backend, &ids, steps);
+        let what = format!("{name} tp={} pp={} {p}", layout.tp, layout.pp);
+        assert_rows_close(&out.logits[(ids.len() - rows) * vocab..], &want, vocab, tolerance, &what);
+        if let Some(want_ids) = want_ids {
+            assert_eq!(out.greedy, want_ids, "{what}: greedy continuation");
+        }
+    }
+}
+
+/// The layouts among (1,1) (2,1) (4,1) (1,2) (1,3) (2,2) (1,4) that fixture `name` allows.
+pub fn layouts(name: &str) -> Vec<Layout> {
+    let config = ModelConfig::from_file(&model_dir(name).join("config.json")).unwrap();
+    [(1, 1), (2, 1), (4, 1), (1, 2), (1, 3), (2, 2), (1, 4)]
+        .into_iter()
+        .map(|(tp, pp)| Layout { tp, pp })
+        .filter(|l| l.validate(&config).is_ok())
+        .collect()
+}

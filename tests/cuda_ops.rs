@@ -1,0 +1,248 @@
+//! Op-by-op parity of the CUDA backend with the CPU backend on random
+//! inputs: the same weights and activations go to both, and each output row
+//! must agree within a relative bound set by what the GPU path rounds (f32
+//! paths 1e-5; bf16 activations into cuBLAS and the bf16 KV cache 1e-2).
+//! Skips, saying so, where no GPU is visible.
+
+mod common;
+
+use half::bf16;
+use shardline::backend::cpu::{CpuBackend, CpuTensor};
+use shardline::backend::cuda::{gpu_count, nccl, CudaBackend, CudaTensor};
+use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta};
+use shardline::parallel::Communicator;
+use shardline::rng::Rng;
+
+const EXACT: f64 = 1e-5;
+const BF16_ROUNDED: f64 = 1e-2;
+
+fn gpu() -> Option<CudaBackend> {
+    if gpu_count() == 0 {
+        eprintln!("skipped: no CUDA GPU visible");
+        return None;
+    }
+    Some(CudaBackend::new(0).expect("opening GPU 0"))
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::seeded(seed);
+    (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()
+}
+
+fn weight(shape: &[usize], dtype: DType, seed: u64) -> HostTensor {
+    let values = random(shape.iter().product(), seed);
+    match dtype {
+        DType::BF16 => HostTensor {
+            dtype,
+            shape: shape.to_vec(),
+            bytes: values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        },
+        _ => HostTensor::from_f32(shape.to_vec(), &values),
+    }
+}
+
+/// The same `[rows, cols]` activations on both devices.
+fn activations(gpu: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (CpuTensor, CudaTensor) {
+    let values = random(rows * cols, seed);
+    let mut device = gpu.zeros(rows, cols).unwrap();
+    device.copy_from_host(&values).unwrap();
+    (CpuTensor::new(values, rows, cols), device)
+}
+
+fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, tolerance: f64, what: &str) {
+    let mut ours = Vec::new();
+    gpu.to_host(device, &mut ours).unwrap();
+    assert_eq!((device.rows(), device.cols()), (cpu.rows, cpu.cols), "{what}: shape");
+    assert!(
+        ours.iter().all(|v| v.is_finite()),
+        "{what}: a value is not finite (an element left unwritten?)"
+    );
+    common::assert_rows_close(&ours, &cpu.data, cpu.cols, tolerance, what);
+}
+
+#[test]
+fn linear_matches_for_every_batch_size_dtype_and_bias() {
+    let Some(gpu) = gpu() else { return };
+    // Matvec for up to 8 tokens (vector and scalar tails), cuBLAS above.
+    for (inner, outs) in [(256, 96), (100, 33), (896, 4864)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let w = weight(&[outs, inner], dtype, 1);
+            let b = weight(&[outs], DType::BF16, 2);
+            let (cw, gw) = (CpuBackend.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+            let (cb, gb) = (CpuBackend.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
+            for n in [1, 3, 8, 9, 37] {
+                let (cx, gx) = activations(&gpu, n, inner, 3 + n as u64);
+                let tolerance = match (n > 8, dtype) {
+                    (true, DType::BF16) => BF16_ROUNDED,
+                    _ => EXACT,
+                };
+                for bias in [false, true] {
+                    let want = CpuBackend.linear(&cx, &cw, bias.then_some(&cb)).unwrap();
+                    let got = gpu.linear(&gx, &gw, bias.then_some(&gb)).unwrap();
+                    let what = format!("linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype} bias={bias}");
+                    assert_close(&want, &gpu, &got, tolerance, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_embedding_activation_and_row_ops_match() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, cols) = (7, 200);
+    let norm = weight(&[cols], DType::BF16, 4);
+    let (cn, gn) = (CpuBackend.load_weight(norm.clone()).unwrap(), gpu.load_weight(norm).unwrap());
+    let (cx, gx) = activations(&gpu, rows, cols, 5);
+    let (cy, gy) = activations(&gpu, rows, cols, 6);
+    assert_close(
+        &CpuBackend.rms_norm(&cx, &cn, 1e-6).unwrap(),
+        &gpu,
+        &gpu.rms_norm(&gx, &gn, 1e-6).unwrap(),
+        EXACT,
+        "rms_norm",
+    );
+
+    let (mut c_res, mut g_res) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
+    let want = CpuBackend.add_rms_norm(&mut c_res, &cy, &cn, 1e-6).unwrap();
+    let got = gpu.add_rms_norm(&mut g_res, &gy, &gn, 1e-6).unwrap();
+    assert_close(&want, &gpu, &got, EXACT, "add_rms_norm output");
+    assert_close(&c_res, &gpu, &g_res, EXACT, "add_rms_norm residual");
+
+    let (mut c_sum, mut g_sum) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
+    CpuBackend.add_assign(&mut c_sum, &cy).unwrap();
+    gpu.add_assign(&mut g_sum, &gy).unwrap();
+    assert_close(&c_sum, &gpu, &g_sum, EXACT, "add_assign");
+
+    let (c_gu, g_gu) = activations(&gpu, rows, 2 * cols, 7);
+    assert_close(
+        &CpuBackend.silu_mul(&c_gu).unwrap(),
+        &gpu,
+        &gpu.silu_mul(&g_gu).unwrap(),
+        EXACT,
+        "silu_mul",
+    );
+
+    let picked = [6, 0, 3, 3];
+    let want = CpuBackend.select_rows(&cx, &picked).unwrap();
+    assert_close(&want, &gpu, &gpu.select_rows(&gx, &picked).unwrap(), EXACT, "select_rows");
+
+    for dtype in [DType::BF16, DType::F32] {
+        let table = weight(&[50, cols], dtype, 8);
+        let (ct, gt) = (CpuBackend.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
+        let ids = [3, 49, 0, 3];
+        let what = format!("embedding {dtype}");
+        assert_close(
+            &CpuBackend.embedding(&ct, &ids).unwrap(),
+            &gpu,
+            &gpu.embedding(&gt, &ids).unwrap(),
+            EXACT,
+            &what,
+        );
+    }
+    assert!(gpu
+        .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &[50])
+        .is_err());
+
+    let zeros = gpu.zeros(3, 5).unwrap();
+    assert_close(&CpuTensor::new(vec![0.0; 15], 3, 5), &gpu, &zeros, EXACT, "zeros");
+}
+
+/// One layer's attention over a batch mixing a fresh prefill, a chunk
+/// after a cached prefix, and a decode step, with scattered blocks.
+fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: usize) {
+    let spec = AttentionSpec {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let block_size = 16;
+    let shape = KvCacheShape {
+        num_blocks: 12,
+        block_size,
+        num_kv_heads: kv_heads,
+        head_dim,
+    };
+    let tables = [vec![7], vec![2, 9], vec![11, 0, 5]];
+    let meta_for = |spans: &[(usize, usize)]| {
+        let mut meta = PagedAttentionMeta {
+            block_size,
+            ..Default::default()
+        };
+        let mut positions = Vec::new();
+        for (s, &(start, end)) in spans.iter().enumerate() {
+            for p in start..end {
+                positions.push(p as u32);
+                meta.slot_mapping
+                    .push(tables[s][p / block_size] * block_size as u32 + (p % block_size) as u32);
+            }
+            meta.query_lens.push(end - start);
+            meta.context_lens.push(end);
+            meta.block_tables.push(tables[s].clone());
+        }
+        (positions, meta)
+    };
+    let width = (heads + 2 * kv_heads) * head_dim;
+    let table = weight(&[64, head_dim], DType::F32, 9);
+    let (c_rope, g_rope) = (CpuBackend.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
+    let mut c_cache = CpuBackend.alloc_kv_cache(shape).unwrap();
+    let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
+    // First the cached prefixes (17 and 39 tokens), then the mixed batch.
+    for (round, spans) in [vec![(0, 0), (0, 17), (0, 39)], vec![(0, 5), (17, 20), (39, 40)]]
+        .iter()
+        .enumerate()
+    {
+        let (positions, meta) = meta_for(spans);
+        let (mut cq, mut gq) = activations(gpu, positions.len(), width, 10 + round as u64);
+        let c_step = CpuBackend.prepare_step(&positions, &meta).unwrap();
+        let g_step = gpu.prepare_step(&positions, &meta).unwrap();
+        CpuBackend.rope(&mut cq, &c_step, &c_rope, &spec).unwrap();
+        gpu.rope(&mut gq, &g_step, &g_rope, &spec).unwrap();
+        assert_close(&cq, gpu, &gq, EXACT, "rope");
+        CpuBackend.write_kv(&cq, &mut c_cache, &c_step, &spec).unwrap();
+        gpu.write_kv(&gq, &mut g_cache, &g_step, &spec).unwrap();
+        let want = CpuBackend.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
+        let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
+        let what = format!("paged_attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} round {round}");
+        assert_close(&want, gpu, &got, BF16_ROUNDED, &what);
+    }
+}
+
+#[test]
+fn paged_attention_matches_for_prefill_chunks_and_decode() {
+    let Some(gpu) = gpu() else { return };
+    attention_case(&gpu, 4, 2, 64);
+    attention_case(&gpu, 2, 1, 128);
+    attention_case(&gpu, 14, 2, 64);
+}
+
+#[test]
+fn shape_mismatches_are_errors_not_faults() {
+    let Some(gpu) = gpu() else { return };
+    let w = gpu.load_weight(weight(&[8, 16], DType::BF16, 1)).unwrap();
+    let (_, x) = activations(&gpu, 2, 15, 2);
+    assert!(gpu.linear(&x, &w, None).is_err());
+    let (_, y) = activations(&gpu, 3, 15, 3);
+    let (_, mut z) = activations(&gpu, 2, 15, 4);
+    assert!(gpu.add_assign(&mut z, &y).is_err());
+    assert!(gpu.select_rows(&x, &[2]).is_err());
+}
+
+#[test]
+fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
+    let Some(gpu) = gpu() else { return };
+    if !nccl::nccl_available() {
+        panic!("a GPU is visible but libnccl.so cannot be loaded (tests/gpu-check.sh links it)");
+    }
+    let comm = nccl::NcclComm::join(&gpu, 0, 1, nccl::new_id().unwrap()).unwrap();
+    assert_eq!((comm.rank(), comm.size()), (0, 1));
+    let (cx, mut gx) = activations(&gpu, 3, 40, 11);
+    comm.all_reduce_sum(&mut gx).unwrap();
+    assert_close(&cx, &gpu, &gx, f64::EPSILON, "all_reduce over one rank");
+    let mut gathered = gpu.zeros(3, 40).unwrap();
+    comm.all_gather(&gx, &mut gathered).unwrap();
+    assert_close(&cx, &gpu, &gathered, f64::EPSILON, "all_gather over one rank");
+    assert!(comm.all_gather(&gx, &mut gpu.zeros(2, 40).unwrap()).is_err());
+    comm.barrier().unwrap();
+}

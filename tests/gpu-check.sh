@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The whole GPU suite and the GPU benchmarks in one go, ending with a short
+# table. Where cargo is present it builds first; the lent GPU machine has no
+# Rust toolchain, so there the binaries are built beforehand:
+#
+#   tests/gpu-check.sh --prepare   # here: release binaries, packed into target/gpu-carry
+#   tests/gpu-check.sh             # there, with target/gpu-carry carried along
+#
+# Finds CUDA's libraries (cuBLAS, NVRTC, NCCL) in the pip `nvidia` packages
+# or the toolkit, and cuda_bf16.h for NVRTC. Logs go to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN=$ROOT/target/gpu-check
+# The binaries packed small enough to travel with the working tree.
+PACK=$ROOT/target/gpu-carry/bins.tar.xz
+LOGS=${OUT:-$ROOT/target/gpu-check-logs}
+# Test binaries the check runs, in order.
+SUITES="cuda_ops cuda_model nvrtc cli greedy_chat http"
+
+prepare() {
+    cargo build --release --bin shardline || exit 1
+    local args=()
+    for suite in $SUITES; do args+=(--test "$suite"); done
+    cargo test --release --no-run --message-format=json "${args[@]}" >target/gpu-check-build.json || exit 1
+    rm -rf "$BIN" && mkdir -p "$BIN"
+    cp target/release/shardline "$BIN/"
+    python3 - "$BIN" target/gpu-check-build.json <<'EOF' || exit 1
+import json, shutil, sys
+for line in open(sys.argv[2]):
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and "test" in msg["target"]["kind"]:
+        shutil.copy(msg["executable"], f"{sys.argv[1]}/{msg['target']['name']}")
+EOF
+    strip "$BIN"/* 2>/dev/null
+    mkdir -p "$(dirname "$PACK")" && tar -C "$ROOT/target" -cJf "$PACK" gpu-check || exit 1
+    du -sh "$BIN" "$PACK"
+}
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    prepare
+    exit 0
+fi
+if command -v cargo >/dev/null; then
+    prepare || exit 1
+elif [[ -f "$PACK" ]]; then
+    tar -C "$ROOT/target" -xJf "$PACK" || exit 1
+fi
+[[ -x "$BIN/shardline" ]] || { echo "no $BIN/shardline: run tests/gpu-check.sh --prepare where cargo is, and carry target/gpu-carry"; exit 1; }
+
+# CUDA libraries: every lib folder of the pip nvidia packages, NCCL under the
+# name cudarc opens (libnccl.so), and a folder holding cuda_bf16.h.
+mkdir -p "$LOGS" /tmp/shardline-libs
+NVIDIA=$(python3 -c 'import nvidia, os; print(os.pathsep.join(nvidia.__path__))' 2>/dev/null)
+LIBDIRS=$(for d in ${NVIDIA//:/ }; do find "$d" -name 'lib*.so*' -printf '%h\n'; done | sort -u | paste -sd:)
+NCCL=$(for d in ${NVIDIA//:/ }; do find "$d" -name 'libnccl.so.2'; done | head -1)
+[[ -n "$NCCL" ]] && ln -sf "$NCCL" /tmp/shardline-libs/libnccl.so
+export LD_LIBRARY_PATH=/tmp/shardline-libs:$LIBDIRS:${LD_LIBRARY_PATH:-}
+HEADER=$( (for d in ${NVIDIA//:/ }; do find "$d" -name cuda_bf16.h; done; ls /usr/local/cuda/include/cuda_bf16.h 2>/dev/null) | head -1)
+export SHARDLINE_CUDA_INCLUDE=$(dirname "${HEADER:-/usr/local/cuda/include/x}")
+export SHARDLINE_REPO=$ROOT SHARDLINE_BIN=$BIN/shardline SHARDLINE_KERNEL_CACHE=/tmp/shardline-kernels
+nvidia-smi -L || true
+
+ROWS=()
+row() { ROWS+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+for suite in $SUITES; do
+    env=()
+    [[ $suite == http ]] && env=(SHARDLINE_DEVICE=cuda)
+    start=$(date +%s)
+    if env "${env[@]}" "$BIN/$suite" --test-threads=2 --nocapture >"$LOGS/$suite.log" 2>&1; then
+        result="ok"
+    else
+        result="FAILED (log: $suite.log)"
+        tail -n 40 "$LOGS/$suite.log"
+    fi
+    summary=$(grep -E '^test result' "$LOGS/$suite.log" | tail -1 | sed -E 's/test result: [a-zA-Z]+\. //; s/; 0 ignored.*//')
+    grep -q 'skipped: no CUDA GPU' "$LOGS/$suite.log" && result="SKIPPED: no GPU seen"
+    row "test $suite" "$result, $summary, $(( $(date +%s) - start )) s"
+done
+
+for model in qwen2.5-0.5b qwen2.5-7b; do
+    config=configs/models/$model.json
+    "$BIN/shardline" bench --device cuda --model "$config" --load-format dummy --prompt-len 128 --decode-tokens 64 --repeats 3 --json \
+        >"$LOGS/bench-$model.json" 2>"$LOGS/bench-$model.log" || tail -n 20 "$LOGS/bench-$model.log"
+    python3 benches/hf_gpu_peer.py --config "$config" --prompt-len 128 --decode-tokens 64 --repeats 3 \
+        >"$LOGS/peer-$model.json" 2>"$LOGS/peer-$model.log" || tail -n 20 "$LOGS/peer-$model.log"
+    ROWS+=("$(python3 - "$LOGS/bench-$model.json" "$LOGS/peer-$model.json" "$model" <<'EOF'
+import json, sys
+def load(path):
+    try:
+        return json.load(open(path))
+    except Exception:
+        return {}
+ours, peer, model = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
+if not ours:
+    print(f"{'bench ' + model:<34} FAILED (see bench-{model}.log)")
+    sys.exit()
+line = (f"{'bench ' + model:<34} decode {ours['decode_tokens_per_s']:.1f} tok/s = "
+        f"{100 * ours['decode_fraction_of_limit']:.0f}% of {ours['decode_bandwidth_limit_tokens_per_s']:.0f} limit "
+        f"({ours['memory_bandwidth_gb_per_s']:.0f} GB/s), prefill {ours['prefill_tokens_per_s']:.0f} tok/s")
+if peer:
+    line += (f"; HF decode {peer['decode_tokens_per_s']:.1f} ({ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}x), "
+             f"prefill {peer['prefill_tokens_per_s']:.0f} ({ours['prefill_tokens_per_s'] / peer['prefill_tokens_per_s']:.2f}x)")
+print(line)
+EOF
+)")
+done
+
+echo
+echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
+printf '%s\n' "${ROWS[@]}"
