@@ -152,9 +152,11 @@ impl CudaBackend {
         &self.functions[name]
     }
 
+    /// `len` f32 values, uninitialized (the driver refuses empty
+    /// allocations, so an empty tensor holds one unused value).
     fn alloc_f32(&self, len: usize, what: &str) -> Result<CudaSlice<f32>> {
         // SAFETY: every caller's kernel writes all `len` values before any is read.
-        unsafe { self.stream.alloc::<f32>(len) }.map_err(alloc_error(what, len * 4))
+        unsafe { self.stream.alloc::<f32>(len.max(1)) }.map_err(alloc_error(what, len * 4))
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
@@ -165,10 +167,12 @@ impl CudaBackend {
         })
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr>(&self, values: &[T], what: &str) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(values)
-            .map_err(alloc_error(what, std::mem::size_of_val(values)))
+    fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, values: &[T], what: &str) -> Result<CudaSlice<T>> {
+        let bytes = std::mem::size_of_val(values);
+        match values.is_empty() {
+            true => self.stream.alloc_zeros(1).map_err(alloc_error(what, bytes)),
+            false => self.stream.clone_htod(values).map_err(alloc_error(what, bytes)),
+        }
     }
 
     fn upload_weight(&self, host: &HostTensor) -> Result<WeightData> {
@@ -192,13 +196,19 @@ impl HostStaging for CudaTensor {
     fn copy_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
         let stream = self.data.stream();
         out.resize(self.len(), 0.0);
+        if out.is_empty() {
+            return Ok(());
+        }
         stream
-            .memcpy_dtoh(&self.data, out.as_mut_slice())
+            .memcpy_dtoh(&self.data.slice(..self.len()), out.as_mut_slice())
             .and_then(|()| stream.synchronize())
             .map_err(driver_error("copying to the host"))
     }
 
     fn copy_from_host(&mut self, values: &[f32]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
         let stream = self.data.stream().clone();
         stream
             .memcpy_htod(values, &mut self.data)
@@ -226,7 +236,7 @@ fn arch_of((major, minor): (i32, i32)) -> &'static str {
 /// dynamic shared memory.
 fn grid(blocks: usize, threads: u32, shared: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     }

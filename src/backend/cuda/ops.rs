@@ -29,7 +29,11 @@ fn int(v: usize) -> i32 {
 
 impl CudaBackend {
     /// Queues `args` on the stream; the error names the kernel.
+    /// A launch of no blocks (an empty tensor) does nothing.
     fn launch(&self, name: &str, mut args: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+        if config.grid_dim.0 == 0 || config.grid_dim.1 == 0 {
+            return Ok(());
+        }
         // SAFETY: each caller passes the arguments its kernel declares, with
         // buffers of the sizes the launch shape reads and writes.
         unsafe { args.launch(config) }.map(|_| ()).map_err(driver_error(name))
@@ -308,7 +312,7 @@ impl Backend for CudaBackend {
         Ok(CudaTensor {
             data: self
                 .stream
-                .alloc_zeros::<f32>(rows * cols)
+                .alloc_zeros::<f32>((rows * cols).max(1))
                 .map_err(alloc_error("a zero tensor", rows * cols * 4))?,
             rows,
             cols,
