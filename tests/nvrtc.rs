@@ -3,18 +3,25 @@
 //! library and `cuda_bf16.h` (`.ci/run` installs both from pip). Where
 //! NVRTC is absent the test says so and passes.
 
-use shardline::backend::cuda::kernels::{compile, include_dirs, nvrtc_available, KERNELS};
+use shardline::backend::cuda::kernels::{cache_path, compile, compile_cached, include_dirs, nvrtc_available, KernelSource, KERNELS};
 
-#[test]
-fn every_kernel_compiles_for_sm80_and_sm90() {
+/// Whether NVRTC can run here; CI sets SHARDLINE_CUDA_INCLUDE beside the
+/// library, and there a missing NVRTC is a failure, not a skip.
+fn nvrtc_here() -> bool {
     if !nvrtc_available() {
-        // CI sets SHARDLINE_CUDA_INCLUDE beside the library: there, a
-        // missing NVRTC is a failure, not a skip.
         assert!(
             std::env::var_os("SHARDLINE_CUDA_INCLUDE").is_none(),
             "SHARDLINE_CUDA_INCLUDE is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
         );
         eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH; .ci/run installs it)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_here() {
         return;
     }
     let includes = include_dirs();
@@ -28,4 +35,38 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             }
         }
     }
+}
+
+#[test]
+fn compiled_kernels_are_cached_by_content_and_a_bad_cache_only_costs_a_recompile() {
+    if !nvrtc_here() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = &KERNELS[0];
+    let (fresh, cached) = compile_cached(kernel, "compute_80", Some(dir.path()), true).unwrap();
+    assert!(!cached);
+    assert!(cache_path(dir.path(), kernel, "compute_80").exists());
+    let (again, cached) = compile_cached(kernel, "compute_80", Some(dir.path()), true).unwrap();
+    assert!(cached, "the second compile reads the cache");
+    assert_eq!(again.to_src(), fresh.to_src());
+    assert!(!compile_cached(kernel, "compute_80", Some(dir.path()), false).unwrap().1);
+    // Another source or architecture is another entry.
+    let edited = KernelSource {
+        source: "extern \"C\" __global__ void edited() {}",
+        ..*kernel
+    };
+    assert_ne!(
+        cache_path(dir.path(), &edited, "compute_80"),
+        cache_path(dir.path(), kernel, "compute_80")
+    );
+    assert_ne!(
+        cache_path(dir.path(), kernel, "compute_90"),
+        cache_path(dir.path(), kernel, "compute_80")
+    );
+    // A cache folder that cannot be made (under a file) still compiles.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (ptx, cached) = compile_cached(kernel, "compute_80", Some(&file.join("cache")), true).unwrap();
+    assert!(!cached && ptx.to_src() == fresh.to_src());
 }

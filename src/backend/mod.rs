@@ -38,6 +38,10 @@ impl fmt::Display for DType {
     }
 }
 
+// Checkpoints are little-endian, and the backends upload or copy their bytes
+// as they are: the values only on a little-endian host.
+const _: () = assert!(cfg!(target_endian = "little"), "shardline assumes a little-endian host");
+
 /// A tensor in host memory, as read from a checkpoint: raw little-endian bytes.
 #[derive(Clone, Debug)]
 pub struct HostTensor {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use shardline::backend::cpu;
-use shardline::backend::cuda::CudaBackend;
+use shardline::backend::cuda;
 use shardline::config::ModelConfig;
 use shardline::engine::request::{Event, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
@@ -90,10 +90,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = args.parallel.device()?;
     let device_name = format!("{device:?}").to_lowercase();
     let (bandwidth, bandwidth_kind) = match device {
-        Device::Cuda => (
-            CudaBackend::new(0)?.measure_copy_bandwidth()?,
-            "device-to-device copy, read + write".to_string(),
-        ),
+        Device::Cuda => (cuda::measure_copy_bandwidth(0)?, "device-to-device copy, read + write".to_string()),
         _ => (
             cpu::measure_read_bandwidth()?,
             format!("read, {} threads", rayon::current_num_threads()),

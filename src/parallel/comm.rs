@@ -146,23 +146,24 @@ impl InProcessComm {
 
     /// Puts this rank's buffer in its slot, waits for all, and lets `read`
     /// see every slot; a second barrier keeps slots until all have read.
-    fn exchange(&self, input: &[f32], read: impl FnOnce(&[Vec<f32>]) -> Result<()>) -> Result<()> {
+    fn exchange(&self, input: Vec<f32>, read: impl FnOnce(&[Vec<f32>]) -> Result<()>) -> Result<()> {
+        let len = input.len();
         {
             let mut state = self.lock();
             Self::check(&state)?;
-            state.slots[self.rank] = input.to_vec();
+            state.slots[self.rank] = input;
         }
         self.wait_all()?;
         {
             let state = self.lock();
             Self::check(&state)?;
-            if let Some(other) = state.slots.iter().position(|s| s.len() != input.len()) {
+            if let Some(other) = state.slots.iter().position(|s| s.len() != len) {
                 return Err(BackendError::Comm(format!(
                     "rank {} sent {} values to a collective where rank {} sent {}",
                     other,
                     state.slots[other].len(),
                     self.rank,
-                    input.len()
+                    len
                 )));
             }
             read(&state.slots)?;
@@ -186,7 +187,7 @@ impl<T: HostStaging + ?Sized> Communicator<T> for InProcessComm {
         }
         let mut input = Vec::new();
         buf.copy_to_host(&mut input)?;
-        self.exchange(&input, |slots| {
+        self.exchange(input, |slots| {
             let mut sum = slots[0].clone();
             for slot in &slots[1..] {
                 sum.iter_mut().zip(slot).for_each(|(b, s)| *b += s);
@@ -206,7 +207,7 @@ impl<T: HostStaging + ?Sized> Communicator<T> for InProcessComm {
         }
         let mut mine = Vec::new();
         input.copy_to_host(&mut mine)?;
-        self.exchange(&mine, |slots| output.copy_from_host(&slots.concat()))
+        self.exchange(mine, |slots| output.copy_from_host(&slots.concat()))
     }
 
     fn send(&self, buf: &T, to: usize) -> Result<()> {

@@ -8,10 +8,6 @@
 use memmap2::{Advice, MmapMut};
 use std::marker::PhantomData;
 
-// Checkpoints are little-endian; the byte copy below is the value only on a
-// little-endian host.
-const _: () = assert!(cfg!(target_endian = "little"), "the CPU backend assumes a little-endian host");
-
 pub struct WeightBuffer<T> {
     map: MmapMut,
     len: usize,

@@ -42,10 +42,7 @@ impl Blas {
             .bind_to_thread()
             .map_err(driver_error("binding the GPU to this thread"))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (_out_sync, c) = {
-            let (ptr, sync) = out.device_ptr_mut(stream);
-            (sync, ptr)
-        };
+        let (c, _out_sync) = out.device_ptr_mut(stream);
         let dims = |v: usize, name: &str| {
             i32::try_from(v).map_err(|_| BackendError::Device(format!("GEMM {name} = {v} exceeds cuBLAS's 32-bit sizes")))
         };

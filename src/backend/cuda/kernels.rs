@@ -97,10 +97,10 @@ pub fn cache_path(dir: &Path, kernel: &KernelSource, arch: &str) -> PathBuf {
 }
 
 /// Compiles `kernel` for `arch`, or (with `read_cache`) reads the PTX an
-/// earlier run compiled; returns whether it came from the cache. A cache
+/// earlier run left in the `cache` folder; returns whether it came from there. A cache
 /// that cannot be written costs a recompile next time, nothing more.
-pub fn compile_cached(kernel: &KernelSource, arch: &'static str, read_cache: bool) -> Result<(Ptx, bool), String> {
-    let path = cache_dir().map(|dir| cache_path(&dir, kernel, arch));
+pub fn compile_cached(kernel: &KernelSource, arch: &'static str, cache: Option<&Path>, read_cache: bool) -> Result<(Ptx, bool), String> {
+    let path = cache.map(|dir| cache_path(dir, kernel, arch));
     if let Some(text) = path.as_ref().filter(|_| read_cache).and_then(|p| std::fs::read_to_string(p).ok()) {
         return Ok((Ptx::from_src(text), true));
     }

@@ -16,8 +16,11 @@ pub mod nccl;
 mod ops;
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use half::bf16;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -61,6 +64,24 @@ pub struct CudaWeight {
     cols: usize,
 }
 
+impl WeightData {
+    /// The entry point of a kernel with a variant per weight dtype.
+    fn kernel(&self, bf16: &'static str, f32: &'static str) -> &'static str {
+        match self {
+            WeightData::Bf16(_) => bf16,
+            WeightData::F32(_) => f32,
+        }
+    }
+
+    /// Passes the weight as the launch's next argument.
+    fn push_arg<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+        match self {
+            WeightData::Bf16(v) => args.arg(v),
+            WeightData::F32(v) => args.arg(v),
+        };
+    }
+}
+
 impl CudaWeight {
     /// The weight as an f32 vector or table (norms, biases, the RoPE table).
     fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
@@ -90,38 +111,44 @@ pub struct CudaStep {
 /// One device, one stream: every op of a rank is queued in order on its
 /// stream, and only copies to the host wait for it.
 pub struct CudaBackend {
-    ordinal: usize,
     stream: Arc<CudaStream>,
     blas: gemm::Blas,
     functions: HashMap<&'static str, CudaFunction>,
+}
+
+/// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
+/// without cudarc's per-buffer events: each user queues all its work on its
+/// one stream and copies to the host synchronously.
+fn open_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    let count = gpu_count();
+    if ordinal >= count {
+        return Err(BackendError::Device(match count {
+            0 => "no CUDA GPU found (no driver library, or no visible device)".into(),
+            n => format!("GPU {ordinal} requested but only {n} visible"),
+        }));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
+    // SAFETY: no buffer of this context is used on two streams.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().map_err(driver_error("creating a stream"))
 }
 
 impl CudaBackend {
     /// Opens GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`) and loads every
     /// kernel, compiling those not in the disk cache.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let count = gpu_count();
-        if ordinal >= count {
-            return Err(BackendError::Device(match count {
-                0 => "no CUDA GPU found (no driver library, or no visible device)".into(),
-                n => format!("GPU {ordinal} requested but only {n} visible"),
-            }));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
-        // Each backend queues all its work on one stream and copies to the
-        // host synchronously, so cudarc's per-buffer events are not needed.
-        // SAFETY: no buffer of this context is used on two streams.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(driver_error("creating a stream"))?;
+        let stream = open_stream(ordinal)?;
+        let ctx = stream.context().clone();
         let arch = arch_of(ctx.compute_capability().map_err(driver_error("reading the compute capability"))?);
         let mut functions = HashMap::new();
         for kernel in kernels::KERNELS {
-            let (ptx, cached) = kernels::compile_cached(kernel, arch, true).map_err(BackendError::Device)?;
+            let cache = kernels::cache_dir();
+            let (ptx, cached) = kernels::compile_cached(kernel, arch, cache.as_deref(), true).map_err(BackendError::Device)?;
             let module = match (ctx.load_module(ptx), cached) {
                 (Ok(module), _) => module,
                 // A cached PTX the driver refuses (made by another NVRTC): compile afresh.
                 (Err(_), true) => {
-                    let (ptx, _) = kernels::compile_cached(kernel, arch, false).map_err(BackendError::Device)?;
+                    let (ptx, _) = kernels::compile_cached(kernel, arch, cache.as_deref(), false).map_err(BackendError::Device)?;
                     ctx.load_module(ptx).map_err(driver_error(kernel.file))?
                 }
                 (Err(e), false) => return Err(driver_error(kernel.file)(e)),
@@ -131,43 +158,29 @@ impl CudaBackend {
             }
         }
         let blas = gemm::Blas::new(stream.clone())?;
-        Ok(CudaBackend {
-            ordinal,
-            stream,
-            blas,
-            functions,
-        })
-    }
-
-    pub fn ordinal(&self) -> usize {
-        self.ordinal
-    }
-
-    /// Waits until every op queued so far has finished.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(driver_error("synchronizing"))
+        Ok(CudaBackend { stream, blas, functions })
     }
 
     fn function(&self, name: &'static str) -> &CudaFunction {
         &self.functions[name]
     }
 
-    /// `len` f32 values, uninitialized (the driver refuses empty
-    /// allocations, so an empty tensor holds one unused value).
-    fn alloc_f32(&self, len: usize, what: &str) -> Result<CudaSlice<f32>> {
+    /// `len` values, uninitialized, for a kernel to write every one of (the
+    /// driver refuses empty allocations, so an empty one holds one unused value).
+    fn alloc_for_kernel<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
         // SAFETY: every caller's kernel writes all `len` values before any is read.
-        unsafe { self.stream.alloc::<f32>(len.max(1)) }.map_err(alloc_error(what, len * 4))
+        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(alloc_error(what, len * std::mem::size_of::<T>()))
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
         Ok(CudaTensor {
-            data: self.alloc_f32(rows * cols, what)?,
+            data: self.alloc_for_kernel(rows * cols, what)?,
             rows,
             cols,
         })
     }
 
-    fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, values: &[T], what: &str) -> Result<CudaSlice<T>> {
+    fn upload<T: DeviceRepr + ValidAsZeroBits>(&self, values: &[T], what: &str) -> Result<CudaSlice<T>> {
         let bytes = std::mem::size_of_val(values);
         match values.is_empty() {
             true => self.stream.alloc_zeros(1).map_err(alloc_error(what, bytes)),
@@ -180,7 +193,16 @@ impl CudaBackend {
         let vector = host.shape.len() < 2;
         Ok(match host.dtype {
             DType::BF16 if !vector => {
-                let values: Vec<bf16> = host.bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+                // The bytes as they are (a little-endian host), copied only
+                // where they are not aligned for bf16.
+                let values: Cow<[bf16]> = bytemuck::try_cast_slice(&host.bytes).map_or_else(
+                    |_| {
+                        let mut aligned = vec![bf16::ZERO; host.bytes.len() / 2];
+                        bytemuck::cast_slice_mut(&mut aligned).copy_from_slice(&host.bytes);
+                        Cow::Owned(aligned)
+                    },
+                    Cow::Borrowed,
+                );
                 WeightData::Bf16(self.upload(&values, &what)?)
             }
             _ => WeightData::F32(self.upload(&host.to_f32(), &what)?),
@@ -261,26 +283,19 @@ fn alloc_error(what: &str, bytes: usize) -> impl Fn(DriverError) -> BackendError
     }
 }
 
-impl CudaBackend {
-    /// Device-to-device copy bandwidth in bytes/s, counting bytes read and
-    /// written: the best of ten copies of 1 GiB after a warm-up.
-    pub fn measure_copy_bandwidth(&self) -> Result<f64> {
-        let bytes = 1usize << 30;
-        let src = self
-            .stream
-            .alloc_zeros::<u8>(bytes)
-            .map_err(alloc_error("a bandwidth probe", bytes))?;
-        let mut dst = self
-            .stream
-            .alloc_zeros::<u8>(bytes)
-            .map_err(alloc_error("a bandwidth probe", bytes))?;
-        let copy = |dst: &mut CudaSlice<u8>| -> Result<f64> {
-            let started = std::time::Instant::now();
-            self.stream.memcpy_dtod(&src, dst).map_err(driver_error("copying on the device"))?;
-            self.synchronize()?;
-            Ok(2.0 * bytes as f64 / started.elapsed().as_secs_f64())
-        };
-        copy(&mut dst)?;
-        (0..10).map(|_| copy(&mut dst)).try_fold(0.0, |best, b| Ok(f64::max(best, b?)))
-    }
+/// Device-to-device copy bandwidth of GPU `ordinal` in bytes/s, counting
+/// bytes read and written: the best of ten copies of 1 GiB after a warm-up.
+pub fn measure_copy_bandwidth(ordinal: usize) -> Result<f64> {
+    let stream = open_stream(ordinal)?;
+    let bytes = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(bytes).map_err(alloc_error("a bandwidth probe", bytes))?;
+    let mut dst = stream.alloc_zeros::<u8>(bytes).map_err(alloc_error("a bandwidth probe", bytes))?;
+    let mut copy = || -> Result<f64> {
+        let started = std::time::Instant::now();
+        stream.memcpy_dtod(&src, &mut dst).map_err(driver_error("copying on the device"))?;
+        stream.synchronize().map_err(driver_error("synchronizing"))?;
+        Ok(2.0 * bytes as f64 / started.elapsed().as_secs_f64())
+    };
+    copy()?;
+    (0..10).map(|_| copy()).try_fold(0.0, |best, b| Ok(f64::max(best, b?)))
 }

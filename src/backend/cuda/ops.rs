@@ -81,16 +81,10 @@ impl Backend for CudaBackend {
         let ids = self.upload(ids, "token ids")?;
         let hidden = int(table.cols);
         let config = grid(out.rows, ROW_THREADS, 0);
-        let name = match &table.data {
-            WeightData::Bf16(_) => "embedding_bf16",
-            WeightData::F32(_) => "embedding_f32",
-        };
+        let name = table.data.kernel("embedding_bf16", "embedding_f32");
         let mut args = self.stream.launch_builder(self.function(name));
         args.arg(&mut out.data);
-        match &table.data {
-            WeightData::Bf16(t) => args.arg(t),
-            WeightData::F32(t) => args.arg(t),
-        };
+        table.data.push_arg(&mut args);
         args.arg(&ids).arg(&hidden);
         self.launch(name, args, config)?;
         Ok(out)
@@ -112,7 +106,7 @@ impl Backend for CudaBackend {
         match &w.data {
             WeightData::Bf16(weights) => {
                 let n = x.rows * x.cols;
-                let mut rounded = self.stream.alloc_zeros::<bf16>(n).map_err(alloc_error("bf16 activations", n * 2))?;
+                let mut rounded = self.alloc_for_kernel::<bf16>(n, "bf16 activations")?;
                 let mut args = self.stream.launch_builder(self.function("cast_f32_bf16"));
                 args.arg(&mut rounded).arg(&x.data).arg(&n);
                 self.launch("cast_f32_bf16", args, elementwise(n))?;
@@ -325,16 +319,10 @@ impl CudaBackend {
     fn matvec(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&cudarc::driver::CudaSlice<f32>>, out: &mut CudaTensor) -> Result<()> {
         let (inner, outs, tokens) = (int(x.cols), int(w.rows), int(x.rows));
         let null = 0u64;
-        let name = match &w.data {
-            WeightData::Bf16(_) => "matvec_bf16",
-            WeightData::F32(_) => "matvec_f32",
-        };
+        let name = w.data.kernel("matvec_bf16", "matvec_f32");
         let mut args = self.stream.launch_builder(self.function(name));
         args.arg(&mut out.data).arg(&x.data);
-        match &w.data {
-            WeightData::Bf16(v) => args.arg(v),
-            WeightData::F32(v) => args.arg(v),
-        };
+        w.data.push_arg(&mut args);
         match bias {
             Some(b) => args.arg(b),
             None => args.arg(&null),
