@@ -164,6 +164,23 @@ fn bad_command_lines_fail_with_clear_messages() {
         &["generate", "--model", &chat, "--prompt", "hi", "--inject-worker-panic", "1"],
         "expected RANK:STEP",
     );
+    let two_nodes = ["generate", "--model", &chat, "--prompt", "hi", "--tp", "2", "--nnodes", "2"];
+    assert_fails_with(
+        &[&two_nodes[..], &["--device", "cpu"]].concat(),
+        "every node needs a GPU (--device cuda)",
+    );
+    assert_fails_with(
+        &[&two_nodes[..], &["--node-rank", "1", "--device", "cpu"]].concat(),
+        "every node needs a GPU (--device cuda)",
+    );
+    assert_fails_with(
+        &[&two_nodes[..], &["--node-rank", "2"]].concat(),
+        "--node-rank 2 must be below --nnodes 2",
+    );
+    assert_fails_with(
+        &["generate", "--model", &chat, "--prompt", "hi", "--nnodes", "2"],
+        "1 ranks do not divide over 2 nodes",
+    );
     if shardline::backend::cuda::gpu_count() == 0 {
         assert_fails_with(
             &["generate", "--model", &chat, "--prompt", "hi", "--device", "cuda"],

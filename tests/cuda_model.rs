@@ -21,8 +21,11 @@ fn have_gpu() -> bool {
 }
 
 /// Every rank on the first GPU.
+/// GPU 0, with outputs poisoned so an unwritten element shows as NaN logits.
 fn first_gpu(_rank: usize) -> CudaBackend {
-    CudaBackend::new(0).expect("opening GPU 0")
+    let mut gpu = CudaBackend::new(0).expect("opening GPU 0");
+    gpu.poison_outputs();
+    gpu
 }
 
 #[test]

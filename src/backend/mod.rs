@@ -160,7 +160,7 @@ pub struct AttentionSpec {
 /// The batch's new tokens are laid out sequence after sequence; sequence `s`
 /// owns `query_lens[s]` consecutive rows, which are the last tokens of its
 /// `context_lens[s]`-token context (cached prefix plus new tokens).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PagedAttentionMeta {
     pub block_size: usize,
     /// `[num_tokens]`: the cache slot (`block * block_size + offset`) each new token writes.

@@ -3,7 +3,7 @@
 //! every weight once per token, so the limit is
 //! `measured memory bandwidth ÷ weight bytes per token`.
 
-use super::{start_executor, Device, ModelArgs, ParallelArgs};
+use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
@@ -51,6 +51,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.parallel.follower() {
+        return follow(&args.model.options(args.seed), &args.parallel);
+    }
     anyhow::ensure!(
         args.prompt_len > 0 && args.decode_tokens > 0 && args.repeats > 0,
         "--prompt-len, --decode-tokens and --repeats must be positive"

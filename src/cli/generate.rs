@@ -2,7 +2,7 @@
 //! streamed to stdout as it is produced, with time to first token and decode
 //! speed at the end; or one JSON object with `--json`.
 
-use super::{start_executor, ModelArgs, ParallelArgs};
+use super::{follow, start_executor, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
@@ -111,6 +111,9 @@ impl GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.parallel.follower() {
+        return follow(&args.model.options(args.seed), &args.parallel);
+    }
     let options = args.model.options(args.seed);
     let ModelInfo {
         config,

@@ -9,15 +9,18 @@ mod serve;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardline::backend::cpu::CpuBackend;
-use shardline::backend::cuda::{self, CudaBackend};
+use shardline::backend::cuda::nccl::{self, NcclComm};
+use shardline::backend::cuda::{self, CudaBackend, CudaTensor};
 use shardline::backend::Backend;
 use shardline::backend::DType;
 use shardline::config::ModelConfig;
-use shardline::executor::{BusyTimes, Executor, LocalExecutor, WorkerOptions, Workers};
+use shardline::executor::NodeSpec;
+use shardline::executor::{BusyTimes, Executor, LocalExecutor, Membership, Transport, WorkerOptions, Workers};
 use shardline::generation::BLOCK_SIZE;
 use shardline::loader::LoadFormat;
-use shardline::model::Shard;
+use shardline::model::{Qwen2ForCausalLM, Shard};
 use shardline::model_dir::{self, ModelOptions};
+use shardline::parallel::{Communicator, Layout};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -74,6 +77,22 @@ pub struct ParallelArgs {
     /// micro-batch per stage.
     #[arg(long, env = "SHARDLINE_NO_MICRO_BATCHING")]
     no_micro_batching: bool,
+    /// Machines serving the model together (ranks split evenly, node 0
+    /// first); every node runs the same command with its own --node-rank.
+    #[arg(long, default_value_t = 1, env = "SHARDLINE_NNODES")]
+    nnodes: usize,
+    /// This machine's place among --nnodes: 0 runs the engine (and the
+    /// server), the others run their ranks' workers for it.
+    #[arg(long, default_value_t = 0, env = "SHARDLINE_NODE_RANK")]
+    node_rank: usize,
+    /// Where node 0 listens for the others.
+    #[arg(long, default_value = "127.0.0.1", env = "SHARDLINE_MASTER_ADDR")]
+    master_addr: String,
+    #[arg(long, default_value_t = 29500, env = "SHARDLINE_MASTER_PORT")]
+    master_port: u16,
+    /// Seconds node 0 waits for the others to connect, and they for it.
+    #[arg(long, default_value_t = 600, env = "SHARDLINE_RENDEZVOUS_TIMEOUT")]
+    rendezvous_timeout: u64,
     /// Fault injection for tests: worker RANK panics in step STEP.
     #[arg(long, hide = true, value_name = "RANK:STEP", value_parser = parse_rank_step)]
     inject_worker_panic: Option<(usize, u64)>,
@@ -87,8 +106,39 @@ enum Device {
 }
 
 impl ParallelArgs {
-    fn layout(&self) -> shardline::parallel::Layout {
-        shardline::parallel::Layout { tp: self.tp, pp: self.pp }
+    fn layout(&self) -> Layout {
+        Layout { tp: self.tp, pp: self.pp }
+    }
+
+    fn nodes(&self) -> NodeSpec {
+        let host = match self.master_addr.contains(':') {
+            true => format!("[{}]", self.master_addr),
+            false => self.master_addr.clone(),
+        };
+        NodeSpec {
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master: format!("{host}:{}", self.master_port),
+            timeout: std::time::Duration::from_secs(self.rendezvous_timeout),
+        }
+    }
+
+    /// On a node other than 0: the command's job is to run this node's
+    /// ranks for node 0, so it does that (until node 0 hangs up) instead.
+    fn follower(&self) -> bool {
+        self.node_rank > 0
+    }
+
+    /// Multi-node runs move tensors between machines with NCCL only.
+    fn multi_node_device(&self) -> anyhow::Result<()> {
+        let spec = self.nodes();
+        spec.check(self.layout())?;
+        anyhow::ensure!(
+            self.device()? == Device::Cuda,
+            "--nnodes {}: ranks on different machines exchange tensors through NCCL, so every node needs a GPU (--device cuda)",
+            spec.nnodes
+        );
+        Ok(())
     }
 
     /// The device `--device` names, `auto` resolved: CUDA when a GPU is visible.
@@ -116,6 +166,9 @@ fn start_executor(
     let layout = parallel.layout();
     layout.validate(config)?;
     let device = parallel.device()?;
+    if parallel.nnodes > 1 {
+        parallel.multi_node_device()?;
+    }
     if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
         let executor: Box<dyn Executor> = match device {
             Device::Cuda => Box::new(local_executor(CudaBackend::new(0)?, options, config, num_kv_blocks)?),
@@ -135,19 +188,87 @@ fn start_executor(
     let workers = match device {
         Device::Cuda => {
             let gpus = cuda::gpu_count();
-            let load = move |rank: usize, shard| {
-                let backend = CudaBackend::new(rank % gpus).map_err(|e| e.to_string())?;
-                model_dir::open_shard(backend, &options, shard).map_err(|e| e.to_string())
-            };
-            Workers::spawn(config.clone(), worker_options, load)?
+            let load = cuda_loader(options, gpus);
+            let spec = parallel.nodes();
+            if spec.nnodes > 1 {
+                let ids = nccl_ids(layout)?;
+                let keys: Vec<Vec<u8>> = ids.iter().map(nccl::id_bytes).collect();
+                eprintln!("shardline: waiting for {} more nodes on {}", spec.nnodes - 1, spec.master);
+                Workers::lead(config.clone(), worker_options, load, nccl_transport(layout, ids), &keys, &spec)?
+            } else {
+                Workers::spawn(config.clone(), worker_options, load, cuda_transport(layout, gpus)?)?
+            }
         }
         _ => {
             let load = move |_, shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
-            Workers::spawn(config.clone(), worker_options, load)?
+            Workers::spawn(config.clone(), worker_options, load, Transport::InProcess)?
         }
     };
     let busy = workers.busy_times();
     Ok((Box::new(workers), Some(busy)))
+}
+
+/// NCCL when every rank has a GPU of its own; through host memory when
+/// ranks share GPUs (NCCL refuses two ranks on one device) or libnccl is
+/// missing.
+fn cuda_transport(layout: Layout, gpus: usize) -> anyhow::Result<Transport<CudaBackend>> {
+    if layout.world_size() > gpus || !nccl::nccl_available() {
+        let why = if layout.world_size() > gpus {
+            "ranks share GPUs"
+        } else {
+            "libnccl.so not found"
+        };
+        eprintln!(
+            "shardline: {} ranks on {gpus} GPUs exchange through host memory ({why})",
+            layout.world_size()
+        );
+        return Ok(Transport::InProcess);
+    }
+    eprintln!("shardline: {} ranks exchange through NCCL", layout.world_size());
+    Ok(nccl_transport(layout, nccl_ids(layout)?))
+}
+
+/// One NCCL id per group of `layout` (TP groups first, as [`Group::index`] counts).
+fn nccl_ids(layout: Layout) -> anyhow::Result<Vec<nccl::Id>> {
+    Ok((0..layout.tp + layout.pp).map(|_| nccl::new_id()).collect::<Result<_, _>>()?)
+}
+
+/// Each rank joins its groups through NCCL, group `g` under `ids[g]`.
+fn nccl_transport(layout: Layout, ids: Vec<nccl::Id>) -> Transport<CudaBackend> {
+    Transport::Connect(Box::new(move |backend: &CudaBackend, member: Membership| {
+        let id = ids[member.group.index(layout)];
+        let comm = NcclComm::join(backend, member.rank, member.size, id).map_err(|e| e.to_string())?;
+        Ok(Box::new(comm) as Box<dyn Communicator<CudaTensor>>)
+    }))
+}
+
+/// Builds rank `r`'s shard on GPU `r` mod `gpus`.
+fn cuda_loader(options: ModelOptions, gpus: usize) -> impl Fn(usize, Shard) -> Result<Qwen2ForCausalLM<CudaBackend>, String> + Send + Sync {
+    move |rank: usize, shard| {
+        let backend = CudaBackend::new(rank % gpus).map_err(|e| e.to_string())?;
+        model_dir::open_shard(backend, &options, shard).map_err(|e| e.to_string())
+    }
+}
+
+/// A node other than 0: runs its ranks for node 0 until node 0 hangs up.
+fn follow(options: &ModelOptions, parallel: &ParallelArgs) -> anyhow::Result<()> {
+    parallel.multi_node_device()?;
+    let config = model_dir::describe(options).context("loading the model")?.config;
+    let (spec, layout, gpus) = (parallel.nodes(), parallel.layout(), cuda::gpu_count());
+    let local = spec.ranks_of(spec.node_rank, layout);
+    anyhow::ensure!(
+        local.len() <= gpus,
+        "node {} runs ranks {local:?}, one GPU each, but sees {gpus} GPUs",
+        spec.node_rank
+    );
+    eprintln!("shardline: node {} joining {}", spec.node_rank, spec.master);
+    let connect = |keys: &[Vec<u8>]| {
+        let ids = keys.iter().map(|k| nccl::id_from_bytes(k)).collect::<Result<_, _>>();
+        ids.map(|ids| nccl_transport(layout, ids)).map_err(|e| e.to_string())
+    };
+    Workers::follow(config, layout, cuda_loader(options.clone(), gpus), connect, &spec)?;
+    eprintln!("shardline: node {}: node 0 hung up; stopping", spec.node_rank);
+    Ok(())
 }
 
 /// The whole model on one device, driven from the caller's thread.

@@ -4,7 +4,7 @@
 //! requests, lets those in flight finish within `--shutdown-timeout`, and
 //! exits 0.
 
-use super::{start_executor, ModelArgs, ParallelArgs};
+use super::{follow, start_executor, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
 use clap::Args;
@@ -84,6 +84,9 @@ fn available_memory() -> Option<usize> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.parallel.follower() {
+        return follow(&args.model.options(args.seed), &args.parallel);
+    }
     anyhow::ensure!(
         args.max_num_seqs > 0 && args.max_num_batched_tokens > 0,
         "--max-num-seqs and --max-num-batched-tokens must be positive"

@@ -2,9 +2,13 @@
 //! on one device, driven from the caller's thread ([`LocalExecutor`]), or
 //! one worker thread per rank of a split model ([`Workers`]).
 
+mod codec;
+mod nodes;
 mod workers;
 
-pub use workers::{BusyTimes, WorkerOptions, Workers, WorkersError};
+pub use nodes::{fingerprint, NodeError, NodeSpec};
+
+pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOptions, Workers, WorkersError};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;

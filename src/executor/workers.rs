@@ -7,11 +7,13 @@
 //! failing rank's message, and every later step fails at once: the engine
 //! fails its requests, and `/ready` reports not ready.
 
+use super::nodes::{NodeError, Nodes};
 use super::Executor;
 use crate::backend::{Backend, BackendError, HostStaging};
 use crate::config::ModelConfig;
 use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
-use crate::parallel::{in_process_group, InProcessComm, Layout, LayoutError};
+use crate::parallel::{in_process_group, Communicator, InProcessComm, Layout, LayoutError};
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -33,6 +35,46 @@ pub struct WorkerOptions {
     pub panic_at: Option<(usize, u64)>,
 }
 
+/// Which group of ranks a communicator connects: the tensor-parallel
+/// ranks of one stage, or the stages of one tensor-parallel rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Tp { stage: usize },
+    Pp { tp_rank: usize },
+}
+
+impl Group {
+    /// This group's index among a layout's `pp + tp` groups (TP groups first).
+    pub fn index(self, layout: Layout) -> usize {
+        match self {
+            Group::Tp { stage } => stage,
+            Group::Pp { tp_rank } => layout.pp + tp_rank,
+        }
+    }
+}
+
+/// A rank's place in one of its groups.
+#[derive(Clone, Copy, Debug)]
+pub struct Membership {
+    pub group: Group,
+    pub rank: usize,
+    pub size: usize,
+}
+
+/// Joins a group on the rank's own thread, with its loaded backend.
+pub type Connect<B> = dyn Fn(&B, Membership) -> Result<Box<dyn Communicator<<B as Backend>::Tensor>>, String> + Send + Sync;
+
+/// How the ranks of a split model exchange tensors.
+pub enum Transport<B: Backend> {
+    /// Threads of this process, through host memory: any backend, and
+    /// several ranks may share one device.
+    InProcess,
+    /// Each rank joins its groups of more than one rank with this (NCCL,
+    /// for ranks on distinct GPUs), once every rank has loaded its shard,
+    /// so a rank that fails to load leaves no peer waiting in a join.
+    Connect(Box<Connect<B>>),
+}
+
 /// Nanoseconds each rank has spent computing (in its forward, not blocked
 /// on a peer), indexed by rank: against wall time, each stage's idle share.
 pub type BusyTimes = Arc<Vec<AtomicU64>>;
@@ -43,17 +85,21 @@ pub enum WorkersError {
     Layout(#[from] LayoutError),
     #[error("rank {rank} failed to load its shard: {message}")]
     Load { rank: usize, message: String },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// One step's outcome from a worker: the logits (from the reporting rank)
 /// or why it failed.
-type StepResult = Result<Vec<f32>, String>;
+pub(super) type StepResult = Result<Vec<f32>, String>;
 
 pub struct Workers {
     config: ModelConfig,
-    jobs: Vec<Sender<Arc<ForwardBatch>>>,
-    results: Receiver<StepResult>,
-    threads: Vec<JoinHandle<()>>,
+    pub(super) jobs: Vec<Sender<Arc<ForwardBatch>>>,
+    pub(super) results: Receiver<StepResult>,
+    pub(super) threads: Vec<JoinHandle<()>>,
     /// Summed over ranks.
     decode_weight_bytes: usize,
     /// Steps that may be in flight.
@@ -61,17 +107,39 @@ pub struct Workers {
     busy: BusyTimes,
     /// Set after the first failed step: the groups are broken for good.
     broken: Option<String>,
+    /// The other nodes serving the model, if any.
+    pub(super) nodes: Nodes,
+    /// Threads passing the followers' results on (on the leader).
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Workers {
     /// Starts one thread per rank; each builds its shard with
     /// `load(rank, shard)` (on its own thread, so a device context is
-    /// created where it is used) and allocates its KV cache. Returns once every rank is ready.
-    pub fn spawn<B, F>(config: ModelConfig, options: WorkerOptions, load: F) -> Result<Self, WorkersError>
+    /// created where it is used), allocates its KV cache, then joins its
+    /// groups through `transport`. Returns once every rank is ready.
+    pub fn spawn<B, F>(config: ModelConfig, options: WorkerOptions, load: F, transport: Transport<B>) -> Result<Self, WorkersError>
     where
         B: Backend + 'static,
         B::Tensor: HostStaging,
         F: Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync + 'static,
+    {
+        let world = options.layout.world_size();
+        Self::spawn_on(config, options, Arc::new(load), transport, 0..world, Nodes::Alone)
+    }
+
+    /// Starts this node's ranks (`local`), in step with the other `nodes`.
+    pub(super) fn spawn_on<B>(
+        config: ModelConfig,
+        options: WorkerOptions,
+        load: Arc<Load<B>>,
+        transport: Transport<B>,
+        local: Range<usize>,
+        mut nodes: Nodes,
+    ) -> Result<Self, WorkersError>
+    where
+        B: Backend + 'static,
+        B::Tensor: HostStaging,
     {
         let layout = options.layout;
         layout.validate(&config)?;
@@ -79,15 +147,35 @@ impl Workers {
         let Layout { tp, pp } = layout;
         let mut tp_groups: Vec<Vec<InProcessComm>> = (0..pp).map(|_| in_process_group(tp)).collect();
         let mut pp_groups: Vec<Vec<InProcessComm>> = (0..tp).map(|_| in_process_group(pp)).collect();
-        let load = Arc::new(load);
+        let connect: Option<Arc<Connect<B>>> = match transport {
+            Transport::InProcess => None,
+            Transport::Connect(connect) => Some(Arc::from(connect)),
+        };
+        let link = |endpoint: InProcessComm, group: Group| match &connect {
+            Some(connect) if endpoint.size() > 1 => Link::Join(
+                connect.clone(),
+                Membership {
+                    group,
+                    rank: endpoint.rank(),
+                    size: endpoint.size(),
+                },
+            ),
+            _ => Link::Endpoint(endpoint),
+        };
         let busy: BusyTimes = Arc::new((0..tp * pp).map(|_| AtomicU64::new(0)).collect());
         let (result_tx, results) = channel();
         let (ready_tx, ready) = channel();
-        let mut jobs = Vec::new();
-        let mut threads = Vec::new();
+        let (mut jobs, mut starts, mut threads) = (Vec::new(), Vec::new(), Vec::new());
         // Ranks in reverse so each group's endpoints pop off in rank order from the back.
         for rank in (0..tp * pp).rev() {
             let (stage, tp_rank) = (rank / tp, rank % tp);
+            let tp_endpoint = tp_groups[stage].pop().expect("one endpoint per TP rank");
+            let pp_endpoint = pp_groups[tp_rank].pop().expect("one endpoint per stage");
+            if !local.contains(&rank) {
+                continue;
+            }
+            let (job_tx, job_rx) = channel();
+            let (start_tx, start_rx) = channel();
             let worker = Worker {
                 rank,
                 shard: Shard {
@@ -97,35 +185,34 @@ impl Workers {
                     first_stage: stage == 0,
                     last_stage: stage == pp - 1,
                 },
-                tp_comm: tp_groups[stage].pop().expect("one endpoint per TP rank"),
-                pp_comm: pp_groups[tp_rank].pop().expect("one endpoint per stage"),
+                tp_link: link(tp_endpoint, Group::Tp { stage }),
+                pp_link: link(pp_endpoint, Group::Pp { tp_rank }),
                 options: options.clone(),
                 busy: busy.clone(),
+                load: load.clone(),
+                jobs: job_rx,
+                start: start_rx,
+                results: result_tx.clone(),
+                ready: ready_tx.clone(),
             };
-            let (job_tx, job_rx) = channel();
             jobs.push(job_tx);
-            let (load, results, ready) = (load.clone(), result_tx.clone(), ready_tx.clone());
+            starts.push(start_tx);
             let thread = std::thread::Builder::new()
                 .name(format!("shardline-rank-{rank}"))
-                .spawn(move || worker.run(load.as_ref(), job_rx, results, ready))
+                .spawn(move || worker.run())
                 .expect("spawning a worker thread");
             threads.push(thread);
         }
         jobs.reverse();
-        drop((result_tx, ready_tx));
-        let mut decode_weight_bytes = 0;
-        for _ in 0..tp * pp {
-            match ready.recv() {
-                Ok(Ok(bytes)) => decode_weight_bytes += bytes,
-                Ok(Err((rank, message))) => return Err(WorkersError::Load { rank, message }),
-                Err(_) => {
-                    return Err(WorkersError::Load {
-                        rank: 0,
-                        message: "a worker stopped while loading".into(),
-                    })
-                }
-            }
+        drop(ready_tx);
+        // Every rank on every node loads, then every rank joins its groups.
+        let decode_weight_bytes = nodes.loaded(await_ranks(&ready, local.len()))?;
+        for start in starts {
+            let _ = start.send(());
         }
+        nodes.joined(await_ranks(&ready, local.len()))?;
+        let readers = nodes.relay_results(&result_tx);
+        drop(result_tx);
         Ok(Workers {
             config,
             jobs,
@@ -135,8 +222,28 @@ impl Workers {
             depth: if options.micro_batching { pp } else { 1 },
             busy,
             broken: None,
+            nodes,
+            readers,
         })
     }
+}
+
+/// Waits for `n` ranks to report a phase done; sums what they report.
+fn await_ranks(ready: &Receiver<Readiness>, n: usize) -> Result<usize, WorkersError> {
+    let mut total = 0;
+    for _ in 0..n {
+        match ready.recv() {
+            Ok(Ok(value)) => total += value,
+            Ok(Err((rank, message))) => return Err(WorkersError::Load { rank, message }),
+            Err(_) => {
+                return Err(WorkersError::Load {
+                    rank: 0,
+                    message: "a worker stopped while starting".into(),
+                })
+            }
+        }
+    }
+    Ok(total)
 }
 
 impl Executor for Workers {
@@ -157,6 +264,9 @@ impl Executor for Workers {
             return Err(BackendError::Device(why.clone()));
         }
         let batch = Arc::new(batch);
+        if let Err(why) = self.nodes.send_step(&batch) {
+            return Err(self.break_with(why));
+        }
         if !self.jobs.iter().all(|j| j.send(batch.clone()).is_ok()) {
             return Err(self.break_with("a worker has stopped".into()));
         }
@@ -194,35 +304,63 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
+        self.nodes.close();
         self.jobs.clear();
-        for thread in self.threads.drain(..) {
+        for thread in self.threads.drain(..).chain(self.readers.drain(..)) {
             let _ = thread.join();
         }
     }
 }
 
-struct Worker {
-    rank: usize,
-    shard: Shard,
-    tp_comm: InProcessComm,
-    pp_comm: InProcessComm,
-    options: WorkerOptions,
-    busy: BusyTimes,
+/// A rank's report after loading (its decode weight bytes) and after
+/// joining its groups (0), or why it failed.
+type Readiness = Result<usize, (usize, String)>;
+
+pub(super) type Load<B> = dyn Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync;
+
+/// A rank's way into one of its groups.
+enum Link<B: Backend> {
+    /// Made for it already.
+    Endpoint(InProcessComm),
+    /// To join on its own thread, once every rank has loaded.
+    Join(Arc<Connect<B>>, Membership),
 }
 
-impl Worker {
-    fn run<B>(
-        self,
-        load: &(dyn Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
-        jobs: Receiver<Arc<ForwardBatch>>,
-        results: Sender<StepResult>,
-        ready: Sender<Result<usize, (usize, String)>>,
-    ) where
-        B: Backend,
-        B::Tensor: HostStaging,
-    {
+impl<B: Backend> Link<B>
+where
+    B::Tensor: HostStaging,
+{
+    fn open(self, backend: &B) -> Result<Box<dyn Communicator<B::Tensor>>, String> {
+        match self {
+            Link::Endpoint(endpoint) => Ok(Box::new(endpoint)),
+            Link::Join(connect, membership) => connect(backend, membership),
+        }
+    }
+}
+
+struct Worker<B: Backend> {
+    rank: usize,
+    shard: Shard,
+    tp_link: Link<B>,
+    pp_link: Link<B>,
+    options: WorkerOptions,
+    busy: BusyTimes,
+    load: Arc<Load<B>>,
+    jobs: Receiver<Arc<ForwardBatch>>,
+    /// Closed without a message when another rank failed to load.
+    start: Receiver<()>,
+    results: Sender<StepResult>,
+    ready: Sender<Readiness>,
+}
+
+impl<B> Worker<B>
+where
+    B: Backend,
+    B::Tensor: HostStaging,
+{
+    fn run(self) {
         let rank = self.rank;
-        let (tp_comm, pp_comm) = (&self.tp_comm, &self.pp_comm);
+        let (results, ready) = (self.results.clone(), self.ready.clone());
         // Each rank computes on its own share of the cores, as it would on
         // its own device (the CPU backend's parallel loops use this pool).
         let world = self.shard.tp * self.options.layout.pp;
@@ -231,36 +369,22 @@ impl Worker {
             .num_threads((cores / world).max(1))
             .thread_name(move |i| format!("shardline-rank-{rank}-{i}"))
             .build();
-        let serve = || self.serve(load, jobs, &results, &ready);
+        // A panic while starting unwinds through `serve`, dropping this
+        // rank's endpoints, which fails its peers instead of hanging them.
         let outcome = catch_unwind(AssertUnwindSafe(|| match &pool {
-            Ok(pool) => pool.install(serve),
-            Err(_) => serve(),
+            Ok(pool) => pool.install(|| self.serve()),
+            Err(_) => self.serve(),
         }));
         if let Err(panic) = outcome {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let why = format!("worker rank {rank} panicked: {message}");
-            tp_comm.abort(&why);
-            pp_comm.abort(&why);
+            let why = format!("worker rank {rank} panicked: {}", panic_message(panic));
             let _ = ready.send(Err((rank, why.clone())));
             let _ = results.send(Err(why));
         }
     }
 
-    fn serve<B>(
-        &self,
-        load: &(dyn Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync),
-        jobs: Receiver<Arc<ForwardBatch>>,
-        results: &Sender<StepResult>,
-        ready: &Sender<Result<usize, (usize, String)>>,
-    ) where
-        B: Backend,
-        B::Tensor: HostStaging,
-    {
-        let loaded = load(self.rank, self.shard.clone()).and_then(|model| {
+    fn serve(self) {
+        let rank = self.rank;
+        let loaded = (self.load)(rank, self.shard.clone()).and_then(|model| {
             let shape = model.kv_cache_shape(self.options.num_kv_blocks, self.options.block_size);
             let caches = model.alloc_kv_caches(shape).map_err(|e| e.to_string())?;
             Ok((model, caches))
@@ -268,38 +392,62 @@ impl Worker {
         let (model, mut caches) = match loaded {
             Ok(loaded) => loaded,
             Err(message) => {
-                let _ = ready.send(Err((self.rank, message)));
+                let _ = self.ready.send(Err((rank, message)));
                 return;
             }
         };
-        let _ = ready.send(Ok(model.decode_weight_bytes()));
-        let reports = self.shard.last_stage && self.shard.tp_rank == 0;
-        let comms = Collectives {
-            tp: &self.tp_comm,
-            pp: &self.pp_comm,
+        let _ = self.ready.send(Ok(model.decode_weight_bytes()));
+        if self.start.recv().is_err() {
+            return;
+        }
+        let joined = self
+            .tp_link
+            .open(model.backend())
+            .and_then(|tp| Ok((tp, self.pp_link.open(model.backend())?)));
+        let (tp, pp) = match joined {
+            Ok(comms) => comms,
+            Err(message) => {
+                let _ = self.ready.send(Err((rank, format!("joining its groups: {message}"))));
+                return;
+            }
         };
+        let _ = self.ready.send(Ok(0));
+        let reports = self.shard.last_stage && self.shard.tp_rank == 0;
+        let comms = Collectives { tp: &*tp, pp: &*pp };
         let mut logits = Vec::new();
-        for (step, batch) in jobs.iter().enumerate() {
-            if self.options.panic_at == Some((self.rank, step as u64)) {
-                panic!("injected fault in step {step}");
-            }
-            let (started, waited) = (Instant::now(), self.tp_comm.waited() + self.pp_comm.waited());
-            let outcome = model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits);
-            let blocked = self.tp_comm.waited() + self.pp_comm.waited() - waited;
+        for (step, batch) in self.jobs.iter().enumerate() {
+            let (started, waited) = (Instant::now(), tp.waited() + pp.waited());
+            // A panic in a step is caught here, with the communicators
+            // still open, so peers learn what it was.
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                if self.options.panic_at == Some((rank, step as u64)) {
+                    panic!("injected fault in step {step}");
+                }
+                model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits)
+            }));
+            let blocked = tp.waited() + pp.waited() - waited;
             let computing = started.elapsed().saturating_sub(blocked);
-            self.busy[self.rank].fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
-            match outcome {
-                Ok(()) if reports => {
-                    let _ = results.send(Ok(std::mem::take(&mut logits)));
+            self.busy[rank].fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
+            let why = match outcome {
+                Ok(Ok(())) if reports => {
+                    let _ = self.results.send(Ok(std::mem::take(&mut logits)));
+                    continue;
                 }
-                Ok(()) => {}
-                Err(e) => {
-                    let why = format!("worker rank {}: {e}", self.rank);
-                    self.tp_comm.abort(&why);
-                    self.pp_comm.abort(&why);
-                    let _ = results.send(Err(why));
-                }
-            }
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("worker rank {rank}: {e}"),
+                Err(panic) => format!("worker rank {rank} panicked: {}", panic_message(panic)),
+            };
+            tp.abort(&why);
+            pp.abort(&why);
+            let _ = self.results.send(Err(why));
         }
     }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 
 /// One step's input: the new tokens of every sequence in the batch, where
 /// they go in the KV cache, and which of them need logits.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ForwardBatch {
     /// `[n]` new tokens, sequence after sequence.
     pub token_ids: Vec<u32>,

@@ -31,6 +31,14 @@ pub trait Communicator<Buf: ?Sized> {
     fn recv(&self, buf: &mut Buf, from: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Leaves the group after a failure, so peers are not left waiting on
+    /// this rank where the transport can tell them.
+    fn abort(&self, why: &str);
+    /// Time spent blocked on peers so far; zero where transfers are
+    /// queued on a device and never block the caller.
+    fn waited(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The endpoints of an in-process group of `size` threads: hand endpoint
@@ -243,6 +251,14 @@ impl<T: HostStaging + ?Sized> Communicator<T> for InProcessComm {
 
     fn barrier(&self) -> Result<()> {
         self.wait_all()
+    }
+
+    fn abort(&self, why: &str) {
+        InProcessComm::abort(self, why)
+    }
+
+    fn waited(&self) -> Duration {
+        InProcessComm::waited(self)
     }
 }
 

@@ -5,10 +5,10 @@
 use super::{assert_rows_close, model_dir, prompt_keys, Reference};
 use shardline::backend::{Backend, HostStaging};
 use shardline::config::ModelConfig;
-use shardline::executor::{WorkerOptions, Workers};
+use shardline::executor::{Executor, Transport, WorkerOptions, Workers};
 use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
 use shardline::loader::SafetensorsCheckpoint;
-use shardline::model::Qwen2ForCausalLM;
+use shardline::model::{Qwen2ForCausalLM, Shard};
 use shardline::parallel::Layout;
 use shardline::sampling::argmax;
 
@@ -18,40 +18,36 @@ pub struct Output {
     pub greedy: Vec<u32>,
 }
 
-/// Runs `prompt` and `steps` greedy decode steps through a `layout` split
-/// of fixture `name`, rank `r` computing on `backend(r)`.
-pub fn run_split<B>(
-    name: &str,
-    layout: Layout,
-    pp_layers: Option<&[usize]>,
-    backend: fn(usize) -> B,
-    prompt: &[u32],
-    steps: usize,
-) -> Output
-where
-    B: Backend + 'static,
-    B::Tensor: HostStaging,
-{
-    let dir = model_dir(name);
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let num_kv_blocks = blocks_for(prompt.len() + steps);
-    let options = WorkerOptions {
+/// Worker options for a `layout` split with a KV cache of `num_kv_blocks`.
+pub fn worker_options(layout: Layout, pp_layers: Option<&[usize]>, num_kv_blocks: usize) -> WorkerOptions {
+    WorkerOptions {
         layout,
         pp_layers: pp_layers.map(<[usize]>::to_vec),
         num_kv_blocks,
         block_size: BLOCK_SIZE,
         micro_batching: true,
         panic_at: None,
-    };
-    let shard_config = config.clone();
-    let load = move |rank, shard| {
+    }
+}
+
+/// Loads rank `r`'s shard of fixture `name` on `backend(r)`.
+pub fn shard_loader<B: Backend + 'static>(
+    name: &str,
+    backend: fn(usize) -> B,
+) -> impl Fn(usize, Shard) -> Result<Qwen2ForCausalLM<B>, String> + Send + Sync + 'static {
+    let dir = model_dir(name);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    move |rank, shard| {
         let source = SafetensorsCheckpoint::open(&dir).map_err(|e| e.to_string())?;
-        Qwen2ForCausalLM::load_shard(backend(rank), shard_config.clone(), &source, shard).map_err(|e| e.to_string())
-    };
-    let workers = Workers::spawn(config.clone(), options, load).unwrap();
-    let mut generator = Generator::with_executor(Box::new(workers), num_kv_blocks);
+        Qwen2ForCausalLM::load_shard(backend(rank), config.clone(), &source, shard).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs `prompt` and `steps` greedy decode steps through `executor`.
+pub fn run_prompt(executor: Box<dyn Executor>, num_kv_blocks: usize, prompt: &[u32], steps: usize) -> Output {
+    let vocab = executor.config().vocab_size;
+    let mut generator = Generator::with_executor(executor, num_kv_blocks);
     let logits = generator.extend(prompt, true).unwrap();
-    let vocab = config.vocab_size;
     let mut greedy = Vec::new();
     let mut last = logits[logits.len() - vocab..].to_vec();
     for _ in 0..steps {
@@ -63,13 +59,10 @@ where
     Output { logits, greedy }
 }
 
-/// Every prompt of the fixture through `layout`: logits within `tolerance`
-/// (relative, per position) and greedy ids equal to the reference.
-pub fn check_split<B>(name: &str, layout: Layout, pp_layers: Option<&[usize]>, backend: fn(usize) -> B, tolerance: f64)
-where
-    B: Backend + 'static,
-    B::Tensor: HostStaging,
-{
+/// Every prompt of fixture `name` through an executor `start(num_kv_blocks)`
+/// makes: logits within `tolerance` (relative, per position) and greedy ids
+/// equal to the reference.
+pub fn check_prompts(name: &str, what: &str, tolerance: f64, mut start: impl FnMut(usize) -> Box<dyn Executor>) {
     let reference = Reference::open(name);
     for p in prompt_keys(&reference) {
         let ids = reference.ids(&format!("{p}.input_ids"));
@@ -77,13 +70,30 @@ where
         let greedy_key = format!("{p}.greedy_ids");
         let want_ids = reference.has(&greedy_key).then(|| reference.ids(&greedy_key));
         let steps = want_ids.as_ref().map_or(0, Vec::len);
-        let out = run_split(name, layout, pp_layers, backend, &ids, steps);
-        let what = format!("{name} tp={} pp={} {p}", layout.tp, layout.pp);
+        let num_kv_blocks = blocks_for(ids.len() + steps);
+        let out = run_prompt(start(num_kv_blocks), num_kv_blocks, &ids, steps);
+        let what = format!("{name} {what} {p}");
         assert_rows_close(&out.logits[(ids.len() - rows) * vocab..], &want, vocab, tolerance, &what);
         if let Some(want_ids) = want_ids {
             assert_eq!(out.greedy, want_ids, "{what}: greedy continuation");
         }
     }
+}
+
+/// Every prompt of the fixture through a `layout` split, rank `r` computing
+/// on `backend(r)`, checked as [`check_prompts`] does.
+pub fn check_split<B>(name: &str, layout: Layout, pp_layers: Option<&[usize]>, backend: fn(usize) -> B, tolerance: f64)
+where
+    B: Backend + 'static,
+    B::Tensor: HostStaging,
+{
+    let config = ModelConfig::from_file(&model_dir(name).join("config.json")).unwrap();
+    let what = format!("tp={} pp={}", layout.tp, layout.pp);
+    check_prompts(name, &what, tolerance, |num_kv_blocks| {
+        let options = worker_options(layout, pp_layers, num_kv_blocks);
+        let load = shard_loader(name, backend);
+        Box::new(Workers::spawn(config.clone(), options, load, Transport::InProcess).unwrap())
+    });
 }
 
 /// The layouts among (1,1) (2,1) (4,1) (1,2) (1,3) (2,2) (1,4) that fixture `name` allows.

@@ -17,7 +17,8 @@ mod ops;
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use half::bf16;
 use std::borrow::Cow;
@@ -114,6 +115,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: gemm::Blas,
     functions: HashMap<&'static str, CudaFunction>,
+    /// Fill each buffer a kernel is to write with NaN first.
+    poison: bool,
 }
 
 /// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
@@ -158,7 +161,19 @@ impl CudaBackend {
             }
         }
         let blas = gemm::Blas::new(stream.clone())?;
-        Ok(CudaBackend { stream, blas, functions })
+        Ok(CudaBackend {
+            stream,
+            blas,
+            functions,
+            poison: false,
+        })
+    }
+
+    /// From now on, every buffer a kernel is to write starts as NaN (all
+    /// bits set, in f32 and bf16 alike), so a test can tell an element a
+    /// kernel left unwritten from one it computed.
+    pub fn poison_outputs(&mut self) {
+        self.poison = true;
     }
 
     fn function(&self, name: &'static str) -> &CudaFunction {
@@ -168,8 +183,16 @@ impl CudaBackend {
     /// `len` values, uninitialized, for a kernel to write every one of (the
     /// driver refuses empty allocations, so an empty one holds one unused value).
     fn alloc_for_kernel<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
         // SAFETY: every caller's kernel writes all `len` values before any is read.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(alloc_error(what, len * std::mem::size_of::<T>()))
+        let mut slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(alloc_error(what, bytes))?;
+        if self.poison {
+            let (ptr, _written) = slice.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
+                .map_err(driver_error("poisoning an output"))?;
+        }
+        Ok(slice)
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {

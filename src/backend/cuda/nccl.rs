@@ -6,7 +6,9 @@
 use super::{CudaBackend, CudaTensor};
 use crate::backend::{BackendError, Result};
 use crate::parallel::Communicator;
-use cudarc::nccl::{Comm, Id, ReduceOp};
+pub use cudarc::nccl::Id;
+use cudarc::nccl::{Comm, ReduceOp};
+use std::cell::{Ref, RefCell};
 
 /// Whether libnccl can be loaded (cudarc opens it as `libnccl.so`).
 pub fn nccl_available() -> bool {
@@ -26,8 +28,24 @@ pub fn new_id() -> Result<Id> {
     Id::new().map_err(nccl_error("making a unique id"))
 }
 
+/// An id's bytes, to send to ranks in other processes.
+pub fn id_bytes(id: &Id) -> Vec<u8> {
+    id.internal().iter().map(|&c| c as u8).collect()
+}
+
+/// The id [`id_bytes`] gave.
+pub fn id_from_bytes(bytes: &[u8]) -> Result<Id> {
+    let internal: [u8; 128] = bytes
+        .try_into()
+        .map_err(|_| BackendError::Comm(format!("an NCCL id is 128 bytes, not {}", bytes.len())))?;
+    Ok(Id::uninit(internal.map(|b| b as std::ffi::c_char)))
+}
+
 pub struct NcclComm {
-    comm: Comm,
+    /// Taken (and so aborted, which dropping does) when this rank fails.
+    comm: RefCell<Option<Comm>>,
+    rank: usize,
+    size: usize,
 }
 
 impl NcclComm {
@@ -36,21 +54,30 @@ impl NcclComm {
     /// rank has joined.
     pub fn join(backend: &CudaBackend, rank: usize, size: usize, id: Id) -> Result<Self> {
         let comm = Comm::from_rank(backend.stream.clone(), rank, size, id).map_err(nccl_error("joining the group"))?;
-        Ok(NcclComm { comm })
+        Ok(NcclComm {
+            comm: RefCell::new(Some(comm)),
+            rank,
+            size,
+        })
+    }
+
+    fn comm(&self) -> Result<Ref<'_, Comm>> {
+        Ref::filter_map(self.comm.borrow(), Option::as_ref)
+            .map_err(|_| BackendError::Comm(format!("rank {} has left its NCCL group", self.rank)))
     }
 }
 
 impl Communicator<CudaTensor> for NcclComm {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     fn size(&self) -> usize {
-        self.comm.world_size()
+        self.size
     }
 
     fn all_reduce_sum(&self, buf: &mut CudaTensor) -> Result<()> {
-        self.comm
+        self.comm()?
             .all_reduce_in_place(&mut buf.data, &ReduceOp::Sum)
             .map(|_| ())
             .map_err(nccl_error("all_reduce"))
@@ -65,32 +92,37 @@ impl Communicator<CudaTensor> for NcclComm {
                 output.data.len()
             )));
         }
-        self.comm
+        self.comm()?
             .all_gather(&input.data, &mut output.data)
             .map(|_| ())
             .map_err(nccl_error("all_gather"))
     }
 
     fn send(&self, buf: &CudaTensor, to: usize) -> Result<()> {
-        self.comm.send(&buf.data, to as i32).map_err(nccl_error("send"))
+        self.comm()?.send(&buf.data, to as i32).map_err(nccl_error("send"))
     }
 
     fn recv(&self, buf: &mut CudaTensor, from: usize) -> Result<()> {
-        self.comm.recv(&mut buf.data, from as i32).map(|_| ()).map_err(nccl_error("recv"))
+        self.comm()?
+            .recv(&mut buf.data, from as i32)
+            .map(|_| ())
+            .map_err(nccl_error("recv"))
     }
 
     fn barrier(&self) -> Result<()> {
-        let mut token = self
-            .comm
+        let comm = self.comm()?;
+        let mut token = comm
             .stream()
             .alloc_zeros::<f32>(1)
             .map_err(|e| BackendError::Comm(format!("barrier: {e}")))?;
-        self.comm
-            .all_reduce_in_place(&mut token, &ReduceOp::Sum)
+        comm.all_reduce_in_place(&mut token, &ReduceOp::Sum)
             .map_err(nccl_error("barrier"))?;
-        self.comm
-            .stream()
-            .synchronize()
-            .map_err(|e| BackendError::Comm(format!("barrier: {e}")))
+        comm.stream().synchronize().map_err(|e| BackendError::Comm(format!("barrier: {e}")))
+    }
+
+    /// Aborts this rank's communicator (NCCL cannot wake a peer already
+    /// waiting in a collective on its GPU; later calls here are errors).
+    fn abort(&self, _why: &str) {
+        self.comm.borrow_mut().take();
     }
 }

@@ -1,0 +1,292 @@
+//! The byte form of what crosses between nodes: little-endian numbers,
+//! length-prefixed lists, one message per length-prefixed frame.
+
+use super::WorkerOptions;
+use crate::backend::PagedAttentionMeta;
+use crate::model::ForwardBatch;
+use crate::parallel::Layout;
+use std::io::{self, Read, Write};
+
+/// Frames above this are refused, so a corrupt length cannot make a node
+/// allocate without bound.
+const MAX_FRAME: usize = 1 << 30;
+
+pub fn write_frame(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    w.write_all(bytes)
+}
+
+pub fn read_frame(r: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut len = [0; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a frame of {len} bytes")));
+    }
+    let mut bytes = vec![0; len];
+    r.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[derive(Default)]
+pub struct Encoder {
+    pub bytes: Vec<u8>,
+}
+
+impl Encoder {
+    pub fn u8(&mut self, v: u8) {
+        self.bytes.push(v);
+    }
+
+    pub fn u64(&mut self, v: u64) {
+        self.bytes.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn usize(&mut self, v: usize) {
+        self.u64(v as u64);
+    }
+
+    pub fn bytes(&mut self, v: &[u8]) {
+        self.usize(v.len());
+        self.bytes.extend_from_slice(v);
+    }
+
+    pub fn str(&mut self, v: &str) {
+        self.bytes(v.as_bytes());
+    }
+
+    pub fn u32s(&mut self, v: &[u32]) {
+        self.usize(v.len());
+        v.iter().for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
+    }
+
+    pub fn usizes(&mut self, v: &[usize]) {
+        self.usize(v.len());
+        v.iter().for_each(|&x| self.usize(x));
+    }
+
+    pub fn f32s(&mut self, v: &[f32]) {
+        self.usize(v.len());
+        v.iter().for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
+    }
+
+    pub fn option<T>(&mut self, v: Option<&T>, put: impl FnOnce(&mut Self, &T)) {
+        self.u8(v.is_some() as u8);
+        if let Some(v) = v {
+            put(self, v);
+        }
+    }
+
+    pub fn result<T>(&mut self, v: &Result<T, String>, put: impl FnOnce(&mut Self, &T)) {
+        match v {
+            Ok(v) => {
+                self.u8(0);
+                put(self, v);
+            }
+            Err(why) => {
+                self.u8(1);
+                self.str(why);
+            }
+        }
+    }
+
+    pub fn options(&mut self, o: &WorkerOptions) {
+        self.usize(o.layout.tp);
+        self.usize(o.layout.pp);
+        self.option(o.pp_layers.as_ref(), |e, v| e.usizes(v));
+        self.usize(o.num_kv_blocks);
+        self.usize(o.block_size);
+        self.u8(o.micro_batching as u8);
+        self.option(o.panic_at.as_ref(), |e, &(rank, step)| {
+            e.usize(rank);
+            e.u64(step);
+        });
+    }
+
+    pub fn batch(&mut self, b: &ForwardBatch) {
+        self.u32s(&b.token_ids);
+        self.u32s(&b.positions);
+        self.usize(b.attn.block_size);
+        self.u32s(&b.attn.slot_mapping);
+        self.usizes(&b.attn.query_lens);
+        self.usizes(&b.attn.context_lens);
+        self.usize(b.attn.block_tables.len());
+        b.attn.block_tables.iter().for_each(|t| self.u32s(t));
+        self.u32s(&b.logit_rows);
+    }
+}
+
+pub struct Decoder<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Decoder<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Decoder { rest: bytes }
+    }
+
+    /// Fails unless every byte was read.
+    pub fn finish(&self) -> Result<(), String> {
+        match self.rest.len() {
+            0 => Ok(()),
+            n => Err(format!("{n} bytes left over")),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.rest.len() < n {
+            return Err(format!("wanted {n} bytes, {} left", self.rest.len()));
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    /// A list's length, checked against the bytes left (each item at least `item` bytes).
+    fn len(&mut self, item: usize) -> Result<usize, String> {
+        let n = self.usize()?;
+        match n.checked_mul(item.max(1)) {
+            Some(bytes) if bytes <= self.rest.len() => Ok(n),
+            _ => Err(format!("a list of {n} items in {} bytes", self.rest.len())),
+        }
+    }
+
+    pub fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    pub fn usize(&mut self) -> Result<usize, String> {
+        usize::try_from(self.u64()?).map_err(|e| e.to_string())
+    }
+
+    fn flag(&mut self) -> Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(format!("a flag of {v}")),
+        }
+    }
+
+    pub fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.len(1)?;
+        Ok(self.take(n)?.to_vec())
+    }
+
+    pub fn str(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?).map_err(|e| e.to_string())
+    }
+
+    /// A list of 4-byte values, each made by `from`.
+    fn words<T>(&mut self, from: fn([u8; 4]) -> T) -> Result<Vec<T>, String> {
+        let n = self.len(4)?;
+        let raw = self.take(n * 4)?;
+        Ok(raw.chunks_exact(4).map(|c| from(c.try_into().expect("4 bytes"))).collect())
+    }
+
+    pub fn u32s(&mut self) -> Result<Vec<u32>, String> {
+        self.words(u32::from_le_bytes)
+    }
+
+    pub fn usizes(&mut self) -> Result<Vec<usize>, String> {
+        (0..self.len(8)?).map(|_| self.usize()).collect()
+    }
+
+    pub fn f32s(&mut self) -> Result<Vec<f32>, String> {
+        self.words(f32::from_le_bytes)
+    }
+
+    pub fn option<T>(&mut self, get: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<Option<T>, String> {
+        match self.flag()? {
+            true => get(self).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    pub fn result<T>(&mut self, get: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<Result<T, String>, String> {
+        match self.flag()? {
+            false => get(self).map(Ok),
+            true => self.str().map(Err),
+        }
+    }
+
+    pub fn options(&mut self) -> Result<WorkerOptions, String> {
+        Ok(WorkerOptions {
+            layout: Layout {
+                tp: self.usize()?,
+                pp: self.usize()?,
+            },
+            pp_layers: self.option(Self::usizes)?,
+            num_kv_blocks: self.usize()?,
+            block_size: self.usize()?,
+            micro_batching: self.flag()?,
+            panic_at: self.option(|d| Ok((d.usize()?, d.u64()?)))?,
+        })
+    }
+
+    pub fn batch(&mut self) -> Result<ForwardBatch, String> {
+        Ok(ForwardBatch {
+            token_ids: self.u32s()?,
+            positions: self.u32s()?,
+            attn: PagedAttentionMeta {
+                block_size: self.usize()?,
+                slot_mapping: self.u32s()?,
+                query_lens: self.usizes()?,
+                context_lens: self.usizes()?,
+                block_tables: (0..self.len(8)?).map(|_| self.u32s()).collect::<Result<_, _>>()?,
+            },
+            logit_rows: self.u32s()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> ForwardBatch {
+        ForwardBatch::single(&[5, 6, 7], 2, &[3, 9], 4, false)
+    }
+
+    #[test]
+    fn a_batch_and_options_round_trip() {
+        let options = WorkerOptions {
+            layout: Layout { tp: 2, pp: 3 },
+            pp_layers: Some(vec![1, 2, 3]),
+            num_kv_blocks: 77,
+            block_size: 16,
+            micro_batching: true,
+            panic_at: Some((4, 9)),
+        };
+        let mut e = Encoder::default();
+        e.batch(&batch());
+        e.options(&options);
+        e.result(&Err::<Vec<f32>, _>("boom".into()), |e, v| e.f32s(v));
+        let mut d = Decoder::new(&e.bytes);
+        assert_eq!(d.batch().unwrap(), batch());
+        assert_eq!(format!("{:?}", d.options().unwrap()), format!("{options:?}"));
+        assert_eq!(d.result(Decoder::f32s).unwrap(), Err("boom".to_string()));
+        d.finish().unwrap();
+    }
+
+    #[test]
+    fn truncated_or_oversized_input_is_an_error_not_a_panic() {
+        let mut e = Encoder::default();
+        e.batch(&batch());
+        for cut in 0..e.bytes.len() {
+            assert!(Decoder::new(&e.bytes[..cut]).batch().is_err(), "cut at {cut}");
+        }
+        let mut huge = Encoder::default();
+        huge.usize(u64::MAX as usize);
+        assert!(Decoder::new(&huge.bytes).u32s().is_err());
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_frame(&mut frame.as_slice()).is_err());
+        let mut round = Vec::new();
+        write_frame(&mut round, b"abc").unwrap();
+        assert_eq!(read_frame(&mut round.as_slice()).unwrap(), b"abc");
+    }
+}
