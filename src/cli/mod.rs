@@ -88,6 +88,7 @@ pub struct ParallelArgs {
     /// Where node 0 listens for the others.
     #[arg(long, default_value = "127.0.0.1", env = "SHARDLINE_MASTER_ADDR")]
     master_addr: String,
+    /// The port node 0 listens on for the others.
     #[arg(long, default_value_t = 29500, env = "SHARDLINE_MASTER_PORT")]
     master_port: u16,
     /// Seconds node 0 waits for the others to connect, and they for it.
