@@ -139,6 +139,35 @@ fn a_node_with_another_split_is_refused_by_the_leader() {
 }
 
 #[test]
+fn a_second_node_with_the_same_rank_is_refused() {
+    // Three stages over three nodes; two followers both say node 1.
+    let layout = Layout { tp: 1, pp: 3 };
+    let port = free_port();
+    let three = |node| NodeSpec {
+        nnodes: 3,
+        ..spec(node, port)
+    };
+    let followers: Vec<_> = (0..2)
+        .map(|_| {
+            let node1 = three(1);
+            thread::spawn(move || {
+                let load = shard_loader(FIXTURE, |_| CpuBackend);
+                Workers::follow(config(), layout, load, |_| Ok(Transport::InProcess), &node1)
+            })
+        })
+        .collect();
+    let load = shard_loader(FIXTURE, |_| CpuBackend);
+    let options = worker_options(layout, None, 4);
+    let err = Workers::lead(config(), options, load, Transport::InProcess, &[], &three(0))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("node rank 1 has already joined"), "{err}");
+    for follower in followers {
+        assert!(follower.join().unwrap().is_err(), "neither follower runs without its leader");
+    }
+}
+
+#[test]
 fn a_follower_without_a_leader_gives_up_after_its_timeout() {
     let follow = |spec: &NodeSpec| {
         let load = shard_loader(FIXTURE, |_| CpuBackend);

@@ -112,16 +112,8 @@ impl ParallelArgs {
     }
 
     fn nodes(&self) -> NodeSpec {
-        let host = match self.master_addr.contains(':') {
-            true => format!("[{}]", self.master_addr),
-            false => self.master_addr.clone(),
-        };
-        NodeSpec {
-            nnodes: self.nnodes,
-            node_rank: self.node_rank,
-            master: format!("{host}:{}", self.master_port),
-            timeout: std::time::Duration::from_secs(self.rendezvous_timeout),
-        }
+        let timeout = std::time::Duration::from_secs(self.rendezvous_timeout);
+        NodeSpec::new(self.nnodes, self.node_rank, &self.master_addr, self.master_port, timeout)
     }
 
     /// On a node other than 0: the command's job is to run this node's
@@ -130,12 +122,13 @@ impl ParallelArgs {
         self.node_rank > 0
     }
 
-    /// Multi-node runs move tensors between machines with NCCL only.
-    fn multi_node_device(&self) -> anyhow::Result<()> {
+    /// Multi-node runs move tensors between machines with NCCL only, so
+    /// need `device` (resolved) to be CUDA.
+    fn check_nodes(&self, device: Device) -> anyhow::Result<()> {
         let spec = self.nodes();
         spec.check(self.layout())?;
         anyhow::ensure!(
-            self.device()? == Device::Cuda,
+            device == Device::Cuda,
             "--nnodes {}: ranks on different machines exchange tensors through NCCL, so every node needs a GPU (--device cuda)",
             spec.nnodes
         );
@@ -168,7 +161,7 @@ fn start_executor(
     layout.validate(config)?;
     let device = parallel.device()?;
     if parallel.nnodes > 1 {
-        parallel.multi_node_device()?;
+        parallel.check_nodes(device)?;
     }
     if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
         let executor: Box<dyn Executor> = match device {
@@ -253,7 +246,7 @@ fn cuda_loader(options: ModelOptions, gpus: usize) -> impl Fn(usize, Shard) -> R
 
 /// A node other than 0: runs its ranks for node 0 until node 0 hangs up.
 fn follow(options: &ModelOptions, parallel: &ParallelArgs) -> anyhow::Result<()> {
-    parallel.multi_node_device()?;
+    parallel.check_nodes(parallel.device()?)?;
     let config = model_dir::describe(options).context("loading the model")?.config;
     let (spec, layout, gpus) = (parallel.nodes(), parallel.layout(), cuda::gpu_count());
     let local = spec.ranks_of(spec.node_rank, layout);

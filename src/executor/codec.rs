@@ -55,9 +55,14 @@ impl Encoder {
         self.bytes(v.as_bytes());
     }
 
-    pub fn u32s(&mut self, v: &[u32]) {
+    /// A list of 4-byte values, each laid out by `to`.
+    fn words<T: Copy>(&mut self, v: &[T], to: fn(T) -> [u8; 4]) {
         self.usize(v.len());
-        v.iter().for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
+        v.iter().for_each(|&x| self.bytes.extend_from_slice(&to(x)));
+    }
+
+    pub fn u32s(&mut self, v: &[u32]) {
+        self.words(v, u32::to_le_bytes);
     }
 
     pub fn usizes(&mut self, v: &[usize]) {
@@ -66,8 +71,7 @@ impl Encoder {
     }
 
     pub fn f32s(&mut self, v: &[f32]) {
-        self.usize(v.len());
-        v.iter().for_each(|x| self.bytes.extend_from_slice(&x.to_le_bytes()));
+        self.words(v, f32::to_le_bytes);
     }
 
     pub fn option<T>(&mut self, v: Option<&T>, put: impl FnOnce(&mut Self, &T)) {

@@ -6,8 +6,7 @@ mod codec;
 mod nodes;
 mod workers;
 
-pub use nodes::{fingerprint, NodeError, NodeSpec};
-
+pub use nodes::{NodeError, NodeSpec};
 pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOptions, Workers, WorkersError};
 
 use crate::backend::{Backend, BackendError};

@@ -108,10 +108,9 @@ impl Workers {
                 Err(_) => break Ok(()),
             }
         };
-        self.jobs.clear();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        // The forwarding thread ends once every rank (holding a sender of
+        // `results`) has stopped.
+        self.stop_ranks();
         let _ = forward.join();
         outcome
     }
@@ -213,9 +212,9 @@ impl Nodes {
         let Nodes::Leader(followers) = self else {
             return Ok(());
         };
-        let step = Message::Step(batch.clone());
+        let step = Message::Step(batch.clone()).to_frame();
         for follower in followers.iter_mut() {
-            follower.send(&step).map_err(|e| format!("node {}: {e}", follower.node))?;
+            follower.send_frame(&step).map_err(|e| format!("node {}: {e}", follower.node))?;
         }
         Ok(())
     }
@@ -262,6 +261,21 @@ pub enum NodeError {
 }
 
 impl NodeSpec {
+    /// Node `node_rank` of `nnodes`, meeting at `addr:port` (an IPv6
+    /// address is bracketed).
+    pub fn new(nnodes: usize, node_rank: usize, addr: &str, port: u16, timeout: Duration) -> Self {
+        let host = match addr.contains(':') {
+            true => format!("[{addr}]"),
+            false => addr.to_string(),
+        };
+        NodeSpec {
+            nnodes,
+            node_rank,
+            master: format!("{host}:{port}"),
+            timeout,
+        }
+    }
+
     pub fn check(&self, layout: Layout) -> Result<(), NodeError> {
         if self.node_rank >= self.nnodes {
             return Err(NodeError::NodeRank {
@@ -296,7 +310,7 @@ impl NodeSpec {
 
 /// What every node must agree on to serve one model together: the
 /// version of shardline, the model's configuration and the split.
-pub fn fingerprint(config: &ModelConfig, layout: Layout) -> u64 {
+fn fingerprint(config: &ModelConfig, layout: Layout) -> u64 {
     crate::rng::fnv1a(format!("{} {config:?} {layout:?}", env!("CARGO_PKG_VERSION")).as_bytes())
 }
 
@@ -342,9 +356,12 @@ impl Peer {
     }
 
     pub fn send(&mut self, message: &Message) -> io::Result<()> {
-        let mut e = Encoder::default();
-        message.encode(&mut e);
-        write_frame(&mut self.writer, &e.bytes)?;
+        self.send_frame(&message.to_frame())
+    }
+
+    /// Sends a message already encoded, so one encoding serves every follower.
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        write_frame(&mut self.writer, frame)?;
         self.writer.flush()
     }
 
@@ -480,6 +497,12 @@ pub(super) fn join_leader(spec: &NodeSpec, fingerprint: u64) -> Result<(Peer, Wo
 }
 
 impl Message {
+    fn to_frame(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        self.encode(&mut e);
+        e.bytes
+    }
+
     fn encode(&self, e: &mut Encoder) {
         match self {
             Message::Hello { node, fingerprint } => {
@@ -533,5 +556,18 @@ impl Message {
         };
         d.finish()?;
         Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_address_is_a_connectable_host_and_port() {
+        let second = Duration::from_secs(1);
+        assert_eq!(NodeSpec::new(2, 1, "10.0.0.1", 29500, second).master, "10.0.0.1:29500");
+        assert_eq!(NodeSpec::new(2, 1, "::1", 29500, second).master, "[::1]:29500");
+        assert!(NodeSpec::new(2, 1, "::1", 29500, second).master.to_socket_addrs().is_ok());
     }
 }

@@ -99,7 +99,7 @@ pub struct Workers {
     config: ModelConfig,
     pub(super) jobs: Vec<Sender<Arc<ForwardBatch>>>,
     pub(super) results: Receiver<StepResult>,
-    pub(super) threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     /// Summed over ranks.
     decode_weight_bytes: usize,
     /// Steps that may be in flight.
@@ -294,6 +294,14 @@ impl Workers {
         self.busy.clone()
     }
 
+    /// Closes every rank's job queue and waits for its thread to end.
+    pub(super) fn stop_ranks(&mut self) {
+        self.jobs.clear();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+
     /// Marks the group broken for good (results of steps still in flight
     /// are never read) and returns the error.
     fn break_with(&mut self, why: String) -> BackendError {
@@ -305,9 +313,9 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.nodes.close();
-        self.jobs.clear();
-        for thread in self.threads.drain(..).chain(self.readers.drain(..)) {
-            let _ = thread.join();
+        self.stop_ranks();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
     }
 }

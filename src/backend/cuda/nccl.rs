@@ -126,3 +126,16 @@ impl Communicator<CudaTensor> for NcclComm {
         self.comm.borrow_mut().take();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_survives_its_bytes_and_a_wrong_length_is_an_error() {
+        let bytes: Vec<u8> = (0..128).map(|i| (i * 7) as u8).collect();
+        assert_eq!(id_bytes(&id_from_bytes(&bytes).unwrap()), bytes);
+        let err = id_from_bytes(&bytes[..100]).unwrap_err().to_string();
+        assert!(err.contains("an NCCL id is 128 bytes, not 100"), "{err}");
+    }
+}
