@@ -1,13 +1,14 @@
 //! One prompt generated to the end (on one device, or split over ranks by
-//! an executor): `prefill` the prompt, then
-//! `decode_one_token` until EOS or `max_tokens`. This is the path of
-//! `shardline generate` and `shardline bench`; the serving engine batches
-//! many sequences through the same model forward instead.
+//! an executor): the prompt in one step, then one token a step until EOS
+//! or `max_tokens`, each token picked by the model where its logits are.
+//! This is the path of `shardline generate` and `shardline bench`; the
+//! serving engine batches many sequences through the same model forward
+//! instead.
 
 use crate::backend::{Backend, BackendError};
 use crate::executor::{Executor, LocalExecutor};
-use crate::model::{ForwardBatch, Qwen2ForCausalLM};
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::model::{ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
+use crate::sampling::{RowSampling, SampledToken, Sampler, SamplingParams};
 use std::time::{Duration, Instant};
 
 /// Tokens per KV-cache block.
@@ -84,6 +85,18 @@ impl Generator {
     /// Appends `ids` to the sequence and returns logits `[rows, vocab]`: of
     /// every new token when `all_logits`, else of the last one.
     pub fn extend(&mut self, ids: &[u32], all_logits: bool) -> Result<Vec<f32>, GenerateError> {
+        Ok(self.run(ids, all_logits, Sampling::Caller)?.logits)
+    }
+
+    /// Appends `ids` and has the model pick the next token as `row` says,
+    /// where the logits are (only the id leaves a GPU); the last position's
+    /// logits come back too when `logits` is set.
+    pub fn extend_sampled(&mut self, ids: &[u32], row: RowSampling, logits: bool) -> Result<StepOutput, GenerateError> {
+        let rows = vec![row];
+        self.run(ids, false, Sampling::Model { rows, logits })
+    }
+
+    fn run(&mut self, ids: &[u32], all_logits: bool, sampling: Sampling) -> Result<StepOutput, GenerateError> {
         if ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -98,19 +111,17 @@ impl Generator {
                 context,
             });
         }
-        let batch = ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits);
-        let mut logits = Vec::new();
-        self.executor.forward(batch, &mut logits)?;
+        let batch = ForwardBatch {
+            sampling,
+            ..ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits)
+        };
+        let mut out = StepOutput::default();
+        self.executor.forward(batch, &mut out)?;
         self.cached += ids.len();
-        Ok(logits)
+        Ok(out)
     }
 
-    /// Starts a new sequence with `prompt`; returns the last position's logits.
-    pub fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        self.reset();
-        self.extend(prompt, false)
-    }
-
+    /// Appends one token; returns its logits.
     pub fn decode_one_token(&mut self, id: u32) -> Result<Vec<f32>, GenerateError> {
         self.extend(&[id], false)
     }
@@ -176,9 +187,12 @@ impl Generator {
         let mut history = req.prompt_ids.clone();
         let mut tokens = Vec::new();
         let mut time_to_first_token = Duration::ZERO;
-        let mut logits = self.prefill(&req.prompt_ids)?;
+        self.reset();
+        let mut new_ids = req.prompt_ids.clone();
         let finish_reason = loop {
-            let token = sampler.sample(&logits, &history, req.prompt_ids.len());
+            let row = sampler.next_row(&history, req.prompt_ids.len());
+            let out = self.extend_sampled(&new_ids, row, sampler.wants_logits())?;
+            let token = sampler.finish(out.token_ids[0], Some(&out.logits[..]).filter(|l| !l.is_empty()));
             if tokens.is_empty() {
                 time_to_first_token = start.elapsed();
             }
@@ -192,7 +206,7 @@ impl Generator {
             if tokens.len() >= req.max_tokens {
                 break FinishReason::Length;
             }
-            logits = self.decode_one_token(id)?;
+            new_ids = vec![id];
         };
         Ok(Generation {
             tokens,

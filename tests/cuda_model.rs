@@ -1,13 +1,17 @@
 //! The fixture models on the GPU: logits within 2e-2 relative of the
 //! Hugging Face reference with its greedy ids, for the whole model and for
 //! every TP/PP layout the fixture allows (ranks sharing the one GPU through
-//! the in-process communicator), and tiny-chat's 30 chat answers word for
-//! word. Skips, saying so, where no GPU is visible.
+//! the in-process communicator), tiny-chat's 30 chat answers word for
+//! word (greedy, picked by the sampling kernel), and seeded sampling by the
+//! kernel picking what the host sampler picks from the same GPU logits.
+//! Skips, saying so, where no GPU is visible.
 
 mod common;
 
+use common::sampled;
 use common::split::{check_split, layouts};
 use shardline::backend::cuda::{gpu_count, CudaBackend};
+use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::model_dir;
 
 const TOLERANCE: f64 = 2e-2;
@@ -47,4 +51,19 @@ fn tiny_chat_answers_every_greedy_chat_case_on_the_gpu() {
     }
     let options = common::options(&common::model_dir("tiny-chat"));
     common::chat::answers_every_greedy_chat_case(model_dir::open(first_gpu(0), &options).unwrap());
+}
+
+#[test]
+fn the_sampling_kernel_picks_what_the_host_sampler_picks() {
+    if !have_gpu() {
+        return;
+    }
+    let name = "tiny-chat";
+    let options = common::options(&common::model_dir(name));
+    let request = sampled::request(&common::Reference::open(name).ids("prompt0.input_ids"), 32);
+    let capacity = sampled::blocks(&request) * BLOCK_SIZE;
+    let generator = || Generator::new(model_dir::open(first_gpu(0), &options).unwrap().model, capacity).unwrap();
+    let want = sampled::by_host(generator(), &request);
+    let got = sampled::by_model(generator(), &request);
+    sampled::assert_same(&got, &want, "tiny-chat on the GPU");
 }

@@ -3,7 +3,7 @@
 //! must agree within a relative bound set by what the GPU path rounds (f32
 //! paths 1e-5; bf16 activations into cuBLAS and the bf16 KV cache 1e-2).
 //! Every output buffer starts as NaN, so an element a kernel leaves
-//! unwritten fails the finite check.
+//! unwritten fails the finite check. Sampling must pick the host's tokens.
 //! Skips, saying so, where no GPU is visible.
 
 mod common;
@@ -14,6 +14,7 @@ use shardline::backend::cuda::{gpu_count, nccl, CudaBackend, CudaTensor};
 use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta};
 use shardline::parallel::Communicator;
 use shardline::rng::Rng;
+use shardline::sampling::{LogitAdjustment, RowSampling};
 
 const EXACT: f64 = 1e-5;
 const BF16_ROUNDED: f64 = 1e-2;
@@ -249,4 +250,67 @@ fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
     assert_close(&cx, &gpu, &gathered, f64::EPSILON, "all_gather over one rank");
     assert!(comm.all_gather(&gx, &mut gpu.zeros(2, 40).unwrap()).is_err());
     comm.barrier().unwrap();
+}
+
+/// Rows of every kind the sampler meets: greedy with and without penalties,
+/// each cut alone and together, ties at the cuts (coarse logits), a
+/// Qwen2-sized vocabulary and a small one. The device must pick the host's
+/// token and leave the same adjusted logits.
+#[test]
+fn sampling_picks_the_tokens_the_host_picks() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::seeded(21);
+    let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
+    for vocab in [151_936, 1000] {
+        let mut rows = Vec::new();
+        for case in 0..48 {
+            let (temperature, top_k, top_p, min_p) = [
+                (0.0, 0, 1.0, 0.0),
+                (1.0, 0, 1.0, 0.0),
+                (0.7, 40, 1.0, 0.0),
+                (1.0, 0, 0.9, 0.0),
+                (1.3, 0, 1.0, 0.05),
+                (0.8, 50, 0.95, 0.02),
+                (1.0, 1, 1.0, 0.0),
+                (2.0, 0, 0.3, 0.0),
+            ][case % 8];
+            let adjustments = match case % 3 {
+                0 => Vec::new(),
+                _ => vec![adjust(3, 2.5, false), adjust(17, -1.0, true), adjust(vocab as u32 - 1, 0.0, true)],
+            };
+            rows.push(RowSampling {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty: 1.3,
+                adjustments,
+                uniform: rng.next_f32(),
+            });
+        }
+        let n = rows.len();
+        let mut values = random(n * vocab, 22);
+        for (r, row) in values.chunks_mut(vocab).enumerate() {
+            let coarse = r % 2 == 1;
+            row.iter_mut()
+                .for_each(|v| *v = if coarse { (*v * 12.0).floor() } else { *v * 9.0 });
+        }
+        let mut cpu_logits = CpuTensor::new(values.clone(), n, vocab);
+        let mut gpu_logits = gpu.zeros(n, vocab).unwrap();
+        gpu_logits.copy_from_host(&values).unwrap();
+        let want = CpuBackend.sample(&mut cpu_logits, &rows).unwrap();
+        let got = gpu.sample(&mut gpu_logits, &rows).unwrap();
+        for (r, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(
+                w,
+                g,
+                "vocab {vocab}, row {r}: {:?}",
+                RowSampling {
+                    adjustments: vec![],
+                    ..rows[r].clone()
+                }
+            );
+        }
+        assert_close(&cpu_logits, &gpu, &gpu_logits, EXACT, &format!("adjusted logits, vocab {vocab}"));
+    }
 }

@@ -2,16 +2,18 @@
 //! 1 follows. Both run in this process on the CPU backend, so their ranks'
 //! tensors pass through in-process endpoints, handed out as each rank joins
 //! the way NCCL's join would; the start-up handshake, every step's batch
-//! and the results cross a real TCP connection on localhost.
+//! (with its sampling) and the results (logits, sampled tokens) cross a
+//! real TCP connection on localhost.
 
 mod common;
 
 use common::model_dir;
+use common::sampled;
 use common::split::{check_prompts, run_prompt, shard_loader, worker_options};
 use shardline::backend::cpu::CpuBackend;
 use shardline::config::ModelConfig;
 use shardline::executor::{Membership, NodeSpec, Transport, WorkerOptions, Workers, WorkersError};
-use shardline::generation::blocks_for;
+use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
 use shardline::parallel::{in_process_group, Communicator, InProcessComm, Layout};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -90,6 +92,20 @@ fn a_model_split_over_two_nodes_gives_the_reference_logits_and_greedy_ids() {
     for follower in followers {
         follower.join().unwrap().unwrap();
     }
+}
+
+#[test]
+fn tokens_sampled_on_the_follower_come_back_as_the_host_would_pick_them() {
+    let layout = Layout { tp: 2, pp: 2 };
+    let request = sampled::request(&common::Reference::open(FIXTURE).ids("prompt0.input_ids"), 16);
+    let num_kv_blocks = sampled::blocks(&request);
+    let want = sampled::by_host(common::generator(FIXTURE, num_kv_blocks * BLOCK_SIZE), &request);
+    let (port, groups) = (free_port(), groups(layout));
+    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend);
+    let leader = lead(worker_options(layout, None, num_kv_blocks), port, groups).unwrap();
+    let got = sampled::by_model(Generator::with_executor(Box::new(leader), num_kv_blocks), &request);
+    sampled::assert_same(&got, &want, "over 2 nodes");
+    node1.join().unwrap().unwrap();
 }
 
 #[test]

@@ -1,12 +1,16 @@
 //! Tensor and pipeline parallelism on the CPU backend, through the worker
 //! threads (one per rank, talking through the in-process communicator):
 //! every layout the fixtures allow gives the Hugging Face reference logits
-//! (within 1e-4 relative) and the same greedy ids as the reference.
+//! (within 1e-4 relative) and the same greedy ids as the reference, and
+//! the model's sampling gives the host sampler's tokens in every layout.
 
 mod common;
 
-use common::split::{check_split, layouts};
+use common::sampled;
+use common::split::{check_split, layouts, spawn_split};
+use common::Reference;
 use shardline::backend::cpu::CpuBackend;
+use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::parallel::Layout;
 
 const TOLERANCE: f64 = 1e-4;
@@ -41,5 +45,22 @@ fn tiny_chat_every_layout_matches_hf_over_the_full_vocabulary() {
     assert_eq!(all.len(), 6);
     for layout in all {
         check("tiny-chat", layout, None);
+    }
+}
+
+/// The model's sampling (on the last stage, after gathering a TP split's
+/// vocabulary slices) picks the host sampler's tokens from the whole
+/// model's logits.
+#[test]
+fn the_model_samples_what_the_host_sampler_picks_in_every_layout() {
+    let name = "tiny-gqa";
+    let request = sampled::request(&Reference::open(name).ids("prompt0.input_ids"), 24);
+    let num_kv_blocks = sampled::blocks(&request);
+    let capacity = num_kv_blocks * BLOCK_SIZE;
+    let want = sampled::by_host(common::generator(name, capacity), &request);
+    for layout in layouts(name) {
+        let executor = spawn_split(name, layout, None, |_| CpuBackend, num_kv_blocks);
+        let got = sampled::by_model(Generator::with_executor(executor, num_kv_blocks), &request);
+        sampled::assert_same(&got, &want, &format!("tp={} pp={}", layout.tp, layout.pp));
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use common::{assert_rows_close, generator, prompt_keys, Reference};
 use shardline::backend::PagedAttentionMeta;
-use shardline::model::ForwardBatch;
+use shardline::model::{ForwardBatch, StepOutput};
 use shardline::sampling::argmax;
 
 const TOLERANCE: f64 = 1e-4;
@@ -120,8 +120,9 @@ fn a_batch_of_prompts_in_interleaved_blocks_gives_each_its_reference_logits() {
     let mut caches = model
         .alloc_kv_caches(model.kv_cache_shape(next_block as usize, block_size))
         .unwrap();
-    let mut logits = Vec::new();
-    model.forward(&batch, &mut caches, &mut logits).unwrap();
+    let mut out = StepOutput::default();
+    model.forward(&batch, &mut caches, &mut out).unwrap();
+    let logits = out.logits;
     let mut offset = 0;
     for (i, p) in prompts.iter().enumerate() {
         let (_, vocab, want) = reference.matrix(&format!("prompt{i}.logits"));

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::sampling::RowSampling;
 use std::fmt;
 
 /// Element types a checkpoint may store.
@@ -244,6 +245,11 @@ pub trait Backend {
 
     /// The listed rows of `x`, in order.
     fn select_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
+
+    /// Picks one token per row of `logits [rows, vocab]` as `rows` say
+    /// (the rules of [`crate::sampling::choose`]), leaving the adjusted
+    /// scores in `logits`. Only the ids reach the host.
+    fn sample(&self, logits: &mut Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>>;
 
     /// Copies a tensor to host memory as row-major f32, into `out` (replacing
     /// its contents; a buffer reused across steps is never reallocated).

@@ -13,11 +13,11 @@ use shardline::config::ModelConfig;
 use shardline::engine::request::{Event, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::executor::BusyTimes;
-use shardline::generation::{blocks_for, Generator, BLOCK_SIZE};
+use shardline::generation::{blocks_for, GenerateError, Generator, BLOCK_SIZE};
 use shardline::model_dir;
 use shardline::model_dir::ModelOptions;
 use shardline::rng::Rng;
-use shardline::sampling::argmax;
+use shardline::sampling::RowSampling;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -78,12 +78,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One untimed run first: kernel loading, handles and allocator pools.
     for run in 0..=args.repeats {
+        // Greedy, sampled where the logits are, as a server decodes.
+        let next = |generator: &mut Generator, ids: &[u32]| -> Result<u32, GenerateError> {
+            Ok(generator.extend_sampled(ids, RowSampling::greedy(), false)?.token_ids[0])
+        };
         let start = Instant::now();
-        let mut logits = generator.prefill(&prompt)?;
+        generator.reset();
+        let mut token = next(&mut generator, &prompt)?;
         let prefill_rate = args.prompt_len as f64 / start.elapsed().as_secs_f64();
         let start = Instant::now();
         for _ in 0..args.decode_tokens {
-            logits = generator.decode_one_token(argmax(&logits))?;
+            token = next(&mut generator, &[token])?;
         }
         if run > 0 {
             prefill.push(prefill_rate);

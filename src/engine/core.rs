@@ -1,5 +1,6 @@
-//! The engine loop: schedule a step, run the model on it, sample, detokenize,
-//! check stops, and queue each request's events. One thread owns all of it
+//! The engine loop: schedule a step, run the model on it (which samples
+//! each sequence's next token), detokenize, check stops, and queue each
+//! request's events. One thread owns all of it
 //! (queue, sequences, KV blocks), so nothing here is shared or locked. A
 //! step's events leave together ([`Engine::take_outbox`]): waking a
 //! client's task costs tens of microseconds, too much to pay per request
@@ -12,7 +13,7 @@ use super::stats::EngineStats;
 use super::stop::StopStrings;
 use crate::backend::{BackendError, PagedAttentionMeta};
 use crate::executor::Executor;
-use crate::model::ForwardBatch;
+use crate::model::{ForwardBatch, Sampling, StepOutput};
 use crate::sampling::Sampler;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,11 +52,12 @@ pub struct Engine {
     context_len: usize,
     /// Most sequences in flight at once, over all micro-batches.
     max_num_seqs: usize,
-    /// Time spent sampling in the current step.
+    /// Host time spent on sampling in the current step (preparing each
+    /// row's sampling, and logprobs).
     step_sampling: Duration,
-    /// `[sampled sequences, vocab]` logits of the current step; reused so a
-    /// large batch's buffer is not allocated and freed every step.
-    logits: Vec<f32>,
+    /// The current step's output; reused so a large batch's logits buffer
+    /// is not allocated and freed every step.
+    output: StepOutput,
     /// Events produced since the last [`Engine::take_outbox`].
     outbox: Outbox,
     /// Steps submitted to the executor and not yet collected, oldest first.
@@ -97,7 +99,7 @@ impl Engine {
             context_len,
             max_num_seqs: config.max_num_seqs,
             step_sampling: Duration::ZERO,
-            logits: Vec::new(),
+            output: StepOutput::default(),
             outbox: Vec::new(),
             in_flight: VecDeque::new(),
             busy: HashSet::new(),
@@ -193,6 +195,7 @@ impl Engine {
             .collect();
         gone.into_iter().for_each(|id| self.abort(id));
         let mut forward = Duration::ZERO;
+        self.step_sampling = Duration::ZERO;
         let depth = self.executor.depth();
         // With a pipeline, the sequences are shared out over `depth`
         // micro-batches so every stage has one to work on.
@@ -230,14 +233,14 @@ impl Engine {
         step.plan.iter().for_each(|p| {
             self.busy.remove(&p.id);
         });
-        let mut logits = std::mem::take(&mut self.logits);
+        let mut output = std::mem::take(&mut self.output);
         let collect_started = Instant::now();
-        let result = self.executor.collect(&mut logits);
+        let result = self.executor.collect(&mut output);
         forward += collect_started.elapsed();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = result {
-            self.logits = logits;
+            self.output = output;
             return Err(e);
         }
         // Requests aborted while their step was in flight are gone.
@@ -251,13 +254,13 @@ impl Engine {
             .saturating_sub(step.sampled.len());
         self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let vocab = self.executor.config().vocab_size;
-        self.step_sampling = Duration::ZERO;
         for (row, id) in step.sampled.into_iter().enumerate() {
             if self.active.contains_key(&id) {
-                self.emit(id, &logits[row * vocab..(row + 1) * vocab]);
+                let logits = output.logits.get(row * vocab..(row + 1) * vocab);
+                self.emit(id, output.token_ids[row], logits);
             }
         }
-        self.logits = logits;
+        self.output = output;
         self.publish_stats();
         let s = &self.stats;
         let nanos = |d: Duration| d.as_nanos() as u64;
@@ -272,8 +275,8 @@ impl Engine {
     }
 
     /// The model input for a plan, and the sequences (in logit-row order)
-    /// that get a new token from it.
-    fn build_batch(&self, plan: &[Scheduled]) -> (ForwardBatch, Vec<SeqId>) {
+    /// that get a new token from it; the model samples those tokens.
+    fn build_batch(&mut self, plan: &[Scheduled]) -> (ForwardBatch, Vec<SeqId>) {
         let bs = self.scheduler.blocks().block_size();
         let mut batch = ForwardBatch {
             attn: PagedAttentionMeta {
@@ -282,7 +285,8 @@ impl Engine {
             },
             ..Default::default()
         };
-        let mut sampled = Vec::new();
+        let (mut sampled, mut rows, mut logits) = (Vec::new(), Vec::new(), false);
+        let sampling_started = Instant::now();
         for step in plan {
             let seq = self.scheduler.get(step.id).expect("planned sequences exist");
             let (start, end) = (seq.num_computed, seq.num_computed + step.num_new_tokens);
@@ -300,21 +304,26 @@ impl Engine {
             if end == seq.tokens.len() {
                 batch.logit_rows.push(batch.token_ids.len() as u32 - 1);
                 sampled.push(step.id);
+                let sampler = &mut self.active.get_mut(&step.id).expect("planned sequences are active").sampler;
+                rows.push(sampler.next_row(&seq.tokens, seq.prompt_len));
+                logits |= sampler.wants_logits();
             }
         }
+        batch.sampling = Sampling::Model { rows, logits };
+        self.step_sampling += sampling_started.elapsed();
         (batch, sampled)
     }
 
-    /// Samples a sequence's next token and sends what it releases; ends the
-    /// sequence on a stop condition.
-    fn emit(&mut self, id: SeqId, logits: &[f32]) {
+    /// Appends a sequence's sampled token (with logprobs from its row of
+    /// `logits`, when asked) and sends what it releases; ends the sequence
+    /// on a stop condition.
+    fn emit(&mut self, id: SeqId, token_id: u32, logits: Option<&[f32]>) {
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
         let (tokens_before, prompt_len) = (seq.tokens.len(), seq.prompt_len);
         let active = self.active.get_mut(&id).expect("sampled sequences are active");
         let sampling_started = Instant::now();
-        let token = active.sampler.sample(logits, &seq.tokens, prompt_len);
+        let token = active.sampler.finish(token_id, logits);
         self.step_sampling += sampling_started.elapsed();
-        let token_id = token.token_id;
         self.scheduler.append_token(id, token_id);
 
         let stop = &active.request.stop;

@@ -3,8 +3,9 @@
 
 use super::WorkerOptions;
 use crate::backend::PagedAttentionMeta;
-use crate::model::ForwardBatch;
+use crate::model::{ForwardBatch, Sampling, StepOutput};
 use crate::parallel::Layout;
+use crate::sampling::{LogitAdjustment, RowSampling};
 use std::io::{self, Read, Write};
 
 /// Frames above this are refused, so a corrupt length cannot make a node
@@ -44,6 +45,14 @@ impl Encoder {
 
     pub fn usize(&mut self, v: usize) {
         self.u64(v as u64);
+    }
+
+    pub fn u32(&mut self, v: u32) {
+        self.bytes.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn f32(&mut self, v: f32) {
+        self.bytes.extend_from_slice(&v.to_le_bytes());
     }
 
     pub fn bytes(&mut self, v: &[u8]) {
@@ -117,6 +126,35 @@ impl Encoder {
         self.usize(b.attn.block_tables.len());
         b.attn.block_tables.iter().for_each(|t| self.u32s(t));
         self.u32s(&b.logit_rows);
+        match &b.sampling {
+            Sampling::Caller => self.u8(0),
+            Sampling::Model { rows, logits } => {
+                self.u8(1);
+                self.usize(rows.len());
+                rows.iter().for_each(|r| self.row_sampling(r));
+                self.u8(*logits as u8);
+            }
+        }
+    }
+
+    fn row_sampling(&mut self, r: &RowSampling) {
+        self.f32(r.temperature);
+        self.u32(r.top_k);
+        self.f32(r.top_p);
+        self.f32(r.min_p);
+        self.f32(r.repetition_penalty);
+        self.f32(r.uniform);
+        self.usize(r.adjustments.len());
+        for a in &r.adjustments {
+            self.u32(a.token);
+            self.f32(a.shift);
+            self.u8(a.repeated as u8);
+        }
+    }
+
+    pub fn output(&mut self, o: &StepOutput) {
+        self.f32s(&o.logits);
+        self.u32s(&o.token_ids);
     }
 }
 
@@ -165,6 +203,18 @@ impl<'a> Decoder<'a> {
 
     pub fn usize(&mut self) -> Result<usize, String> {
         usize::try_from(self.u64()?).map_err(|e| e.to_string())
+    }
+
+    fn word(&mut self) -> Result<[u8; 4], String> {
+        Ok(self.take(4)?.try_into().expect("4 bytes"))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, String> {
+        self.word().map(u32::from_le_bytes)
+    }
+
+    pub fn f32(&mut self) -> Result<f32, String> {
+        self.word().map(f32::from_le_bytes)
     }
 
     fn flag(&mut self) -> Result<bool, String> {
@@ -243,16 +293,73 @@ impl<'a> Decoder<'a> {
                 block_tables: (0..self.len(8)?).map(|_| self.u32s()).collect::<Result<_, _>>()?,
             },
             logit_rows: self.u32s()?,
+            sampling: match self.u8()? {
+                0 => Sampling::Caller,
+                1 => Sampling::Model {
+                    rows: (0..self.len(ROW_BYTES)?).map(|_| self.row_sampling()).collect::<Result<_, _>>()?,
+                    logits: self.flag()?,
+                },
+                tag => return Err(format!("unknown sampling {tag}")),
+            },
+        })
+    }
+
+    fn row_sampling(&mut self) -> Result<RowSampling, String> {
+        Ok(RowSampling {
+            temperature: self.f32()?,
+            top_k: self.u32()?,
+            top_p: self.f32()?,
+            min_p: self.f32()?,
+            repetition_penalty: self.f32()?,
+            uniform: self.f32()?,
+            adjustments: (0..self.len(9)?)
+                .map(|_| {
+                    Ok(LogitAdjustment {
+                        token: self.u32()?,
+                        shift: self.f32()?,
+                        repeated: self.flag()?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        })
+    }
+
+    pub fn output(&mut self) -> Result<StepOutput, String> {
+        Ok(StepOutput {
+            logits: self.f32s()?,
+            token_ids: self.u32s()?,
         })
     }
 }
+
+/// The fewest bytes an encoded [`RowSampling`] takes (no adjustments).
+const ROW_BYTES: usize = 6 * 4 + 8;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn batch() -> ForwardBatch {
-        ForwardBatch::single(&[5, 6, 7], 2, &[3, 9], 4, false)
+        let row = RowSampling {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            adjustments: vec![LogitAdjustment {
+                token: 12,
+                shift: -0.5,
+                repeated: true,
+            }],
+            uniform: 0.375,
+        };
+        ForwardBatch {
+            sampling: Sampling::Model {
+                rows: vec![row, RowSampling::greedy()],
+                logits: true,
+            },
+            ..ForwardBatch::single(&[5, 6, 7], 2, &[3, 9], 4, false)
+        }
     }
 
     #[test]
@@ -268,11 +375,17 @@ mod tests {
         let mut e = Encoder::default();
         e.batch(&batch());
         e.options(&options);
-        e.result(&Err::<Vec<f32>, _>("boom".into()), |e, v| e.f32s(v));
+        e.result(&Err::<StepOutput, _>("boom".into()), Encoder::output);
+        let output = StepOutput {
+            logits: vec![0.5, -1.0],
+            token_ids: vec![7],
+        };
+        e.result(&Ok(output.clone()), Encoder::output);
         let mut d = Decoder::new(&e.bytes);
         assert_eq!(d.batch().unwrap(), batch());
         assert_eq!(format!("{:?}", d.options().unwrap()), format!("{options:?}"));
-        assert_eq!(d.result(Decoder::f32s).unwrap(), Err("boom".to_string()));
+        assert_eq!(d.result(Decoder::output).unwrap(), Err("boom".to_string()));
+        assert_eq!(d.result(Decoder::output).unwrap(), Ok(output));
         d.finish().unwrap();
     }
 

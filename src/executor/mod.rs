@@ -11,7 +11,7 @@ pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOption
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
-use crate::model::{ForwardBatch, Qwen2ForCausalLM};
+use crate::model::{ForwardBatch, Qwen2ForCausalLM, StepOutput};
 
 pub trait Executor: Send {
     fn config(&self) -> &ModelConfig;
@@ -29,14 +29,14 @@ pub trait Executor: Send {
     /// may be in flight.
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError>;
 
-    /// Waits for the oldest step in flight and puts the logits of its
-    /// `batch.logit_rows` into `logits` as `[rows, vocab]`.
-    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError>;
+    /// Waits for the oldest step in flight and puts what its batch asked
+    /// for (logits, sampled tokens) into `out`.
+    fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError>;
 
     /// One step, start to finish.
-    fn forward(&mut self, batch: ForwardBatch, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+    fn forward(&mut self, batch: ForwardBatch, out: &mut StepOutput) -> Result<(), BackendError> {
         self.submit(batch)?;
-        self.collect(logits)
+        self.collect(out)
     }
 }
 
@@ -44,10 +44,10 @@ pub trait Executor: Send {
 pub struct LocalExecutor<B: Backend> {
     model: Qwen2ForCausalLM<B>,
     kv_caches: Vec<B::KvCache>,
-    /// The submitted step's logits, until collected.
-    done: Option<Vec<f32>>,
-    /// A buffer kept between steps so large logits are not reallocated.
-    spare: Vec<f32>,
+    /// The submitted step's output, until collected.
+    done: Option<StepOutput>,
+    /// Buffers kept between steps so large logits are not reallocated.
+    spare: StepOutput,
 }
 
 impl<B: Backend> LocalExecutor<B> {
@@ -57,7 +57,7 @@ impl<B: Backend> LocalExecutor<B> {
             model,
             kv_caches,
             done: None,
-            spare: Vec::new(),
+            spare: StepOutput::default(),
         })
     }
 }
@@ -84,9 +84,9 @@ where
         Ok(())
     }
 
-    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        let out = self.done.take().expect("collect follows submit");
-        self.spare = std::mem::replace(logits, out);
+    fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
+        let done = self.done.take().expect("collect follows submit");
+        self.spare = std::mem::replace(out, done);
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! nodes through the ranks' transport (NCCL); the TCP connection each
 //! follower opens to the leader carries the rest: the handshake (the split,
 //! the KV cache size and the group keys the transport needs), each step's
-//! batch, and the logits or failures coming back.
+//! batch, and the step outputs (tokens, logits) or failures coming back.
 //!
 //! Start-up, in order: followers connect and say who they are; the leader
 //! answers with what to load; every node loads its shards and reports;
@@ -16,7 +16,7 @@ use super::workers::{Load, StepResult};
 use super::{Transport, WorkerOptions, Workers, WorkersError};
 use crate::backend::{Backend, HostStaging};
 use crate::config::ModelConfig;
-use crate::model::{ForwardBatch, Qwen2ForCausalLM, Shard};
+use crate::model::{ForwardBatch, Qwen2ForCausalLM, Shard, StepOutput};
 use crate::parallel::Layout;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -334,8 +334,8 @@ pub(super) enum Message {
     /// Leader → follower: every node has loaded; join the groups.
     Start,
     Step(Arc<ForwardBatch>),
-    /// Follower → leader: the reporting rank's logits, or a rank's failure.
-    Result(Result<Vec<f32>, String>),
+    /// Follower → leader: the reporting rank's output, or a rank's failure.
+    Result(Result<StepOutput, String>),
 }
 
 /// One end of a leader–follower connection.
@@ -531,7 +531,7 @@ impl Message {
             }
             Message::Result(result) => {
                 e.u8(6);
-                e.result(result, |e, v| e.f32s(v));
+                e.result(result, Encoder::output);
             }
         }
     }
@@ -551,7 +551,7 @@ impl Message {
             3 => Message::Ready(d.result(Decoder::u64)?),
             4 => Message::Start,
             5 => Message::Step(Arc::new(d.batch()?)),
-            6 => Message::Result(d.result(Decoder::f32s)?),
+            6 => Message::Result(d.result(Decoder::output)?),
             tag => return Err(format!("unknown message {tag}")),
         };
         d.finish()?;

@@ -1,6 +1,6 @@
 //! A split model: one OS thread per rank, each owning its shard, its KV
 //! cache and its communicator endpoints, and receiving every step's batch
-//! over a channel. The last stage's first TP rank returns the logits.
+//! over a channel. The last stage's first TP rank returns the step's output.
 //!
 //! A rank that fails (an error, or a panic) breaks its communicator groups,
 //! so its peers fail too instead of waiting; the step fails with the
@@ -11,7 +11,7 @@ use super::nodes::{NodeError, Nodes};
 use super::Executor;
 use crate::backend::{Backend, BackendError, HostStaging};
 use crate::config::ModelConfig;
-use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard};
+use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard, StepOutput};
 use crate::parallel::{in_process_group, Communicator, InProcessComm, Layout, LayoutError};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -91,9 +91,9 @@ pub enum WorkersError {
     Remote(String),
 }
 
-/// One step's outcome from a worker: the logits (from the reporting rank)
-/// or why it failed.
-pub(super) type StepResult = Result<Vec<f32>, String>;
+/// One step's outcome from a worker: the reporting rank's output, or why
+/// it failed.
+pub(super) type StepResult = Result<StepOutput, String>;
 
 pub struct Workers {
     config: ModelConfig,
@@ -273,13 +273,13 @@ impl Executor for Workers {
         Ok(())
     }
 
-    fn collect(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+    fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
         if let Some(why) = &self.broken {
             return Err(BackendError::Device(why.clone()));
         }
         match self.results.recv() {
-            Ok(Ok(values)) => {
-                *logits = values;
+            Ok(Ok(done)) => {
+                *out = done;
                 Ok(())
             }
             Ok(Err(why)) => Err(self.break_with(why)),
@@ -422,7 +422,7 @@ where
         let _ = self.ready.send(Ok(0));
         let reports = self.shard.last_stage && self.shard.tp_rank == 0;
         let comms = Collectives { tp: &*tp, pp: &*pp };
-        let mut logits = Vec::new();
+        let mut out = StepOutput::default();
         for (step, batch) in self.jobs.iter().enumerate() {
             let (started, waited) = (Instant::now(), tp.waited() + pp.waited());
             // A panic in a step is caught here, with the communicators
@@ -431,14 +431,14 @@ where
                 if self.options.panic_at == Some((rank, step as u64)) {
                     panic!("injected fault in step {step}");
                 }
-                model.forward_shard(&batch, &mut caches, Some(&comms), &mut logits)
+                model.forward_shard(&batch, &mut caches, Some(&comms), &mut out)
             }));
             let blocked = tp.waited() + pp.waited() - waited;
             let computing = started.elapsed().saturating_sub(blocked);
             self.busy[rank].fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
             let why = match outcome {
                 Ok(Ok(())) if reports => {
-                    let _ = self.results.send(Ok(std::mem::take(&mut logits)));
+                    let _ = self.results.send(Ok(std::mem::take(&mut out)));
                     continue;
                 }
                 Ok(Ok(())) => continue,

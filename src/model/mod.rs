@@ -11,6 +11,7 @@ use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
+use crate::sampling::{choose, RowSampling};
 use qwen2::{rope_cos_sin_table, ForwardCtx, Qwen2DecoderLayer};
 use std::borrow::Cow;
 
@@ -23,8 +24,30 @@ pub struct ForwardBatch {
     /// `[n]` position of each new token in its sequence.
     pub positions: Vec<u32>,
     pub attn: PagedAttentionMeta,
-    /// Rows of the batch whose logits are returned (usually each sequence's last).
+    /// Rows of the batch whose logits are computed (usually each sequence's last).
     pub logit_rows: Vec<u32>,
+    pub sampling: Sampling,
+}
+
+/// Who turns the logits of a batch's `logit_rows` into tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Sampling {
+    /// The caller: the step returns the logits.
+    #[default]
+    Caller,
+    /// The last stage, one [`RowSampling`] per logit row, on its device:
+    /// the step returns the token ids, and the raw logits only when
+    /// `logits` is set (for logprobs).
+    Model { rows: Vec<RowSampling>, logits: bool },
+}
+
+/// What a step returns for its batch's `logit_rows`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutput {
+    /// `[rows, vocab]`, unless the model sampled and was not asked for them.
+    pub logits: Vec<f32>,
+    /// `[rows]` when the model sampled; else empty.
+    pub token_ids: Vec<u32>,
 }
 
 impl ForwardBatch {
@@ -52,7 +75,12 @@ impl ForwardBatch {
                 block_tables: vec![block_table.to_vec()],
             },
             logit_rows,
+            sampling: Sampling::Caller,
         }
+    }
+
+    fn returns_logits(&self) -> bool {
+        matches!(self.sampling, Sampling::Caller | Sampling::Model { logits: true, .. })
     }
 }
 
@@ -177,22 +205,23 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 
     /// Runs the batch through every layer, writing its keys and values into
-    /// `kv_caches`, and puts the logits of `batch.logit_rows` into `logits`
-    /// as row-major `[logit_rows, vocab]` f32.
-    pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache], logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        self.forward_shard(batch, kv_caches, None, logits)
+    /// `kv_caches`, and puts what `batch.sampling` asks for (the logits of
+    /// `batch.logit_rows` as row-major `[rows, vocab]` f32, or the tokens
+    /// sampled from them) into `out`.
+    pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache], out: &mut StepOutput) -> Result<(), BackendError> {
+        self.forward_shard(batch, kv_caches, None, out)
     }
 
     /// This rank's part of a forward. A first stage embeds the tokens, a
     /// later one receives the hidden states from the stage before; a last
-    /// stage writes the full logits (on every one of its TP ranks), an
-    /// earlier one sends its hidden states on and leaves `logits` empty.
+    /// stage fills `out` (on every one of its TP ranks), an earlier one
+    /// sends its hidden states on and leaves `out` empty.
     pub fn forward_shard(
         &self,
         batch: &ForwardBatch,
         kv_caches: &mut [B::KvCache],
         comms: Option<&Collectives<'_, B::Tensor>>,
-        logits: &mut Vec<f32>,
+        out: &mut StepOutput,
     ) -> Result<(), BackendError> {
         let b = &self.backend;
         let step = b.prepare_step(&batch.positions, &batch.attn)?;
@@ -219,18 +248,36 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         for (layer, cache) in self.layers.iter().zip(kv_caches.iter_mut()) {
             layer.forward(&mut hidden, cache, &ctx)?;
         }
+        out.logits.clear();
+        out.token_ids.clear();
         let (Some(norm), Some(head)) = (&self.norm, self.head()) else {
             let c = comms.expect("a split model has communicators");
-            logits.clear();
             return c.pp.send(&hidden, c.pp.rank() + 1);
         };
         let last = b.select_rows(&hidden, &batch.logit_rows)?;
         let normed = b.rms_norm(&last, norm, ctx.rms_norm_eps)?;
-        let local = b.linear(&normed, head, None)?;
-        match ctx.tp {
-            None => b.to_host(&local, logits),
-            Some(tp) => self.gather_logits(tp, &local, batch.logit_rows.len(), logits),
+        let mut local = b.linear(&normed, head, None)?;
+        let Some(tp) = ctx.tp else {
+            if batch.returns_logits() {
+                b.to_host(&local, &mut out.logits)?;
+            }
+            if let Sampling::Model { rows, .. } = &batch.sampling {
+                out.token_ids = b.sample(&mut local, rows)?;
+            }
+            return Ok(());
+        };
+        // Each TP rank holds a slice of the vocabulary: the rows are
+        // gathered on the host and sampled there.
+        self.gather_logits(tp, &local, batch.logit_rows.len(), &mut out.logits)?;
+        if let Sampling::Model { rows, logits } = &batch.sampling {
+            let mut scores = std::mem::take(&mut out.logits);
+            if *logits {
+                out.logits.clone_from(&scores);
+            }
+            let vocab = self.config.vocab_size;
+            out.token_ids = scores.chunks_mut(vocab).zip(rows).map(|(s, row)| choose(s, row)).collect();
         }
+        Ok(())
     }
 
     /// Token ids as rows of this rank's embedding: ids of other ranks'

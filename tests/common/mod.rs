@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod http;
+pub mod sampled;
 pub mod split;
 
 use safetensors::SafeTensors;

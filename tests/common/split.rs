@@ -87,13 +87,27 @@ where
     B: Backend + 'static,
     B::Tensor: HostStaging,
 {
-    let config = ModelConfig::from_file(&model_dir(name).join("config.json")).unwrap();
     let what = format!("tp={} pp={}", layout.tp, layout.pp);
     check_prompts(name, &what, tolerance, |num_kv_blocks| {
-        let options = worker_options(layout, pp_layers, num_kv_blocks);
-        let load = shard_loader(name, backend);
-        Box::new(Workers::spawn(config.clone(), options, load, Transport::InProcess).unwrap())
+        spawn_split(name, layout, pp_layers, backend, num_kv_blocks)
     });
+}
+
+/// Fixture `name` split as `layout` over worker threads, rank `r` on `backend(r)`.
+pub fn spawn_split<B>(
+    name: &str,
+    layout: Layout,
+    pp_layers: Option<&[usize]>,
+    backend: fn(usize) -> B,
+    num_kv_blocks: usize,
+) -> Box<dyn Executor>
+where
+    B: Backend + 'static,
+    B::Tensor: HostStaging,
+{
+    let config = ModelConfig::from_file(&model_dir(name).join("config.json")).unwrap();
+    let options = worker_options(layout, pp_layers, num_kv_blocks);
+    Box::new(Workers::spawn(config, options, shard_loader(name, backend), Transport::InProcess).unwrap())
 }
 
 /// The layouts among (1,1) (2,1) (4,1) (1,2) (1,3) (2,2) (1,4) that fixture `name` allows.

@@ -12,6 +12,7 @@ mod matmul;
 mod simd;
 
 use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use crate::sampling::{choose, RowSampling};
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -195,6 +196,23 @@ impl Backend for CpuBackend {
     fn select_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor> {
         let data = rows.iter().flat_map(|&r| x.row(r as usize).iter().copied()).collect();
         Ok(CpuTensor::new(data, rows.len(), x.cols))
+    }
+
+    fn sample(&self, logits: &mut CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        if rows.len() != logits.rows {
+            return Err(BackendError::Device(format!(
+                "sample: {} rows of sampling for {} rows of logits",
+                rows.len(),
+                logits.rows
+            )));
+        }
+        let vocab = logits.cols.max(1);
+        Ok(logits
+            .data
+            .par_chunks_mut(vocab)
+            .zip(rows)
+            .map(|(scores, row)| choose(scores, row))
+            .collect())
     }
 
     fn to_host(&self, x: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {

@@ -35,7 +35,7 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("attention.cu", ["paged_attention_bf16"]),
     kernel!("linear.cu", ["matvec_bf16", "matvec_f32"]),
     kernel!("elementwise.cu", ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32"]),
-    kernel!("sampling.cu", ["argmax_f32"]),
+    kernel!("sampling.cu", ["sample_f32"]),
 ];
 
 /// Helpers (block reductions, constants) prepended to every kernel file.

@@ -14,6 +14,7 @@ mod gemm;
 pub mod kernels;
 pub mod nccl;
 mod ops;
+mod sampling;
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
 use cudarc::driver::{

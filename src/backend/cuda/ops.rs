@@ -4,6 +4,7 @@
 use super::gemm::Operands;
 use super::{alloc_error, driver_error, elementwise, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight, WeightData};
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use crate::sampling::RowSampling;
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -16,7 +17,7 @@ const ROW_THREADS: u32 = 256;
 /// dimensions a thread (`DIMS_PER_THREAD`), head_dim may be up to 512.
 const ATTENTION_THREADS: u32 = 128;
 
-fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+pub(super) fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     match ok {
         true => Ok(()),
         false => Err(BackendError::Device(message())),
@@ -30,7 +31,7 @@ fn int(v: usize) -> i32 {
 impl CudaBackend {
     /// Queues `args` on the stream; the error names the kernel.
     /// A launch of no blocks (an empty tensor) does nothing.
-    fn launch(&self, name: &str, mut args: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+    pub(super) fn launch(&self, name: &str, mut args: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
         if config.grid_dim.0 == 0 || config.grid_dim.1 == 0 {
             return Ok(());
         }
@@ -296,6 +297,10 @@ impl Backend for CudaBackend {
         args.arg(&mut out.data).arg(&x.data).arg(&rows_dev).arg(&cols).arg(&n);
         self.launch("gather_rows_f32", args, elementwise(n))?;
         Ok(out)
+    }
+
+    fn sample(&self, logits: &mut CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        self.sample_rows(logits, rows)
     }
 
     fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {

@@ -2,13 +2,23 @@
 //!
 //! The order follows vLLM (and, for what it shares, Hugging Face's
 //! `generate`): logit bias; presence, frequency and repetition penalties;
-//! then temperature, min-p, top-k and top-p. Penalties and bias apply to
+//! then temperature, top-k, min-p and top-p. Penalties and bias apply to
 //! greedy decoding too. Temperature 0 is greedy (argmax, lowest id on ties,
 //! as `torch.argmax`). Logprobs are those of the model's own
 //! distribution (log-softmax of the raw logits), as vLLM reports by default.
+//!
+//! Each step, a request's [`Sampler`] turns its parameters, its history and
+//! one draw of its generator into a [`RowSampling`]; the backend that holds
+//! the logits picks the token from it (a GPU without copying them out).
+
+mod choose;
+
+pub use choose::{argmax, choose, LogitAdjustment, RowSampling, GREEDY_BELOW};
+
+use choose::by_score_desc;
 
 use crate::rng::Rng;
-use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -50,7 +60,7 @@ impl SamplingParams {
     }
 
     pub fn is_greedy(&self) -> bool {
-        self.temperature < 1e-5
+        self.temperature < GREEDY_BELOW
     }
 }
 
@@ -81,153 +91,70 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Picks a token from `logits [vocab]`; `tokens` holds the prompt and then
-    /// the `tokens.len() - prompt_len` tokens generated so far.
-    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> SampledToken {
+    /// Whether [`Sampler::finish`] needs the step's logits (for logprobs).
+    pub fn wants_logits(&self) -> bool {
+        self.params.logprobs.is_some()
+    }
+
+    /// How the next token is picked, for a sequence whose `tokens` hold the
+    /// prompt and then the `tokens.len() - prompt_len` generated so far.
+    /// Each call for a non-greedy request takes one draw from its generator.
+    pub fn next_row(&mut self, tokens: &[u32], prompt_len: usize) -> RowSampling {
         let p = &self.params;
-        let adjusts = !p.logit_bias.is_empty() || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || p.repetition_penalty != 1.0;
-        let scores: Cow<[f32]> = match adjusts {
-            false => Cow::Borrowed(logits),
-            true => {
-                let mut scores = logits.to_vec();
-                for &(id, bias) in &p.logit_bias {
-                    if let Some(s) = scores.get_mut(id as usize) {
-                        *s += bias;
-                    }
-                }
-                apply_output_penalties(&mut scores, &tokens[prompt_len..], p.presence_penalty, p.frequency_penalty);
-                apply_repetition_penalty(&mut scores, tokens, p.repetition_penalty);
-                Cow::Owned(scores)
-            }
-        };
-        let token_id = if p.is_greedy() { argmax(&scores) } else { self.draw(&scores) };
-        let logprobs = self.params.logprobs.map(|k| log_probs(logits, token_id, k));
+        RowSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            adjustments: adjustments(p, tokens, prompt_len),
+            uniform: if p.is_greedy() { 0.0 } else { self.rng.next_f32() },
+        }
+    }
+
+    /// The picked token, with its logprobs from the raw `logits` of its row
+    /// when the request asked for them.
+    pub fn finish(&self, token_id: u32, logits: Option<&[f32]>) -> SampledToken {
+        let logprobs = self.params.logprobs.zip(logits).map(|(k, l)| log_probs(l, token_id, k));
         SampledToken { token_id, logprobs }
     }
 
-    /// Draws from `softmax(scores / temperature)` restricted by top-k, min-p
-    /// and top-p. Tokens more than [`NEGLIGIBLE`] below the best scaled score
-    /// are left out first: together they weigh less than the generator's
-    /// resolution, and skipping them spares an `exp` and a sort per token.
-    fn draw(&mut self, scores: &[f32]) -> u32 {
-        let p = &self.params;
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max) / p.temperature;
-        let floor = max - NEGLIGIBLE;
-        let mut candidates: Vec<(u32, f32)> = scores
-            .iter()
-            .enumerate()
-            .filter(|(_, &s)| s / p.temperature >= floor)
-            .map(|(i, &s)| (i as u32, s / p.temperature))
-            .collect();
-        if p.top_k > 0 && p.top_k < candidates.len() {
-            candidates.select_nth_unstable_by(p.top_k - 1, by_score_desc);
-            candidates.truncate(p.top_k);
-        }
-        // From here on the second field is the unnormalised probability
-        // exp(score - max): the best token's is 1, so min-p compares directly.
-        candidates.iter_mut().for_each(|c| c.1 = (c.1 - max).exp());
-        if p.min_p > 0.0 {
-            candidates.retain(|c| c.1 >= p.min_p);
-        }
-        if p.top_p < 1.0 {
-            let total: f64 = candidates.iter().map(|c| c.1 as f64).sum();
-            keep_nucleus(&mut candidates, p.top_p as f64 * total);
-        }
-        let kept: f64 = candidates.iter().map(|c| c.1 as f64).sum();
-        let mut target = self.rng.next_f32() as f64 * kept;
-        for c in &candidates {
-            target -= c.1 as f64;
-            if target < 0.0 {
-                return c.0;
-            }
-        }
-        candidates.last().expect("the best token always survives").0
+    /// Picks a token from `logits [vocab]` on the host.
+    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> SampledToken {
+        let row = self.next_row(tokens, prompt_len);
+        let token_id = choose(&mut logits.to_vec(), &row);
+        self.finish(token_id, Some(logits))
     }
 }
 
-/// Scaled logits this far below the best have probability under e^-40
-/// relative to it: 150k of them weigh ~1e-12, far below 2^-24.
-const NEGLIGIBLE: f32 = 40.0;
-
-fn by_score_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// Keeps the most likely candidates, best first, until their mass reaches
-/// `mass`. Only as many as needed are sorted: the nucleus is usually small.
-fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, mass: f64) {
-    let mut k = 64;
-    loop {
-        let k_now = k.min(candidates.len());
-        if k_now < candidates.len() {
-            candidates.select_nth_unstable_by(k_now - 1, by_score_desc);
-        }
-        candidates[..k_now].sort_unstable_by(by_score_desc);
-        let mut cumulative = 0.0;
-        if let Some(i) = candidates[..k_now].iter().position(|c| {
-            cumulative += c.1 as f64;
-            cumulative >= mass
-        }) {
-            candidates.truncate(i + 1);
-            return;
-        }
-        if k_now == candidates.len() {
-            return;
-        }
-        k *= 8;
+/// One adjustment per token the request biases or whose logit a penalty
+/// changes, in id order: logit bias plus OpenAI's presence and frequency
+/// penalties (`presence` once if generated, `frequency` per time, over
+/// generated tokens only) as one shift; HF's repetition penalty over the
+/// prompt and the output as a flag.
+fn adjustments(p: &SamplingParams, tokens: &[u32], prompt_len: usize) -> Vec<LogitAdjustment> {
+    let mut by_token: BTreeMap<u32, (f32, bool)> = BTreeMap::new();
+    for &(id, bias) in &p.logit_bias {
+        by_token.entry(id).or_default().0 += bias;
     }
-}
-
-/// OpenAI's rule, over generated tokens only: `logit -= presence if seen,
-/// and frequency × count`.
-fn apply_output_penalties(scores: &mut [f32], output: &[u32], presence: f32, frequency: f32) {
-    if presence == 0.0 && frequency == 0.0 {
-        return;
-    }
-    let mut counts = std::collections::HashMap::new();
-    for &id in output {
-        *counts.entry(id).or_insert(0u32) += 1;
-    }
-    for (id, count) in counts {
-        if let Some(s) = scores.get_mut(id as usize) {
-            *s -= presence + frequency * count as f32;
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &id in &tokens[prompt_len..] {
+            *counts.entry(id).or_default() += 1;
+        }
+        for (id, count) in counts {
+            by_token.entry(id).or_default().0 -= p.presence_penalty + p.frequency_penalty * count as f32;
         }
     }
-}
-
-/// HF's rule: a seen token's logit is divided by the penalty if positive,
-/// multiplied by it if negative.
-fn apply_repetition_penalty(scores: &mut [f32], context: &[u32], penalty: f32) {
-    if penalty == 1.0 {
-        return;
-    }
-    let mut seen = vec![false; scores.len()];
-    for &id in context {
-        let Some(flag) = seen.get_mut(id as usize) else {
-            continue;
-        };
-        if !std::mem::replace(flag, true) {
-            let s = &mut scores[id as usize];
-            *s = if *s > 0.0 { *s / penalty } else { *s * penalty };
+    if p.repetition_penalty != 1.0 {
+        for &id in tokens {
+            by_token.entry(id).or_default().1 = true;
         }
     }
-}
-
-/// The first index of the largest score. Two passes that vectorise (a max,
-/// then a search for it) beat one branchy pass over a 150k vocabulary.
-pub fn argmax(scores: &[f32]) -> u32 {
-    let lanes = scores.chunks_exact(16).fold([f32::NEG_INFINITY; 16], |mut m, c| {
-        m.iter_mut().zip(c).for_each(|(m, &s)| *m = m.max(s));
-        m
-    });
-    let max = scores
-        .chunks_exact(16)
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    scores.iter().position(|&s| s == max).unwrap_or(0) as u32
+    by_token
+        .into_iter()
+        .map(|(token, (shift, repeated))| LogitAdjustment { token, shift, repeated })
+        .collect()
 }
 
 /// The log-probability of `token` and the `k` most likely tokens under
@@ -267,10 +194,15 @@ mod tests {
     }
 
     #[test]
-    fn repetition_penalty_follows_hf() {
-        let mut scores = vec![2.0, -2.0, 1.0];
-        apply_repetition_penalty(&mut scores, &[0, 1, 1], 2.0);
-        assert_eq!(scores, vec![1.0, -4.0, 1.0]);
+    fn repetition_penalty_follows_hf_over_prompt_and_output() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        let row = Sampler::new(params).next_row(&[0, 1, 1], 1);
+        let mut scores = vec![2.0, -2.0, 1.5];
+        assert_eq!(choose(&mut scores, &row), 2);
+        assert_eq!(scores, vec![1.0, -4.0, 1.5]);
     }
 
     #[test]
@@ -325,15 +257,6 @@ mod tests {
         let drawn = draws(&params, &logits, 2000);
         assert!(drawn.iter().all(|&id| id as usize <= k.unwrap()));
         assert!(drawn.iter().any(|&id| id > 300));
-    }
-
-    #[test]
-    fn argmax_agrees_with_a_plain_scan_on_ties_and_odd_lengths() {
-        for len in [1, 15, 16, 17, 1003] {
-            let scores: Vec<f32> = (0..len).map(|i| ((i * 7919) % 97) as f32).collect();
-            let plain = (0..len).fold(0, |best, i| if scores[i] > scores[best] { i } else { best });
-            assert_eq!(argmax(&scores) as usize, plain, "length {len}");
-        }
     }
 
     #[test]
