@@ -212,6 +212,15 @@ fn bench_reports_speeds_and_the_bandwidth_fraction() {
     ] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
     }
+    // Kernel counts come from the CUDA backend; the CPU has none to give.
+    let launches = &report["kernel_launches_per_decode_step"];
+    match report["device"].as_str() {
+        Some("cpu") => assert!(launches.is_null(), "{report}"),
+        _ => assert!(
+            launches.as_f64().unwrap() > 0.0 && report["host_us_per_decode_step"].as_f64().unwrap() > 0.0,
+            "{report}"
+        ),
+    }
     // tiny-chat streams its tied 151,936 × 64 bf16 embedding as the LM head each step.
     assert!(report["weight_bytes_per_token"].as_u64().unwrap() > 151_936 * 64 * 2);
 }

@@ -99,6 +99,10 @@ if not ours:
 line = (f"{'bench ' + model:<34} decode {ours['decode_tokens_per_s']:.1f} tok/s = "
         f"{100 * ours['decode_fraction_of_limit']:.0f}% of {ours['decode_bandwidth_limit_tokens_per_s']:.0f} limit "
         f"({ours['memory_bandwidth_gb_per_s']:.0f} GB/s), prefill {ours['prefill_tokens_per_s']:.0f} tok/s")
+if ours.get("kernel_launches_per_decode_step") is not None:
+    line += f", {ours['kernel_launches_per_decode_step']:.0f} kernels/step"
+if ours.get("host_us_per_decode_step") is not None:
+    line += f" (host {ours['host_us_per_decode_step']:.0f} µs/step)"
 if peer:
     line += (f"; HF decode {peer['decode_tokens_per_s']:.1f} ({ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}x), "
              f"prefill {peer['prefill_tokens_per_s']:.0f} ({ours['prefill_tokens_per_s'] / peer['prefill_tokens_per_s']:.2f}x)")

@@ -76,6 +76,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut gpu_work = None;
     // One untimed run first: kernel loading, handles and allocator pools.
     for run in 0..=args.repeats {
         // Greedy, sampled where the logits are, as a server decodes.
@@ -86,16 +87,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         generator.reset();
         let mut token = next(&mut generator, &prompt)?;
         let prefill_rate = args.prompt_len as f64 / start.elapsed().as_secs_f64();
-        let start = Instant::now();
+        let (start, before) = (Instant::now(), cuda::activity());
         for _ in 0..args.decode_tokens {
             token = next(&mut generator, &[token])?;
         }
+        let wall = start.elapsed();
         if run > 0 {
             prefill.push(prefill_rate);
-            decode.push(args.decode_tokens as f64 / start.elapsed().as_secs_f64());
+            decode.push(args.decode_tokens as f64 / wall.as_secs_f64());
+            gpu_work = Some(GpuWork::per_step(before, cuda::activity(), wall, args.decode_tokens));
         }
     }
     let device = args.parallel.device()?;
+    // Waits happen on the ranks' threads when the model is split.
+    let one_rank = args.parallel.layout().world_size() == 1;
+    let gpu_work = gpu_work.filter(|_| device == Device::Cuda);
     let device_name = format!("{device:?}").to_lowercase();
     let (bandwidth, bandwidth_kind) = match device {
         Device::Cuda => (cuda::measure_copy_bandwidth(0)?, "device-to-device copy, read + write".to_string()),
@@ -122,6 +128,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "decode_tokens_per_s": decode,
         "decode_bandwidth_limit_tokens_per_s": limit,
         "decode_fraction_of_limit": decode / limit,
+        "kernel_launches_per_decode_step": gpu_work.map(|w| w.launches),
+        "host_us_per_decode_step": gpu_work.filter(|_| one_rank).map(|w| w.host_us),
     });
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -140,7 +148,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "decode (batch 1)   {decode:.2} tokens/s = {:.0}% of the {limit:.2} tokens/s bandwidth limit",
         100.0 * decode / limit
     );
+    if let Some(w) = gpu_work {
+        let host = match one_rank {
+            true => format!(", {:.0} µs of host time each (wall less waits for the GPU)", w.host_us),
+            false => String::new(),
+        };
+        println!("per decode step    {:.0} kernels queued{host}", w.launches);
+    }
     Ok(())
+}
+
+/// What one decode step asked of the GPUs, from the CUDA backends' counters.
+#[derive(Clone, Copy)]
+struct GpuWork {
+    launches: f64,
+    /// The step's wall time less the time the host waited for a GPU: when
+    /// it nears the wall time, the host (launching kernels) bounds decode.
+    host_us: f64,
+}
+
+impl GpuWork {
+    fn per_step(before: cuda::Activity, after: cuda::Activity, wall: std::time::Duration, steps: usize) -> Self {
+        let steps = steps.max(1) as f64;
+        let waited = after.waited.saturating_sub(before.waited);
+        GpuWork {
+            launches: (after.launches - before.launches) as f64 / steps,
+            host_us: wall.saturating_sub(waited).as_secs_f64() * 1e6 / steps,
+        }
+    }
 }
 
 /// `concurrency` requests through the engine at once, `--repeats` times;

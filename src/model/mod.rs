@@ -245,8 +245,12 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             }
             (None, None) => unreachable!("a later pipeline stage always has communicators"),
         };
+        let mut pending = None;
         for (layer, cache) in self.layers.iter().zip(kv_caches.iter_mut()) {
-            layer.forward(&mut hidden, cache, &ctx)?;
+            pending = Some(layer.forward(&mut hidden, pending.as_ref(), cache, &ctx)?);
+        }
+        if let Some(mlp) = pending {
+            b.add_assign(&mut hidden, &mlp)?;
         }
         out.logits.clear();
         out.token_ids.clear();

@@ -200,14 +200,26 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         .sum()
     }
 
-    /// `hidden [n, hidden_size]` is the residual stream, updated in place.
-    pub fn forward(&self, hidden: &mut B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<()> {
-        let b = ctx.backend;
-        let x = b.rms_norm(hidden, &self.input_layernorm, ctx.rms_norm_eps)?;
+    /// `hidden [n, hidden_size]` is the residual stream, updated in place,
+    /// less the previous layer's MLP output `pending`: its residual add is
+    /// fused into this layer's input norm, a launch and a pass over the
+    /// stream fewer per layer. Returns this layer's MLP output, to be added
+    /// the same way by the next layer (or by the caller after the last).
+    pub fn forward(
+        &self,
+        hidden: &mut B::Tensor,
+        pending: Option<&B::Tensor>,
+        cache: &mut B::KvCache,
+        ctx: &ForwardCtx<'_, '_, B>,
+    ) -> Result<B::Tensor> {
+        let (b, eps) = (ctx.backend, ctx.rms_norm_eps);
+        let x = match pending {
+            None => b.rms_norm(hidden, &self.input_layernorm, eps)?,
+            Some(mlp) => b.add_rms_norm(hidden, mlp, &self.input_layernorm, eps)?,
+        };
         let attn = self.self_attn.forward(&x, cache, ctx)?;
-        let x = b.add_rms_norm(hidden, &attn, &self.post_attention_layernorm, ctx.rms_norm_eps)?;
-        let mlp = self.mlp.forward(&x, ctx)?;
-        b.add_assign(hidden, &mlp)
+        let x = b.add_rms_norm(hidden, &attn, &self.post_attention_layernorm, eps)?;
+        self.mlp.forward(&x, ctx)
     }
 }
 

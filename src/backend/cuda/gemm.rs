@@ -5,7 +5,7 @@
 //! `x` as `xᵀ [in, n]`; so the product asked of it is `op(A)·B` with
 //! `A = wᵀ` transposed: `outᵀ [outs, n] = w · xᵀ`, which is row-major `out`.
 
-use super::driver_error;
+use super::{count_launch, driver_error};
 use crate::backend::{BackendError, Result};
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -59,6 +59,7 @@ impl Blas {
                 (a, b, a_sync, b_sync, sys::cudaDataType::CUDA_R_32F)
             }
         };
+        count_launch();
         // SAFETY: a is [outs, in], b is [n, in] and c is [n, outs], all on this
         // handle's stream, as the dimensions passed say.
         let status = unsafe {

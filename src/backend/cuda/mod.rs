@@ -24,7 +24,43 @@ use cudarc::driver::{
 use half::bf16;
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Kernels queued (our launches and cuBLAS calls) by every CUDA backend of
+/// this process, and the time their threads spent blocked waiting for a GPU.
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+static WAITED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// What the CUDA backends of this process have done so far; the difference
+/// over a run of steps gives the kernels a step queues and the host time it
+/// costs (its wall time less the waits).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Activity {
+    pub launches: u64,
+    pub waited: Duration,
+}
+
+pub fn activity() -> Activity {
+    Activity {
+        launches: LAUNCHES.load(Ordering::Relaxed),
+        waited: Duration::from_nanos(WAITED_NS.load(Ordering::Relaxed)),
+    }
+}
+
+fn count_launch() {
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Runs `copy`, a copy to the host that waits for the stream, counting the
+/// time as waited.
+fn wait_for(context: &str, copy: impl FnOnce() -> std::result::Result<(), DriverError>) -> Result<()> {
+    let started = Instant::now();
+    let done = copy().map_err(driver_error(context));
+    WAITED_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    done
+}
 
 /// GPUs this process can use (`CUDA_VISIBLE_DEVICES` applies); 0 where the
 /// driver library is missing or finds no device.
@@ -245,10 +281,10 @@ impl HostStaging for CudaTensor {
         if out.is_empty() {
             return Ok(());
         }
-        stream
-            .memcpy_dtoh(&self.data.slice(..self.len()), out.as_mut_slice())
-            .and_then(|()| stream.synchronize())
-            .map_err(driver_error("copying to the host"))
+        wait_for("copying to the host", || {
+            stream.memcpy_dtoh(&self.data.slice(..self.len()), out.as_mut_slice())?;
+            stream.synchronize()
+        })
     }
 
     fn copy_from_host(&mut self, values: &[f32]) -> Result<()> {

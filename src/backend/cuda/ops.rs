@@ -2,7 +2,9 @@
 //! backend's stream. Shapes are checked on the host before each launch.
 
 use super::gemm::Operands;
-use super::{alloc_error, driver_error, elementwise, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight, WeightData};
+use super::{
+    alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight, WeightData,
+};
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
 use crate::sampling::RowSampling;
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
@@ -35,6 +37,7 @@ impl CudaBackend {
         if config.grid_dim.0 == 0 || config.grid_dim.1 == 0 {
             return Ok(());
         }
+        count_launch();
         // SAFETY: each caller passes the arguments its kernel declares, with
         // buffers of the sizes the launch shape reads and writes.
         unsafe { args.launch(config) }.map(|_| ()).map_err(driver_error(name))

@@ -3,7 +3,7 @@
 //! token ids copied back.
 
 use super::ops::check;
-use super::{driver_error, grid, CudaBackend, CudaTensor};
+use super::{grid, wait_for, CudaBackend, CudaTensor};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
 use cudarc::driver::PushKernelArg;
@@ -57,10 +57,10 @@ impl CudaBackend {
         args.arg(&mut out).arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
         self.launch("sample_f32", args, grid(rows.len(), SAMPLE_THREADS, 0))?;
         let mut ids = vec![0; rows.len()];
-        self.stream
-            .memcpy_dtoh(&out.slice(..rows.len()), ids.as_mut_slice())
-            .and_then(|()| self.stream.synchronize())
-            .map_err(driver_error("copying the sampled ids"))?;
+        wait_for("copying the sampled ids", || {
+            self.stream.memcpy_dtoh(&out.slice(..rows.len()), ids.as_mut_slice())?;
+            self.stream.synchronize()
+        })?;
         Ok(ids)
     }
 }

@@ -1,0 +1,119 @@
+//! How many device ops a decode step issues: on the CUDA backend each op
+//! below is one kernel launch for batches of up to 8 tokens, so this counts
+//! a step's launches without a GPU (what CUDA graphs would collapse, and
+//! what each fusion saves). Counted through the CPU backend wrapped in a
+//! counter, on a fixture model.
+
+mod common;
+
+use shardline::backend::cpu::CpuBackend;
+use shardline::backend::{AttentionSpec, Backend, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use shardline::config::ModelConfig;
+use shardline::generation::Generator;
+use shardline::loader::SafetensorsCheckpoint;
+use shardline::model::Qwen2ForCausalLM;
+use shardline::sampling::RowSampling;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The CPU backend, counting the ops that launch a kernel on a GPU.
+#[derive(Clone, Default)]
+struct Counting {
+    ops: Arc<AtomicUsize>,
+}
+
+impl Counting {
+    fn op(&self) -> CpuBackend {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        CpuBackend
+    }
+}
+
+type T = <CpuBackend as Backend>::Tensor;
+type W = <CpuBackend as Backend>::Weight;
+type K = <CpuBackend as Backend>::KvCache;
+type S<'a> = <CpuBackend as Backend>::Step<'a>;
+
+impl Backend for Counting {
+    type Tensor = T;
+    type Weight = W;
+    type KvCache = K;
+    type Step<'a> = S<'a>;
+
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    fn load_weight(&self, host: HostTensor) -> Result<W> {
+        CpuBackend.load_weight(host)
+    }
+    fn weight_bytes(&self, w: &W) -> usize {
+        CpuBackend.weight_bytes(w)
+    }
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<K> {
+        CpuBackend.alloc_kv_cache(shape)
+    }
+    fn embedding(&self, table: &W, ids: &[u32]) -> Result<T> {
+        self.op().embedding(table, ids)
+    }
+    fn linear(&self, x: &T, w: &W, bias: Option<&W>) -> Result<T> {
+        self.op().linear(x, w, bias)
+    }
+    fn rms_norm(&self, x: &T, weight: &W, eps: f32) -> Result<T> {
+        self.op().rms_norm(x, weight, eps)
+    }
+    fn add_rms_norm(&self, residual: &mut T, x: &T, weight: &W, eps: f32) -> Result<T> {
+        self.op().add_rms_norm(residual, x, weight, eps)
+    }
+    fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
+        self.op().add_assign(x, y)
+    }
+    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<S<'a>> {
+        CpuBackend.prepare_step(positions, meta)
+    }
+    fn rope(&self, qkv: &mut T, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<()> {
+        self.op().rope(qkv, step, cos_sin, spec)
+    }
+    fn write_kv(&self, qkv: &T, cache: &mut K, step: &S<'_>, spec: &AttentionSpec) -> Result<()> {
+        self.op().write_kv(qkv, cache, step, spec)
+    }
+    fn paged_attention(&self, qkv: &T, cache: &K, step: &S<'_>, spec: &AttentionSpec) -> Result<T> {
+        self.op().paged_attention(qkv, cache, step, spec)
+    }
+    fn silu_mul(&self, gate_up: &T) -> Result<T> {
+        self.op().silu_mul(gate_up)
+    }
+    fn select_rows(&self, x: &T, rows: &[u32]) -> Result<T> {
+        self.op().select_rows(x, rows)
+    }
+    fn sample(&self, logits: &mut T, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        self.op().sample(logits, rows)
+    }
+    fn to_host(&self, x: &T, out: &mut Vec<f32>) -> Result<()> {
+        CpuBackend.to_host(x, out)
+    }
+    fn zeros(&self, rows: usize, cols: usize) -> Result<T> {
+        CpuBackend.zeros(rows, cols)
+    }
+}
+
+#[test]
+fn a_decode_step_issues_ten_ops_a_layer_and_six_more() {
+    let dir = common::model_dir("tiny-gqa");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let layers = config.num_hidden_layers;
+    let backend = Counting::default();
+    let ops = backend.ops.clone();
+    let model = Qwen2ForCausalLM::load(backend, config, &SafetensorsCheckpoint::open(&dir).unwrap()).unwrap();
+    let mut generator = Generator::new(model, 64).unwrap();
+    let token = generator
+        .extend_sampled(&[1, 2, 3], RowSampling::greedy(), false)
+        .unwrap()
+        .token_ids[0];
+    let before = ops.load(Ordering::Relaxed);
+    generator.extend_sampled(&[token], RowSampling::greedy(), false).unwrap();
+    // Per layer: input norm (fused with the previous layer's residual add),
+    // qkv, rope, KV write, attention, o_proj, residual add + norm, gate/up,
+    // SwiGLU, down. Then the last residual add, embedding, row selection,
+    // final norm, LM head and sampling.
+    assert_eq!(ops.load(Ordering::Relaxed) - before, 10 * layers + 6);
+}
