@@ -5,7 +5,13 @@ tokens/s (one forward over the prompt) and batch-1 greedy decode tokens/s
 (`generate` with a fixed number of new tokens; the prefill's share is taken
 out by timing a one-token generate too). Prints one JSON object.
 
+With --requests, throughput instead: the same requests as `shardline bench
+--requests` (lengths from the same seeded LCG), run through batched
+`generate` in batches of --batch, left-padded, each batch generating its
+longest output; output tokens/s counts only the tokens each request asked for.
+
     python3 benches/hf_gpu_peer.py --config configs/models/qwen2.5-7b.json
+    python3 benches/hf_gpu_peer.py --config configs/models/qwen2.5-7b.json --requests 256
 """
 
 import argparse
@@ -13,11 +19,28 @@ import json
 import statistics
 import time
 
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+
+def lengths(spec):
+    """`N` or `MIN-MAX`."""
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi or lo)
+
+
+def workload(seed, n, prompts, outputs):
+    """(prompt, output) lengths of n requests: shardline's `workload`."""
+    state = seed
+
+    def draw(lo, hi):
+        nonlocal state
+        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        return lo + (state >> 33) % (hi - lo + 1)
+
+    return [(draw(*prompts), draw(*outputs)) for _ in range(n)]
 
 
 def timed(fn):
+    import torch
+
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
@@ -31,13 +54,23 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, help="throughput over this many requests")
+    parser.add_argument("--prompt-lens", default="128-1024")
+    parser.add_argument("--output-lens", default="128-1024")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=64, help="requests per generate call")
     args = parser.parse_args()
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with open(args.config) as f:
         config = Qwen2Config(**json.load(f))
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+    if args.requests:
+        return throughput(model, config, args)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device="cuda")
     mask = torch.ones_like(prompt)
 
@@ -68,6 +101,46 @@ def main():
                 "prompt_len": args.prompt_len,
                 "prefill_tokens_per_s": statistics.median(prefill),
                 "decode_tokens_per_s": statistics.median(decode),
+            }
+        )
+    )
+
+
+def throughput(model, config, args):
+    import torch
+
+    requests = workload(args.seed, args.requests, lengths(args.prompt_lens), lengths(args.output_lens))
+
+    def run(batch):
+        longest, new = max(p for p, _ in batch), max(o for _, o in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long, device="cuda")
+        mask = torch.zeros_like(ids)
+        for row, (p, _) in enumerate(batch):
+            ids[row, longest - p :] = torch.randint(0, config.vocab_size, (p,), device="cuda")
+            mask[row, longest - p :] = 1
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return len(batch) * new
+
+    with torch.inference_mode():
+        run(requests[:4])
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generated = sum(run(requests[i : i + args.batch]) for i in range(0, len(requests), args.batch))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    output_tokens = sum(o for _, o in requests)
+    print(
+        json.dumps(
+            {
+                "peer": f"transformers {__import__('transformers').__version__}",
+                "config": args.config,
+                "requests": args.requests,
+                "batch": args.batch,
+                "prompt_tokens": sum(p for p, _ in requests),
+                "output_tokens": output_tokens,
+                "generated_tokens": generated,
+                "seconds": wall,
+                "output_tokens_per_s": output_tokens / wall,
             }
         )
     )

@@ -225,6 +225,35 @@ fn bench_reports_speeds_and_the_bandwidth_fraction() {
     assert!(report["weight_bytes_per_token"].as_u64().unwrap() > 151_936 * 64 * 2);
 }
 
+/// `bench --requests` runs the workload the transformers peer computes
+/// from the same seed, and refuses lengths it cannot run.
+#[test]
+fn bench_requests_reports_throughput_over_the_peers_workload() {
+    let chat = tiny_chat();
+    let lens = ["--prompt-lens", "3-40", "--output-lens", "2-9", "--seed", "5"];
+    let out = shardline(&[&["bench", "--model", &chat, "--requests", "6", "--json"][..], &lens].concat());
+    let report = json_of(&out);
+    assert!(report["output_tokens_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    let peer = Command::new("python3")
+        .current_dir(common::repo().join("benches"))
+        .args(["-c", "import hf_gpu_peer as h; w = h.workload(5, 6, h.lengths('3-40'), h.lengths('2-9')); print(sum(p for p, _ in w), sum(o for _, o in w))"])
+        .output()
+        .unwrap();
+    let peer = String::from_utf8(peer.stdout).unwrap();
+    assert_eq!(peer.trim(), format!("{} {}", report["prompt_tokens"], report["output_tokens"]));
+    let bench = ["bench", "--model", &chat, "--requests"];
+    assert_fails_with(
+        &[&bench[..], &["2", "--prompt-lens", "9-3"]].concat(),
+        "want N or MIN-MAX with 0 < MIN <= MAX",
+    );
+    assert_fails_with(&[&bench[..], &["0"]].concat(), "--requests must be positive");
+    assert_fails_with(
+        &[&bench[..], &["2", "--prompt-lens", "4000", "--output-lens", "200"]].concat(),
+        "a request of 4000 prompt + 200 output tokens exceeds the model's 4096-token context",
+    );
+    assert_fails_with(&[&bench[..], &["2", "--concurrency", "2"]].concat(), "cannot be used with");
+}
+
 #[test]
 fn plan_shows_qwen_72b_needs_two_80_gib_gpus_in_bf16() {
     let config = common::repo().join("configs/models/qwen2.5-72b.json");

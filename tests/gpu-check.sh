@@ -111,6 +111,36 @@ EOF
 )")
 done
 
+# Throughput: 256 requests of 128-1024 prompt and output tokens on the 7B
+# shape, next to transformers' batched generate on the same workload; each
+# side gets at most 150 s so the whole check fits one call.
+config=configs/models/qwen2.5-7b.json
+timeout 150 "$BIN/shardline" bench --device cuda --model "$config" --load-format dummy --requests 256 --json \
+    >"$LOGS/throughput.json" 2>"$LOGS/throughput.log" || tail -n 20 "$LOGS/throughput.log"
+timeout 150 python3 benches/hf_gpu_peer.py --config "$config" --requests 256 \
+    >"$LOGS/throughput-peer.json" 2>"$LOGS/throughput-peer.log" || tail -n 20 "$LOGS/throughput-peer.log"
+ROWS+=("$(python3 - "$LOGS/throughput.json" "$LOGS/throughput-peer.json" <<'EOF'
+import json, sys
+def load(path):
+    try:
+        return json.load(open(path))
+    except Exception:
+        return {}
+ours, peer = load(sys.argv[1]), load(sys.argv[2])
+line = f"{'throughput qwen2.5-7b x256':<34} "
+line += f"{ours['output_tokens_per_s']:.0f} output tok/s" if ours else "FAILED or over 150 s (throughput.log)"
+if peer:
+    line += f"; HF batched {peer['output_tokens_per_s']:.0f}"
+    if ours:
+        line += f" ({ours['output_tokens_per_s'] / peer['output_tokens_per_s']:.2f}x)"
+        if (ours["prompt_tokens"], ours["output_tokens"]) != (peer["prompt_tokens"], peer["output_tokens"]):
+            line += " WORKLOADS DIFFER"
+else:
+    line += "; HF batched FAILED or over 150 s"
+print(line)
+EOF
+)")
+
 echo
 echo "== gpu-check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) =="
 printf '%s\n' "${ROWS[@]}"

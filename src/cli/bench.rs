@@ -3,6 +3,7 @@
 //! every weight once per token, so the limit is
 //! `measured memory bandwidth ÷ weight bytes per token`.
 
+use super::throughput::{self, LenRange};
 use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::Context;
 use clap::Args;
@@ -27,7 +28,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
-    parallel: ParallelArgs,
+    pub parallel: ParallelArgs,
     /// Prompt tokens for the prefill measurement (random ids).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
@@ -37,17 +38,28 @@ pub struct BenchArgs {
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Seeds dummy weights and the prompt.
+    /// Seeds dummy weights, the prompts and `--requests`' lengths.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Instead of batch 1: this many requests at once through the serving
     /// engine (each a `--prompt-len` prompt and `--decode-tokens` outputs),
     /// reporting output tokens/s and, for split models, each stage's idle share.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Throughput instead: this many requests at once through the serving
+    /// engine, lengths drawn from `--prompt-lens` and `--output-lens`
+    /// (seeded by `--seed`), reporting output tokens/s.
+    #[arg(long, conflicts_with = "concurrency")]
+    pub requests: Option<usize>,
+    /// Prompt lengths for `--requests`: `N`, or `MIN-MAX` drawn uniformly.
+    #[arg(long, default_value = "128-1024")]
+    pub prompt_lens: LenRange,
+    /// Output lengths for `--requests` (EOS ignored), as `--prompt-lens`.
+    #[arg(long, default_value = "128-1024")]
+    pub output_lens: LenRange,
     /// Print one JSON object.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -64,6 +76,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (name, config) = (info.name, info.config);
     if let Some(concurrency) = args.concurrency {
         return engine_load(&args, &options, &config, concurrency);
+    }
+    if let Some(requests) = args.requests {
+        return throughput::run(&args, &options, &config, requests);
     }
     let num_blocks = blocks_for(args.prompt_len + args.decode_tokens);
     let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;
@@ -184,43 +199,17 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     anyhow::ensure!(concurrency > 0, "--concurrency must be positive");
     let per_request = blocks_for(args.prompt_len + args.decode_tokens);
     let num_kv_blocks = per_request * concurrency + 1;
-    let (executor, busy) = start_executor(options, config, &args.parallel, num_kv_blocks)?;
-    let engine_config = EngineConfig {
-        max_num_seqs: concurrency,
-        max_num_batched_tokens: 2048,
-        num_kv_blocks,
-        block_size: BLOCK_SIZE,
-    };
-    let engine = EngineHandle::spawn(Engine::new(executor, None, engine_config));
+    let (engine, busy) = start_engine(options, config, &args.parallel, concurrency, 2048, num_kv_blocks)?;
     let layout = args.parallel.layout();
     let mut rng = Rng::seeded(args.seed);
     let mut runs = Vec::new();
     for _ in 0..args.repeats + 1 {
         let requests: Vec<Request> = (0..concurrency)
-            .map(|_| Request {
-                prompt_ids: (0..args.prompt_len)
-                    .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
-                    .collect(),
-                sampling: SamplingParams::greedy(),
-                max_tokens: args.decode_tokens,
-                stop: StopConditions {
-                    ignore_eos: true,
-                    ..Default::default()
-                },
-            })
+            .map(|_| random_request(&mut rng, config, args.prompt_len, args.decode_tokens))
             .collect();
         let busy_before = busy_snapshot(busy.as_ref());
         let start = Instant::now();
-        let receivers: Vec<_> = requests.into_iter().map(|r| engine.submit(r).1).collect();
-        for mut events in receivers {
-            while let Some(event) = events.blocking_recv() {
-                match event {
-                    Event::Token { .. } => {}
-                    Event::Finished { .. } => break,
-                    Event::Failed(message) => anyhow::bail!("a request failed: {message}"),
-                }
-            }
-        }
+        run_requests(&engine, requests)?;
         let wall = start.elapsed().as_secs_f64();
         // Each stage's idle share: its ranks' mean computing time against the wall.
         let stage_idle: Vec<f64> = busy_snapshot(busy.as_ref())
@@ -259,6 +248,54 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
             idle.join(" / ")
         }
     );
+    Ok(())
+}
+
+/// An engine over the model with room for `max_num_seqs` sequences in
+/// `num_kv_blocks` blocks, and the ranks' busy times when it is split.
+pub(super) fn start_engine(
+    options: &ModelOptions,
+    config: &ModelConfig,
+    parallel: &ParallelArgs,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    num_kv_blocks: usize,
+) -> anyhow::Result<(EngineHandle, Option<BusyTimes>)> {
+    let (executor, busy) = start_executor(options, config, parallel, num_kv_blocks)?;
+    let engine_config = EngineConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        num_kv_blocks,
+        block_size: BLOCK_SIZE,
+    };
+    Ok((EngineHandle::spawn(Engine::new(executor, None, engine_config)), busy))
+}
+
+/// A greedy request of `prompt` random ids for exactly `output` tokens.
+pub(super) fn random_request(rng: &mut Rng, config: &ModelConfig, prompt: usize, output: usize) -> Request {
+    Request {
+        prompt_ids: (0..prompt).map(|_| (rng.next_u64() % config.vocab_size as u64) as u32).collect(),
+        sampling: SamplingParams::greedy(),
+        max_tokens: output,
+        stop: StopConditions {
+            ignore_eos: true,
+            ..Default::default()
+        },
+    }
+}
+
+/// Submits every request at once and waits for them all to finish.
+pub(super) fn run_requests(engine: &EngineHandle, requests: Vec<Request>) -> anyhow::Result<()> {
+    let receivers: Vec<_> = requests.into_iter().map(|r| engine.submit(r).1).collect();
+    for mut events in receivers {
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                Event::Token { .. } => {}
+                Event::Finished { .. } => break,
+                Event::Failed(message) => anyhow::bail!("a request failed: {message}"),
+            }
+        }
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod plan;
 mod serve;
+mod throughput;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
