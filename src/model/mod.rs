@@ -260,8 +260,30 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         };
         let last = b.select_rows(&hidden, &batch.logit_rows)?;
         let normed = b.rms_norm(&last, norm, ctx.rms_norm_eps)?;
-        let mut local = b.linear(&normed, head, None)?;
-        let Some(tp) = ctx.tp else {
+        let local = b.linear(&normed, head, None)?;
+        self.output(batch, local, ctx.tp, out)
+    }
+
+    /// Puts what the batch asks for from the last stage's `local` logits
+    /// (this rank's vocabulary slice) into `out`.
+    fn output(
+        &self,
+        batch: &ForwardBatch,
+        mut local: B::Tensor,
+        tp: Option<&dyn Communicator<B::Tensor>>,
+        out: &mut StepOutput,
+    ) -> Result<(), BackendError> {
+        let b = &self.backend;
+        if let Sampling::Model { rows, .. } = &batch.sampling {
+            if rows.len() != batch.logit_rows.len() {
+                return Err(BackendError::Device(format!(
+                    "{} rows of sampling for {} logit rows",
+                    rows.len(),
+                    batch.logit_rows.len()
+                )));
+            }
+        }
+        let Some(tp) = tp else {
             if batch.returns_logits() {
                 b.to_host(&local, &mut out.logits)?;
             }
