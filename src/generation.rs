@@ -188,11 +188,12 @@ impl Generator {
         let mut tokens = Vec::new();
         let mut time_to_first_token = Duration::ZERO;
         self.reset();
+        let vocab = self.executor.config().vocab_size;
         let mut new_ids = req.prompt_ids.clone();
         let finish_reason = loop {
             let row = sampler.next_row(&history, req.prompt_ids.len());
             let out = self.extend_sampled(&new_ids, row, sampler.wants_logits())?;
-            let token = sampler.finish(out.token_ids[0], Some(&out.logits[..]).filter(|l| !l.is_empty()));
+            let token = sampler.finish(out.token_ids[0], out.row_logits(0, vocab));
             if tokens.is_empty() {
                 time_to_first_token = start.elapsed();
             }

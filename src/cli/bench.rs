@@ -92,12 +92,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut gpu_work = None;
+    // Greedy, sampled where the logits are, as a server decodes.
+    let next = |generator: &mut Generator, ids: &[u32]| -> Result<u32, GenerateError> {
+        Ok(generator.extend_sampled(ids, RowSampling::greedy(), false)?.token_ids[0])
+    };
     // One untimed run first: kernel loading, handles and allocator pools.
     for run in 0..=args.repeats {
-        // Greedy, sampled where the logits are, as a server decodes.
-        let next = |generator: &mut Generator, ids: &[u32]| -> Result<u32, GenerateError> {
-            Ok(generator.extend_sampled(ids, RowSampling::greedy(), false)?.token_ids[0])
-        };
         let start = Instant::now();
         generator.reset();
         let mut token = next(&mut generator, &prompt)?;

@@ -256,8 +256,7 @@ impl Engine {
         let vocab = self.executor.config().vocab_size;
         for (row, id) in step.sampled.into_iter().enumerate() {
             if self.active.contains_key(&id) {
-                let logits = output.logits.get(row * vocab..(row + 1) * vocab);
-                self.emit(id, output.token_ids[row], logits);
+                self.emit(id, output.token_ids[row], output.row_logits(row, vocab));
             }
         }
         self.output = output;

@@ -11,7 +11,7 @@ use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
-use crate::sampling::{choose, RowSampling};
+use crate::sampling::{choose_rows, RowSampling};
 use qwen2::{rope_cos_sin_table, ForwardCtx, Qwen2DecoderLayer};
 use std::borrow::Cow;
 
@@ -48,6 +48,13 @@ pub struct StepOutput {
     pub logits: Vec<f32>,
     /// `[rows]` when the model sampled; else empty.
     pub token_ids: Vec<u32>,
+}
+
+impl StepOutput {
+    /// Logit row `row` of a `vocab`-token model, if the logits came back.
+    pub fn row_logits(&self, row: usize, vocab: usize) -> Option<&[f32]> {
+        self.logits.get(row * vocab..(row + 1) * vocab)
+    }
 }
 
 impl ForwardBatch {
@@ -214,8 +221,8 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
 
     /// This rank's part of a forward. A first stage embeds the tokens, a
     /// later one receives the hidden states from the stage before; a last
-    /// stage fills `out` (on every one of its TP ranks), an earlier one
-    /// sends its hidden states on and leaves `out` empty.
+    /// stage fills `out` (on its first TP rank, which reports the step), an
+    /// earlier one sends its hidden states on and leaves `out` empty.
     pub fn forward_shard(
         &self,
         batch: &ForwardBatch,
@@ -274,15 +281,6 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         out: &mut StepOutput,
     ) -> Result<(), BackendError> {
         let b = &self.backend;
-        if let Sampling::Model { rows, .. } = &batch.sampling {
-            if rows.len() != batch.logit_rows.len() {
-                return Err(BackendError::Device(format!(
-                    "{} rows of sampling for {} logit rows",
-                    rows.len(),
-                    batch.logit_rows.len()
-                )));
-            }
-        }
         let Some(tp) = tp else {
             if batch.returns_logits() {
                 b.to_host(&local, &mut out.logits)?;
@@ -292,16 +290,21 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             }
             return Ok(());
         };
-        // Each TP rank holds a slice of the vocabulary: the rows are
-        // gathered on the host and sampled there.
-        self.gather_logits(tp, &local, batch.logit_rows.len(), &mut out.logits)?;
+        // Each TP rank holds a slice of the vocabulary: every rank takes
+        // part in gathering them, and the first (which reports the step)
+        // lays the rows out on the host and samples them there.
+        let n = batch.logit_rows.len();
+        let all = self.gather_logits(tp, &local, n)?;
+        if tp.rank() != 0 {
+            return Ok(());
+        }
+        self.lay_out_logits(&all, tp.size(), n, &mut out.logits)?;
         if let Sampling::Model { rows, logits } = &batch.sampling {
             let mut scores = std::mem::take(&mut out.logits);
             if *logits {
                 out.logits.clone_from(&scores);
             }
-            let vocab = self.config.vocab_size;
-            out.token_ids = scores.chunks_mut(vocab).zip(rows).map(|(s, row)| choose(s, row)).collect();
+            out.token_ids = choose_rows(&mut scores, self.config.vocab_size, rows).map_err(BackendError::Device)?;
         }
         Ok(())
     }
@@ -321,26 +324,26 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         Cow::Owned(local.collect())
     }
 
-    /// Gathers every TP rank's vocabulary slice of the logits and lays them
-    /// out as `[rows, vocab]`, dropping the padding rows' columns.
-    fn gather_logits(
-        &self,
-        tp: &dyn Communicator<B::Tensor>,
-        local: &B::Tensor,
-        rows: usize,
-        logits: &mut Vec<f32>,
-    ) -> Result<(), BackendError> {
-        let b = &self.backend;
+    /// Every TP rank's vocabulary slice of the logits (each `[rows, per + 1]`
+    /// with its padding row's column), rank after rank.
+    fn gather_logits(&self, tp: &dyn Communicator<B::Tensor>, local: &B::Tensor, rows: usize) -> Result<B::Tensor, BackendError> {
+        let per = self.shard.vocab_per_rank(&self.config);
+        let mut all = self.backend.zeros(tp.size() * rows, per + 1)?;
+        tp.all_gather(local, &mut all)?;
+        Ok(all)
+    }
+
+    /// The gathered slices `all` of `ranks` ranks as host `[rows, vocab]`,
+    /// dropping the padding columns.
+    fn lay_out_logits(&self, all: &B::Tensor, ranks: usize, rows: usize, logits: &mut Vec<f32>) -> Result<(), BackendError> {
         let (vocab, per) = (self.config.vocab_size, self.shard.vocab_per_rank(&self.config));
         let width = per + 1;
-        let mut all = b.zeros(tp.size() * rows, width)?;
-        tp.all_gather(local, &mut all)?;
         let mut host = Vec::new();
-        b.to_host(&all, &mut host)?;
+        self.backend.to_host(all, &mut host)?;
         logits.clear();
         logits.reserve(rows * vocab);
         for row in 0..rows {
-            for rank in 0..tp.size() {
+            for rank in 0..ranks {
                 let valid = vocab.saturating_sub(rank * per).min(per);
                 let start = (rank * rows + row) * width;
                 logits.extend_from_slice(&host[start..start + valid]);

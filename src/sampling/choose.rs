@@ -9,6 +9,8 @@
 //! likely (ties to the lower id) until their mass reaches `top_p`. The
 //! uniform draw then walks the kept tokens in id order.
 
+use rayon::prelude::*;
+
 /// How one row's token is picked; built per step by the request's sampler.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RowSampling {
@@ -80,6 +82,21 @@ pub fn choose(scores: &mut [f32], row: &RowSampling) -> u32 {
     }
 }
 
+/// [`choose`] for each row of `scores [rows.len(), vocab]`, on all cores.
+pub fn choose_rows(scores: &mut [f32], vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    if vocab == 0 || scores.len() != rows.len() * vocab {
+        return Err(format!(
+            "{} rows of sampling for {} logits of a {vocab}-token vocabulary",
+            rows.len(),
+            scores.len()
+        ));
+    }
+    Ok(scores.par_chunks_mut(vocab).zip(rows).map(|(s, row)| choose(s, row)).collect())
+}
+
 /// Draws from `softmax(scores / temperature)` over the kept set. Skipping
 /// the negligible tokens first spares an `exp` and a sort for most of them.
 fn draw(scores: &[f32], row: &RowSampling) -> u32 {
@@ -92,6 +109,7 @@ fn draw(scores: &[f32], row: &RowSampling) -> u32 {
         .filter(|(_, &s)| s / t >= floor)
         .map(|(i, &s)| (i as u32, s / t))
         .collect();
+    // Top-k and top-p leave the candidates out of id order.
     let mut reordered = false;
     let k = row.top_k as usize;
     if k > 0 && k < candidates.len() {
@@ -107,7 +125,8 @@ fn draw(scores: &[f32], row: &RowSampling) -> u32 {
     }
     if row.top_p < 1.0 {
         let total: f64 = candidates.iter().map(|c| c.1 as f64).sum();
-        reordered |= keep_nucleus(&mut candidates, row.top_p as f64 * total);
+        keep_nucleus(&mut candidates, row.top_p as f64 * total);
+        reordered = true;
     }
     if reordered {
         candidates.sort_unstable_by_key(|c| c.0);
@@ -128,9 +147,8 @@ pub(super) fn by_score_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Orderin
 }
 
 /// Keeps the most likely candidates until their mass reaches `mass`; only
-/// as many as needed are sorted, as the nucleus is usually small. Returns
-/// whether the candidates were reordered.
-fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, mass: f64) -> bool {
+/// as many as needed are sorted, as the nucleus is usually small.
+fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, mass: f64) {
     let mut k = 64;
     loop {
         let k_now = k.min(candidates.len());
@@ -144,10 +162,10 @@ fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, mass: f64) -> bool {
             cumulative >= mass
         }) {
             candidates.truncate(i + 1);
-            return true;
+            return;
         }
         if k_now == candidates.len() {
-            return true;
+            return;
         }
         k *= 8;
     }
@@ -255,6 +273,22 @@ mod tests {
         };
         assert_eq!(choose(&mut scores, &r), 3);
         assert_eq!(scores, vec![1.0, -4.0, -1.0, 1.5]);
+    }
+
+    #[test]
+    fn rows_are_chosen_each_by_its_own_rule_and_a_miscount_is_an_error() {
+        let mut scores = vec![0.0, 5.0, 1.0, 3.0, 2.0, 0.0];
+        let banned = RowSampling {
+            adjustments: vec![LogitAdjustment {
+                token: 0,
+                shift: -10.0,
+                repeated: false,
+            }],
+            ..RowSampling::greedy()
+        };
+        assert_eq!(choose_rows(&mut scores, 3, &[RowSampling::greedy(), banned]).unwrap(), vec![1, 1]);
+        let err = choose_rows(&mut scores, 3, &[RowSampling::greedy()]).unwrap_err();
+        assert!(err.contains("1 rows of sampling for 6 logits of a 3-token vocabulary"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 mod choose;
 
-pub use choose::{argmax, choose, LogitAdjustment, RowSampling, GREEDY_BELOW};
+pub use choose::{argmax, choose, choose_rows, LogitAdjustment, RowSampling, GREEDY_BELOW};
 
 use choose::by_score_desc;
 

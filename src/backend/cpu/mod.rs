@@ -12,7 +12,7 @@ mod matmul;
 mod simd;
 
 use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
-use crate::sampling::{choose, RowSampling};
+use crate::sampling::{choose_rows, RowSampling};
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -199,20 +199,7 @@ impl Backend for CpuBackend {
     }
 
     fn sample(&self, logits: &mut CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        if rows.len() != logits.rows {
-            return Err(BackendError::Device(format!(
-                "sample: {} rows of sampling for {} rows of logits",
-                rows.len(),
-                logits.rows
-            )));
-        }
-        let vocab = logits.cols.max(1);
-        Ok(logits
-            .data
-            .par_chunks_mut(vocab)
-            .zip(rows)
-            .map(|(scores, row)| choose(scores, row))
-            .collect())
+        choose_rows(&mut logits.data, logits.cols, rows).map_err(|e| BackendError::Device(format!("sample: {e}")))
     }
 
     fn to_host(&self, x: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {
