@@ -1,5 +1,6 @@
 //! The fixture models on the GPU: logits within 2e-2 relative of the
-//! Hugging Face reference with its greedy ids, for the whole model and for
+//! Hugging Face reference with its greedy ids up to the first near tie
+//! (tiny-chat's margins are large: all of them), for the whole model and for
 //! every TP/PP layout the fixture allows (ranks sharing the one GPU through
 //! the in-process communicator), tiny-chat's 30 chat answers word for
 //! word (greedy, picked by the sampling kernel), and seeded sampling by the
@@ -9,23 +10,12 @@
 mod common;
 
 use common::sampled;
-use common::split::{check_split, layouts};
-use shardline::backend::cuda::{gpu_count, CudaBackend};
+use common::split::{check_split, layouts, Accuracy};
+use shardline::backend::cuda::CudaBackend;
 use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::model_dir;
 
-const TOLERANCE: f64 = 2e-2;
-
-fn have_gpu() -> bool {
-    let present = gpu_count() > 0;
-    if !present {
-        eprintln!("skipped: no CUDA GPU visible");
-    }
-    present
-}
-
-/// Every rank on the first GPU.
-/// GPU 0, with outputs poisoned so an unwritten element shows as NaN logits.
+/// Every rank on GPU 0, with outputs poisoned so an unwritten element shows as NaN logits.
 fn first_gpu(_rank: usize) -> CudaBackend {
     let mut gpu = CudaBackend::new(0).expect("opening GPU 0");
     gpu.poison_outputs();
@@ -34,19 +24,19 @@ fn first_gpu(_rank: usize) -> CudaBackend {
 
 #[test]
 fn fixtures_match_hf_on_the_gpu_in_every_layout() {
-    if !have_gpu() {
+    if !common::gpu_visible() {
         return;
     }
     for name in ["tiny-gqa", "tiny-mqa128", "tiny-chat"] {
         for layout in layouts(name) {
-            check_split(name, layout, None, first_gpu, TOLERANCE);
+            check_split(name, layout, None, first_gpu, Accuracy::BF16);
         }
     }
 }
 
 #[test]
 fn tiny_chat_answers_every_greedy_chat_case_on_the_gpu() {
-    if !have_gpu() {
+    if !common::gpu_visible() {
         return;
     }
     let options = common::options(&common::model_dir("tiny-chat"));
@@ -55,7 +45,7 @@ fn tiny_chat_answers_every_greedy_chat_case_on_the_gpu() {
 
 #[test]
 fn the_sampling_kernel_picks_what_the_host_sampler_picks() {
-    if !have_gpu() {
+    if !common::gpu_visible() {
         return;
     }
     let name = "tiny-chat";

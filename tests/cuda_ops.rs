@@ -10,7 +10,7 @@ mod common;
 
 use half::bf16;
 use shardline::backend::cpu::{CpuBackend, CpuTensor};
-use shardline::backend::cuda::{gpu_count, nccl, CudaBackend, CudaTensor};
+use shardline::backend::cuda::{nccl, CudaBackend, CudaTensor};
 use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta};
 use shardline::parallel::Communicator;
 use shardline::rng::Rng;
@@ -20,8 +20,7 @@ const EXACT: f64 = 1e-5;
 const BF16_ROUNDED: f64 = 1e-2;
 
 fn gpu() -> Option<CudaBackend> {
-    if gpu_count() == 0 {
-        eprintln!("skipped: no CUDA GPU visible");
+    if !common::gpu_visible() {
         return None;
     }
     let mut gpu = CudaBackend::new(0).expect("opening GPU 0");

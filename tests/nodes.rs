@@ -9,7 +9,7 @@ mod common;
 
 use common::model_dir;
 use common::sampled;
-use common::split::{check_prompts, run_prompt, shard_loader, worker_options};
+use common::split::{check_prompts, run_prompt, shard_loader, worker_options, Accuracy};
 use shardline::backend::cpu::CpuBackend;
 use shardline::config::ModelConfig;
 use shardline::executor::{Membership, NodeSpec, Transport, WorkerOptions, Workers, WorkersError};
@@ -83,7 +83,7 @@ fn a_model_split_over_two_nodes_gives_the_reference_logits_and_greedy_ids() {
     // rank 2, whose logits come back over the connection.
     let layout = Layout { tp: 2, pp: 2 };
     let mut followers = Vec::new();
-    check_prompts(FIXTURE, "over 2 nodes", 1e-4, |num_kv_blocks| {
+    check_prompts(FIXTURE, "over 2 nodes", Accuracy::F32, |num_kv_blocks| {
         let (port, groups) = (free_port(), groups(layout));
         followers.push(follower(layout, port, groups.clone(), |_| CpuBackend));
         Box::new(lead(worker_options(layout, None, num_kv_blocks), port, groups).unwrap())

@@ -7,16 +7,14 @@
 mod common;
 
 use common::sampled;
-use common::split::{check_split, layouts, spawn_split};
+use common::split::{check_split, layouts, spawn_split, Accuracy};
 use common::Reference;
 use shardline::backend::cpu::CpuBackend;
 use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::parallel::Layout;
 
-const TOLERANCE: f64 = 1e-4;
-
 fn check(name: &str, layout: Layout, pp_layers: Option<&[usize]>) {
-    check_split(name, layout, pp_layers, |_| CpuBackend, TOLERANCE);
+    check_split(name, layout, pp_layers, |_| CpuBackend, Accuracy::F32);
 }
 
 #[test]

@@ -27,6 +27,21 @@ pub fn shardline_bin() -> PathBuf {
     std::env::var_os("SHARDLINE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_shardline")), PathBuf::from)
 }
 
+/// Whether a CUDA GPU is visible for the GPU tests; where none is, they
+/// skip, saying so, unless `SHARDLINE_REQUIRE_GPU` is set (on a GPU
+/// machine, or the emulated driver), where a skip would hide a test.
+pub fn gpu_visible() -> bool {
+    let visible = shardline::backend::cuda::gpu_count() > 0;
+    match (visible, std::env::var_os("SHARDLINE_REQUIRE_GPU").is_some()) {
+        (true, _) => true,
+        (false, true) => panic!("SHARDLINE_REQUIRE_GPU is set but no CUDA GPU is visible"),
+        (false, false) => {
+            eprintln!("skipped: no CUDA GPU visible");
+            false
+        }
+    }
+}
+
 /// A vendored test model: `tiny-chat` lives in `models/`, the others in `tests/fixtures/`.
 pub fn model_dir(name: &str) -> PathBuf {
     match name {
@@ -93,12 +108,15 @@ impl Reference {
     }
 }
 
-/// ‖ours − ref‖ / ‖ref‖ over one row.
+/// ‖ours − ref‖ / ‖ref‖ over one row; ‖ours‖ where the reference is all zeros.
 pub fn relative_error(ours: &[f32], reference: &[f32]) -> f64 {
     assert_eq!(ours.len(), reference.len());
     let diff: f64 = ours.iter().zip(reference).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
     let norm: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm).sqrt()
+    match norm {
+        0.0 => diff.sqrt(),
+        _ => (diff / norm).sqrt(),
+    }
 }
 
 /// Asserts each row of `ours` is within `tolerance` of the matching row of `reference`.

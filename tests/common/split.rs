@@ -3,6 +3,7 @@
 //! Face reference logits and greedy ids.
 
 use super::{assert_rows_close, model_dir, prompt_keys, Reference};
+use shardline::backend::cpu::CpuBackend;
 use shardline::backend::{Backend, HostStaging};
 use shardline::config::ModelConfig;
 use shardline::executor::{Executor, Transport, WorkerOptions, Workers};
@@ -11,6 +12,60 @@ use shardline::loader::SafetensorsCheckpoint;
 use shardline::model::{Qwen2ForCausalLM, Shard};
 use shardline::parallel::Layout;
 use shardline::sampling::argmax;
+
+/// How closely a backend must reproduce the reference.
+#[derive(Clone, Copy, Debug)]
+pub struct Accuracy {
+    /// Relative error of the logits at each position.
+    pub logits: f64,
+    /// Whether every greedy id must match, or only those before the first
+    /// near tie (the fixtures' README: a bf16 path may flip a tie within
+    /// 0.05 of the random models' logits, and the continuation differs after).
+    pub greedy_until_near_tie: bool,
+}
+
+impl Accuracy {
+    /// f32 arithmetic, as the reference's.
+    pub const F32: Accuracy = Accuracy {
+        logits: 1e-4,
+        greedy_until_near_tie: false,
+    };
+    /// A bf16 GPU path.
+    pub const BF16: Accuracy = Accuracy {
+        logits: 2e-2,
+        greedy_until_near_tie: true,
+    };
+}
+
+/// The top-two logit gap under which a bf16 path may pick the other token.
+const NEAR_TIE: f32 = 0.05;
+
+/// How many of the reference continuation `greedy` of `prompt` come before
+/// its first near tie. The reference holds no logits past the prompt, so
+/// the gaps are those of the CPU backend fed the reference's own tokens
+/// (its logits match the reference's within 1e-4; tests/reference_logits.rs).
+fn ids_before_near_tie(name: &str, prompt: &[u32], greedy: &[u32]) -> usize {
+    let dir = model_dir(name);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let source = SafetensorsCheckpoint::open(&dir).unwrap();
+    let model = Qwen2ForCausalLM::load(CpuBackend, config, &source).unwrap();
+    let vocab = model.config().vocab_size;
+    let fed = [prompt, &greedy[..greedy.len() - 1]].concat();
+    let mut generator = Generator::new(model, fed.len()).unwrap();
+    let logits = generator.extend(&fed, true).unwrap();
+    let gap = |row: &[f32]| {
+        let best = argmax(row) as usize;
+        let second = row
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != best)
+            .map(|(_, v)| *v)
+            .fold(f32::MIN, f32::max);
+        row[best] - second
+    };
+    let rows = logits[(prompt.len() - 1) * vocab..].chunks(vocab);
+    rows.take_while(|row| gap(row) >= NEAR_TIE).count()
+}
 
 /// The prompt's logits at every position, and the greedy continuation.
 pub struct Output {
@@ -60,9 +115,8 @@ pub fn run_prompt(executor: Box<dyn Executor>, num_kv_blocks: usize, prompt: &[u
 }
 
 /// Every prompt of fixture `name` through an executor `start(num_kv_blocks)`
-/// makes: logits within `tolerance` (relative, per position) and greedy ids
-/// equal to the reference.
-pub fn check_prompts(name: &str, what: &str, tolerance: f64, mut start: impl FnMut(usize) -> Box<dyn Executor>) {
+/// makes: logits and greedy ids as close to the reference as `accuracy` says.
+pub fn check_prompts(name: &str, what: &str, accuracy: Accuracy, mut start: impl FnMut(usize) -> Box<dyn Executor>) {
     let reference = Reference::open(name);
     for p in prompt_keys(&reference) {
         let ids = reference.ids(&format!("{p}.input_ids"));
@@ -73,22 +127,26 @@ pub fn check_prompts(name: &str, what: &str, tolerance: f64, mut start: impl FnM
         let num_kv_blocks = blocks_for(ids.len() + steps);
         let out = run_prompt(start(num_kv_blocks), num_kv_blocks, &ids, steps);
         let what = format!("{name} {what} {p}");
-        assert_rows_close(&out.logits[(ids.len() - rows) * vocab..], &want, vocab, tolerance, &what);
+        assert_rows_close(&out.logits[(ids.len() - rows) * vocab..], &want, vocab, accuracy.logits, &what);
         if let Some(want_ids) = want_ids {
-            assert_eq!(out.greedy, want_ids, "{what}: greedy continuation");
+            let compared = match accuracy.greedy_until_near_tie {
+                true => ids_before_near_tie(name, &ids, &want_ids),
+                false => want_ids.len(),
+            };
+            assert_eq!(out.greedy[..compared], want_ids[..compared], "{what}: greedy continuation");
         }
     }
 }
 
 /// Every prompt of the fixture through a `layout` split, rank `r` computing
 /// on `backend(r)`, checked as [`check_prompts`] does.
-pub fn check_split<B>(name: &str, layout: Layout, pp_layers: Option<&[usize]>, backend: fn(usize) -> B, tolerance: f64)
+pub fn check_split<B>(name: &str, layout: Layout, pp_layers: Option<&[usize]>, backend: fn(usize) -> B, accuracy: Accuracy)
 where
     B: Backend + 'static,
     B::Tensor: HostStaging,
 {
     let what = format!("tp={} pp={}", layout.tp, layout.pp);
-    check_prompts(name, &what, tolerance, |num_kv_blocks| {
+    check_prompts(name, &what, accuracy, |num_kv_blocks| {
         spawn_split(name, layout, pp_layers, backend, num_kv_blocks)
     });
 }
