@@ -10,18 +10,18 @@ mod throughput;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardline::backend::cpu::CpuBackend;
-use shardline::backend::cuda::nccl::{self, NcclComm};
-use shardline::backend::cuda::{self, CudaBackend, CudaTensor};
+use shardline::backend::cuda::nccl;
+use shardline::backend::cuda::{self, CudaBackend};
 use shardline::backend::Backend;
 use shardline::backend::DType;
 use shardline::config::ModelConfig;
 use shardline::executor::NodeSpec;
-use shardline::executor::{BusyTimes, Executor, LocalExecutor, Membership, Transport, WorkerOptions, Workers};
+use shardline::executor::{nccl_ids, nccl_transport, BusyTimes, Executor, LocalExecutor, Transport, WorkerOptions, Workers};
 use shardline::generation::BLOCK_SIZE;
 use shardline::loader::LoadFormat;
 use shardline::model::{Qwen2ForCausalLM, Shard};
 use shardline::model_dir::{self, ModelOptions};
-use shardline::parallel::{Communicator, Layout};
+use shardline::parallel::Layout;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -221,20 +221,6 @@ fn cuda_transport(layout: Layout, gpus: usize) -> anyhow::Result<Transport<CudaB
     }
     eprintln!("shardline: {} ranks exchange through NCCL", layout.world_size());
     Ok(nccl_transport(layout, nccl_ids(layout)?))
-}
-
-/// One NCCL id per group of `layout` (TP groups first, as [`Group::index`] counts).
-fn nccl_ids(layout: Layout) -> anyhow::Result<Vec<nccl::Id>> {
-    Ok((0..layout.tp + layout.pp).map(|_| nccl::new_id()).collect::<Result<_, _>>()?)
-}
-
-/// Each rank joins its groups through NCCL, group `g` under `ids[g]`.
-fn nccl_transport(layout: Layout, ids: Vec<nccl::Id>) -> Transport<CudaBackend> {
-    Transport::Connect(Box::new(move |backend: &CudaBackend, member: Membership| {
-        let id = ids[member.group.index(layout)];
-        let comm = NcclComm::join(backend, member.rank, member.size, id).map_err(|e| e.to_string())?;
-        Ok(Box::new(comm) as Box<dyn Communicator<CudaTensor>>)
-    }))
 }
 
 /// Builds rank `r`'s shard on GPU `r` mod `gpus`.

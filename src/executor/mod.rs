@@ -3,9 +3,11 @@
 //! one worker thread per rank of a split model ([`Workers`]).
 
 mod codec;
+mod nccl;
 mod nodes;
 mod workers;
 
+pub use nccl::{nccl_ids, nccl_transport};
 pub use nodes::{NodeError, NodeSpec};
 pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOptions, Workers, WorkersError};
 
