@@ -11,7 +11,8 @@ mod common;
 use half::bf16;
 use shardline::backend::cpu::{CpuBackend, CpuTensor};
 use shardline::backend::cuda::{nccl, CudaBackend, CudaTensor};
-use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta};
+use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs};
+use shardline::model::{ForwardBatch, Sampling};
 use shardline::parallel::Communicator;
 use shardline::rng::Rng;
 use shardline::sampling::{LogitAdjustment, RowSampling};
@@ -51,6 +52,21 @@ fn activations(gpu: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (CpuTe
     let mut device = gpu.zeros(rows, cols).unwrap();
     device.copy_from_host(&values).unwrap();
     (CpuTensor::new(values, rows, cols), device)
+}
+
+/// One sequence of `ids` whose rows `rows` give logits, sampled as
+/// `sampling` says (one per row, or none).
+fn batch_of(ids: &[u32], rows: &[u32], sampling: Vec<RowSampling>) -> ForwardBatch {
+    let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+    let mut batch = ForwardBatch::single(ids, 0, &blocks, 16, false);
+    batch.logit_rows = rows.to_vec();
+    if !sampling.is_empty() {
+        batch.sampling = Sampling::Model {
+            rows: sampling,
+            logits: false,
+        };
+    }
+    batch
 }
 
 fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, tolerance: f64, what: &str) {
@@ -127,25 +143,30 @@ fn norms_embedding_activation_and_row_ops_match() {
         "silu_mul",
     );
 
-    let picked = [6, 0, 3, 3];
-    let want = CpuBackend.select_rows(&cx, &picked).unwrap();
-    assert_close(&want, &gpu, &gpu.select_rows(&gx, &picked).unwrap(), EXACT, "select_rows");
+    let picked = batch_of(&[0; 7], &[6, 0, 3, 3], vec![]);
+    let inputs = picked.inputs(&picked.token_ids, true);
+    let (c_step, g_step) = (CpuBackend.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+    let want = CpuBackend.select_rows(&cx, &c_step).unwrap();
+    assert_close(&want, &gpu, &gpu.select_rows(&gx, &g_step).unwrap(), EXACT, "select_rows");
 
     for dtype in [DType::BF16, DType::F32] {
         let table = weight(&[50, cols], dtype, 8);
         let (ct, gt) = (CpuBackend.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
-        let ids = [3, 49, 0, 3];
+        let ids = batch_of(&[3, 49, 0, 3], &[], vec![]);
+        let inputs = ids.inputs(&ids.token_ids, true);
         let what = format!("embedding {dtype}");
         assert_close(
-            &CpuBackend.embedding(&ct, &ids).unwrap(),
+            &CpuBackend.embedding(&ct, &CpuBackend.prepare_step(inputs).unwrap()).unwrap(),
             &gpu,
-            &gpu.embedding(&gt, &ids).unwrap(),
+            &gpu.embedding(&gt, &gpu.prepare_step(inputs).unwrap()).unwrap(),
             EXACT,
             &what,
         );
     }
+    let outside = batch_of(&[50], &[], vec![]);
+    let step = gpu.prepare_step(outside.inputs(&outside.token_ids, true)).unwrap();
     assert!(gpu
-        .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &[50])
+        .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &step)
         .is_err());
 
     let zeros = gpu.zeros(3, 5).unwrap();
@@ -199,8 +220,16 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     {
         let (positions, meta) = meta_for(spans);
         let (mut cq, mut gq) = activations(gpu, positions.len(), width, 10 + round as u64);
-        let c_step = CpuBackend.prepare_step(&positions, &meta).unwrap();
-        let g_step = gpu.prepare_step(&positions, &meta).unwrap();
+        let ids = vec![0; positions.len()];
+        let inputs = StepInputs {
+            token_ids: &ids,
+            positions: &positions,
+            attn: &meta,
+            logit_rows: &[],
+            sampling: &[],
+        };
+        let c_step = CpuBackend.prepare_step(inputs).unwrap();
+        let g_step = gpu.prepare_step(inputs).unwrap();
         CpuBackend.rope(&mut cq, &c_step, &c_rope, &spec).unwrap();
         gpu.rope(&mut gq, &g_step, &g_rope, &spec).unwrap();
         assert_close(&cq, gpu, &gq, EXACT, "rope");
@@ -230,7 +259,11 @@ fn shape_mismatches_are_errors_not_faults() {
     let (_, y) = activations(&gpu, 3, 15, 3);
     let (_, mut z) = activations(&gpu, 2, 15, 4);
     assert!(gpu.add_assign(&mut z, &y).is_err());
-    assert!(gpu.select_rows(&x, &[2]).is_err());
+    let three = batch_of(&[0; 3], &[2], vec![]);
+    assert!(gpu
+        .select_rows(&x, &gpu.prepare_step(three.inputs(&three.token_ids, true)).unwrap())
+        .is_err());
+    assert!(gpu.prepare_step(batch_of(&[0; 2], &[2], vec![]).inputs(&[0; 2], true)).is_err());
 }
 
 #[test]
@@ -297,8 +330,12 @@ fn sampling_picks_the_tokens_the_host_picks() {
         let mut cpu_logits = CpuTensor::new(values.clone(), n, vocab);
         let mut gpu_logits = gpu.zeros(n, vocab).unwrap();
         gpu_logits.copy_from_host(&values).unwrap();
-        let want = CpuBackend.sample(&mut cpu_logits, &rows).unwrap();
-        let got = gpu.sample(&mut gpu_logits, &rows).unwrap();
+        let batch = batch_of(&vec![0; n], &(0..n as u32).collect::<Vec<_>>(), rows.clone());
+        let inputs = batch.inputs(&batch.token_ids, true);
+        let (mut c_step, mut g_step) = (CpuBackend.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+        CpuBackend.sample(&mut cpu_logits, &mut c_step).unwrap();
+        gpu.sample(&mut gpu_logits, &mut g_step).unwrap();
+        let (want, got) = (CpuBackend.sampled_ids(&c_step).unwrap(), gpu.sampled_ids(&g_step).unwrap());
         for (r, (w, g)) in want.iter().zip(&got).enumerate() {
             assert_eq!(
                 w,

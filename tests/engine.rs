@@ -6,91 +6,17 @@
 
 mod common;
 
-use serde_json::Value;
-use shardline::engine::request::{Event, FinishReason, Finished, Request, StopConditions, StopReason};
-use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use common::engine::{assert_all_cases_exact, cases, collect, ids, request, spawn};
+use shardline::engine::request::{Event, FinishReason, StopReason};
+use shardline::engine::EngineHandle;
 use shardline::executor::LocalExecutor;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 fn engine(num_kv_blocks: usize, max_num_seqs: usize) -> EngineHandle {
     let loaded = common::load("tiny-chat");
-    let config = EngineConfig {
-        max_num_seqs,
-        max_num_batched_tokens: 256,
-        num_kv_blocks,
-        block_size: 16,
-    };
     let executor = LocalExecutor::new(loaded.model, num_kv_blocks, 16).unwrap();
-    EngineHandle::spawn(Engine::new(Box::new(executor), loaded.tokenizer.map(Arc::new), config))
-}
-
-fn cases() -> Vec<Value> {
-    let path = common::repo().join("tests/fixtures/tiny-chat/reference.json");
-    let all: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    all["greedy_chat"].as_array().unwrap().clone()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn request(prompt_ids: Vec<u32>, sampling: SamplingParams, max_tokens: usize) -> Request {
-    let stop = StopConditions {
-        eos_token_ids: vec![151645, 151643],
-        ..Default::default()
-    };
-    Request {
-        prompt_ids,
-        sampling,
-        max_tokens,
-        stop,
-    }
-}
-
-struct Output {
-    ids: Vec<u32>,
-    text: String,
-    finished: Finished,
-}
-
-fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Output, String> {
-    let (mut ids, mut text) = (Vec::new(), String::new());
-    while let Some(event) = rx.blocking_recv() {
-        match event {
-            Event::Token { token, text: piece } => {
-                ids.push(token.token_id);
-                text += &piece;
-            }
-            Event::Finished { text: rest, finished } => {
-                return Ok(Output {
-                    ids,
-                    text: text + &rest,
-                    finished,
-                })
-            }
-            Event::Failed(message) => return Err(message),
-        }
-    }
-    Err("the channel closed without an end".into())
-}
-
-fn assert_all_cases_exact(handle: &EngineHandle) {
-    let cases = cases();
-    let receivers: Vec<_> = cases
-        .iter()
-        .map(|c| handle.submit(request(ids(&c["prompt_ids"]), SamplingParams::greedy(), 96)).1)
-        .collect();
-    for (case, rx) in cases.iter().zip(receivers) {
-        let out = collect(rx).unwrap();
-        assert_eq!(out.ids, ids(&case["completion_ids"]), "{}", case["question"]);
-        assert_eq!(out.text, case["completion_text"].as_str().unwrap());
-        assert_eq!(out.finished.reason, FinishReason::Stop);
-        assert_eq!(out.finished.completion_tokens, out.ids.len());
-        assert_eq!(out.finished.prompt_tokens, case["prompt_ids"].as_array().unwrap().len());
-    }
+    spawn(Box::new(executor), loaded.tokenizer, num_kv_blocks, max_num_seqs)
 }
 
 #[test]

@@ -16,7 +16,7 @@ BIN=$ROOT/target/gpu-check
 PACK=$ROOT/target/gpu-carry/bins.tar.xz
 LOGS=${OUT:-$ROOT/target/gpu-check-logs}
 # Test binaries the check runs, in order.
-SUITES="cuda_ops cuda_model nvrtc cli greedy_chat http"
+SUITES="cuda_ops cuda_model cuda_graphs nvrtc cli greedy_chat http"
 
 prepare() {
     cargo build --release --bin shardline || exit 1

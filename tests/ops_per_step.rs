@@ -7,12 +7,13 @@
 mod common;
 
 use shardline::backend::cpu::CpuBackend;
-use shardline::backend::{AttentionSpec, Backend, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
+use shardline::backend::{AttentionSpec, Backend, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
 use shardline::config::ModelConfig;
 use shardline::generation::Generator;
 use shardline::loader::SafetensorsCheckpoint;
 use shardline::model::Qwen2ForCausalLM;
 use shardline::sampling::RowSampling;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -39,6 +40,7 @@ impl Backend for Counting {
     type Weight = W;
     type KvCache = K;
     type Step<'a> = S<'a>;
+    type Graph = Infallible;
 
     fn name(&self) -> &'static str {
         "counting"
@@ -52,8 +54,8 @@ impl Backend for Counting {
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<K> {
         CpuBackend.alloc_kv_cache(shape)
     }
-    fn embedding(&self, table: &W, ids: &[u32]) -> Result<T> {
-        self.op().embedding(table, ids)
+    fn embedding(&self, table: &W, step: &S<'_>) -> Result<T> {
+        self.op().embedding(table, step)
     }
     fn linear(&self, x: &T, w: &W, bias: Option<&W>) -> Result<T> {
         self.op().linear(x, w, bias)
@@ -67,8 +69,8 @@ impl Backend for Counting {
     fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
         self.op().add_assign(x, y)
     }
-    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<S<'a>> {
-        CpuBackend.prepare_step(positions, meta)
+    fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<S<'a>> {
+        CpuBackend.prepare_step(inputs)
     }
     fn rope(&self, qkv: &mut T, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<()> {
         self.op().rope(qkv, step, cos_sin, spec)
@@ -82,11 +84,26 @@ impl Backend for Counting {
     fn silu_mul(&self, gate_up: &T) -> Result<T> {
         self.op().silu_mul(gate_up)
     }
-    fn select_rows(&self, x: &T, rows: &[u32]) -> Result<T> {
-        self.op().select_rows(x, rows)
+    fn select_rows(&self, x: &T, step: &S<'_>) -> Result<T> {
+        self.op().select_rows(x, step)
     }
-    fn sample(&self, logits: &mut T, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        self.op().sample(logits, rows)
+    fn sample(&self, logits: &mut T, step: &mut S<'_>) -> Result<()> {
+        self.op().sample(logits, step)
+    }
+    fn sampled_ids(&self, step: &S<'_>) -> Result<Vec<u32>> {
+        CpuBackend.sampled_ids(step)
+    }
+    fn static_step(&self, capacity: StepCapacity) -> Result<Option<S<'static>>> {
+        CpuBackend.static_step(capacity)
+    }
+    fn update_step(&self, step: &mut S<'static>, inputs: StepInputs<'_>) -> Result<()> {
+        CpuBackend.update_step(step, inputs)
+    }
+    fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<Infallible> {
+        CpuBackend.capture(record)
+    }
+    fn replay(&self, graph: &Infallible) -> Result<()> {
+        match *graph {}
     }
     fn to_host(&self, x: &T, out: &mut Vec<f32>) -> Result<()> {
         CpuBackend.to_host(x, out)

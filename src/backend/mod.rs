@@ -178,6 +178,40 @@ impl PagedAttentionMeta {
     pub fn num_tokens(&self) -> usize {
         self.slot_mapping.len()
     }
+
+    /// The widest block table.
+    pub fn max_blocks(&self) -> usize {
+        self.block_tables.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// Everything one forward reads from the host, handed to the device in one
+/// [`Backend::prepare_step`] so no op uploads on its own (and a recorded
+/// graph can replay the ops on a step refilled in place).
+#[derive(Clone, Copy, Debug)]
+pub struct StepInputs<'a> {
+    /// `[n]` the tokens to embed, as rows of this rank's embedding table.
+    pub token_ids: &'a [u32],
+    /// `[n]` each token's position in its sequence.
+    pub positions: &'a [u32],
+    pub attn: &'a PagedAttentionMeta,
+    /// `[rows]` rows of the batch whose logits are computed.
+    pub logit_rows: &'a [u32],
+    /// `[rows]` how the backend picks each row's token, when it does (else empty).
+    pub sampling: &'a [RowSampling],
+}
+
+/// The largest step a step buffer of fixed size holds (see
+/// [`Backend::static_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepCapacity {
+    pub tokens: usize,
+    pub seqs: usize,
+    /// Block-table entries per sequence.
+    pub max_blocks: usize,
+    pub rows: usize,
+    /// Logit adjustments over all rows.
+    pub adjustments: usize,
 }
 
 /// The ops of a Qwen2 forward on one device.
@@ -189,9 +223,11 @@ pub trait Backend {
     type Tensor;
     type Weight: Send + Sync;
     type KvCache;
-    /// One forward's token positions and paged-cache metadata, prepared
-    /// once (a GPU uploads them) for every layer's attention ops.
-    type Step<'a>;
+    /// One forward's [`StepInputs`], prepared once (a GPU uploads them) for
+    /// every op that reads them, and where the sampled tokens land.
+    type Step<'a>: Send;
+    /// Ops recorded once and replayed as one launch (a CUDA graph).
+    type Graph: Send;
 
     fn name(&self) -> &'static str;
 
@@ -203,8 +239,8 @@ pub trait Backend {
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
 
-    /// `table [vocab, hidden]`, `ids [n]` → `[n, hidden]`.
-    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `table [vocab, hidden]` at the step's token ids → `[n, hidden]`.
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step<'_>) -> Result<Self::Tensor>;
 
     /// `x [n, in]`, `w [out, in]`, `bias [out]` → `x · wᵀ + bias`, `[n, out]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
@@ -218,9 +254,8 @@ pub trait Backend {
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
 
-    /// The step of a batch whose `n` new tokens sit at `positions` (`[n]`)
-    /// and in the cache as `meta` says.
-    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<Self::Step<'a>>;
+    /// The step of a batch's inputs.
+    fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<Self::Step<'a>>;
 
     /// Rotates the q and k heads of a fused `qkv [n, (heads + 2·kv_heads) · head_dim]`
     /// in place (neox layout) by each token's position. `cos_sin [max_pos,
@@ -243,13 +278,32 @@ pub trait Backend {
     /// `gate_up [n, 2·i]` → `silu(gate) · up`, `[n, i]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
 
-    /// The listed rows of `x`, in order.
-    fn select_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
+    /// The step's logit rows of `x`, in order.
+    fn select_rows(&self, x: &Self::Tensor, step: &Self::Step<'_>) -> Result<Self::Tensor>;
 
-    /// Picks one token per row of `logits [rows, vocab]` as `rows` say
-    /// (the rules of [`crate::sampling::choose`]), leaving the adjusted
-    /// scores in `logits`. Only the ids reach the host.
-    fn sample(&self, logits: &mut Self::Tensor, rows: &[RowSampling]) -> Result<Vec<u32>>;
+    /// Picks one token per row of `logits [rows, vocab]` as the step's
+    /// sampling rows say (the rules of [`crate::sampling::choose`]), into
+    /// the step, leaving the adjusted scores in `logits`.
+    fn sample(&self, logits: &mut Self::Tensor, step: &mut Self::Step<'_>) -> Result<()>;
+
+    /// The tokens [`Backend::sample`] picked (only the ids reach the host).
+    fn sampled_ids(&self, step: &Self::Step<'_>) -> Result<Vec<u32>>;
+
+    /// A step buffer of fixed size and place, for a graph to read from:
+    /// [`Backend::update_step`] refills it. `None` where the backend
+    /// records no graphs.
+    fn static_step(&self, capacity: StepCapacity) -> Result<Option<Self::Step<'static>>>;
+
+    /// Refills a [`Backend::static_step`] with `inputs`, which have exactly
+    /// its tokens, sequences and rows, and at most its blocks and adjustments.
+    fn update_step(&self, step: &mut Self::Step<'static>, inputs: StepInputs<'_>) -> Result<()>;
+
+    /// Records the ops `record` queues, running none of them; they may read
+    /// only buffers that outlive the graph (a static step, weights, caches).
+    fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+
+    /// Runs a recorded graph on what its buffers hold now.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
     /// Copies a tensor to host memory as row-major f32, into `out` (replacing
     /// its contents; a buffer reused across steps is never reallocated).

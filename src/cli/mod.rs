@@ -95,6 +95,10 @@ pub struct ParallelArgs {
     /// Seconds node 0 waits for the others to connect, and they for it.
     #[arg(long, default_value_t = 600, env = "SHARDLINE_RENDEZVOUS_TIMEOUT")]
     rendezvous_timeout: u64,
+    /// Run every step op by op: no CUDA graphs for decode steps (as vLLM's
+    /// flag of the name).
+    #[arg(long, env = "SHARDLINE_ENFORCE_EAGER")]
+    enforce_eager: bool,
     /// Fault injection for tests: worker RANK panics in step STEP.
     #[arg(long, hide = true, value_name = "RANK:STEP", value_parser = parse_rank_step)]
     inject_worker_panic: Option<(usize, u64)>,
@@ -166,8 +170,14 @@ fn start_executor(
     }
     if layout.world_size() == 1 && parallel.inject_worker_panic.is_none() {
         let executor: Box<dyn Executor> = match device {
-            Device::Cuda => Box::new(local_executor(CudaBackend::new(0)?, options, config, num_kv_blocks)?),
-            _ => Box::new(local_executor(CpuBackend, options, config, num_kv_blocks)?),
+            Device::Cuda => Box::new(local_executor(
+                CudaBackend::new(0)?,
+                options,
+                config,
+                num_kv_blocks,
+                !parallel.enforce_eager,
+            )?),
+            _ => Box::new(local_executor(CpuBackend, options, config, num_kv_blocks, false)?),
         };
         return Ok((executor, None));
     }
@@ -252,15 +262,22 @@ fn follow(options: &ModelOptions, parallel: &ParallelArgs) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The whole model on one device, driven from the caller's thread.
-fn local_executor<B>(backend: B, options: &ModelOptions, config: &ModelConfig, num_kv_blocks: usize) -> anyhow::Result<LocalExecutor<B>>
+/// The whole model on one device, driven from the caller's thread, with
+/// decode graphs where `graphs`.
+fn local_executor<B>(
+    backend: B,
+    options: &ModelOptions,
+    config: &ModelConfig,
+    num_kv_blocks: usize,
+    graphs: bool,
+) -> anyhow::Result<LocalExecutor<B>>
 where
     B: Backend + Send,
     B::Weight: Send,
     B::KvCache: Send,
 {
     let model = model_dir::open_shard(backend, options, Shard::whole(config)).context("loading the model")?;
-    Ok(LocalExecutor::new(model, num_kv_blocks, BLOCK_SIZE)?)
+    Ok(LocalExecutor::with_graphs(model, num_kv_blocks, BLOCK_SIZE, graphs)?)
 }
 
 fn parse_rank_step(text: &str) -> Result<(usize, u64), String> {

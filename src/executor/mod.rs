@@ -13,7 +13,7 @@ pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOption
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
-use crate::model::{ForwardBatch, Qwen2ForCausalLM, StepOutput};
+use crate::model::{DecodeGraphs, ForwardBatch, Qwen2ForCausalLM, StepOutput};
 
 pub trait Executor: Send {
     fn config(&self) -> &ModelConfig;
@@ -42,10 +42,12 @@ pub trait Executor: Send {
     }
 }
 
-/// The whole model on one device, with its KV cache.
+/// The whole model on one device, with its KV cache; decode steps replay
+/// recorded graphs where the backend records them.
 pub struct LocalExecutor<B: Backend> {
     model: Qwen2ForCausalLM<B>,
     kv_caches: Vec<B::KvCache>,
+    graphs: Option<DecodeGraphs<B>>,
     /// The submitted step's output, until collected.
     done: Option<StepOutput>,
     /// Buffers kept between steps so large logits are not reallocated.
@@ -53,14 +55,31 @@ pub struct LocalExecutor<B: Backend> {
 }
 
 impl<B: Backend> LocalExecutor<B> {
+    /// `num_blocks` KV blocks of `block_size` tokens for the engine, and
+    /// decode graphs.
     pub fn new(model: Qwen2ForCausalLM<B>, num_blocks: usize, block_size: usize) -> Result<Self, BackendError> {
-        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks, block_size))?;
+        Self::with_graphs(model, num_blocks, block_size, true)
+    }
+
+    /// As [`LocalExecutor::new`]; without `graphs` every step runs op by op
+    /// (`--enforce-eager`). With them the cache holds one block more, past
+    /// the engine's, where the rows that pad a batch to its graph write.
+    pub fn with_graphs(model: Qwen2ForCausalLM<B>, num_blocks: usize, block_size: usize, graphs: bool) -> Result<Self, BackendError> {
+        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks + graphs as usize, block_size))?;
+        let context = model.config().max_position_embeddings.min(num_blocks * block_size);
+        let graphs = graphs.then(|| DecodeGraphs::new(num_blocks as u32, context.div_ceil(block_size)));
         Ok(LocalExecutor {
             model,
             kv_caches,
+            graphs,
             done: None,
             spare: StepOutput::default(),
         })
+    }
+
+    /// The batch sizes whose decode graphs have been recorded.
+    pub fn graph_buckets(&self) -> Vec<usize> {
+        self.graphs.as_ref().map_or_else(Vec::new, DecodeGraphs::buckets)
     }
 }
 
@@ -81,7 +100,13 @@ where
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         assert!(self.done.is_none(), "a local executor runs one step at a time");
         let mut out = std::mem::take(&mut self.spare);
-        self.model.forward(&batch, &mut self.kv_caches, &mut out)?;
+        let graphed = match &mut self.graphs {
+            Some(graphs) => self.model.forward_graphed(graphs, &batch, &mut self.kv_caches, &mut out)?,
+            None => false,
+        };
+        if !graphed {
+            self.model.forward(&batch, &mut self.kv_caches, &mut out)?;
+        }
         self.done = Some(out);
         Ok(())
     }

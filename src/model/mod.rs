@@ -2,12 +2,14 @@
 //! norm and LM head (tied to the embedding or not), driven one batch of new
 //! tokens at a time through a paged KV cache.
 
+mod graphs;
 mod qwen2;
 mod shard;
 
+pub use graphs::{DecodeGraphs, BUCKETS};
 pub use shard::Shard;
 
-use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta};
+use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
@@ -88,6 +90,22 @@ impl ForwardBatch {
 
     fn returns_logits(&self) -> bool {
         matches!(self.sampling, Sampling::Caller | Sampling::Model { logits: true, .. })
+    }
+
+    /// The step's inputs with `token_ids` (this rank's rows of the
+    /// embedding), and the sampling rows when the backend samples them.
+    pub fn inputs<'a>(&'a self, token_ids: &'a [u32], backend_samples: bool) -> StepInputs<'a> {
+        let sampling = match &self.sampling {
+            Sampling::Model { rows, .. } if backend_samples => rows.as_slice(),
+            _ => &[],
+        };
+        StepInputs {
+            token_ids,
+            positions: &self.positions,
+            attn: &self.attn,
+            logit_rows: &self.logit_rows,
+            sampling,
+        }
     }
 }
 
@@ -230,23 +248,50 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         comms: Option<&Collectives<'_, B::Tensor>>,
         out: &mut StepOutput,
     ) -> Result<(), BackendError> {
+        let ids = self.local_ids(&batch.token_ids);
+        let mut step = self.backend.prepare_step(batch.inputs(&ids, self.samples_on_device()))?;
+        out.logits.clear();
+        out.token_ids.clear();
+        let tp = comms.map(|c| c.tp).filter(|tp| tp.size() > 1);
+        match self.run_layers(&step, batch.token_ids.len(), kv_caches, comms)? {
+            Some(local) => self.output(batch, local, &mut step, tp, out),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this rank's backend picks the tokens (the last stage of an
+    /// unsplit vocabulary; split, the first TP rank picks them on the host).
+    fn samples_on_device(&self) -> bool {
+        self.shard.last_stage && self.shard.tp == 1
+    }
+
+    /// The device's part of a forward, from its prepared `step` of `tokens`
+    /// tokens: the layers, then on the last stage the final norm and the LM
+    /// head of the step's logit rows, giving this rank's logits. An earlier
+    /// stage sends its hidden states on and gives `None`.
+    fn run_layers(
+        &self,
+        step: &B::Step<'_>,
+        tokens: usize,
+        kv_caches: &mut [B::KvCache],
+        comms: Option<&Collectives<'_, B::Tensor>>,
+    ) -> Result<Option<B::Tensor>, BackendError> {
         let b = &self.backend;
-        let step = b.prepare_step(&batch.positions, &batch.attn)?;
         let ctx = ForwardCtx {
             backend: b,
-            step: &step,
+            step,
             rope_cos_sin: &self.rope_cos_sin,
             rms_norm_eps: self.config.rms_norm_eps as f32,
             tp: comms.map(|c| c.tp).filter(|tp| tp.size() > 1),
         };
         let mut hidden = match (&self.embed_tokens, comms) {
             (Some(table), _) => {
-                let mut hidden = b.embedding(table, &self.local_ids(&batch.token_ids))?;
+                let mut hidden = b.embedding(table, step)?;
                 ctx.all_reduce(&mut hidden)?;
                 hidden
             }
             (None, Some(c)) => {
-                let mut hidden = b.zeros(batch.token_ids.len(), self.config.hidden_size)?;
+                let mut hidden = b.zeros(tokens, self.config.hidden_size)?;
                 c.pp.recv(&mut hidden, c.pp.rank() - 1)?;
                 hidden
             }
@@ -259,16 +304,14 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         if let Some(mlp) = pending {
             b.add_assign(&mut hidden, &mlp)?;
         }
-        out.logits.clear();
-        out.token_ids.clear();
         let (Some(norm), Some(head)) = (&self.norm, self.head()) else {
             let c = comms.expect("a split model has communicators");
-            return c.pp.send(&hidden, c.pp.rank() + 1);
+            c.pp.send(&hidden, c.pp.rank() + 1)?;
+            return Ok(None);
         };
-        let last = b.select_rows(&hidden, &batch.logit_rows)?;
+        let last = b.select_rows(&hidden, step)?;
         let normed = b.rms_norm(&last, norm, ctx.rms_norm_eps)?;
-        let local = b.linear(&normed, head, None)?;
-        self.output(batch, local, ctx.tp, out)
+        Ok(Some(b.linear(&normed, head, None)?))
     }
 
     /// Puts what the batch asks for from the last stage's `local` logits
@@ -277,6 +320,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         &self,
         batch: &ForwardBatch,
         mut local: B::Tensor,
+        step: &mut B::Step<'_>,
         tp: Option<&dyn Communicator<B::Tensor>>,
         out: &mut StepOutput,
     ) -> Result<(), BackendError> {
@@ -285,8 +329,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             if batch.returns_logits() {
                 b.to_host(&local, &mut out.logits)?;
             }
-            if let Sampling::Model { rows, .. } = &batch.sampling {
-                out.token_ids = b.sample(&mut local, rows)?;
+            if let Sampling::Model { .. } = &batch.sampling {
+                b.sample(&mut local, step)?;
+                out.token_ids = b.sampled_ids(step)?;
             }
             return Ok(());
         };

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod chat;
+pub mod engine;
 pub mod http;
 pub mod sampled;
 pub mod split;

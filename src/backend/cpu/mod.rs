@@ -11,11 +11,12 @@ mod buffer;
 mod matmul;
 mod simd;
 
-use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
-use crate::sampling::{choose_rows, RowSampling};
+use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
+use crate::sampling::choose_rows;
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::convert::Infallible;
 
 /// A row-major `[rows, cols]` f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,10 +66,15 @@ pub struct CpuKvCache {
     v: Vec<f32>,
 }
 
-/// A step's inputs, read where they are.
+/// A step's inputs, read where they are, and the tokens sampled from it.
 pub struct CpuStep<'a> {
-    positions: &'a [u32],
-    meta: &'a PagedAttentionMeta,
+    inputs: StepInputs<'a>,
+    sampled: Vec<u32>,
+}
+
+/// The CPU runs each op as it comes: there is nothing to record.
+fn no_graphs() -> BackendError {
+    BackendError::Device("the CPU backend records no graphs".into())
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -79,6 +85,7 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
     type Step<'a> = CpuStep<'a>;
+    type Graph = Infallible;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -111,8 +118,8 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
-        let cols = table.cols;
+    fn embedding(&self, table: &CpuWeight, step: &CpuStep<'_>) -> Result<CpuTensor> {
+        let (cols, ids) = (table.cols, step.inputs.token_ids);
         let mut out = vec![0.0f32; ids.len() * cols];
         for (dst, &id) in out.chunks_mut(cols).zip(ids) {
             let span = id as usize * cols..(id as usize + 1) * cols;
@@ -147,36 +154,42 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<CpuStep<'a>> {
-        Ok(CpuStep { positions, meta })
+    fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<CpuStep<'a>> {
+        Ok(CpuStep {
+            inputs,
+            sampled: Vec::new(),
+        })
     }
 
     fn rope(&self, qkv: &mut CpuTensor, step: &CpuStep<'_>, cos_sin: &CpuWeight, spec: &AttentionSpec) -> Result<()> {
         let (hd, half) = (spec.head_dim, spec.head_dim / 2);
         let table = cos_sin.vector();
         let rotated_heads = spec.num_heads + spec.num_kv_heads;
-        qkv.data.par_chunks_mut(qkv.cols).zip(step.positions).for_each(|(row, &pos)| {
-            let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
-            let (cos, sin) = cs.split_at(half);
-            for head in row[..rotated_heads * hd].chunks_mut(hd) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - b * sin[i];
-                    x2[i] = b * cos[i] + a * sin[i];
+        qkv.data
+            .par_chunks_mut(qkv.cols)
+            .zip(step.inputs.positions)
+            .for_each(|(row, &pos)| {
+                let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
+                let (cos, sin) = cs.split_at(half);
+                for head in row[..rotated_heads * hd].chunks_mut(hd) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        x1[i] = a * cos[i] - b * sin[i];
+                        x2[i] = b * cos[i] + a * sin[i];
+                    }
                 }
-            }
-        });
+            });
         Ok(())
     }
 
     fn write_kv(&self, qkv: &CpuTensor, cache: &mut CpuKvCache, step: &CpuStep<'_>, spec: &AttentionSpec) -> Result<()> {
-        attention::write_kv(qkv, cache, step.meta, spec);
+        attention::write_kv(qkv, cache, step.inputs.attn, spec);
         Ok(())
     }
 
     fn paged_attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, step: &CpuStep<'_>, spec: &AttentionSpec) -> Result<CpuTensor> {
-        Ok(attention::paged_attention(qkv, cache, step.meta, spec))
+        Ok(attention::paged_attention(qkv, cache, step.inputs.attn, spec))
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
@@ -193,13 +206,36 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(out, gate_up.rows, inter))
     }
 
-    fn select_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor> {
+    fn select_rows(&self, x: &CpuTensor, step: &CpuStep<'_>) -> Result<CpuTensor> {
+        let rows = step.inputs.logit_rows;
         let data = rows.iter().flat_map(|&r| x.row(r as usize).iter().copied()).collect();
         Ok(CpuTensor::new(data, rows.len(), x.cols))
     }
 
-    fn sample(&self, logits: &mut CpuTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        choose_rows(&mut logits.data, logits.cols, rows).map_err(|e| BackendError::Device(format!("sample: {e}")))
+    fn sample(&self, logits: &mut CpuTensor, step: &mut CpuStep<'_>) -> Result<()> {
+        step.sampled =
+            choose_rows(&mut logits.data, logits.cols, step.inputs.sampling).map_err(|e| BackendError::Device(format!("sample: {e}")))?;
+        Ok(())
+    }
+
+    fn sampled_ids(&self, step: &CpuStep<'_>) -> Result<Vec<u32>> {
+        Ok(step.sampled.clone())
+    }
+
+    fn static_step(&self, _capacity: StepCapacity) -> Result<Option<CpuStep<'static>>> {
+        Ok(None)
+    }
+
+    fn update_step(&self, _step: &mut CpuStep<'static>, _inputs: StepInputs<'_>) -> Result<()> {
+        Err(no_graphs())
+    }
+
+    fn capture(&self, _record: &mut dyn FnMut() -> Result<()>) -> Result<Infallible> {
+        Err(no_graphs())
+    }
+
+    fn replay(&self, graph: &Infallible) -> Result<()> {
+        match *graph {}
     }
 
     fn to_host(&self, x: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {

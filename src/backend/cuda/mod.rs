@@ -11,10 +11,15 @@
 //! larger ones through cuBLAS with the activations rounded to bf16.
 
 mod gemm;
+mod graph;
 pub mod kernels;
 pub mod nccl;
 mod ops;
 mod sampling;
+mod step;
+
+pub use graph::CudaGraph;
+pub use step::CudaStep;
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
 use cudarc::driver::{
@@ -50,7 +55,15 @@ pub fn activity() -> Activity {
 }
 
 fn count_launch() {
-    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    if !CAPTURING.get() {
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// Whether this thread's stream is capturing a graph: what it queues
+    /// then is recorded, not launched, and is counted when replayed.
+    static CAPTURING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Runs `copy`, a copy to the host that waits for the stream, counting the
@@ -134,16 +147,6 @@ impl CudaWeight {
 pub struct CudaKvCache {
     k: CudaSlice<bf16>,
     v: CudaSlice<bf16>,
-}
-
-/// A step's token metadata on the device, in one buffer: positions
-/// `[n]`, slots `[n]`, each token's sequence `[n]` and position in it
-/// `[n]`, then the block tables `[seqs, max_blocks]` (padded with 0).
-pub struct CudaStep {
-    buf: CudaSlice<u32>,
-    tokens: usize,
-    max_blocks: usize,
-    block_size: usize,
 }
 
 /// One device, one stream: every op of a rank is queued in order on its

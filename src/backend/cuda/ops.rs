@@ -3,10 +3,10 @@
 
 use super::gemm::Operands;
 use super::{
-    alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight, WeightData,
+    alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight,
+    WeightData,
 };
-use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, PagedAttentionMeta, Result};
-use crate::sampling::RowSampling;
+use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -49,6 +49,7 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
     type Step<'a> = CudaStep;
+    type Graph = CudaGraph;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -77,12 +78,12 @@ impl Backend for CudaBackend {
         Ok(CudaKvCache { k: zeros()?, v: zeros()? })
     }
 
-    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
-        check(ids.iter().all(|&id| (id as usize) < table.rows), || {
+    fn embedding(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
+        check((step.max_token() as usize) < table.rows, || {
             format!("embedding: a token id is outside the table's {} rows", table.rows)
         })?;
-        let mut out = self.tensor(ids.len(), table.cols, "embeddings")?;
-        let ids = self.upload(ids, "token ids")?;
+        let mut out = self.tensor(step.tokens(), table.cols, "embeddings")?;
+        let ids = step.token_ids();
         let hidden = int(table.cols);
         let config = grid(out.rows, ROW_THREADS, 0);
         let name = table.data.kernel("embedding_bf16", "embedding_f32");
@@ -177,46 +178,16 @@ impl Backend for CudaBackend {
         self.launch("add_f32", args, elementwise(n))
     }
 
-    fn prepare_step<'a>(&self, positions: &'a [u32], meta: &'a PagedAttentionMeta) -> Result<CudaStep> {
-        let tokens = meta.num_tokens();
-        check(positions.len() == tokens && meta.query_lens.iter().sum::<usize>() == tokens, || {
-            format!(
-                "a step of {tokens} slots has {} positions and query lengths summing to {}",
-                positions.len(),
-                meta.query_lens.iter().sum::<usize>()
-            )
-        })?;
-        let max_blocks = meta.block_tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut host = Vec::with_capacity(4 * tokens + meta.block_tables.len() * max_blocks);
-        host.extend_from_slice(positions);
-        host.extend_from_slice(&meta.slot_mapping);
-        for (s, (&q, &ctx)) in meta.query_lens.iter().zip(&meta.context_lens).enumerate() {
-            check(q <= ctx && ctx <= meta.block_tables[s].len() * meta.block_size, || {
-                format!("sequence {s}: {q} new of {ctx} tokens over {} blocks", meta.block_tables[s].len())
-            })?;
-            host.extend(std::iter::repeat_n(s as u32, q));
-        }
-        for (&q, &ctx) in meta.query_lens.iter().zip(&meta.context_lens) {
-            host.extend((ctx - q..ctx).map(|p| p as u32));
-        }
-        for table in &meta.block_tables {
-            host.extend_from_slice(table);
-            host.extend(std::iter::repeat_n(0, max_blocks - table.len()));
-        }
-        Ok(CudaStep {
-            buf: self.upload(&host, "step metadata")?,
-            tokens,
-            max_blocks,
-            block_size: meta.block_size,
-        })
+    fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<CudaStep> {
+        self.prepare(inputs)
     }
 
     fn rope(&self, qkv: &mut CudaTensor, step: &CudaStep, cos_sin: &CudaWeight, spec: &AttentionSpec) -> Result<()> {
         let table = cos_sin.f32("the RoPE table")?;
-        check(qkv.rows == step.tokens && cos_sin.cols == spec.head_dim, || {
+        check(qkv.rows == step.tokens() && cos_sin.cols == spec.head_dim, || {
             "rope: shapes differ from the step".into()
         })?;
-        let positions = step.section(0);
+        let positions = step.positions();
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
         let mut args = self.stream.launch_builder(self.function("rope_neox_f32"));
         args.arg(&mut qkv.data)
@@ -229,8 +200,8 @@ impl Backend for CudaBackend {
     }
 
     fn write_kv(&self, qkv: &CudaTensor, cache: &mut CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<()> {
-        check(qkv.rows == step.tokens, || "write_kv: rows differ from the step".into())?;
-        let slots = step.section(1);
+        check(qkv.rows == step.tokens(), || "write_kv: rows differ from the step".into())?;
+        let slots = step.slots();
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
         let mut args = self.stream.launch_builder(self.function("write_kv_bf16"));
         args.arg(&mut cache.k)
@@ -244,15 +215,17 @@ impl Backend for CudaBackend {
     }
 
     fn paged_attention(&self, qkv: &CudaTensor, cache: &CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<CudaTensor> {
-        check(qkv.rows == step.tokens && spec.head_dim <= 4 * ATTENTION_THREADS as usize, || {
+        check(qkv.rows == step.tokens() && spec.head_dim <= 4 * ATTENTION_THREADS as usize, || {
             format!(
                 "paged_attention: {} rows for {} tokens, head_dim {}",
-                qkv.rows, step.tokens, spec.head_dim
+                qkv.rows,
+                step.tokens(),
+                spec.head_dim
             )
         })?;
         let mut out = self.tensor(qkv.rows, spec.num_heads * spec.head_dim, "attention output")?;
-        let (seqs, poss, tables) = (step.section(2), step.section(3), step.block_tables());
-        let (max_blocks, block_size) = (int(step.max_blocks), int(step.block_size));
+        let (seqs, poss, tables) = (step.token_seq(), step.token_pos(), step.block_tables());
+        let (max_blocks, block_size) = (int(step.max_blocks()), int(step.block_size()));
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
         let scale = spec.scale;
         let mut args = self.stream.launch_builder(self.function("paged_attention_bf16"));
@@ -289,21 +262,41 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn select_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor> {
-        check(rows.iter().all(|&r| (r as usize) < x.rows), || {
-            format!("select_rows: a row is outside {}", x.rows)
+    fn select_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
+        check(x.rows == step.tokens(), || {
+            format!("select_rows: {} rows for a step of {} tokens", x.rows, step.tokens())
         })?;
-        let mut out = self.tensor(rows.len(), x.cols, "selected rows")?;
-        let rows_dev = self.upload(rows, "row ids")?;
-        let (cols, n) = (int(x.cols), rows.len() * x.cols);
+        let mut out = self.tensor(step.rows(), x.cols, "selected rows")?;
+        let rows_dev = step.logit_rows();
+        let (cols, n) = (int(x.cols), step.rows() * x.cols);
         let mut args = self.stream.launch_builder(self.function("gather_rows_f32"));
         args.arg(&mut out.data).arg(&x.data).arg(&rows_dev).arg(&cols).arg(&n);
         self.launch("gather_rows_f32", args, elementwise(n))?;
         Ok(out)
     }
 
-    fn sample(&self, logits: &mut CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        self.sample_rows(logits, rows)
+    fn sample(&self, logits: &mut CudaTensor, step: &mut CudaStep) -> Result<()> {
+        self.sample_rows(logits, step)
+    }
+
+    fn sampled_ids(&self, step: &CudaStep) -> Result<Vec<u32>> {
+        self.read_sampled(step, step.rows())
+    }
+
+    fn static_step(&self, capacity: StepCapacity) -> Result<Option<CudaStep>> {
+        self.static_step_of(capacity).map(Some)
+    }
+
+    fn update_step(&self, step: &mut CudaStep, inputs: StepInputs<'_>) -> Result<()> {
+        self.refill(step, inputs)
+    }
+
+    fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+        self.capture_graph(record)
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        self.replay_graph(graph)
     }
 
     fn to_host(&self, x: &CudaTensor, out: &mut Vec<f32>) -> Result<()> {
@@ -338,16 +331,5 @@ impl CudaBackend {
         args.arg(&inner).arg(&outs).arg(&tokens);
         // Eight warps a block, one output feature a warp.
         self.launch(name, args, grid(w.rows.div_ceil(8), 256, 0))
-    }
-}
-
-impl CudaStep {
-    /// The `i`-th `[tokens]` section: 0 positions, 1 slots, 2 sequences, 3 positions in them.
-    fn section(&self, i: usize) -> cudarc::driver::CudaView<'_, u32> {
-        self.buf.slice(i * self.tokens..(i + 1) * self.tokens)
-    }
-
-    fn block_tables(&self) -> cudarc::driver::CudaView<'_, u32> {
-        self.buf.slice(4 * self.tokens..)
     }
 }

@@ -1,9 +1,9 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
-//! adjustments packed into one upload, one block per row, and only the
-//! token ids copied back.
+//! adjustments packed into the step's inputs, one block per row, and only
+//! the token ids copied back.
 
 use super::ops::check;
-use super::{grid, wait_for, CudaBackend, CudaTensor};
+use super::{grid, wait_for, CudaBackend, CudaStep, CudaTensor};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
 use cudarc::driver::PushKernelArg;
@@ -11,14 +11,17 @@ use cudarc::driver::PushKernelArg;
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
 /// Words of a `RowParams` and of an `Adjustment` in the kernel.
-const PARAM_WORDS: usize = 8;
-const ADJUSTMENT_WORDS: usize = 3;
+pub const PARAM_WORDS: usize = 8;
+pub const ADJUSTMENT_WORDS: usize = 3;
 
-/// The rows' parameters `[rows, PARAM_WORDS]`, then all their adjustments
-/// `[total, ADJUSTMENT_WORDS]`, each row naming its range of them.
-fn pack(rows: &[RowSampling]) -> Vec<u32> {
-    let total: usize = rows.iter().map(|r| r.adjustments.len()).sum();
-    let mut words = Vec::with_capacity(rows.len() * PARAM_WORDS + total * ADJUSTMENT_WORDS);
+/// Appends the parameters of `rows` (`[capacity, PARAM_WORDS]`, zeros where
+/// there are no rows), then all their adjustments `[total,
+/// ADJUSTMENT_WORDS]`, each row naming its range of them.
+pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
+    if rows.is_empty() {
+        words.resize(words.len() + capacity * PARAM_WORDS, 0);
+        return;
+    }
     let mut begin = 0;
     for r in rows {
         let end = begin + r.adjustments.len() as u32;
@@ -37,28 +40,34 @@ fn pack(rows: &[RowSampling]) -> Vec<u32> {
     for a in rows.iter().flat_map(|r| &r.adjustments) {
         words.extend([a.token, a.shift.to_bits(), a.repeated as u32]);
     }
-    words
 }
 
 impl CudaBackend {
-    pub(super) fn sample_rows(&self, logits: &mut CudaTensor, rows: &[RowSampling]) -> Result<Vec<u32>> {
-        check(rows.len() == logits.rows, || {
-            format!("sample: {} rows of sampling for {} rows of logits", rows.len(), logits.rows)
+    /// One block per row picks its token into the step's sampled ids.
+    pub(super) fn sample_rows(&self, logits: &mut CudaTensor, step: &mut CudaStep) -> Result<()> {
+        check(step.samples() && step.rows() == logits.rows, || {
+            format!(
+                "sample: a step of {} rows ({}) for {} rows of logits",
+                step.rows(),
+                if step.samples() { "with sampling" } else { "without sampling" },
+                logits.rows
+            )
         })?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let words = self.upload(&pack(rows), "sampling parameters")?;
-        let params = words.slice(..rows.len() * PARAM_WORDS);
-        let adjustments = words.slice(rows.len() * PARAM_WORDS..);
-        let mut out = self.alloc_for_kernel::<u32>(rows.len(), "sampled ids")?;
-        let vocab = logits.cols as i32;
+        let (rows, vocab) = (step.rows(), logits.cols as i32);
+        let (params, adjustments, out) = step.sampling_args();
         let mut args = self.stream.launch_builder(self.function("sample_f32"));
-        args.arg(&mut out).arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
-        self.launch("sample_f32", args, grid(rows.len(), SAMPLE_THREADS, 0))?;
-        let mut ids = vec![0; rows.len()];
+        args.arg(out).arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
+        self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
+    }
+
+    /// The first `n` of a step's sampled ids, on the host.
+    pub(super) fn read_sampled(&self, step: &CudaStep, n: usize) -> Result<Vec<u32>> {
+        let mut ids = vec![0; n];
+        if n == 0 {
+            return Ok(ids);
+        }
         wait_for("copying the sampled ids", || {
-            self.stream.memcpy_dtoh(&out.slice(..rows.len()), ids.as_mut_slice())?;
+            self.stream.memcpy_dtoh(&step.sampled().slice(..n), ids.as_mut_slice())?;
             self.stream.synchronize()
         })?;
         Ok(ids)
@@ -90,7 +99,9 @@ mod tests {
                 ..RowSampling::greedy()
             },
         ];
-        let words = pack(&rows);
+        let mut words = vec![7];
+        pack_rows(&rows, rows.len(), &mut words);
+        let words = &words[1..];
         assert_eq!(words.len(), 2 * PARAM_WORDS + 3 * ADJUSTMENT_WORDS);
         assert_eq!(words[6..8], [0, 2]);
         assert_eq!(

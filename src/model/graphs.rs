@@ -1,0 +1,198 @@
+//! Decode steps as recorded graphs. A batch-1 decode of a small model is
+//! bound by the host queueing ~250 kernels, not by the GPU running them;
+//! replaying the step as one recorded graph removes that. A graph replays
+//! fixed shapes at fixed addresses, so each batch size is padded up to a
+//! bucket, and each bucket has its own graph reading a static step buffer
+//! that every step refills in place. Padded rows decode token 0 at
+//! position 0 in a KV-cache block of their own that the engine never hands
+//! out, and pick greedily; their outputs are dropped.
+//!
+//! Only a whole model (no tensor or pipeline split) records, and only pure
+//! decode steps whose tokens the backend picks without returning logits;
+//! anything else, and any backend that records no graphs, runs as usual.
+
+use super::{ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
+use crate::backend::{Backend, BackendError, PagedAttentionMeta, StepCapacity, StepInputs};
+use crate::sampling::RowSampling;
+
+/// Batch sizes with a graph of their own; a batch runs in the smallest
+/// that holds it. Past the last, decode steps run as usual.
+pub const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
+
+/// Logit adjustments (penalized and biased tokens) a row's first capture
+/// makes room for; a step that needs more records its bucket again, larger.
+const ADJUSTMENTS_PER_ROW: usize = 64;
+
+struct Captured<B: Backend> {
+    step: B::Step<'static>,
+    graph: B::Graph,
+    capacity: StepCapacity,
+}
+
+/// The recorded decode graphs of one model, by bucket.
+pub struct DecodeGraphs<B: Backend> {
+    captured: Vec<(usize, Captured<B>)>,
+    padding_block: u32,
+    max_blocks: usize,
+    /// Set when the backend records no graphs, or a capture failed.
+    off: bool,
+}
+
+impl<B: Backend> DecodeGraphs<B> {
+    /// Graphs for a KV cache whose block `padding_block` is never handed
+    /// out, for sequences of at most `max_blocks` blocks.
+    pub fn new(padding_block: u32, max_blocks: usize) -> Self {
+        DecodeGraphs {
+            captured: Vec::new(),
+            padding_block,
+            max_blocks,
+            off: false,
+        }
+    }
+
+    /// Buckets recorded so far.
+    pub fn buckets(&self) -> Vec<usize> {
+        self.captured.iter().map(|(b, _)| *b).collect()
+    }
+
+    fn bucket_for(&self, batch: &ForwardBatch) -> Option<usize> {
+        let n = batch.token_ids.len();
+        let attn = &batch.attn;
+        let decode = n > 0 && attn.query_lens.iter().all(|&q| q == 1) && attn.query_lens.len() == n;
+        let rows_are_tokens = batch.logit_rows.iter().copied().eq(0..n as u32);
+        let sampled_only = matches!(&batch.sampling, Sampling::Model { logits: false, .. });
+        let fits = attn.max_blocks() <= self.max_blocks;
+        (!self.off && decode && rows_are_tokens && sampled_only && fits)
+            .then(|| BUCKETS.iter().copied().find(|&b| b >= n))
+            .flatten()
+    }
+}
+
+/// A decode batch padded to `bucket` rows: the inputs a graph of that
+/// bucket replays.
+struct Padded {
+    token_ids: Vec<u32>,
+    positions: Vec<u32>,
+    attn: PagedAttentionMeta,
+    logit_rows: Vec<u32>,
+    sampling: Vec<RowSampling>,
+}
+
+impl Padded {
+    fn new(batch: &ForwardBatch, bucket: usize, padding_block: u32) -> Padded {
+        let pad = bucket - batch.token_ids.len();
+        let mut attn = batch.attn.clone();
+        attn.slot_mapping
+            .extend(std::iter::repeat_n(padding_block * attn.block_size as u32, pad));
+        attn.query_lens.extend(std::iter::repeat_n(1, pad));
+        attn.context_lens.extend(std::iter::repeat_n(1, pad));
+        attn.block_tables.extend(std::iter::repeat_n(vec![padding_block], pad));
+        let rows = match &batch.sampling {
+            Sampling::Model { rows, .. } => rows.clone(),
+            Sampling::Caller => unreachable!("only batches the model samples are padded"),
+        };
+        Padded {
+            token_ids: [batch.token_ids.as_slice(), &vec![0; pad]].concat(),
+            positions: [batch.positions.as_slice(), &vec![0; pad]].concat(),
+            attn,
+            logit_rows: (0..bucket as u32).collect(),
+            sampling: rows.into_iter().chain(std::iter::repeat_n(RowSampling::greedy(), pad)).collect(),
+        }
+    }
+
+    fn inputs(&self) -> StepInputs<'_> {
+        StepInputs {
+            token_ids: &self.token_ids,
+            positions: &self.positions,
+            attn: &self.attn,
+            logit_rows: &self.logit_rows,
+            sampling: &self.sampling,
+        }
+    }
+
+    fn adjustments(&self) -> usize {
+        self.sampling.iter().map(|r| r.adjustments.len()).sum()
+    }
+}
+
+impl<B: Backend> Qwen2ForCausalLM<B> {
+    /// Runs `batch` as a replay of its bucket's graph (recording it first
+    /// if need be) and returns true; false where the batch or the backend
+    /// allows no graph, leaving the step to [`Qwen2ForCausalLM::forward`].
+    pub fn forward_graphed(
+        &self,
+        graphs: &mut DecodeGraphs<B>,
+        batch: &ForwardBatch,
+        kv_caches: &mut [B::KvCache],
+        out: &mut StepOutput,
+    ) -> Result<bool, BackendError> {
+        let whole = self.shard.first_stage && self.shard.last_stage && self.shard.tp == 1;
+        let Some(bucket) = graphs.bucket_for(batch).filter(|_| whole) else {
+            return Ok(false);
+        };
+        let padded = Padded::new(batch, bucket, graphs.padding_block);
+        let at = graphs.captured.iter().position(|(b, _)| *b == bucket);
+        let roomy = at.is_some_and(|i| graphs.captured[i].1.capacity.adjustments >= padded.adjustments());
+        let at = match (at, roomy) {
+            (Some(i), true) => i,
+            (found, _) => {
+                if let Some(i) = found {
+                    graphs.captured.swap_remove(i);
+                }
+                let Some(captured) = self.record(bucket, graphs.max_blocks, &padded, kv_caches)? else {
+                    graphs.off = true;
+                    return Ok(false);
+                };
+                graphs.captured.push((bucket, captured));
+                graphs.captured.len() - 1
+            }
+        };
+        let Captured { step, graph, .. } = &mut graphs.captured[at].1;
+        let b = &self.backend;
+        b.update_step(step, padded.inputs())?;
+        b.replay(graph)?;
+        out.logits.clear();
+        out.token_ids = b.sampled_ids(step)?;
+        out.token_ids.truncate(batch.token_ids.len());
+        Ok(true)
+    }
+
+    /// Records the decode graph of `bucket` rows, with a static step filled
+    /// with `padded` (so capture-time checks see real inputs). `None` where
+    /// the backend records no graphs, or could not record this one (said
+    /// once on stderr: the steps then run as usual).
+    fn record(
+        &self,
+        bucket: usize,
+        max_blocks: usize,
+        padded: &Padded,
+        kv_caches: &mut [B::KvCache],
+    ) -> Result<Option<Captured<B>>, BackendError> {
+        let b = &self.backend;
+        let adjustments = (bucket * ADJUSTMENTS_PER_ROW).max(padded.adjustments().next_power_of_two());
+        let capacity = StepCapacity {
+            tokens: bucket,
+            seqs: bucket,
+            max_blocks,
+            rows: bucket,
+            adjustments,
+        };
+        let Some(mut step) = b.static_step(capacity)? else {
+            return Ok(None);
+        };
+        b.update_step(&mut step, padded.inputs())?;
+        let recorded = b.capture(&mut || {
+            let mut logits = self
+                .run_layers(&step, bucket, kv_caches, None)?
+                .expect("a whole model's forward ends in logits");
+            b.sample(&mut logits, &mut step)
+        });
+        match recorded {
+            Ok(graph) => Ok(Some(Captured { step, graph, capacity })),
+            Err(e) => {
+                eprintln!("shardline: decode steps run without graphs: recording one of {bucket} rows failed: {e}");
+                Ok(None)
+            }
+        }
+    }
+}
