@@ -186,7 +186,12 @@ fn bad_command_lines_fail_with_clear_messages() {
             &["generate", "--model", &chat, "--prompt", "hi", "--device", "cuda"],
             "--device cuda: no CUDA GPU found",
         );
+        assert_fails_with(
+            &["bench", "--model", &chat, "--kernels"],
+            "--kernels times CUDA kernels: no CUDA GPU found",
+        );
     }
+    assert_fails_with(&["bench", "--model", &chat, "--kernels", "--requests", "4"], "cannot be used with");
 }
 
 #[test]

@@ -174,7 +174,8 @@ fn norms_embedding_activation_and_row_ops_match() {
 }
 
 /// One layer's attention over a batch mixing a fresh prefill, a chunk
-/// after a cached prefix, and a decode step, with scattered blocks.
+/// after a cached prefix, and decode steps (one after 300 tokens, whose
+/// keys the kernel splits across blocks), with scattered blocks.
 fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: usize) {
     let spec = AttentionSpec {
         num_heads: heads,
@@ -184,12 +185,13 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     };
     let block_size = 16;
     let shape = KvCacheShape {
-        num_blocks: 12,
+        num_blocks: 32,
         block_size,
         num_kv_heads: kv_heads,
         head_dim,
     };
-    let tables = [vec![7], vec![2, 9], vec![11, 0, 5]];
+    let long: Vec<u32> = (12..31).chain([31]).rev().collect();
+    let tables = [vec![7], vec![2, 9], vec![11, 0, 5], long];
     let meta_for = |spans: &[(usize, usize)]| {
         let mut meta = PagedAttentionMeta {
             block_size,
@@ -209,14 +211,17 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
         (positions, meta)
     };
     let width = (heads + 2 * kv_heads) * head_dim;
-    let table = weight(&[64, head_dim], DType::F32, 9);
+    let table = weight(&[320, head_dim], DType::F32, 9);
     let (c_rope, g_rope) = (CpuBackend.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
     let mut c_cache = CpuBackend.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
-    // First the cached prefixes (17 and 39 tokens), then the mixed batch.
-    for (round, spans) in [vec![(0, 0), (0, 17), (0, 39)], vec![(0, 5), (17, 20), (39, 40)]]
-        .iter()
-        .enumerate()
+    // First the cached prefixes (17, 39 and 300 tokens), then the mixed batch.
+    for (round, spans) in [
+        vec![(0, 0), (0, 17), (0, 39), (0, 300)],
+        vec![(0, 5), (17, 20), (39, 40), (300, 301)],
+    ]
+    .iter()
+    .enumerate()
     {
         let (positions, meta) = meta_for(spans);
         let (mut cq, mut gq) = activations(gpu, positions.len(), width, 10 + round as u64);
@@ -248,6 +253,8 @@ fn paged_attention_matches_for_prefill_chunks_and_decode() {
     attention_case(&gpu, 4, 2, 64);
     attention_case(&gpu, 2, 1, 128);
     attention_case(&gpu, 14, 2, 64);
+    attention_case(&gpu, 28, 4, 128);
+    attention_case(&gpu, 2, 2, 32);
 }
 
 #[test]

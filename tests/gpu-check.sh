@@ -111,6 +111,21 @@ EOF
 )")
 done
 
+# The kernels decode streams memory through, alone, on the 7B shapes.
+"$BIN/shardline" bench --kernels --model configs/models/qwen2.5-7b.json --load-format dummy --context 4096 --json \
+    >"$LOGS/kernels.json" 2>"$LOGS/kernels.log" || tail -n 20 "$LOGS/kernels.log"
+while IFS= read -r line; do ROWS+=("$line"); done < <(python3 - "$LOGS/kernels.json" <<'EOF'
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except Exception:
+    print(f"{'kernels qwen2.5-7b':<34} FAILED (kernels.log)")
+    sys.exit()
+for k in report["kernels"]:
+    print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['gb_per_s']:.0f} GB/s = {100 * k['fraction_of_copy_bandwidth']:.0f}% of copy")
+EOF
+)
+
 # Throughput: 256 requests of 128-1024 prompt and output tokens on the 7B
 # shape, next to transformers' batched generate on the same workload; each
 # side gets at most 150 s so the whole check fits one call.

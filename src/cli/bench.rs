@@ -3,6 +3,7 @@
 //! every weight once per token, so the limit is
 //! `measured memory bandwidth ÷ weight bytes per token`.
 
+use super::kernels;
 use super::throughput::{self, LenRange};
 use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::Context;
@@ -57,6 +58,13 @@ pub struct BenchArgs {
     /// Output lengths for `--requests` (EOS ignored), as `--prompt-lens`.
     #[arg(long, default_value = "128-1024")]
     pub output_lens: LenRange,
+    /// Time the kernels decode streams memory through instead (the GPU's
+    /// mat-vec of each weight matrix, decode attention), at the model's shapes.
+    #[arg(long, conflicts_with_all = ["concurrency", "requests"])]
+    kernels: bool,
+    /// Cached tokens per sequence for `--kernels`' decode attention.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +87,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(requests) = args.requests {
         return throughput::run(&args, &options, &config, requests);
+    }
+    if args.kernels {
+        return kernels::run(&config, &name, args.context, args.json);
     }
     let num_blocks = blocks_for(args.prompt_len + args.decode_tokens);
     let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;

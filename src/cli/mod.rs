@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod kernels;
 mod plan;
 mod serve;
 mod throughput;

@@ -36,7 +36,13 @@ for cu in "$root"/kernels/*.cu; do
         cat "$root/kernels/common.cuh"
         # Dynamic shared memory is the block's buffer in the emulator.
         sed -E 's/extern __shared__ (.+) ([A-Za-z_][A-Za-z0-9_]*)\[\];/\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared());/' "$cu"
-        grep -oE 'extern "C" __global__ void( __launch_bounds__\([0-9]+\))? [A-Za-z_0-9]+' "$cu" | awk '{ print "EMU_REGISTER(" $NF ")" }'
+        # The entry points the CUDA backend loads (src/backend/cuda/kernels.rs).
+        python3 - "$root/src/backend/cuda/kernels.rs" "$name.cu" <<'EOF'
+import re, sys
+for file, names in re.findall(r'kernel!\(\s*"([^"]+)",\s*\[([^\]]*)\]', open(sys.argv[1]).read()):
+    if file == sys.argv[2]:
+        print("".join(f"EMU_REGISTER({n})\n" for n in re.findall(r'"([^"]+)"', names)), end="")
+EOF
     } >"$gen"
     g++ "${flags[@]}" -I"$here/include" -I"$here" -include "$here/emu.h" -c "$gen" -o "$out/gen/kernel_$name.o" &
     objects+=("$out/gen/kernel_$name.o")

@@ -37,6 +37,10 @@ struct alignas(16) int4 {
     int x, y, z, w;
 };
 
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
 namespace emu {
 // What a thread of a block sees. It lies at the top of the thread's fiber
 // stack, and stacks are aligned to their size, so finding it from the stack

@@ -32,7 +32,15 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("rope.cu", ["rope_neox_f32"]),
     kernel!("activation.cu", ["silu_mul_f32"]),
     kernel!("kv_cache.cu", ["write_kv_bf16"]),
-    kernel!("attention.cu", ["paged_attention_bf16"]),
+    kernel!(
+        "attention.cu",
+        [
+            "paged_attention_bf16_d32",
+            "paged_attention_bf16_d64",
+            "paged_attention_bf16_d128",
+            "attention_combine_f32"
+        ]
+    ),
     kernel!("linear.cu", ["matvec_bf16", "matvec_f32"]),
     kernel!("elementwise.cu", ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32"]),
     kernel!("sampling.cu", ["sample_f32"]),

@@ -10,6 +10,7 @@
 //! mat-vec kernel, which reads each weight once against f32 activations;
 //! larger ones through cuBLAS with the activations rounded to bf16.
 
+mod attention;
 mod gemm;
 mod graph;
 pub mod kernels;
@@ -155,6 +156,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: gemm::Blas,
     functions: HashMap<&'static str, CudaFunction>,
+    /// The GPU's streaming multiprocessors (how many blocks fill it).
+    multiprocessors: usize,
     /// Fill each buffer a kernel is to write with NaN first.
     poison: bool,
 }
@@ -201,12 +204,21 @@ impl CudaBackend {
             }
         }
         let blas = gemm::Blas::new(stream.clone())?;
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error("reading the multiprocessor count"))? as usize;
         Ok(CudaBackend {
             stream,
             blas,
             functions,
+            multiprocessors,
             poison: false,
         })
+    }
+
+    /// Waits until the stream has run everything queued on it.
+    pub fn synchronize(&self) -> Result<()> {
+        wait_for("synchronizing the stream", || self.stream.synchronize())
     }
 
     /// From now on, every buffer a kernel is to write starts as NaN (all

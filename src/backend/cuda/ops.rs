@@ -15,9 +15,6 @@ use half::bf16;
 const MATVEC_MAX_TOKENS: usize = 8;
 /// Threads per block of the row kernels (norms, embedding, RoPE, KV writes, attention).
 const ROW_THREADS: u32 = 256;
-/// Threads per (token, head) block of paged attention; with 4 output
-/// dimensions a thread (`DIMS_PER_THREAD`), head_dim may be up to 512.
-const ATTENTION_THREADS: u32 = 128;
 
 pub(super) fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     match ok {
@@ -215,41 +212,7 @@ impl Backend for CudaBackend {
     }
 
     fn paged_attention(&self, qkv: &CudaTensor, cache: &CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<CudaTensor> {
-        check(qkv.rows == step.tokens() && spec.head_dim <= 4 * ATTENTION_THREADS as usize, || {
-            format!(
-                "paged_attention: {} rows for {} tokens, head_dim {}",
-                qkv.rows,
-                step.tokens(),
-                spec.head_dim
-            )
-        })?;
-        let mut out = self.tensor(qkv.rows, spec.num_heads * spec.head_dim, "attention output")?;
-        let (seqs, poss, tables) = (step.token_seq(), step.token_pos(), step.block_tables());
-        let (max_blocks, block_size) = (int(step.max_blocks()), int(step.block_size()));
-        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
-        let scale = spec.scale;
-        let mut args = self.stream.launch_builder(self.function("paged_attention_bf16"));
-        args.arg(&mut out.data)
-            .arg(&qkv.data)
-            .arg(&cache.k)
-            .arg(&cache.v)
-            .arg(&tables)
-            .arg(&seqs)
-            .arg(&poss);
-        args.arg(&max_blocks)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&head_dim)
-            .arg(&block_size)
-            .arg(&scale);
-        let shared = ((spec.head_dim + ATTENTION_THREADS as usize) * 4) as u32;
-        let config = LaunchConfig {
-            grid_dim: (qkv.rows as u32, spec.num_heads as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: shared,
-        };
-        self.launch("paged_attention_bf16", args, config)?;
-        Ok(out)
+        self.attention(qkv, cache, step, spec)
     }
 
     fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {

@@ -8,12 +8,17 @@ use super::{sampling, CudaBackend};
 use crate::backend::{Result, StepCapacity, StepInputs};
 use cudarc::driver::{CudaSlice, CudaView};
 
+/// Consecutive tokens of one sequence that one block of the attention
+/// kernel takes together (`kernels/attention.cu`).
+pub const TILE_TOKENS: usize = 8;
+
 /// The words of a step, section after section (`t` tokens, `s` sequences,
 /// `b` blocks a sequence, `r` logit rows, `a` adjustments):
 /// positions `[t]`, slots `[t]`, each token's sequence `[t]` and position
-/// in it `[t]`, block tables `[s, b]` (padded with 0), token ids `[t]`,
-/// logit rows `[r]`, sampling parameters `[r, PARAM_WORDS]`, adjustments
-/// `[a, ADJUSTMENT_WORDS]`.
+/// in it `[t]`, block tables `[s, b]` (padded with 0), attention tiles
+/// `[t, 3]` (first token, tokens, sequence; the used ones first), token
+/// ids `[t]`, logit rows `[r]`, sampling parameters `[r, PARAM_WORDS]`,
+/// adjustments `[a, ADJUSTMENT_WORDS]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Section {
     Positions,
@@ -21,6 +26,7 @@ enum Section {
     TokenSeq,
     TokenPos,
     BlockTables,
+    Tiles,
     TokenIds,
     LogitRows,
     Params,
@@ -30,7 +36,8 @@ enum Section {
 fn offset(c: &StepCapacity, section: Section) -> usize {
     let t = c.tokens;
     let tables = 4 * t;
-    let ids = tables + c.seqs * c.max_blocks;
+    let tiles = tables + c.seqs * c.max_blocks;
+    let ids = tiles + 3 * t;
     let rows = ids + t;
     let params = rows + c.rows;
     let adjustments = params + c.rows * sampling::PARAM_WORDS;
@@ -40,6 +47,7 @@ fn offset(c: &StepCapacity, section: Section) -> usize {
         Section::TokenSeq => 2 * t,
         Section::TokenPos => 3 * t,
         Section::BlockTables => tables,
+        Section::Tiles => tiles,
         Section::TokenIds => ids,
         Section::LogitRows => rows,
         Section::Params => params,
@@ -69,6 +77,10 @@ pub struct CudaStep {
     sampled: CudaSlice<u32>,
     capacity: StepCapacity,
     block_size: usize,
+    /// Attention tiles in use.
+    tiles: usize,
+    /// The longest context a sequence of the step may have.
+    max_context: usize,
     /// Whether the inputs carry a sampling row per logit row.
     samples: bool,
     /// The largest token id, checked against an embedding table's rows.
@@ -94,6 +106,14 @@ impl CudaStep {
 
     pub fn samples(&self) -> bool {
         self.samples
+    }
+
+    pub fn tiles(&self) -> usize {
+        self.tiles
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
     }
 
     pub fn max_token(&self) -> u32 {
@@ -125,6 +145,10 @@ impl CudaStep {
         self.view(Section::BlockTables, self.capacity.seqs * self.capacity.max_blocks)
     }
 
+    pub fn tile_table(&self) -> CudaView<'_, u32> {
+        self.view(Section::Tiles, 3 * self.tiles)
+    }
+
     pub fn token_ids(&self) -> CudaView<'_, u32> {
         self.view(Section::TokenIds, self.tokens())
     }
@@ -150,8 +174,23 @@ impl CudaStep {
     }
 }
 
-/// `inputs` as the words of a step of `capacity`, checked for consistency.
-fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<Vec<u32>> {
+/// The attention tiles of a batch: each sequence's new tokens, in runs of
+/// at most [`TILE_TOKENS`], as (first token, tokens, sequence).
+fn tiles_of(query_lens: &[usize]) -> Vec<[u32; 3]> {
+    let mut tiles = Vec::new();
+    let mut first = 0;
+    for (s, &q) in query_lens.iter().enumerate() {
+        for start in (0..q).step_by(TILE_TOKENS) {
+            tiles.push([(first + start) as u32, TILE_TOKENS.min(q - start) as u32, s as u32]);
+        }
+        first += q;
+    }
+    tiles
+}
+
+/// `inputs` as the words of a step of `capacity` (checked for
+/// consistency), and its attention tiles.
+fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<(Vec<u32>, usize)> {
     let meta = inputs.attn;
     let tokens = meta.num_tokens();
     let need = capacity_of(inputs);
@@ -195,23 +234,28 @@ fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<Vec<u32>> {
         words.extend_from_slice(table);
         words.extend(std::iter::repeat_n(0, capacity.max_blocks - table.len()));
     }
+    let tiles = tiles_of(&meta.query_lens);
+    words.extend(tiles.iter().flatten());
+    words.extend(std::iter::repeat_n(0, 3 * (capacity.tokens - tiles.len())));
     words.extend_from_slice(inputs.token_ids);
     words.extend_from_slice(inputs.logit_rows);
     sampling::pack_rows(inputs.sampling, capacity.rows, &mut words);
     words.resize(self::words(capacity), 0);
-    Ok(words)
+    Ok((words, tiles.len()))
 }
 
 impl CudaBackend {
     /// A step sized to `inputs`, uploaded.
     pub(super) fn prepare(&self, inputs: StepInputs<'_>) -> Result<CudaStep> {
         let capacity = capacity_of(&inputs);
-        let words = pack(&inputs, &capacity)?;
+        let (words, tiles) = pack(&inputs, &capacity)?;
         Ok(CudaStep {
             buf: self.upload(&words, "step inputs")?,
             sampled: self.alloc_for_kernel(capacity.rows, "sampled ids")?,
             capacity,
             block_size: inputs.attn.block_size,
+            tiles,
+            max_context: inputs.attn.context_lens.iter().copied().max().unwrap_or(0),
             samples: !inputs.sampling.is_empty(),
             max_token: inputs.token_ids.iter().copied().max().unwrap_or(0),
         })
@@ -224,18 +268,28 @@ impl CudaBackend {
             sampled: self.alloc_for_kernel(capacity.rows, "sampled ids")?,
             capacity,
             block_size: 0,
+            tiles: 0,
+            max_context: 0,
             samples: false,
             max_token: 0,
         })
     }
 
-    /// Rewrites a static step's buffer in place with `inputs`.
+    /// Rewrites a static step's buffer in place with `inputs`. A graph
+    /// recorded on the step launched as many attention blocks as it had
+    /// tiles then: every refill after the first must have as many.
     pub(super) fn refill(&self, step: &mut CudaStep, inputs: StepInputs<'_>) -> Result<()> {
-        let words = pack(&inputs, &step.capacity)?;
+        let (words, tiles) = pack(&inputs, &step.capacity)?;
+        check(step.tiles == 0 || step.tiles == tiles, || {
+            format!("a step buffer of {} attention tiles refilled with {tiles}", step.tiles)
+        })?;
         self.stream
             .memcpy_htod(&words, &mut step.buf)
             .map_err(super::driver_error("refilling a step buffer"))?;
         step.block_size = inputs.attn.block_size;
+        step.tiles = tiles;
+        // Graphs replay with the contexts of later steps: plan for the longest.
+        step.max_context = step.capacity.max_blocks * step.block_size;
         step.samples = !inputs.sampling.is_empty();
         step.max_token = inputs.token_ids.iter().copied().max().unwrap_or(0);
         Ok(())

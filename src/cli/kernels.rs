@@ -1,0 +1,154 @@
+//! `shardline bench --kernels`: the two kernels decode streams memory
+//! through, timed alone on the GPU at a model's shapes and put against the
+//! device's copy bandwidth: the batch-1 mat-vec of each weight matrix of a
+//! layer and of the LM head (bytes: the weights), and decode attention over
+//! `--context` cached tokens at batch 1 and 64 (bytes: the keys and values).
+
+use anyhow::Context;
+use serde_json::json;
+use shardline::backend::cuda::{self, CudaBackend};
+use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs};
+use shardline::config::ModelConfig;
+use shardline::generation::BLOCK_SIZE;
+use shardline::rng::Rng;
+use std::time::Instant;
+
+/// Calls of each kernel per timing, after as many untimed.
+const CALLS: usize = 20;
+
+/// One timed kernel: what it streams and how long a call takes.
+struct Timing {
+    what: String,
+    bytes: usize,
+    seconds: f64,
+}
+
+/// Times `CALLS` back-to-back calls of `op` (queued, then waited for once;
+/// what each call returns is dropped as it comes).
+fn time<T>(gpu: &CudaBackend, what: String, bytes: usize, mut op: impl FnMut() -> shardline::backend::Result<T>) -> anyhow::Result<Timing> {
+    for _ in 0..CALLS {
+        op()?;
+    }
+    gpu.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..CALLS {
+        op()?;
+    }
+    gpu.synchronize()?;
+    Ok(Timing {
+        what,
+        bytes,
+        seconds: start.elapsed().as_secs_f64() / CALLS as f64,
+    })
+}
+
+fn random_bf16(shape: Vec<usize>, rng: &mut Rng) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let bytes = (0..n)
+        .flat_map(|_| half::bf16::from_f32(rng.next_f32() - 0.5).to_le_bytes())
+        .collect();
+    HostTensor {
+        dtype: DType::BF16,
+        shape,
+        bytes,
+    }
+}
+
+/// The batch-1 mat-vec of every matrix of one layer and the LM head.
+fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
+    let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+    let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
+    let shapes = [
+        ("qkv_proj", q + 2 * kv, h),
+        ("o_proj", h, q),
+        ("gate_up_proj", 2 * i, h),
+        ("down_proj", h, i),
+        ("lm_head", config.vocab_size, h),
+    ];
+    let mut timings = Vec::new();
+    for (name, outs, ins) in shapes {
+        let w = gpu.load_weight(random_bf16(vec![outs, ins], rng))?;
+        let mut x = gpu.zeros(1, ins)?;
+        x.copy_from_host(&(0..ins).map(|_| rng.next_f32()).collect::<Vec<_>>())?;
+        let what = format!("mat-vec {name} [{outs}, {ins}]");
+        timings.push(time(gpu, what, outs * ins * 2, || gpu.linear(&x, &w, None))?);
+    }
+    Ok(timings)
+}
+
+/// Decode attention of `batch` sequences over `context` cached tokens each.
+fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usize) -> anyhow::Result<Timing> {
+    let (heads, kv_heads, head_dim) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+    let blocks_each = (context + 1).div_ceil(BLOCK_SIZE);
+    let cache = gpu.alloc_kv_cache(KvCacheShape {
+        num_blocks: batch * blocks_each,
+        block_size: BLOCK_SIZE,
+        num_kv_heads: kv_heads,
+        head_dim,
+    })?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| (0..blocks_each as u32).map(|b| (s * blocks_each) as u32 + b).collect())
+        .collect();
+    let meta = PagedAttentionMeta {
+        block_size: BLOCK_SIZE,
+        slot_mapping: tables
+            .iter()
+            .map(|t| t[context / BLOCK_SIZE] * BLOCK_SIZE as u32 + (context % BLOCK_SIZE) as u32)
+            .collect(),
+        query_lens: vec![1; batch],
+        context_lens: vec![context + 1; batch],
+        block_tables: tables,
+    };
+    let (ids, positions) = (vec![0; batch], vec![context as u32; batch]);
+    let step = gpu.prepare_step(StepInputs {
+        token_ids: &ids,
+        positions: &positions,
+        attn: &meta,
+        logit_rows: &[],
+        sampling: &[],
+    })?;
+    let qkv = gpu.zeros(batch, (heads + 2 * kv_heads) * head_dim)?;
+    let spec = AttentionSpec {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let bytes = batch * (context + 1) * kv_heads * head_dim * 2 * 2;
+    let what = format!("decode attention, batch {batch}, {context} tokens");
+    time(gpu, what, bytes, || gpu.paged_attention(&qkv, &cache, &step, &spec))
+}
+
+pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(cuda::gpu_count() > 0, "--kernels times CUDA kernels: no CUDA GPU found");
+    let gpu = CudaBackend::new(0).context("opening GPU 0")?;
+    let bandwidth = cuda::measure_copy_bandwidth(0)?;
+    let mut rng = Rng::seeded(0);
+    let mut timings = matvecs(&gpu, config, &mut rng)?;
+    for batch in [1, 64] {
+        timings.push(attention(&gpu, config, batch, context)?);
+    }
+    let rate = |t: &Timing| t.bytes as f64 / t.seconds;
+    if as_json {
+        let rows: Vec<_> = timings
+            .iter()
+            .map(|t| json!({"kernel": t.what, "bytes": t.bytes, "us": t.seconds * 1e6, "gb_per_s": rate(t) / 1e9, "fraction_of_copy_bandwidth": rate(t) / bandwidth}))
+            .collect();
+        println!(
+            "{}",
+            json!({"model": name, "copy_bandwidth_gb_per_s": bandwidth / 1e9, "kernels": rows})
+        );
+        return Ok(());
+    }
+    println!("{name}: copy bandwidth {:.0} GB/s (read + write)", bandwidth / 1e9);
+    for t in &timings {
+        println!(
+            "{:<48} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth",
+            t.what,
+            t.seconds * 1e6,
+            rate(t) / 1e9,
+            100.0 * rate(t) / bandwidth
+        );
+    }
+    Ok(())
+}
