@@ -22,3 +22,14 @@ extern "C" __global__ void gather_rows_f32(
     float* __restrict__ out, const float* __restrict__ x, const unsigned int* __restrict__ rows, int cols, size_t n) {
     GRID_STRIDE(k, n) out[k] = x[(size_t)rows[k / cols] * cols + k % cols];
 }
+
+// Logits gathered from `ranks` ranks of a split vocabulary, `all [ranks·rows,
+// per + 1]` (each rank's slice with a padding column), laid out as
+// out [rows, vocab]: column c comes from rank c / per, its column c % per.
+extern "C" __global__ void lay_out_vocab_f32(
+    float* __restrict__ out, const float* __restrict__ all, int rows, int per, int vocab, size_t n) {
+    GRID_STRIDE(k, n) {
+        const size_t row = k / vocab, c = k % vocab, rank = c / per;
+        out[k] = all[(rank * rows + row) * (per + 1) + c % per];
+    }
+}

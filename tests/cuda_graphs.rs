@@ -3,16 +3,21 @@
 //! biases whose adjustments outgrow a graph's first step buffer, so it is
 //! recorded again); tiny-chat's 30 greedy answers exact from one batch
 //! through the engine, whose shrinking batch replays graph after graph of
-//! rows padded up to their bucket. Skips, saying so, where no GPU is visible.
+//! rows padded up to their bucket. The same split over two GPUs (TP=2,
+//! NCCL in the graphs). Skips, saying so, where no GPU is visible.
 
 mod common;
 
 use common::engine::{assert_all_cases_exact, spawn};
+use common::sampled;
+use common::split::{shard_loader, worker_options};
 use shardline::backend::cuda::{self, CudaBackend};
-use shardline::executor::{Executor, LocalExecutor};
+use shardline::config::ModelConfig;
+use shardline::executor::{nccl_ids, nccl_transport, Executor, LocalExecutor, WorkerOptions, Workers};
 use shardline::generation::{blocks_for, GenerateRequest, Generator, BLOCK_SIZE};
 use shardline::model::BUCKETS;
 use shardline::model_dir;
+use shardline::parallel::Layout;
 use shardline::sampling::SamplingParams;
 use std::sync::Mutex;
 
@@ -20,55 +25,58 @@ use std::sync::Mutex;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn executor(name: &str, num_blocks: usize, graphs: bool) -> LocalExecutor<CudaBackend> {
-    let mut gpu = CudaBackend::new(0).expect("opening GPU 0");
-    gpu.poison_outputs();
-    let model = model_dir::open(gpu, &common::options(&common::model_dir(name))).unwrap().model;
+    let model = model_dir::open(common::poisoned_gpu(0), &common::options(&common::model_dir(name)))
+        .unwrap()
+        .model;
     LocalExecutor::with_graphs(model, num_blocks, BLOCK_SIZE, graphs).unwrap()
 }
 
-/// Every sampling rule at once, without logprobs (which need the logits,
-/// so run op by op): 70 tokens of repetition, presence and frequency
-/// penalties over a 9-token prompt, past a graph's first 64 adjustments.
+/// Every sampling rule at once (tests/common/sampled.rs) without logprobs,
+/// which need the logits and so run op by op: 70 tokens of penalties over
+/// a 9-token prompt, past a graph's first 64 adjustments a row.
 fn penalized(prompt: &[u32]) -> GenerateRequest {
+    let request = sampled::request(prompt, 70);
     GenerateRequest {
-        prompt_ids: prompt.to_vec(),
-        max_tokens: 70,
         sampling: SamplingParams {
-            temperature: 0.9,
-            top_k: 20,
-            top_p: 0.9,
-            min_p: 0.02,
-            repetition_penalty: 1.2,
-            presence_penalty: 0.3,
-            frequency_penalty: 0.2,
-            logit_bias: vec![(5, 1.0), (9, -2.0)],
-            seed: Some(7),
             logprobs: None,
+            ..request.sampling.clone()
         },
-        eos_token_ids: Vec::new(),
-        ignore_eos: true,
+        ..request
     }
 }
 
-#[test]
-fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
-    let _one = ONE_AT_A_TIME.lock().unwrap();
-    if !common::gpu_visible() {
-        return;
-    }
+/// Rank `r` on GPU `r`.
+fn own_gpu(rank: usize) -> CudaBackend {
+    common::poisoned_gpu(rank)
+}
+
+/// `name` split tp=2 over GPUs 0 and 1 through NCCL, `num_blocks` KV blocks.
+fn split_over_nccl(name: &str, num_blocks: usize, graphs: bool) -> Workers {
+    let layout = Layout { tp: 2, pp: 1 };
+    let config = ModelConfig::from_file(&common::model_dir(name).join("config.json")).unwrap();
+    let options = WorkerOptions {
+        graphs,
+        ..worker_options(layout, None, num_blocks)
+    };
+    let transport = nccl_transport(layout, nccl_ids(layout).unwrap());
+    Workers::spawn(config, options, shard_loader(name, own_gpu), transport).unwrap()
+}
+
+/// The penalized and the greedy request over tiny-gqa's prompt 1, run with
+/// and without graphs on `start(num_blocks, graphs)`'s executor: the same
+/// tokens, and each graphed decode step `replays` launches (one a rank).
+fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -> Box<dyn Executor>) {
     let prompt = common::Reference::open("tiny-gqa").ids("prompt1.input_ids");
-    for request in [
-        penalized(&prompt),
-        GenerateRequest {
-            sampling: SamplingParams::greedy(),
-            ..penalized(&prompt)
-        },
-    ] {
+    let greedy = GenerateRequest {
+        sampling: SamplingParams::greedy(),
+        ..penalized(&prompt)
+    };
+    for request in [penalized(&prompt), greedy] {
         let blocks = blocks_for(prompt.len() + request.max_tokens);
         // The tokens, and the launches each decode step queued (between
         // one token's arrival and the next).
         let run = |graphs: bool| {
-            let mut generator = Generator::with_executor(Box::new(executor("tiny-gqa", blocks, graphs)), blocks);
+            let mut generator = Generator::with_executor(start(blocks, graphs), blocks);
             let mut seen = Vec::new();
             let tokens = generator
                 .generate(&request, |_| seen.push(cuda::activity().launches))
@@ -82,7 +90,7 @@ fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
         assert_eq!(graphed, eager, "{:?}: graphed tokens", request.sampling);
         assert_eq!(graphed_steps.len(), request.max_tokens - 1);
         assert!(
-            graphed_steps.iter().all(|&n| n == 1),
+            graphed_steps.iter().all(|&n| n == replays),
             "launches per graphed decode step: {graphed_steps:?}"
         );
         assert!(
@@ -93,14 +101,39 @@ fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
 }
 
 #[test]
+fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
+    let _one = ONE_AT_A_TIME.lock().unwrap();
+    if !common::gpu_visible() {
+        return;
+    }
+    graphed_tokens_are_the_eager_ones(1, |blocks, graphs| Box::new(executor("tiny-gqa", blocks, graphs)));
+}
+
+#[test]
 fn thirty_greedy_answers_through_graphs_of_every_bucket_are_exact() {
     let _one = ONE_AT_A_TIME.lock().unwrap();
     if !common::gpu_visible() {
         return;
     }
-    let loaded = model_dir::open(CudaBackend::new(0).unwrap(), &common::options(&common::model_dir("tiny-chat"))).unwrap();
+    let loaded = model_dir::open(common::poisoned_gpu(0), &common::options(&common::model_dir("tiny-chat"))).unwrap();
     let executor = LocalExecutor::with_graphs(loaded.model, 512, BLOCK_SIZE, true).unwrap();
     assert!(BUCKETS.contains(&32) && BUCKETS.contains(&1));
-    let handle = spawn(Box::new(executor) as Box<dyn Executor>, loaded.tokenizer, 512, 64);
+    let handle = spawn(Box::new(executor), loaded.tokenizer, 512, 64);
+    assert_all_cases_exact(&handle);
+}
+
+#[test]
+fn split_over_two_gpus_the_graphs_hold_nccl_and_give_the_eager_tokens_and_answers() {
+    let _one = ONE_AT_A_TIME.lock().unwrap();
+    if !common::gpu_visible() {
+        return;
+    }
+    if cuda::gpu_count() < 2 {
+        eprintln!("skipped: TP over NCCL needs 2 GPUs, {} visible", cuda::gpu_count());
+        return;
+    }
+    graphed_tokens_are_the_eager_ones(2, |blocks, graphs| Box::new(split_over_nccl("tiny-gqa", blocks, graphs)));
+    let tokenizer = common::load("tiny-chat").tokenizer;
+    let handle = spawn(Box::new(split_over_nccl("tiny-chat", 512, true)), tokenizer, 512, 64);
     assert_all_cases_exact(&handle);
 }

@@ -18,11 +18,9 @@ use shardline::executor::{nccl_ids, nccl_transport, Workers};
 use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::model_dir;
 
-/// Every rank on GPU 0, with outputs poisoned so an unwritten element shows as NaN logits.
+/// Every rank on GPU 0.
 fn first_gpu(_rank: usize) -> CudaBackend {
-    let mut gpu = CudaBackend::new(0).expect("opening GPU 0");
-    gpu.poison_outputs();
-    gpu
+    common::poisoned_gpu(0)
 }
 
 #[test]
@@ -37,11 +35,9 @@ fn fixtures_match_hf_on_the_gpu_in_every_layout() {
     }
 }
 
-/// Rank `r` on GPU `r`, outputs poisoned.
+/// Rank `r` on GPU `r`.
 fn own_gpu(rank: usize) -> CudaBackend {
-    let mut gpu = CudaBackend::new(rank).expect("opening the rank's GPU");
-    gpu.poison_outputs();
-    gpu
+    common::poisoned_gpu(rank)
 }
 
 #[test]

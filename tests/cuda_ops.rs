@@ -21,12 +21,7 @@ const EXACT: f64 = 1e-5;
 const BF16_ROUNDED: f64 = 1e-2;
 
 fn gpu() -> Option<CudaBackend> {
-    if !common::gpu_visible() {
-        return None;
-    }
-    let mut gpu = CudaBackend::new(0).expect("opening GPU 0");
-    gpu.poison_outputs();
-    Some(gpu)
+    common::gpu_visible().then(|| common::poisoned_gpu(0))
 }
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -168,6 +163,13 @@ fn norms_embedding_activation_and_row_ops_match() {
     assert!(gpu
         .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &step)
         .is_err());
+
+    // Three ranks' slices of a 10-token vocabulary (4 each, the last short),
+    // each with its padding column, gathered rank after rank.
+    let (c_all, g_all) = activations(&gpu, 3 * 2, 5, 12);
+    let want = CpuBackend.lay_out_vocab(&c_all, 3, 4, 10).unwrap();
+    assert_close(&want, &gpu, &gpu.lay_out_vocab(&g_all, 3, 4, 10).unwrap(), EXACT, "lay_out_vocab");
+    assert!(gpu.lay_out_vocab(&g_all, 3, 4, 13).is_err());
 
     let zeros = gpu.zeros(3, 5).unwrap();
     assert_close(&CpuTensor::new(vec![0.0; 15], 3, 5), &gpu, &zeros, EXACT, "zeros");

@@ -87,6 +87,9 @@ impl Backend for Counting {
     fn select_rows(&self, x: &T, step: &S<'_>) -> Result<T> {
         self.op().select_rows(x, step)
     }
+    fn lay_out_vocab(&self, all: &T, ranks: usize, per: usize, vocab: usize) -> Result<T> {
+        self.op().lay_out_vocab(all, ranks, per, vocab)
+    }
     fn sample(&self, logits: &mut T, step: &mut S<'_>) -> Result<()> {
         self.op().sample(logits, step)
     }

@@ -281,6 +281,12 @@ pub trait Backend {
     /// The step's logit rows of `x`, in order.
     fn select_rows(&self, x: &Self::Tensor, step: &Self::Step<'_>) -> Result<Self::Tensor>;
 
+    /// Logits gathered from `ranks` ranks of a split vocabulary, `all
+    /// [ranks · rows, per + 1]` (each rank's `[rows, per + 1]` slice, its
+    /// last column padding), as `[rows, vocab]`: the slices side by side,
+    /// the padding and the columns past `vocab` dropped.
+    fn lay_out_vocab(&self, all: &Self::Tensor, ranks: usize, per: usize, vocab: usize) -> Result<Self::Tensor>;
+
     /// Picks one token per row of `logits [rows, vocab]` as the step's
     /// sampling rows say (the rules of [`crate::sampling::choose`]), into
     /// the step, leaving the adjusted scores in `logits`.

@@ -188,6 +188,7 @@ fn start_executor(
         num_kv_blocks,
         block_size: BLOCK_SIZE,
         micro_batching: !parallel.no_micro_batching,
+        graphs: !parallel.enforce_eager,
         panic_at: parallel.inject_worker_panic,
     };
     let options = options.clone();

@@ -110,6 +110,7 @@ impl Encoder {
         self.usize(o.num_kv_blocks);
         self.usize(o.block_size);
         self.u8(o.micro_batching as u8);
+        self.u8(o.graphs as u8);
         self.option(o.panic_at.as_ref(), |e, &(rank, step)| {
             e.usize(rank);
             e.u64(step);
@@ -277,6 +278,7 @@ impl<'a> Decoder<'a> {
             num_kv_blocks: self.usize()?,
             block_size: self.usize()?,
             micro_batching: self.flag()?,
+            graphs: self.flag()?,
             panic_at: self.option(|d| Ok((d.usize()?, d.u64()?)))?,
         })
     }
@@ -370,6 +372,7 @@ mod tests {
             num_kv_blocks: 77,
             block_size: 16,
             micro_batching: true,
+            graphs: true,
             panic_at: Some((4, 9)),
         };
         let mut e = Encoder::default();

@@ -65,9 +65,12 @@ impl<B: Backend> LocalExecutor<B> {
     /// (`--enforce-eager`). With them the cache holds one block more, past
     /// the engine's, where the rows that pad a batch to its graph write.
     pub fn with_graphs(model: Qwen2ForCausalLM<B>, num_blocks: usize, block_size: usize, graphs: bool) -> Result<Self, BackendError> {
-        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(num_blocks + graphs as usize, block_size))?;
-        let context = model.config().max_position_embeddings.min(num_blocks * block_size);
-        let graphs = graphs.then(|| DecodeGraphs::new(num_blocks as u32, context.div_ceil(block_size)));
+        let graphs = graphs.then(|| DecodeGraphs::new(num_blocks, block_size, model.config().max_position_embeddings));
+        let cache_blocks = match graphs {
+            Some(_) => DecodeGraphs::<B>::cache_blocks(num_blocks),
+            None => num_blocks,
+        };
+        let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(cache_blocks, block_size))?;
         Ok(LocalExecutor {
             model,
             kv_caches,
@@ -75,11 +78,6 @@ impl<B: Backend> LocalExecutor<B> {
             done: None,
             spare: StepOutput::default(),
         })
-    }
-
-    /// The batch sizes whose decode graphs have been recorded.
-    pub fn graph_buckets(&self) -> Vec<usize> {
-        self.graphs.as_ref().map_or_else(Vec::new, DecodeGraphs::buckets)
     }
 }
 
@@ -101,7 +99,7 @@ where
         assert!(self.done.is_none(), "a local executor runs one step at a time");
         let mut out = std::mem::take(&mut self.spare);
         let graphed = match &mut self.graphs {
-            Some(graphs) => self.model.forward_graphed(graphs, &batch, &mut self.kv_caches, &mut out)?,
+            Some(graphs) => self.model.forward_graphed(graphs, &batch, &mut self.kv_caches, None, &mut out)?,
             None => false,
         };
         if !graphed {

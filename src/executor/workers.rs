@@ -11,7 +11,7 @@ use super::nodes::{NodeError, Nodes};
 use super::Executor;
 use crate::backend::{Backend, BackendError, HostStaging};
 use crate::config::ModelConfig;
-use crate::model::{Collectives, ForwardBatch, Qwen2ForCausalLM, Shard, StepOutput};
+use crate::model::{Collectives, DecodeGraphs, ForwardBatch, Qwen2ForCausalLM, Shard, StepOutput};
 use crate::parallel::{in_process_group, Communicator, InProcessComm, Layout, LayoutError};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +31,9 @@ pub struct WorkerOptions {
     /// Keep up to `pp` steps in flight, so each stage works on its own
     /// micro-batch; without it one step at a time crosses the stages.
     pub micro_batching: bool,
+    /// Decode steps replay recorded graphs where the model can record them
+    /// (one stage, ranks talking through NCCL; see `model::DecodeGraphs`).
+    pub graphs: bool,
     /// Fault injection for tests: rank `.0` panics in step `.1` (counting from 0).
     pub panic_at: Option<(usize, u64)>,
 }
@@ -392,12 +395,17 @@ where
 
     fn serve(self) {
         let rank = self.rank;
+        let (blocks, block_size) = (self.options.num_kv_blocks, self.options.block_size);
         let loaded = (self.load)(rank, self.shard.clone()).and_then(|model| {
-            let shape = model.kv_cache_shape(self.options.num_kv_blocks, self.options.block_size);
-            let caches = model.alloc_kv_caches(shape).map_err(|e| e.to_string())?;
-            Ok((model, caches))
+            let mut graphs = (self.options.graphs && self.options.layout.pp == 1)
+                .then(|| DecodeGraphs::new(blocks, block_size, model.config().max_position_embeddings));
+            let cache_blocks = graphs.as_mut().map_or(blocks, |_| DecodeGraphs::<B>::cache_blocks(blocks));
+            let caches = model
+                .alloc_kv_caches(model.kv_cache_shape(cache_blocks, block_size))
+                .map_err(|e| e.to_string())?;
+            Ok((model, caches, graphs))
         });
-        let (model, mut caches) = match loaded {
+        let (model, mut caches, mut graphs) = match loaded {
             Ok(loaded) => loaded,
             Err(message) => {
                 let _ = self.ready.send(Err((rank, message)));
@@ -431,7 +439,14 @@ where
                 if self.options.panic_at == Some((rank, step as u64)) {
                     panic!("injected fault in step {step}");
                 }
-                model.forward_shard(&batch, &mut caches, Some(&comms), &mut out)
+                let graphed = match &mut graphs {
+                    Some(graphs) => model.forward_graphed(graphs, &batch, &mut caches, Some(&comms), &mut out)?,
+                    None => false,
+                };
+                match graphed {
+                    true => Ok(()),
+                    false => model.forward_shard(&batch, &mut caches, Some(&comms), &mut out),
+                }
             }));
             let blocked = tp.waited() + pp.waited() - waited;
             let computing = started.elapsed().saturating_sub(blocked);

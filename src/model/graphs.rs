@@ -7,11 +7,15 @@
 //! position 0 in a KV-cache block of their own that the engine never hands
 //! out, and pick greedily; their outputs are dropped.
 //!
-//! Only a whole model (no tensor or pipeline split) records, and only pure
-//! decode steps whose tokens the backend picks without returning logits;
-//! anything else, and any backend that records no graphs, runs as usual.
+//! A model records when it is not split into pipeline stages and its
+//! tensor-parallel ranks, if any, talk through a communicator a graph can
+//! hold (NCCL): every TP rank records its shard's graph, the all-reduces
+//! and the logits' gather in it, and the first lays out and samples the
+//! tokens in it too. Only pure decode steps record, whose tokens the model
+//! picks without returning logits; anything else, and any backend that
+//! records no graphs, runs as usual.
 
-use super::{ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
+use super::{tp_group, Collectives, ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
 use crate::backend::{Backend, BackendError, PagedAttentionMeta, StepCapacity, StepInputs};
 use crate::sampling::RowSampling;
 
@@ -39,20 +43,22 @@ pub struct DecodeGraphs<B: Backend> {
 }
 
 impl<B: Backend> DecodeGraphs<B> {
-    /// Graphs for a KV cache whose block `padding_block` is never handed
-    /// out, for sequences of at most `max_blocks` blocks.
-    pub fn new(padding_block: u32, max_blocks: usize) -> Self {
+    /// Graphs for an engine's KV cache of `num_blocks` blocks of
+    /// `block_size` tokens, for a model of `max_positions`: the cache must
+    /// hold [`DecodeGraphs::cache_blocks`] blocks, the last never handed
+    /// out (the padding rows write there).
+    pub fn new(num_blocks: usize, block_size: usize, max_positions: usize) -> Self {
         DecodeGraphs {
             captured: Vec::new(),
-            padding_block,
-            max_blocks,
+            padding_block: num_blocks as u32,
+            max_blocks: max_positions.min(num_blocks * block_size).div_ceil(block_size),
             off: false,
         }
     }
 
-    /// Buckets recorded so far.
-    pub fn buckets(&self) -> Vec<usize> {
-        self.captured.iter().map(|(b, _)| *b).collect()
+    /// The blocks a KV cache with graphs holds for an engine's `num_blocks`.
+    pub fn cache_blocks(num_blocks: usize) -> usize {
+        num_blocks + 1
     }
 
     fn bucket_for(&self, batch: &ForwardBatch) -> Option<usize> {
@@ -79,7 +85,9 @@ struct Padded {
 }
 
 impl Padded {
-    fn new(batch: &ForwardBatch, bucket: usize, padding_block: u32) -> Padded {
+    /// `batch` padded to `bucket` rows, its tokens as `local_ids` maps them
+    /// to this rank's embedding rows.
+    fn new(batch: &ForwardBatch, bucket: usize, padding_block: u32, local_ids: impl Fn(&[u32]) -> Vec<u32>) -> Padded {
         let pad = bucket - batch.token_ids.len();
         let mut attn = batch.attn.clone();
         attn.slot_mapping
@@ -92,7 +100,7 @@ impl Padded {
             Sampling::Caller => unreachable!("only batches the model samples are padded"),
         };
         Padded {
-            token_ids: [batch.token_ids.as_slice(), &vec![0; pad]].concat(),
+            token_ids: local_ids(&[batch.token_ids.as_slice(), &vec![0; pad]].concat()),
             positions: [batch.positions.as_slice(), &vec![0; pad]].concat(),
             attn,
             logit_rows: (0..bucket as u32).collect(),
@@ -124,13 +132,15 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         graphs: &mut DecodeGraphs<B>,
         batch: &ForwardBatch,
         kv_caches: &mut [B::KvCache],
+        comms: Option<&Collectives<'_, B::Tensor>>,
         out: &mut StepOutput,
     ) -> Result<bool, BackendError> {
-        let whole = self.shard.first_stage && self.shard.last_stage && self.shard.tp == 1;
-        let Some(bucket) = graphs.bucket_for(batch).filter(|_| whole) else {
+        let one_stage = self.shard.first_stage && self.shard.last_stage;
+        let recordable = tp_group(comms).is_none_or(|tp| tp.records_in_graphs());
+        let Some(bucket) = graphs.bucket_for(batch).filter(|_| one_stage && recordable) else {
             return Ok(false);
         };
-        let padded = Padded::new(batch, bucket, graphs.padding_block);
+        let padded = Padded::new(batch, bucket, graphs.padding_block, |ids| self.local_ids(ids).into_owned());
         let at = graphs.captured.iter().position(|(b, _)| *b == bucket);
         let roomy = at.is_some_and(|i| graphs.captured[i].1.capacity.adjustments >= padded.adjustments());
         let at = match (at, roomy) {
@@ -139,7 +149,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 if let Some(i) = found {
                     graphs.captured.swap_remove(i);
                 }
-                let Some(captured) = self.record(bucket, graphs.max_blocks, &padded, kv_caches)? else {
+                let Some(captured) = self.record(bucket, graphs.max_blocks, &padded, kv_caches, comms)? else {
                     graphs.off = true;
                     return Ok(false);
                 };
@@ -152,8 +162,11 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         b.update_step(step, padded.inputs())?;
         b.replay(graph)?;
         out.logits.clear();
-        out.token_ids = b.sampled_ids(step)?;
-        out.token_ids.truncate(batch.token_ids.len());
+        out.token_ids.clear();
+        if self.samples_on_device() {
+            out.token_ids = b.sampled_ids(step)?;
+            out.token_ids.truncate(batch.token_ids.len());
+        }
         Ok(true)
     }
 
@@ -167,6 +180,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         max_blocks: usize,
         padded: &Padded,
         kv_caches: &mut [B::KvCache],
+        comms: Option<&Collectives<'_, B::Tensor>>,
     ) -> Result<Option<Captured<B>>, BackendError> {
         let b = &self.backend;
         let adjustments = (bucket * ADJUSTMENTS_PER_ROW).max(padded.adjustments().next_power_of_two());
@@ -182,10 +196,13 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         };
         b.update_step(&mut step, padded.inputs())?;
         let recorded = b.capture(&mut || {
-            let mut logits = self
-                .run_layers(&step, bucket, kv_caches, None)?
-                .expect("a whole model's forward ends in logits");
-            b.sample(&mut logits, &mut step)
+            let local = self
+                .run_layers(&step, bucket, kv_caches, comms)?
+                .expect("one stage's forward ends in logits");
+            match self.whole_logits(local, bucket, tp_group(comms))? {
+                Some(mut logits) => b.sample(&mut logits, &mut step),
+                None => Ok(()),
+            }
         });
         match recorded {
             Ok(graph) => Ok(Some(Captured { step, graph, capacity })),

@@ -13,7 +13,7 @@ use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, St
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
-use crate::sampling::{choose_rows, RowSampling};
+use crate::sampling::RowSampling;
 use qwen2::{rope_cos_sin_table, ForwardCtx, Qwen2DecoderLayer};
 use std::borrow::Cow;
 
@@ -131,6 +131,11 @@ pub struct Qwen2ForCausalLM<B: Backend> {
 pub struct Collectives<'a, T> {
     pub tp: &'a dyn Communicator<T>,
     pub pp: &'a dyn Communicator<T>,
+}
+
+/// The tensor-parallel group, where the layers are split over more than one rank.
+fn tp_group<'a, T>(comms: Option<&Collectives<'a, T>>) -> Option<&'a dyn Communicator<T>> {
+    comms.map(|c| c.tp).filter(|tp| tp.size() > 1)
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
@@ -252,17 +257,16 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         let mut step = self.backend.prepare_step(batch.inputs(&ids, self.samples_on_device()))?;
         out.logits.clear();
         out.token_ids.clear();
-        let tp = comms.map(|c| c.tp).filter(|tp| tp.size() > 1);
         match self.run_layers(&step, batch.token_ids.len(), kv_caches, comms)? {
-            Some(local) => self.output(batch, local, &mut step, tp, out),
+            Some(local) => self.output(batch, local, &mut step, tp_group(comms), out),
             None => Ok(()),
         }
     }
 
-    /// Whether this rank's backend picks the tokens (the last stage of an
-    /// unsplit vocabulary; split, the first TP rank picks them on the host).
+    /// Whether this rank's backend picks the tokens: the last stage's
+    /// first TP rank, where the logits are laid out whole.
     fn samples_on_device(&self) -> bool {
-        self.shard.last_stage && self.shard.tp == 1
+        self.shard.last_stage && self.shard.tp_rank == 0
     }
 
     /// The device's part of a forward, from its prepared `step` of `tokens`
@@ -282,7 +286,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             step,
             rope_cos_sin: &self.rope_cos_sin,
             rms_norm_eps: self.config.rms_norm_eps as f32,
-            tp: comms.map(|c| c.tp).filter(|tp| tp.size() > 1),
+            tp: tp_group(comms),
         };
         let mut hidden = match (&self.embed_tokens, comms) {
             (Some(table), _) => {
@@ -315,43 +319,50 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 
     /// Puts what the batch asks for from the last stage's `local` logits
-    /// (this rank's vocabulary slice) into `out`.
+    /// (this rank's vocabulary slice) into `out`. Split, every TP rank takes
+    /// part in gathering the slices, and the first (which reports the step)
+    /// lays them out side by side on its device and samples there.
     fn output(
         &self,
         batch: &ForwardBatch,
-        mut local: B::Tensor,
+        local: B::Tensor,
         step: &mut B::Step<'_>,
         tp: Option<&dyn Communicator<B::Tensor>>,
         out: &mut StepOutput,
     ) -> Result<(), BackendError> {
         let b = &self.backend;
-        let Some(tp) = tp else {
-            if batch.returns_logits() {
-                b.to_host(&local, &mut out.logits)?;
-            }
-            if let Sampling::Model { .. } = &batch.sampling {
-                b.sample(&mut local, step)?;
-                out.token_ids = b.sampled_ids(step)?;
-            }
+        let Some(mut logits) = self.whole_logits(local, batch.logit_rows.len(), tp)? else {
             return Ok(());
         };
-        // Each TP rank holds a slice of the vocabulary: every rank takes
-        // part in gathering them, and the first (which reports the step)
-        // lays the rows out on the host and samples them there.
-        let n = batch.logit_rows.len();
-        let all = self.gather_logits(tp, &local, n)?;
-        if tp.rank() != 0 {
-            return Ok(());
+        if batch.returns_logits() {
+            b.to_host(&logits, &mut out.logits)?;
         }
-        self.lay_out_logits(&all, tp.size(), n, &mut out.logits)?;
-        if let Sampling::Model { rows, logits } = &batch.sampling {
-            let mut scores = std::mem::take(&mut out.logits);
-            if *logits {
-                out.logits.clone_from(&scores);
-            }
-            out.token_ids = choose_rows(&mut scores, self.config.vocab_size, rows).map_err(BackendError::Device)?;
+        if let Sampling::Model { .. } = &batch.sampling {
+            b.sample(&mut logits, step)?;
+            out.token_ids = b.sampled_ids(step)?;
         }
         Ok(())
+    }
+
+    /// `[rows, vocab]` logits from this rank's `local` slice of `rows` rows:
+    /// the slice itself when the vocabulary is whole; split, the slices
+    /// gathered from every TP rank, laid out on the first (`None` on the others).
+    fn whole_logits(
+        &self,
+        local: B::Tensor,
+        rows: usize,
+        tp: Option<&dyn Communicator<B::Tensor>>,
+    ) -> Result<Option<B::Tensor>, BackendError> {
+        let Some(tp) = tp else {
+            return Ok(Some(local));
+        };
+        let per = self.shard.vocab_per_rank(&self.config);
+        let mut all = self.backend.zeros(tp.size() * rows, per + 1)?;
+        tp.all_gather(&local, &mut all)?;
+        if tp.rank() != 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.backend.lay_out_vocab(&all, tp.size(), per, self.config.vocab_size)?))
     }
 
     /// Token ids as rows of this rank's embedding: ids of other ranks'
@@ -367,33 +378,5 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             false => zero_row,
         });
         Cow::Owned(local.collect())
-    }
-
-    /// Every TP rank's vocabulary slice of the logits (each `[rows, per + 1]`
-    /// with its padding row's column), rank after rank.
-    fn gather_logits(&self, tp: &dyn Communicator<B::Tensor>, local: &B::Tensor, rows: usize) -> Result<B::Tensor, BackendError> {
-        let per = self.shard.vocab_per_rank(&self.config);
-        let mut all = self.backend.zeros(tp.size() * rows, per + 1)?;
-        tp.all_gather(local, &mut all)?;
-        Ok(all)
-    }
-
-    /// The gathered slices `all` of `ranks` ranks as host `[rows, vocab]`,
-    /// dropping the padding columns.
-    fn lay_out_logits(&self, all: &B::Tensor, ranks: usize, rows: usize, logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        let (vocab, per) = (self.config.vocab_size, self.shard.vocab_per_rank(&self.config));
-        let width = per + 1;
-        let mut host = Vec::new();
-        self.backend.to_host(all, &mut host)?;
-        logits.clear();
-        logits.reserve(rows * vocab);
-        for row in 0..rows {
-            for rank in 0..ranks {
-                let valid = vocab.saturating_sub(rank * per).min(per);
-                let start = (rank * rows + row) * width;
-                logits.extend_from_slice(&host[start..start + valid]);
-            }
-        }
-        Ok(())
     }
 }

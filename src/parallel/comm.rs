@@ -39,6 +39,11 @@ pub trait Communicator<Buf: ?Sized> {
     fn waited(&self) -> Duration {
         Duration::ZERO
     }
+    /// Whether its transfers are device work a recorded graph can hold
+    /// (NCCL's are; host memory's are not).
+    fn records_in_graphs(&self) -> bool {
+        false
+    }
 }
 
 /// The endpoints of an in-process group of `size` threads: hand endpoint

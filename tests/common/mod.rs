@@ -43,6 +43,14 @@ pub fn gpu_visible() -> bool {
     }
 }
 
+/// GPU `ordinal`, with every output buffer filled with NaN before a kernel
+/// writes it, so an element a kernel leaves unwritten shows.
+pub fn poisoned_gpu(ordinal: usize) -> shardline::backend::cuda::CudaBackend {
+    let mut gpu = shardline::backend::cuda::CudaBackend::new(ordinal).expect("opening the GPU");
+    gpu.poison_outputs();
+    gpu
+}
+
 /// A vendored test model: `tiny-chat` lives in `models/`, the others in `tests/fixtures/`.
 pub fn model_dir(name: &str) -> PathBuf {
     match name {

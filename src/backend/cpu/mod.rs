@@ -212,6 +212,24 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data, rows.len(), x.cols))
     }
 
+    fn lay_out_vocab(&self, all: &CpuTensor, ranks: usize, per: usize, vocab: usize) -> Result<CpuTensor> {
+        let rows = all.rows / ranks.max(1);
+        if all.rows != rows * ranks || all.cols != per + 1 || vocab > ranks * per {
+            return Err(BackendError::Device(format!(
+                "lay_out_vocab: [{}, {}] from {ranks} ranks of {per} for {vocab}",
+                all.rows, all.cols
+            )));
+        }
+        let mut data = Vec::with_capacity(rows * vocab);
+        for row in 0..rows {
+            for rank in 0..ranks {
+                let valid = vocab.saturating_sub(rank * per).min(per);
+                data.extend_from_slice(&all.row(rank * rows + row)[..valid]);
+            }
+        }
+        Ok(CpuTensor::new(data, rows, vocab))
+    }
+
     fn sample(&self, logits: &mut CpuTensor, step: &mut CpuStep<'_>) -> Result<()> {
         step.sampled =
             choose_rows(&mut logits.data, logits.cols, step.inputs.sampling).map_err(|e| BackendError::Device(format!("sample: {e}")))?;

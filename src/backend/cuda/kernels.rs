@@ -42,7 +42,10 @@ pub const KERNELS: &[KernelSource] = &[
         ]
     ),
     kernel!("linear.cu", ["matvec_bf16", "matvec_f32"]),
-    kernel!("elementwise.cu", ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32"]),
+    kernel!(
+        "elementwise.cu",
+        ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32", "lay_out_vocab_f32"]
+    ),
     kernel!("sampling.cu", ["sample_f32"]),
 ];
 

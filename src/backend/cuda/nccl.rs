@@ -120,6 +120,11 @@ impl Communicator<CudaTensor> for NcclComm {
         comm.stream().synchronize().map_err(|e| BackendError::Comm(format!("barrier: {e}")))
     }
 
+    /// NCCL's collectives and sends are kernels on the rank's stream.
+    fn records_in_graphs(&self) -> bool {
+        true
+    }
+
     /// Aborts this rank's communicator (NCCL cannot wake a peer already
     /// waiting in a collective on its GPU; later calls here are errors).
     fn abort(&self, _why: &str) {

@@ -238,6 +238,27 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn lay_out_vocab(&self, all: &CudaTensor, ranks: usize, per: usize, vocab: usize) -> Result<CudaTensor> {
+        let rows = all.rows / ranks.max(1);
+        check(all.rows == rows * ranks && all.cols == per + 1 && vocab <= ranks * per, || {
+            format!(
+                "lay_out_vocab: [{}, {}] from {ranks} ranks of {per} for {vocab}",
+                all.rows, all.cols
+            )
+        })?;
+        let mut out = self.tensor(rows, vocab, "laid-out logits")?;
+        let (rows_i, per_i, vocab_i, n) = (int(rows), int(per), int(vocab), rows * vocab);
+        let mut args = self.stream.launch_builder(self.function("lay_out_vocab_f32"));
+        args.arg(&mut out.data)
+            .arg(&all.data)
+            .arg(&rows_i)
+            .arg(&per_i)
+            .arg(&vocab_i)
+            .arg(&n);
+        self.launch("lay_out_vocab_f32", args, elementwise(n))?;
+        Ok(out)
+    }
+
     fn sample(&self, logits: &mut CudaTensor, step: &mut CudaStep) -> Result<()> {
         self.sample_rows(logits, step)
     }
