@@ -41,6 +41,7 @@ impl Backend for Counting {
     type KvCache = K;
     type Step<'a> = S<'a>;
     type Graph = Infallible;
+    type Fetch = Vec<u32>;
 
     fn name(&self) -> &'static str {
         "counting"
@@ -93,8 +94,11 @@ impl Backend for Counting {
     fn sample(&self, logits: &mut T, step: &mut S<'_>) -> Result<()> {
         self.op().sample(logits, step)
     }
-    fn sampled_ids(&self, step: &S<'_>) -> Result<Vec<u32>> {
-        CpuBackend.sampled_ids(step)
+    fn fetch_sampled(&self, step: &S<'_>) -> Result<Vec<u32>> {
+        CpuBackend.fetch_sampled(step)
+    }
+    fn fetched(&self, fetch: Vec<u32>, n: usize) -> Result<Vec<u32>> {
+        CpuBackend.fetched(fetch, n)
     }
     fn static_step(&self, capacity: StepCapacity) -> Result<Option<S<'static>>> {
         CpuBackend.static_step(capacity)

@@ -228,6 +228,8 @@ pub trait Backend {
     type Step<'a>: Send;
     /// Ops recorded once and replayed as one launch (a CUDA graph).
     type Graph: Send;
+    /// A step's sampled ids on their way to the host.
+    type Fetch: Send;
 
     fn name(&self) -> &'static str;
 
@@ -292,8 +294,12 @@ pub trait Backend {
     /// the step, leaving the adjusted scores in `logits`.
     fn sample(&self, logits: &mut Self::Tensor, step: &mut Self::Step<'_>) -> Result<()>;
 
-    /// The tokens [`Backend::sample`] picked (only the ids reach the host).
-    fn sampled_ids(&self, step: &Self::Step<'_>) -> Result<Vec<u32>>;
+    /// Starts copying the tokens [`Backend::sample`] picked to the host,
+    /// behind the step's work (only the ids leave the device).
+    fn fetch_sampled(&self, step: &Self::Step<'_>) -> Result<Self::Fetch>;
+
+    /// The first `n` ids of a fetch, once the copy is done (waiting for it).
+    fn fetched(&self, fetch: Self::Fetch, n: usize) -> Result<Vec<u32>>;
 
     /// A step buffer of fixed size and place, for a graph to read from:
     /// [`Backend::update_step`] refills it. `None` where the backend

@@ -13,7 +13,7 @@ pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOption
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
-use crate::model::{DecodeGraphs, ForwardBatch, Qwen2ForCausalLM, StepOutput};
+use crate::model::{DecodeGraphs, ForwardBatch, Pending, Qwen2ForCausalLM, StepOutput};
 
 pub trait Executor: Send {
     fn config(&self) -> &ModelConfig;
@@ -48,8 +48,9 @@ pub struct LocalExecutor<B: Backend> {
     model: Qwen2ForCausalLM<B>,
     kv_caches: Vec<B::KvCache>,
     graphs: Option<DecodeGraphs<B>>,
-    /// The submitted step's output, until collected.
-    done: Option<StepOutput>,
+    /// The submitted step: its output so far and its tokens on their way,
+    /// until collected (the device runs it meanwhile).
+    done: Option<(StepOutput, Pending<B>)>,
     /// Buffers kept between steps so large logits are not reallocated.
     spare: StepOutput,
 }
@@ -99,18 +100,20 @@ where
         assert!(self.done.is_none(), "a local executor runs one step at a time");
         let mut out = std::mem::take(&mut self.spare);
         let graphed = match &mut self.graphs {
-            Some(graphs) => self.model.forward_graphed(graphs, &batch, &mut self.kv_caches, None, &mut out)?,
-            None => false,
+            Some(graphs) => self.model.queue_graphed(graphs, &batch, &mut self.kv_caches, None, &mut out)?,
+            None => None,
         };
-        if !graphed {
-            self.model.forward(&batch, &mut self.kv_caches, &mut out)?;
-        }
-        self.done = Some(out);
+        let pending = match graphed {
+            Some(pending) => pending,
+            None => self.model.queue_shard(&batch, &mut self.kv_caches, None, &mut out)?,
+        };
+        self.done = Some((out, pending));
         Ok(())
     }
 
     fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
-        let done = self.done.take().expect("collect follows submit");
+        let (mut done, pending) = self.done.take().expect("collect follows submit");
+        self.model.finish(pending, &mut done)?;
         self.spare = std::mem::replace(out, done);
         Ok(())
     }

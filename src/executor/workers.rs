@@ -440,12 +440,12 @@ where
                     panic!("injected fault in step {step}");
                 }
                 let graphed = match &mut graphs {
-                    Some(graphs) => model.forward_graphed(graphs, &batch, &mut caches, Some(&comms), &mut out)?,
-                    None => false,
+                    Some(graphs) => model.queue_graphed(graphs, &batch, &mut caches, Some(&comms), &mut out)?,
+                    None => None,
                 };
                 match graphed {
-                    true => Ok(()),
-                    false => model.forward_shard(&batch, &mut caches, Some(&comms), &mut out),
+                    Some(pending) => model.finish(pending, &mut out),
+                    None => model.forward_shard(&batch, &mut caches, Some(&comms), &mut out),
                 }
             }));
             let blocked = tp.waited() + pp.waited() - waited;

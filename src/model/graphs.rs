@@ -15,7 +15,7 @@
 //! picks without returning logits; anything else, and any backend that
 //! records no graphs, runs as usual.
 
-use super::{tp_group, Collectives, ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
+use super::{tp_group, Collectives, ForwardBatch, Pending, Qwen2ForCausalLM, Sampling, StepOutput};
 use crate::backend::{Backend, BackendError, PagedAttentionMeta, StepCapacity, StepInputs};
 use crate::sampling::RowSampling;
 
@@ -124,21 +124,21 @@ impl Padded {
 }
 
 impl<B: Backend> Qwen2ForCausalLM<B> {
-    /// Runs `batch` as a replay of its bucket's graph (recording it first
-    /// if need be) and returns true; false where the batch or the backend
-    /// allows no graph, leaving the step to [`Qwen2ForCausalLM::forward`].
-    pub fn forward_graphed(
+    /// Queues `batch` as a replay of its bucket's graph (recording it
+    /// first if need be); `None` where the batch or the backend allows no
+    /// graph, leaving the step to [`Qwen2ForCausalLM::queue_shard`].
+    pub fn queue_graphed(
         &self,
         graphs: &mut DecodeGraphs<B>,
         batch: &ForwardBatch,
         kv_caches: &mut [B::KvCache],
         comms: Option<&Collectives<'_, B::Tensor>>,
         out: &mut StepOutput,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<Option<Pending<B>>, BackendError> {
         let one_stage = self.shard.first_stage && self.shard.last_stage;
         let recordable = tp_group(comms).is_none_or(|tp| tp.records_in_graphs());
         let Some(bucket) = graphs.bucket_for(batch).filter(|_| one_stage && recordable) else {
-            return Ok(false);
+            return Ok(None);
         };
         let padded = Padded::new(batch, bucket, graphs.padding_block, |ids| self.local_ids(ids).into_owned());
         let at = graphs.captured.iter().position(|(b, _)| *b == bucket);
@@ -151,7 +151,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 }
                 let Some(captured) = self.record(bucket, graphs.max_blocks, &padded, kv_caches, comms)? else {
                     graphs.off = true;
-                    return Ok(false);
+                    return Ok(None);
                 };
                 graphs.captured.push((bucket, captured));
                 graphs.captured.len() - 1
@@ -163,11 +163,14 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         b.replay(graph)?;
         out.logits.clear();
         out.token_ids.clear();
-        if self.samples_on_device() {
-            out.token_ids = b.sampled_ids(step)?;
-            out.token_ids.truncate(batch.token_ids.len());
-        }
-        Ok(true)
+        let fetch = match self.samples_on_device() {
+            true => Some(b.fetch_sampled(step)?),
+            false => None,
+        };
+        Ok(Some(Pending {
+            fetch,
+            rows: batch.token_ids.len(),
+        }))
     }
 
     /// Records the decode graph of `bucket` rows, with a static step filled

@@ -52,6 +52,14 @@ pub struct StepOutput {
     pub token_ids: Vec<u32>,
 }
 
+/// A step queued on the device whose sampled tokens are still on their
+/// way: [`Qwen2ForCausalLM::finish`] waits for them.
+pub struct Pending<B: Backend> {
+    fetch: Option<B::Fetch>,
+    /// The batch's rows among those fetched (a graph's are padded).
+    rows: usize,
+}
+
 impl StepOutput {
     /// Logit row `row` of a `vocab`-token model, if the logits came back.
     pub fn row_logits(&self, row: usize, vocab: usize) -> Option<&[f32]> {
@@ -253,14 +261,39 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         comms: Option<&Collectives<'_, B::Tensor>>,
         out: &mut StepOutput,
     ) -> Result<(), BackendError> {
+        let pending = self.queue_shard(batch, kv_caches, comms, out)?;
+        self.finish(pending, out)
+    }
+
+    /// [`Qwen2ForCausalLM::forward_shard`] up to the sampled tokens, which
+    /// may still be on the device: the logits asked for are in `out`.
+    pub fn queue_shard(
+        &self,
+        batch: &ForwardBatch,
+        kv_caches: &mut [B::KvCache],
+        comms: Option<&Collectives<'_, B::Tensor>>,
+        out: &mut StepOutput,
+    ) -> Result<Pending<B>, BackendError> {
         let ids = self.local_ids(&batch.token_ids);
         let mut step = self.backend.prepare_step(batch.inputs(&ids, self.samples_on_device()))?;
         out.logits.clear();
         out.token_ids.clear();
-        match self.run_layers(&step, batch.token_ids.len(), kv_caches, comms)? {
-            Some(local) => self.output(batch, local, &mut step, tp_group(comms), out),
-            None => Ok(()),
+        let fetch = match self.run_layers(&step, batch.token_ids.len(), kv_caches, comms)? {
+            Some(local) => self.output(batch, local, &mut step, tp_group(comms), out)?,
+            None => None,
+        };
+        Ok(Pending {
+            fetch,
+            rows: batch.logit_rows.len(),
+        })
+    }
+
+    /// Waits for a queued step's sampled tokens and puts them in `out`.
+    pub fn finish(&self, pending: Pending<B>, out: &mut StepOutput) -> Result<(), BackendError> {
+        if let Some(fetch) = pending.fetch {
+            out.token_ids = self.backend.fetched(fetch, pending.rows)?;
         }
+        Ok(())
     }
 
     /// Whether this rank's backend picks the tokens: the last stage's
@@ -318,8 +351,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         Ok(Some(b.linear(&normed, head, None)?))
     }
 
-    /// Puts what the batch asks for from the last stage's `local` logits
-    /// (this rank's vocabulary slice) into `out`. Split, every TP rank takes
+    /// Puts the logits the batch asks for from the last stage's `local`
+    /// logits (this rank's vocabulary slice) into `out`, and starts
+    /// fetching the tokens sampled from them. Split, every TP rank takes
     /// part in gathering the slices, and the first (which reports the step)
     /// lays them out side by side on its device and samples there.
     fn output(
@@ -329,19 +363,21 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         step: &mut B::Step<'_>,
         tp: Option<&dyn Communicator<B::Tensor>>,
         out: &mut StepOutput,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Option<B::Fetch>, BackendError> {
         let b = &self.backend;
         let Some(mut logits) = self.whole_logits(local, batch.logit_rows.len(), tp)? else {
-            return Ok(());
+            return Ok(None);
         };
         if batch.returns_logits() {
             b.to_host(&logits, &mut out.logits)?;
         }
-        if let Sampling::Model { .. } = &batch.sampling {
-            b.sample(&mut logits, step)?;
-            out.token_ids = b.sampled_ids(step)?;
+        match &batch.sampling {
+            Sampling::Model { .. } => {
+                b.sample(&mut logits, step)?;
+                Ok(Some(b.fetch_sampled(step)?))
+            }
+            Sampling::Caller => Ok(None),
         }
-        Ok(())
     }
 
     /// `[rows, vocab]` logits from this rank's `local` slice of `rows` rows:

@@ -635,3 +635,17 @@ EMU_EXPORT CUresult cuGetExportTable(const void** table, const CUuuid*) {
     if (table) *table = nullptr;
     return CUDA_ERROR_NOT_FOUND;
 }
+
+// Page-locked host memory is ordinary memory here: copies run as they are queued.
+EMU_EXPORT CUresult cuMemHostAlloc(void** ptr, size_t bytes, unsigned int) {
+    if (!ptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    *ptr = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    return *ptr ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+EMU_EXPORT CUresult cuMemAllocHost(void** ptr, size_t bytes) { return cuMemHostAlloc(ptr, bytes, 0); }
+
+EMU_EXPORT CUresult cuMemFreeHost(void* ptr) {
+    free(ptr);
+    return CUDA_SUCCESS;
+}

@@ -86,6 +86,7 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
     type Step<'a> = CpuStep<'a>;
     type Graph = Infallible;
+    type Fetch = Vec<u32>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -236,8 +237,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sampled_ids(&self, step: &CpuStep<'_>) -> Result<Vec<u32>> {
+    fn fetch_sampled(&self, step: &CpuStep<'_>) -> Result<Vec<u32>> {
         Ok(step.sampled.clone())
+    }
+
+    fn fetched(&self, mut fetch: Vec<u32>, n: usize) -> Result<Vec<u32>> {
+        fetch.truncate(n);
+        Ok(fetch)
     }
 
     fn static_step(&self, _capacity: StepCapacity) -> Result<Option<CpuStep<'static>>> {

@@ -20,6 +20,7 @@ mod sampling;
 mod step;
 
 pub use graph::CudaGraph;
+pub use sampling::SampledFetch;
 pub use step::CudaStep;
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
@@ -158,6 +159,8 @@ pub struct CudaBackend {
     functions: HashMap<&'static str, CudaFunction>,
     /// The GPU's streaming multiprocessors (how many blocks fill it).
     multiprocessors: usize,
+    /// Page-locked buffers the sampled ids are copied into, for reuse.
+    pinned: std::sync::Mutex<Vec<SampledFetch>>,
     /// Fill each buffer a kernel is to write with NaN first.
     poison: bool,
 }
@@ -212,6 +215,7 @@ impl CudaBackend {
             blas,
             functions,
             multiprocessors,
+            pinned: std::sync::Mutex::new(Vec::new()),
             poison: false,
         })
     }

@@ -4,7 +4,7 @@
 use super::gemm::Operands;
 use super::{
     alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight,
-    WeightData,
+    SampledFetch, WeightData,
 };
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
@@ -47,6 +47,7 @@ impl Backend for CudaBackend {
     type KvCache = CudaKvCache;
     type Step<'a> = CudaStep;
     type Graph = CudaGraph;
+    type Fetch = SampledFetch;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -263,8 +264,12 @@ impl Backend for CudaBackend {
         self.sample_rows(logits, step)
     }
 
-    fn sampled_ids(&self, step: &CudaStep) -> Result<Vec<u32>> {
-        self.read_sampled(step, step.rows())
+    fn fetch_sampled(&self, step: &CudaStep) -> Result<SampledFetch> {
+        self.start_fetch(step)
+    }
+
+    fn fetched(&self, fetch: SampledFetch, n: usize) -> Result<Vec<u32>> {
+        self.finish_fetch(fetch, n)
     }
 
     fn static_step(&self, capacity: StepCapacity) -> Result<Option<CudaStep>> {

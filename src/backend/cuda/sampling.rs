@@ -3,10 +3,10 @@
 //! the token ids copied back.
 
 use super::ops::check;
-use super::{grid, wait_for, CudaBackend, CudaStep, CudaTensor};
+use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice, PushKernelArg};
 
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
@@ -60,18 +60,50 @@ impl CudaBackend {
         self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
     }
 
-    /// The first `n` of a step's sampled ids, on the host.
-    pub(super) fn read_sampled(&self, step: &CudaStep, n: usize) -> Result<Vec<u32>> {
-        let mut ids = vec![0; n];
-        if n == 0 {
-            return Ok(ids);
+    /// Queues the copy of a step's sampled ids into page-locked host
+    /// memory (a buffer from the backend's pool, with the event that marks
+    /// the copy done), so the host need not wait for it yet.
+    pub(super) fn start_fetch(&self, step: &CudaStep) -> Result<SampledFetch> {
+        let rows = step.rows();
+        let reused = self.pinned.lock().expect("the pinned pool is not poisoned").pop();
+        let mut fetch = match reused.filter(|f| f.buffer.len() >= rows) {
+            Some(fetch) => fetch,
+            None => SampledFetch {
+                // SAFETY: only the ids a copy has written are read.
+                buffer: unsafe { self.stream.context().alloc_pinned_with_flags::<u32>(rows.max(1).next_power_of_two(), 0) }
+                    .map_err(alloc_error("page-locked sampled ids", rows * 4))?,
+                done: self
+                    .stream
+                    .context()
+                    .new_event(None)
+                    .map_err(driver_error("creating an event"))?,
+            },
+        };
+        if rows > 0 {
+            let host = fetch.buffer.as_mut_slice().map_err(driver_error("a page-locked buffer"))?;
+            let (src, _record) = step.sampled().device_ptr(&self.stream);
+            // SAFETY: `host` holds at least `rows` ids and outlives the copy
+            // (the fetch owns it until `finish_fetch` has waited).
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..rows], src, self.stream.cu_stream()) }
+                .map_err(driver_error("copying the sampled ids"))?;
         }
-        wait_for("copying the sampled ids", || {
-            self.stream.memcpy_dtoh(&step.sampled().slice(..n), ids.as_mut_slice())?;
-            self.stream.synchronize()
-        })?;
+        fetch.done.record(&self.stream).map_err(driver_error("recording a copy"))?;
+        Ok(fetch)
+    }
+
+    /// Waits for a fetch and returns its first `n` ids; the buffer goes back to the pool.
+    pub(super) fn finish_fetch(&self, fetch: SampledFetch, n: usize) -> Result<Vec<u32>> {
+        wait_for("waiting for the sampled ids", || fetch.done.synchronize())?;
+        let ids = fetch.buffer.as_slice().map_err(driver_error("a page-locked buffer"))?[..n].to_vec();
+        self.pinned.lock().expect("the pinned pool is not poisoned").push(fetch);
         Ok(ids)
     }
+}
+
+/// Sampled ids being copied to the host (see [`CudaBackend::start_fetch`]).
+pub struct SampledFetch {
+    buffer: PinnedHostSlice<u32>,
+    done: CudaEvent,
 }
 
 #[cfg(test)]
