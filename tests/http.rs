@@ -173,7 +173,12 @@ fn a_tiny_kv_cache_preempts_and_every_request_completes() {
         .collect();
     for t in threads {
         let (resp, case) = t.join().unwrap();
-        assert_eq!(resp.json()["choices"][0]["message"]["content"], case["completion_text"], "{}", resp.body);
+        assert_eq!(
+            resp.json()["choices"][0]["message"]["content"],
+            case["completion_text"],
+            "{}",
+            resp.body
+        );
     }
     assert!(server.metric("shardline_preemptions_total") > 0.0);
 }

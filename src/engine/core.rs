@@ -1,6 +1,9 @@
 //! The engine loop: schedule a step, run the model on it (which samples
 //! each sequence's next token), detokenize, check stops, and queue each
-//! request's events. One thread owns all of it
+//! request's events. A step's tokens are taken in first (with the stops
+//! that need no text), the next step is submitted, and only then is the
+//! text made and the events queued, so that work overlaps the device's
+//! next step. One thread owns all of it
 //! (queue, sequences, KV blocks), so nothing here is shared or locked. A
 //! step's events leave together ([`Engine::take_outbox`]): waking a
 //! client's task costs tens of microseconds, too much to pay per request
@@ -71,6 +74,19 @@ pub struct Engine {
 struct InFlightStep {
     plan: Vec<Scheduled>,
     sampled: Vec<SeqId>,
+}
+
+/// A sampled token taken into its sequence, its events still to send.
+struct Arrival {
+    id: SeqId,
+    /// Its row of the step's logits.
+    row: usize,
+    token_id: u32,
+    /// Tokens generated, this one included.
+    generated: usize,
+    prompt_len: usize,
+    /// The stop found without the text, if any.
+    ending: Option<(FinishReason, Option<StopReason>)>,
 }
 
 /// Events bound for their requests' channels, in the order produced.
@@ -182,9 +198,9 @@ impl Engine {
     }
 
     /// Runs one step: fills the pipeline with new micro-batches (up to the
-    /// executor's depth, a sequence in at most one of them), then takes the
-    /// oldest one's logits and samples a token for each of its sequences
-    /// whose known tokens are all computed.
+    /// executor's depth, a sequence in at most one of them), collects the
+    /// oldest one's tokens, submits the next micro-batch, then sends what
+    /// the tokens release.
     pub fn step(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
         let gone: Vec<SeqId> = self
@@ -196,6 +212,67 @@ impl Engine {
         gone.into_iter().for_each(|id| self.abort(id));
         let mut forward = Duration::ZERO;
         self.step_sampling = Duration::ZERO;
+        forward += self.fill_pipeline()?;
+        let Some(step) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        step.plan.iter().for_each(|p| {
+            self.busy.remove(&p.id);
+        });
+        let mut output = std::mem::take(&mut self.output);
+        let collect_started = Instant::now();
+        let result = self.executor.collect(&mut output);
+        forward += collect_started.elapsed();
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = result {
+            self.output = output;
+            return Err(e);
+        }
+        // Requests aborted while their step was in flight are gone.
+        let plan: Vec<Scheduled> = step.plan.into_iter().filter(|p| self.active.contains_key(&p.id)).collect();
+        self.scheduler.complete(&plan);
+        self.stats.generation_tokens.fetch_add(step.sampled.len() as u64, Ordering::Relaxed);
+        let prompt_tokens: usize = plan
+            .iter()
+            .map(|p| p.num_new_tokens)
+            .sum::<usize>()
+            .saturating_sub(step.sampled.len());
+        self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        let vocab = self.executor.config().vocab_size;
+        let mut arrivals = Vec::with_capacity(step.sampled.len());
+        for (row, id) in step.sampled.into_iter().enumerate() {
+            if self.active.contains_key(&id) {
+                arrivals.push(self.take_token(id, row, output.token_ids[row]));
+            }
+        }
+        // The next step goes to the device before this one's text is made,
+        // so detokenizing and stop strings overlap its work.
+        let refilled = self.fill_pipeline();
+        for arrival in arrivals {
+            let logits = output.row_logits(arrival.row, vocab);
+            self.release(arrival, logits);
+        }
+        self.output = output;
+        forward += refilled?;
+        self.publish_stats();
+        let s = &self.stats;
+        let nanos = |d: Duration| d.as_nanos() as u64;
+        s.scheduled_seqs.fetch_add(plan.len() as u64, Ordering::Relaxed);
+        s.forward_ns.fetch_add(nanos(forward), Ordering::Relaxed);
+        s.sampling_ns.fetch_add(nanos(self.step_sampling), Ordering::Relaxed);
+        s.overhead_ns.fetch_add(
+            nanos(started.elapsed().saturating_sub(forward + self.step_sampling)),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Fills the pipeline with new micro-batches, up to the executor's
+    /// depth (a sequence in at most one of them); returns the time spent
+    /// submitting them.
+    fn fill_pipeline(&mut self) -> Result<Duration, BackendError> {
+        let mut forward = Duration::ZERO;
         let depth = self.executor.depth();
         // With a pipeline, the sequences are shared out over `depth`
         // micro-batches so every stage has one to work on.
@@ -227,50 +304,7 @@ impl Engine {
             self.busy.extend(plan.iter().map(|p| p.id));
             self.in_flight.push_back(InFlightStep { plan, sampled });
         }
-        let Some(step) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        step.plan.iter().for_each(|p| {
-            self.busy.remove(&p.id);
-        });
-        let mut output = std::mem::take(&mut self.output);
-        let collect_started = Instant::now();
-        let result = self.executor.collect(&mut output);
-        forward += collect_started.elapsed();
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_step_ok.store(result.is_ok(), Ordering::Relaxed);
-        if let Err(e) = result {
-            self.output = output;
-            return Err(e);
-        }
-        // Requests aborted while their step was in flight are gone.
-        let plan: Vec<Scheduled> = step.plan.into_iter().filter(|p| self.active.contains_key(&p.id)).collect();
-        self.scheduler.complete(&plan);
-        self.stats.generation_tokens.fetch_add(step.sampled.len() as u64, Ordering::Relaxed);
-        let prompt_tokens: usize = plan
-            .iter()
-            .map(|p| p.num_new_tokens)
-            .sum::<usize>()
-            .saturating_sub(step.sampled.len());
-        self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        let vocab = self.executor.config().vocab_size;
-        for (row, id) in step.sampled.into_iter().enumerate() {
-            if self.active.contains_key(&id) {
-                self.emit(id, output.token_ids[row], output.row_logits(row, vocab));
-            }
-        }
-        self.output = output;
-        self.publish_stats();
-        let s = &self.stats;
-        let nanos = |d: Duration| d.as_nanos() as u64;
-        s.scheduled_seqs.fetch_add(plan.len() as u64, Ordering::Relaxed);
-        s.forward_ns.fetch_add(nanos(forward), Ordering::Relaxed);
-        s.sampling_ns.fetch_add(nanos(self.step_sampling), Ordering::Relaxed);
-        s.overhead_ns.fetch_add(
-            nanos(started.elapsed().saturating_sub(forward + self.step_sampling)),
-            Ordering::Relaxed,
-        );
-        Ok(())
+        Ok(forward)
     }
 
     /// The model input for a plan, and the sequences (in logit-row order)
@@ -313,43 +347,69 @@ impl Engine {
         (batch, sampled)
     }
 
-    /// Appends a sequence's sampled token (with logprobs from its row of
-    /// `logits`, when asked) and sends what it releases; ends the sequence
-    /// on a stop condition.
-    fn emit(&mut self, id: SeqId, token_id: u32, logits: Option<&[f32]>) {
+    /// Appends a sequence's sampled token and decides the stops that need
+    /// no text (a stop token, the length): a sequence that ends here leaves
+    /// the scheduler at once, so the next step neither holds it nor its
+    /// blocks. Its events wait for [`Engine::release`].
+    fn take_token(&mut self, id: SeqId, row: usize, token_id: u32) -> Arrival {
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
         let (tokens_before, prompt_len) = (seq.tokens.len(), seq.prompt_len);
-        let active = self.active.get_mut(&id).expect("sampled sequences are active");
+        self.scheduler.append_token(id, token_id);
+        let active = &self.active[&id];
+        let stop = &active.request.stop;
+        let generated = tokens_before + 1 - prompt_len;
+        let ending = if (!stop.ignore_eos && stop.eos_token_ids.contains(&token_id)) || stop.stop_token_ids.contains(&token_id) {
+            Some((FinishReason::Stop, Some(StopReason::Token(token_id))))
+        } else if generated >= active.request.max_tokens || tokens_before + 1 >= self.context_len {
+            Some((FinishReason::Length, None))
+        } else {
+            None
+        };
+        if ending.is_some() {
+            self.scheduler.remove(id);
+        }
+        Arrival {
+            id,
+            row,
+            token_id,
+            generated,
+            prompt_len,
+            ending,
+        }
+    }
+
+    /// Sends what an arrived token releases (its logprobs from its row of
+    /// `logits`, when asked, and its text), and ends the sequence on a stop
+    /// string or the stop [`Engine::take_token`] found. A stop string found
+    /// here ends a sequence the step just submitted holds too; its token
+    /// there is dropped when that step is collected.
+    fn release(&mut self, arrival: Arrival, logits: Option<&[f32]>) {
+        let Arrival {
+            id,
+            token_id,
+            generated,
+            prompt_len,
+            mut ending,
+            ..
+        } = arrival;
+        let active = self.active.get_mut(&id).expect("arrived sequences are active");
         let sampling_started = Instant::now();
         let token = active.sampler.finish(token_id, logits);
         self.step_sampling += sampling_started.elapsed();
-        self.scheduler.append_token(id, token_id);
-
-        let stop = &active.request.stop;
-        let mut stop_reason = None;
-        if (!stop.ignore_eos && stop.eos_token_ids.contains(&token_id)) || stop.stop_token_ids.contains(&token_id) {
-            stop_reason = Some(StopReason::Token(token_id));
-        }
         let piece = match (&self.tokenizer, &mut active.detokenizer) {
             (Some(t), Some(d)) => d.step(t, token_id),
             _ => String::new(),
         };
         let released = active.stops.push(&piece);
         if let Some(s) = released.stopped_on {
-            stop_reason = Some(StopReason::String(s));
+            ending = Some((FinishReason::Stop, Some(StopReason::String(s))));
         }
-        let generated = tokens_before + 1 - prompt_len;
-        let finish = match stop_reason {
-            Some(_) => Some(FinishReason::Stop),
-            None if generated >= active.request.max_tokens || tokens_before + 1 >= self.context_len => Some(FinishReason::Length),
-            None => None,
-        };
         let event = Event::Token {
             token,
             text: released.text,
         };
         self.outbox.push((active.events.clone(), event));
-        let Some(reason) = finish else {
+        let Some((reason, stop_reason)) = ending else {
             return;
         };
         let mut text = String::new();

@@ -70,13 +70,13 @@ impl CudaBackend {
             Some(fetch) => fetch,
             None => SampledFetch {
                 // SAFETY: only the ids a copy has written are read.
-                buffer: unsafe { self.stream.context().alloc_pinned_with_flags::<u32>(rows.max(1).next_power_of_two(), 0) }
-                    .map_err(alloc_error("page-locked sampled ids", rows * 4))?,
-                done: self
-                    .stream
-                    .context()
-                    .new_event(None)
-                    .map_err(driver_error("creating an event"))?,
+                buffer: unsafe {
+                    self.stream
+                        .context()
+                        .alloc_pinned_with_flags::<u32>(rows.max(1).next_power_of_two(), 0)
+                }
+                .map_err(alloc_error("page-locked sampled ids", rows * 4))?,
+                done: self.stream.context().new_event(None).map_err(driver_error("creating an event"))?,
             },
         };
         if rows > 0 {

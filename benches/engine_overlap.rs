@@ -1,0 +1,150 @@
+//! How long a GPU would sit idle between steps because of the engine's
+//! own work (scheduling, building the batch, each row's sampling, the
+//! detokenizer, stop strings, the events), without a GPU: the real engine
+//! and tiny-chat's real tokenizer drive a simulated device that takes a
+//! fixed time per step and runs steps back to back as they are queued.
+//! Its tokens come from a cheap rule; no model runs.
+//!
+//! ```sh
+//! cargo bench --bench engine_overlap -- [--requests 64] [--step-ms 6] [--tokens 256]
+//! ```
+//!
+//! Prints each setting's idle share: idle ÷ (idle + busy) of the device.
+
+use shardline::backend::BackendError;
+use shardline::config::ModelConfig;
+use shardline::engine::request::{Event, Request, StopConditions};
+use shardline::engine::{Engine, EngineConfig, EngineHandle};
+use shardline::executor::Executor;
+use shardline::model::{ForwardBatch, StepOutput};
+use shardline::sampling::SamplingParams;
+use shardline::tokenizer::Tokenizer;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The device's timeline: when its last step ends, and how long it has
+/// been busy and idle since its first.
+#[derive(Default)]
+struct Timeline {
+    end: Option<Instant>,
+    busy: Duration,
+    idle: Duration,
+}
+
+/// A device that takes `step` per step, one after another in the order
+/// queued: a step starts when it is submitted or when the one before ends.
+struct SimulatedDevice {
+    config: ModelConfig,
+    step: Duration,
+    timeline: Arc<Mutex<Timeline>>,
+    /// The submitted step: when it ends, and its tokens.
+    queued: Option<(Instant, Vec<u32>)>,
+}
+
+impl Executor for SimulatedDevice {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn decode_weight_bytes(&self) -> usize {
+        0
+    }
+
+    fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
+        let now = Instant::now();
+        let mut t = self.timeline.lock().unwrap();
+        let start = match t.end {
+            Some(end) if end > now => end,
+            Some(end) => {
+                t.idle += now - end;
+                now
+            }
+            None => now,
+        };
+        let end = start + self.step;
+        t.busy += self.step;
+        t.end = Some(end);
+        // Plain words of the vocabulary, so the detokenizer has text to make.
+        let tokens = batch
+            .logit_rows
+            .iter()
+            .map(|&r| 1000 + (batch.positions[r as usize] * 37) % 20_000)
+            .collect();
+        self.queued = Some((end, tokens));
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
+        let (end, tokens) = self.queued.take().expect("collect follows submit");
+        while Instant::now() < end {
+            std::hint::spin_loop();
+        }
+        out.logits.clear();
+        out.token_ids = tokens;
+        Ok(())
+    }
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (requests, tokens) = (arg(&args, "--requests", 64), arg(&args, "--tokens", 256));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-chat");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
+    let step_ms: Vec<usize> = match args.iter().any(|a| a == "--step-ms") {
+        true => vec![arg(&args, "--step-ms", 6)],
+        false => vec![1, 6],
+    };
+    for ms in step_ms {
+        let timeline = Arc::new(Mutex::new(Timeline::default()));
+        let device = SimulatedDevice {
+            config: config.clone(),
+            step: Duration::from_millis(ms as u64),
+            timeline: timeline.clone(),
+            queued: None,
+        };
+        let engine_config = EngineConfig {
+            max_num_seqs: requests,
+            max_num_batched_tokens: 2048,
+            num_kv_blocks: requests * (128 + tokens).div_ceil(16) + 1,
+            block_size: 16,
+        };
+        let engine = EngineHandle::spawn(Engine::new(Box::new(device), Some(tokenizer.clone()), engine_config));
+        let receivers: Vec<_> = (0..requests)
+            .map(|i| {
+                let request = Request {
+                    prompt_ids: (0..128).map(|j| 1000 + ((i * 131 + j * 7) % 20_000) as u32).collect(),
+                    sampling: SamplingParams::greedy(),
+                    max_tokens: tokens,
+                    stop: StopConditions {
+                        ignore_eos: true,
+                        stop_strings: vec!["never appears in this text".into()],
+                        ..Default::default()
+                    },
+                };
+                engine.submit(request).1
+            })
+            .collect();
+        for mut events in receivers {
+            while let Some(event) = events.blocking_recv() {
+                if matches!(event, Event::Finished { .. } | Event::Failed(_)) {
+                    break;
+                }
+            }
+        }
+        let t = timeline.lock().unwrap();
+        let share = t.idle.as_secs_f64() / (t.idle + t.busy).as_secs_f64();
+        println!(
+            "{requests} requests × {tokens} tokens, {ms} ms a step: device idle {:.2}% ({:.1} µs a step)",
+            100.0 * share,
+            t.idle.as_secs_f64() * 1e6 / (t.busy.as_secs_f64() / (ms as f64 / 1e3)),
+        );
+    }
+}
