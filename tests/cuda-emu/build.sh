@@ -47,7 +47,7 @@ EOF
     g++ "${flags[@]}" -I"$here/include" -I"$here" -include "$here/emu.h" -c "$gen" -o "$out/gen/kernel_$name.o" &
     objects+=("$out/gen/kernel_$name.o")
 done
-for src in threads driver cublas nccl; do
+for src in threads driver memory graphs cublas nccl; do
     g++ "${flags[@]}" -I"$cuda_h" -I"$here" -c "$here/$src.cpp" -o "$out/gen/$src.o" &
     objects+=("$out/gen/$src.o")
 done

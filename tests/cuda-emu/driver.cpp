@@ -8,148 +8,22 @@
 // entry point missing from the PTX, and, during stream capture, any call a
 // capture cannot hold (host copies, synchronizations, graph relaunches with
 // unfreed allocations). Work runs in the calling thread as it is queued,
-// so a stream's order holds trivially; a capturing stream records it.
+// so a stream's order holds trivially; a capturing stream records it
+// (graphs.cpp). Device memory lives in memory.cpp; this file has devices,
+// contexts, streams, modules, launches, events and error names.
 //
 // Settings: SHARDLINE_EMU_GPUS (default 1), SHARDLINE_EMU_GPU_MEMORY (bytes
 // per GPU, default 16 GiB), SHARDLINE_EMU_THREADS (CPU threads per launch).
-#include <cuda.h>
-
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <map>
-#include <memory>
-#include <mutex>
-#include <set>
-#include <string>
-#include <vector>
 
-#include "runtime.h"
+#include "driver.h"
+
+using namespace emu::driver;
 
 namespace {
 
-size_t env_size(const char* name, size_t fallback) {
-    const char* value = getenv(name);
-    return value && *value ? strtoull(value, nullptr, 10) : fallback;
-}
-
-int gpu_count() { return (int)env_size("SHARDLINE_EMU_GPUS", 1); }
-
-size_t gpu_memory() { return env_size("SHARDLINE_EMU_GPU_MEMORY", 16ull << 30); }
-
-struct GraphMemory;
-
-struct Allocation {
-    size_t bytes;
-    int device;
-    // The graph whose capture made it (its memory belongs to the graph).
-    GraphMemory* graph;
-};
-
-// Allocations made while a stream captured: the graph owns them until it
-// is destroyed; `unfreed` are those neither its own free nodes nor the
-// user (after a launch) have released.
-struct GraphMemory {
-    std::vector<CUdeviceptr> allocations;
-    std::set<CUdeviceptr> unfreed;
-    ~GraphMemory();
-};
-
-struct Memory {
-    std::mutex mutex;
-    std::map<CUdeviceptr, Allocation> live;
-    std::vector<size_t> used;
-
-    CUresult allocate(CUdeviceptr* out, size_t bytes, int device, GraphMemory* graph) {
-        if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-        std::lock_guard<std::mutex> lock(mutex);
-        used.resize(gpu_count(), 0);
-        if (used[device] + bytes > gpu_memory()) return CUDA_ERROR_OUT_OF_MEMORY;
-        const size_t rounded = (bytes + 255) / 256 * 256;
-        void* p = aligned_alloc(256, rounded);
-        if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
-        // Fresh device memory holds whatever it held: here all bits set (NaN).
-        memset(p, 0xff, rounded);
-        *out = reinterpret_cast<CUdeviceptr>(p);
-        live[*out] = Allocation{bytes, device, graph};
-        used[device] += bytes;
-        return CUDA_SUCCESS;
-    }
-
-    CUresult release(CUdeviceptr ptr) {
-        std::lock_guard<std::mutex> lock(mutex);
-        auto it = live.find(ptr);
-        if (it == live.end()) return CUDA_ERROR_INVALID_VALUE;
-        used[it->second.device] -= it->second.bytes;
-        free(reinterpret_cast<void*>(ptr));
-        live.erase(it);
-        return CUDA_SUCCESS;
-    }
-
-    // The allocation holding [ptr, ptr + bytes); a pointer one past the end
-    // counts when `bytes` is 0 (an empty view that is never read).
-    bool find(CUdeviceptr ptr, size_t bytes, Allocation* found) {
-        std::lock_guard<std::mutex> lock(mutex);
-        auto it = live.upper_bound(ptr);
-        if (it == live.begin()) return false;
-        --it;
-        if (ptr + bytes > it->first + it->second.bytes || (bytes == 0 && ptr > it->first + it->second.bytes)) return false;
-        if (found) *found = it->second;
-        return true;
-    }
-};
-
-Memory& memory() {
-    static Memory* m = new Memory();
-    return *m;
-}
-
-GraphMemory::~GraphMemory() {
-    for (CUdeviceptr p : allocations) memory().release(p);
-}
-
-}  // namespace
-
-struct CUctx_st {
-    int device;
-    int retained;
-};
-
-struct CUgraph_st {
-    std::vector<emu::Operation> nodes;
-    std::shared_ptr<GraphMemory> memory = std::make_shared<GraphMemory>();
-};
-
-struct CUgraphExec_st {
-    std::vector<emu::Operation> nodes;
-    std::shared_ptr<GraphMemory> memory;
-    unsigned long long flags;
-    bool launched;
-};
-
-struct CUstream_st {
-    CUctx_st* ctx;
-    CUgraph_st* capture;
-    bool invalidated;
-};
-
-struct CUmod_st {
-    std::string ptx;
-};
-
-struct CUfunc_st {
-    const emu::Kernel* kernel;
-    int max_dynamic_shared;
-};
-
-struct CUevent_st {
-    std::chrono::steady_clock::time_point at;
-};
-
-namespace {
-
-thread_local CUctx_st* current_context;
+constexpr int kDefaultSharedLimit = 48 << 10;
+constexpr int kOptInSharedLimit = 227 << 10;
 
 std::vector<CUctx_st>& primary_contexts() {
     static std::vector<CUctx_st>* contexts = [] {
@@ -160,12 +34,20 @@ std::vector<CUctx_st>& primary_contexts() {
     return *contexts;
 }
 
-int stream_device(CUstream stream) {
-    if (stream) return stream->ctx->device;
-    return current_context ? current_context->device : -1;
+}  // namespace
+
+namespace emu::driver {
+
+CUctx_st*& current_context() {
+    static thread_local CUctx_st* current;
+    return current;
 }
 
-// A call a capture cannot hold ends the capture (its end reports it invalidated).
+int stream_device(CUstream stream) {
+    if (stream) return stream->ctx->device;
+    return current_context() ? current_context()->device : -1;
+}
+
 CUresult refuse_in_capture(CUstream stream) {
     if (stream && stream->capture) {
         stream->invalidated = true;
@@ -174,29 +56,9 @@ CUresult refuse_in_capture(CUstream stream) {
     return CUDA_SUCCESS;
 }
 
-constexpr int kDefaultSharedLimit = 48 << 10;
-constexpr int kOptInSharedLimit = 227 << 10;
+}  // namespace emu::driver
 
-void report(const std::string& what) { fprintf(stderr, "cuda-emu: %s\n", what.c_str()); }
-
-}  // namespace
-
-namespace emu {
-
-int submit(void* s, Operation op) {
-    auto* stream = static_cast<CUstream>(s);
-    if (stream && stream->capture) {
-        stream->capture->nodes.push_back(std::move(op));
-        return CUDA_SUCCESS;
-    }
-    return op();
-}
-
-int current_device() { return current_context ? current_context->device : -1; }
-
-bool is_device_memory(uint64_t ptr, size_t bytes) { return memory().find(ptr, bytes, nullptr); }
-
-}  // namespace emu
+int emu::current_device() { return current_context() ? current_context()->device : -1; }
 
 EMU_EXPORT CUresult cuInit(unsigned int flags) { return flags == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE; }
 
@@ -269,29 +131,29 @@ EMU_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice device) {
 }
 
 EMU_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
-    current_context = ctx;
+    current_context() = ctx;
     return CUDA_SUCCESS;
 }
 
 EMU_EXPORT CUresult cuCtxGetCurrent(CUcontext* ctx) {
     if (!ctx) return CUDA_ERROR_INVALID_VALUE;
-    *ctx = current_context;
+    *ctx = current_context();
     return CUDA_SUCCESS;
 }
 
 EMU_EXPORT CUresult cuCtxGetDevice(CUdevice* device) {
     if (!device) return CUDA_ERROR_INVALID_VALUE;
-    if (!current_context) return CUDA_ERROR_INVALID_CONTEXT;
-    *device = current_context->device;
+    if (!current_context()) return CUDA_ERROR_INVALID_CONTEXT;
+    *device = current_context()->device;
     return CUDA_SUCCESS;
 }
 
-EMU_EXPORT CUresult cuCtxSynchronize(void) { return current_context ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT; }
+EMU_EXPORT CUresult cuCtxSynchronize(void) { return current_context() ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT; }
 
 EMU_EXPORT CUresult cuStreamCreate(CUstream* stream, unsigned int) {
     if (!stream) return CUDA_ERROR_INVALID_VALUE;
-    if (!current_context) return CUDA_ERROR_INVALID_CONTEXT;
-    *stream = new CUstream_st{current_context, nullptr, false};
+    if (!current_context()) return CUDA_ERROR_INVALID_CONTEXT;
+    *stream = new CUstream_st{current_context(), nullptr, false};
     return CUDA_SUCCESS;
 }
 
@@ -305,111 +167,6 @@ EMU_EXPORT CUresult cuStreamDestroy(CUstream stream) {
 EMU_EXPORT CUresult cuStreamSynchronize(CUstream stream) { return refuse_in_capture(stream); }
 
 EMU_EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent event, unsigned int) { return event ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
-
-EMU_EXPORT CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
-    if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
-    if (!current_context) return CUDA_ERROR_INVALID_CONTEXT;
-    std::lock_guard<std::mutex> lock(memory().mutex);
-    memory().used.resize(gpu_count(), 0);
-    *total = gpu_memory();
-    *free_bytes = *total - memory().used[current_context->device];
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuMemAlloc(CUdeviceptr* ptr, size_t bytes) {
-    if (!current_context) return CUDA_ERROR_INVALID_CONTEXT;
-    return memory().allocate(ptr, bytes, current_context->device, nullptr);
-}
-
-EMU_EXPORT CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream stream) {
-    const int device = stream_device(stream);
-    if (device < 0) return CUDA_ERROR_INVALID_CONTEXT;
-    GraphMemory* graph = stream && stream->capture ? stream->capture->memory.get() : nullptr;
-    const CUresult r = memory().allocate(ptr, bytes, device, graph);
-    if (r == CUDA_SUCCESS && graph) {
-        graph->allocations.push_back(*ptr);
-        graph->unfreed.insert(*ptr);
-    }
-    return r;
-}
-
-EMU_EXPORT CUresult cuMemFree(CUdeviceptr ptr) { return memory().release(ptr); }
-
-EMU_EXPORT CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream stream) {
-    Allocation a;
-    if (!memory().find(ptr, 1, &a)) return CUDA_ERROR_INVALID_VALUE;
-    if (stream && stream->capture) {
-        if (a.graph == stream->capture->memory.get()) {
-            a.graph->unfreed.erase(ptr);
-            return CUDA_SUCCESS;
-        }
-        if (a.graph) return CUDA_ERROR_INVALID_VALUE;
-        return (CUresult)emu::submit(stream, [ptr] { return (int)memory().release(ptr); });
-    }
-    // Memory a graph made: released for its next launch, kept until it goes.
-    if (a.graph) {
-        a.graph->unfreed.erase(ptr);
-        return CUDA_SUCCESS;
-    }
-    return memory().release(ptr);
-}
-
-namespace {
-
-CUresult copy(CUstream stream, void* dst, const void* src, size_t bytes) {
-    const CUresult refused = refuse_in_capture(stream);
-    if (refused == CUDA_SUCCESS) memcpy(dst, src, bytes);
-    return refused;
-}
-
-bool on_device(CUdeviceptr p, size_t bytes) { return memory().find(p, bytes, nullptr); }
-
-}  // namespace
-
-EMU_EXPORT CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void* src, size_t bytes, CUstream stream) {
-    if (!on_device(dst, bytes) || !src) return CUDA_ERROR_INVALID_VALUE;
-    return copy(stream, reinterpret_cast<void*>(dst), src, bytes);
-}
-
-EMU_EXPORT CUresult cuMemcpyDtoHAsync(void* dst, CUdeviceptr src, size_t bytes, CUstream stream) {
-    if (!on_device(src, bytes) || !dst) return CUDA_ERROR_INVALID_VALUE;
-    return copy(stream, dst, reinterpret_cast<const void*>(src), bytes);
-}
-
-EMU_EXPORT CUresult cuMemcpyHtoD(CUdeviceptr dst, const void* src, size_t bytes) { return cuMemcpyHtoDAsync(dst, src, bytes, nullptr); }
-
-EMU_EXPORT CUresult cuMemcpyDtoH(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync(dst, src, bytes, nullptr); }
-
-EMU_EXPORT CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {
-    if (!on_device(dst, bytes) || !on_device(src, bytes)) return CUDA_ERROR_INVALID_VALUE;
-    return (CUresult)emu::submit(stream, [=] {
-        if (!on_device(dst, bytes) || !on_device(src, bytes)) return (int)CUDA_ERROR_ILLEGAL_ADDRESS;
-        memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
-        return (int)CUDA_SUCCESS;
-    });
-}
-
-EMU_EXPORT CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync(dst, src, bytes, nullptr); }
-
-EMU_EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream stream) {
-    if (!on_device(dst, n)) return CUDA_ERROR_INVALID_VALUE;
-    return (CUresult)emu::submit(stream, [=] {
-        if (!on_device(dst, n)) return (int)CUDA_ERROR_ILLEGAL_ADDRESS;
-        memset(reinterpret_cast<void*>(dst), value, n);
-        return (int)CUDA_SUCCESS;
-    });
-}
-
-EMU_EXPORT CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) { return cuMemsetD8Async(dst, value, n, nullptr); }
-
-EMU_EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream stream) {
-    if (!on_device(dst, 4 * n) || dst % 4) return CUDA_ERROR_INVALID_VALUE;
-    return (CUresult)emu::submit(stream, [=] {
-        auto* words = reinterpret_cast<unsigned int*>(dst);
-        for (size_t i = 0; i < n; ++i) words[i] = value;
-        return (int)CUDA_SUCCESS;
-    });
-}
 
 EMU_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
     if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
@@ -503,72 +260,6 @@ EMU_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int g
     });
 }
 
-EMU_EXPORT CUresult cuStreamBeginCapture(CUstream stream, CUstreamCaptureMode) {
-    if (!stream) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-    if (stream->capture) return CUDA_ERROR_ILLEGAL_STATE;
-    stream->capture = new CUgraph_st();
-    stream->invalidated = false;
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
-    if (!stream || !graph) return CUDA_ERROR_INVALID_VALUE;
-    if (!stream->capture) return CUDA_ERROR_ILLEGAL_STATE;
-    CUgraph_st* captured = stream->capture;
-    stream->capture = nullptr;
-    if (stream->invalidated) {
-        delete captured;
-        *graph = nullptr;
-        return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
-    }
-    *graph = captured;
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
-    if (!status) return CUDA_ERROR_INVALID_VALUE;
-    *status = !stream || !stream->capture ? CU_STREAM_CAPTURE_STATUS_NONE
-              : stream->invalidated       ? CU_STREAM_CAPTURE_STATUS_INVALIDATED
-                                          : CU_STREAM_CAPTURE_STATUS_ACTIVE;
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuGraphInstantiate(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
-    if (!exec || !graph) return CUDA_ERROR_INVALID_VALUE;
-    *exec = new CUgraphExec_st{graph->nodes, graph->memory, flags, false};
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
-    if (!exec) return CUDA_ERROR_INVALID_HANDLE;
-    if (stream && stream->capture) return CUDA_ERROR_NOT_SUPPORTED;
-    const bool auto_free = exec->flags & CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
-    if (exec->launched && !exec->memory->unfreed.empty() && !auto_free) {
-        report("a graph relaunched while allocations of its last launch are unfreed");
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    exec->launched = true;
-    for (auto& node : exec->nodes) {
-        const int r = node();
-        if (r != CUDA_SUCCESS) return (CUresult)r;
-    }
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
-
-EMU_EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
-    if (!exec) return CUDA_ERROR_INVALID_HANDLE;
-    delete exec;
-    return CUDA_SUCCESS;
-}
-
-EMU_EXPORT CUresult cuGraphDestroy(CUgraph graph) {
-    if (!graph) return CUDA_ERROR_INVALID_HANDLE;
-    delete graph;
-    return CUDA_SUCCESS;
-}
-
 EMU_EXPORT CUresult cuEventCreate(CUevent* event, unsigned int) {
     if (!event) return CUDA_ERROR_INVALID_VALUE;
     *event = new CUevent_st{std::chrono::steady_clock::now()};
@@ -636,16 +327,3 @@ EMU_EXPORT CUresult cuGetExportTable(const void** table, const CUuuid*) {
     return CUDA_ERROR_NOT_FOUND;
 }
 
-// Page-locked host memory is ordinary memory here: copies run as they are queued.
-EMU_EXPORT CUresult cuMemHostAlloc(void** ptr, size_t bytes, unsigned int) {
-    if (!ptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-    *ptr = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
-    return *ptr ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
-}
-
-EMU_EXPORT CUresult cuMemAllocHost(void** ptr, size_t bytes) { return cuMemHostAlloc(ptr, bytes, 0); }
-
-EMU_EXPORT CUresult cuMemFreeHost(void* ptr) {
-    free(ptr);
-    return CUDA_SUCCESS;
-}
