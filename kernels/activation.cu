@@ -6,6 +6,6 @@ extern "C" __global__ void silu_mul_f32(float* __restrict__ out, const float* __
         const size_t t = k / inter, i = k % inter;
         const float g = gate_up[t * 2 * inter + i];
         const float u = gate_up[t * 2 * inter + inter + i];
-        out[k] = g / (1.0f + __expf(-g)) * u;
+        out[k] = silu(g) * u;
     }
 }

@@ -8,6 +8,9 @@
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }
 
+// SiLU: x · sigmoid(x).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+
 // Sum of `v` over the block; every thread gets it. Every thread must call.
 __device__ float block_sum(float v) {
     __shared__ float partial[32];

@@ -93,8 +93,9 @@ fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -
             graphed_steps.iter().all(|&n| n == replays),
             "launches per graphed decode step: {graphed_steps:?}"
         );
+        // At least one rank's 8 ops for each of tiny-gqa's 4 layers and 6 more.
         assert!(
-            eager_steps.iter().all(|&n| n > 40),
+            eager_steps.iter().all(|&n| n >= 8 * 4 + 6),
             "launches per eager decode step: {eager_steps:?}"
         );
     }

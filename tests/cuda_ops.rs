@@ -79,7 +79,7 @@ fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, toleran
 fn linear_matches_for_every_batch_size_dtype_and_bias() {
     let Some(gpu) = gpu() else { return };
     // Matvec for up to 8 tokens (vector and scalar tails), cuBLAS above.
-    for (inner, outs) in [(256, 96), (100, 33), (896, 4864)] {
+    for (inner, outs) in [(256, 96), (100, 33), (896, 4864), (2824, 40)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[outs, inner], dtype, 1);
             let b = weight(&[outs], DType::BF16, 2);
@@ -103,7 +103,32 @@ fn linear_matches_for_every_batch_size_dtype_and_bias() {
 }
 
 #[test]
-fn norms_embedding_activation_and_row_ops_match() {
+fn swiglu_matches_for_every_batch_size_and_dtype() {
+    let Some(gpu) = gpu() else { return };
+    // The fused gate/up mat-vec for up to 8 tokens (vector and scalar
+    // tails), cuBLAS and the SwiGLU kernel above.
+    for (inner, inter) in [(256, 48), (100, 17), (896, 4864), (2824, 20)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let w = weight(&[2 * inter, inner], dtype, 13);
+            let (cw, gw) = (CpuBackend.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+            for n in [1, 3, 8, 9, 37] {
+                let (cx, gx) = activations(&gpu, n, inner, 14 + n as u64);
+                // Above 8 tokens the gate and the up product each carry
+                // the bf16 rounding of the activations, and SwiGLU multiplies them.
+                let tolerance = match (n > 8, dtype) {
+                    (true, DType::BF16) => 2.0 * BF16_ROUNDED,
+                    _ => EXACT,
+                };
+                let want = CpuBackend.swiglu(&cx, &cw).unwrap();
+                let what = format!("swiglu [{n}, {inner}] with gate_up [{}, {inner}] {dtype}", 2 * inter);
+                assert_close(&want, &gpu, &gpu.swiglu(&gx, &gw).unwrap(), tolerance, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_embedding_and_row_ops_match() {
     let Some(gpu) = gpu() else { return };
     let (rows, cols) = (7, 200);
     let norm = weight(&[cols], DType::BF16, 4);
@@ -128,15 +153,6 @@ fn norms_embedding_activation_and_row_ops_match() {
     CpuBackend.add_assign(&mut c_sum, &cy).unwrap();
     gpu.add_assign(&mut g_sum, &gy).unwrap();
     assert_close(&c_sum, &gpu, &g_sum, EXACT, "add_assign");
-
-    let (c_gu, g_gu) = activations(&gpu, rows, 2 * cols, 7);
-    assert_close(
-        &CpuBackend.silu_mul(&c_gu).unwrap(),
-        &gpu,
-        &gpu.silu_mul(&g_gu).unwrap(),
-        EXACT,
-        "silu_mul",
-    );
 
     let picked = batch_of(&[0; 7], &[6, 0, 3, 3], vec![]);
     let inputs = picked.inputs(&picked.token_ids, true);
@@ -237,11 +253,9 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
         };
         let c_step = CpuBackend.prepare_step(inputs).unwrap();
         let g_step = gpu.prepare_step(inputs).unwrap();
-        CpuBackend.rope(&mut cq, &c_step, &c_rope, &spec).unwrap();
-        gpu.rope(&mut gq, &g_step, &g_rope, &spec).unwrap();
+        CpuBackend.rope_write_kv(&mut cq, &mut c_cache, &c_step, &c_rope, &spec).unwrap();
+        gpu.rope_write_kv(&mut gq, &mut g_cache, &g_step, &g_rope, &spec).unwrap();
         assert_close(&cq, gpu, &gq, EXACT, "rope");
-        CpuBackend.write_kv(&cq, &mut c_cache, &c_step, &spec).unwrap();
-        gpu.write_kv(&gq, &mut g_cache, &g_step, &spec).unwrap();
         let want = CpuBackend.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
         let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
         let what = format!("paged_attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} round {round}");
@@ -265,6 +279,9 @@ fn shape_mismatches_are_errors_not_faults() {
     let w = gpu.load_weight(weight(&[8, 16], DType::BF16, 1)).unwrap();
     let (_, x) = activations(&gpu, 2, 15, 2);
     assert!(gpu.linear(&x, &w, None).is_err());
+    assert!(gpu.swiglu(&x, &w).is_err());
+    let odd = gpu.load_weight(weight(&[7, 15], DType::BF16, 1)).unwrap();
+    assert!(gpu.swiglu(&x, &odd).is_err());
     let (_, y) = activations(&gpu, 3, 15, 3);
     let (_, mut z) = activations(&gpu, 2, 15, 4);
     assert!(gpu.add_assign(&mut z, &y).is_err());

@@ -260,12 +260,17 @@ pub trait Backend {
     fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<Self::Step<'a>>;
 
     /// Rotates the q and k heads of a fused `qkv [n, (heads + 2·kv_heads) · head_dim]`
-    /// in place (neox layout) by each token's position. `cos_sin [max_pos,
+    /// in place (neox layout) by each token's position, and writes its k and
+    /// v heads into the cache at the step's slot mapping. `cos_sin [max_pos,
     /// head_dim]` holds cos in its first half and sin in its second, per position.
-    fn rope(&self, qkv: &mut Self::Tensor, step: &Self::Step<'_>, cos_sin: &Self::Weight, spec: &AttentionSpec) -> Result<()>;
-
-    /// Writes the k and v heads of `qkv` into the cache at the step's slot mapping.
-    fn write_kv(&self, qkv: &Self::Tensor, cache: &mut Self::KvCache, step: &Self::Step<'_>, spec: &AttentionSpec) -> Result<()>;
+    fn rope_write_kv(
+        &self,
+        qkv: &mut Self::Tensor,
+        cache: &mut Self::KvCache,
+        step: &Self::Step<'_>,
+        cos_sin: &Self::Weight,
+        spec: &AttentionSpec,
+    ) -> Result<()>;
 
     /// Causal attention of the q heads of `qkv` over each sequence's cached
     /// context (prefill, chunked prefill and decode alike) → `[n, heads · head_dim]`.
@@ -277,8 +282,9 @@ pub trait Backend {
         spec: &AttentionSpec,
     ) -> Result<Self::Tensor>;
 
-    /// `gate_up [n, 2·i]` → `silu(gate) · up`, `[n, i]`.
-    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The MLP's first half: `silu(x · gateᵀ) · (x · upᵀ)`, `[n, i]`, for a
+    /// fused `gate_up [2·i, hidden]` (the gate rows, then the up rows).
+    fn swiglu(&self, x: &Self::Tensor, gate_up: &Self::Weight) -> Result<Self::Tensor>;
 
     /// The step's logit rows of `x`, in order.
     fn select_rows(&self, x: &Self::Tensor, step: &Self::Step<'_>) -> Result<Self::Tensor>;

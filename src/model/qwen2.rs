@@ -112,8 +112,7 @@ impl<B: Backend> Qwen2Attention<B> {
     fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
         let mut qkv = b.linear(x, &self.qkv_proj, Some(&self.qkv_bias))?;
-        b.rope(&mut qkv, ctx.step, ctx.rope_cos_sin, &self.spec)?;
-        b.write_kv(&qkv, cache, ctx.step, &self.spec)?;
+        b.rope_write_kv(&mut qkv, cache, ctx.step, ctx.rope_cos_sin, &self.spec)?;
         let attn = b.paged_attention(&qkv, cache, ctx.step, &self.spec)?;
         let mut out = b.linear(&attn, &self.o_proj, None)?;
         ctx.all_reduce(&mut out)?;
@@ -151,8 +150,7 @@ impl<B: Backend> Qwen2Mlp<B> {
 
     fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
-        let gate_up = b.linear(x, &self.gate_up_proj, None)?;
-        let mut out = b.linear(&b.silu_mul(&gate_up)?, &self.down_proj, None)?;
+        let mut out = b.linear(&b.swiglu(x, &self.gate_up_proj)?, &self.down_proj, None)?;
         ctx.all_reduce(&mut out)?;
         Ok(out)
     }

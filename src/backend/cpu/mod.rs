@@ -162,29 +162,15 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn rope(&self, qkv: &mut CpuTensor, step: &CpuStep<'_>, cos_sin: &CpuWeight, spec: &AttentionSpec) -> Result<()> {
-        let (hd, half) = (spec.head_dim, spec.head_dim / 2);
-        let table = cos_sin.vector();
-        let rotated_heads = spec.num_heads + spec.num_kv_heads;
-        qkv.data
-            .par_chunks_mut(qkv.cols)
-            .zip(step.inputs.positions)
-            .for_each(|(row, &pos)| {
-                let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
-                let (cos, sin) = cs.split_at(half);
-                for head in row[..rotated_heads * hd].chunks_mut(hd) {
-                    let (x1, x2) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        x1[i] = a * cos[i] - b * sin[i];
-                        x2[i] = b * cos[i] + a * sin[i];
-                    }
-                }
-            });
-        Ok(())
-    }
-
-    fn write_kv(&self, qkv: &CpuTensor, cache: &mut CpuKvCache, step: &CpuStep<'_>, spec: &AttentionSpec) -> Result<()> {
+    fn rope_write_kv(
+        &self,
+        qkv: &mut CpuTensor,
+        cache: &mut CpuKvCache,
+        step: &CpuStep<'_>,
+        cos_sin: &CpuWeight,
+        spec: &AttentionSpec,
+    ) -> Result<()> {
+        rope(qkv, step.inputs.positions, cos_sin.vector(), spec);
         attention::write_kv(qkv, cache, step.inputs.attn, spec);
         Ok(())
     }
@@ -193,18 +179,8 @@ impl Backend for CpuBackend {
         Ok(attention::paged_attention(qkv, cache, step.inputs.attn, spec))
     }
 
-    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
-        let inter = gate_up.cols / 2;
-        let mut out = vec![0.0f32; gate_up.rows * inter];
-        out.par_chunks_mut(inter)
-            .zip(gate_up.data.par_chunks(gate_up.cols))
-            .for_each(|(o, gu)| {
-                let (gate, up) = gu.split_at(inter);
-                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            });
-        Ok(CpuTensor::new(out, gate_up.rows, inter))
+    fn swiglu(&self, x: &CpuTensor, gate_up: &CpuWeight) -> Result<CpuTensor> {
+        Ok(silu_mul(&matmul::linear(x, gate_up, None)))
     }
 
     fn select_rows(&self, x: &CpuTensor, step: &CpuStep<'_>) -> Result<CpuTensor> {
@@ -317,6 +293,40 @@ fn alloc_error(host: &HostTensor, e: std::io::Error) -> BackendError {
         what: format!("a {:?} weight ({e})", host.shape),
         bytes: host.bytes.len(),
     }
+}
+
+/// Rotates the q and k heads of each fused qkv row in place (neox layout)
+/// by its token's position.
+fn rope(qkv: &mut CpuTensor, positions: &[u32], table: &[f32], spec: &AttentionSpec) {
+    let (hd, half) = (spec.head_dim, spec.head_dim / 2);
+    let rotated_heads = spec.num_heads + spec.num_kv_heads;
+    qkv.data.par_chunks_mut(qkv.cols).zip(positions).for_each(|(row, &pos)| {
+        let cs = &table[pos as usize * hd..(pos as usize + 1) * hd];
+        let (cos, sin) = cs.split_at(half);
+        for head in row[..rotated_heads * hd].chunks_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * cos[i] - b * sin[i];
+                x2[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    });
+}
+
+/// `gate_up [n, 2·i]` → `silu(gate) · up`, `[n, i]`.
+fn silu_mul(gate_up: &CpuTensor) -> CpuTensor {
+    let inter = gate_up.cols / 2;
+    let mut out = vec![0.0f32; gate_up.rows * inter];
+    out.par_chunks_mut(inter)
+        .zip(gate_up.data.par_chunks(gate_up.cols))
+        .for_each(|(o, gu)| {
+            let (gate, up) = gu.split_at(inter);
+            for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        });
+    CpuTensor::new(out, gate_up.rows, inter)
 }
 
 fn rms_norm_row(row: &mut [f32], w: &[f32], eps: f32) {

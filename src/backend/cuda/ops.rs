@@ -180,49 +180,62 @@ impl Backend for CudaBackend {
         self.prepare(inputs)
     }
 
-    fn rope(&self, qkv: &mut CudaTensor, step: &CudaStep, cos_sin: &CudaWeight, spec: &AttentionSpec) -> Result<()> {
+    fn rope_write_kv(
+        &self,
+        qkv: &mut CudaTensor,
+        cache: &mut CudaKvCache,
+        step: &CudaStep,
+        cos_sin: &CudaWeight,
+        spec: &AttentionSpec,
+    ) -> Result<()> {
         let table = cos_sin.f32("the RoPE table")?;
         check(qkv.rows == step.tokens() && cos_sin.cols == spec.head_dim, || {
-            "rope: shapes differ from the step".into()
+            "rope_write_kv: shapes differ from the step".into()
         })?;
-        let positions = step.positions();
+        let (positions, slots) = (step.positions(), step.slots());
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
-        let mut args = self.stream.launch_builder(self.function("rope_neox_f32"));
+        let mut args = self.stream.launch_builder(self.function("rope_write_kv_bf16"));
         args.arg(&mut qkv.data)
+            .arg(&mut cache.k)
+            .arg(&mut cache.v)
             .arg(&positions)
+            .arg(&slots)
             .arg(table)
             .arg(&heads)
             .arg(&kv_heads)
             .arg(&head_dim);
-        self.launch("rope_neox_f32", args, grid(qkv.rows, ROW_THREADS, 0))
-    }
-
-    fn write_kv(&self, qkv: &CudaTensor, cache: &mut CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<()> {
-        check(qkv.rows == step.tokens(), || "write_kv: rows differ from the step".into())?;
-        let slots = step.slots();
-        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
-        let mut args = self.stream.launch_builder(self.function("write_kv_bf16"));
-        args.arg(&mut cache.k)
-            .arg(&mut cache.v)
-            .arg(&qkv.data)
-            .arg(&slots)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&head_dim);
-        self.launch("write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
+        self.launch("rope_write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
     }
 
     fn paged_attention(&self, qkv: &CudaTensor, cache: &CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<CudaTensor> {
         self.attention(qkv, cache, step, spec)
     }
 
-    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
-        let inter = gate_up.cols / 2;
-        let mut out = self.tensor(gate_up.rows, inter, "SwiGLU output")?;
-        let (inter_i, rows) = (int(inter), int(gate_up.rows));
+    fn swiglu(&self, x: &CudaTensor, gate_up: &CudaWeight) -> Result<CudaTensor> {
+        check(x.cols == gate_up.cols && gate_up.rows % 2 == 0, || {
+            format!(
+                "swiglu: input [{}, {}] against gate_up [{}, {}]",
+                x.rows, x.cols, gate_up.rows, gate_up.cols
+            )
+        })?;
+        let inter = gate_up.rows / 2;
+        let mut out = self.tensor(x.rows, inter, "SwiGLU output")?;
+        if x.rows <= MATVEC_MAX_TOKENS {
+            let (inner, inter_i, tokens) = (int(x.cols), int(inter), int(x.rows));
+            let name = gate_up.data.kernel("matvec_swiglu_bf16", "matvec_swiglu_f32");
+            let mut args = self.stream.launch_builder(self.function(name));
+            args.arg(&mut out.data).arg(&x.data);
+            gate_up.data.push_arg(&mut args);
+            args.arg(&inner).arg(&inter_i).arg(&tokens);
+            // Eight warps a block, one gate/up pair of rows a warp.
+            self.launch(name, args, grid(inter.div_ceil(8), 256, 0))?;
+            return Ok(out);
+        }
+        let products = self.linear(x, gate_up, None)?;
+        let (inter_i, rows) = (int(inter), int(x.rows));
         let mut args = self.stream.launch_builder(self.function("silu_mul_f32"));
-        args.arg(&mut out.data).arg(&gate_up.data).arg(&inter_i).arg(&rows);
-        self.launch("silu_mul_f32", args, elementwise(gate_up.rows * inter))?;
+        args.arg(&mut out.data).arg(&products.data).arg(&inter_i).arg(&rows);
+        self.launch("silu_mul_f32", args, elementwise(x.rows * inter))?;
         Ok(out)
     }
 
