@@ -58,20 +58,25 @@ fn random_bf16(shape: Vec<usize>, rng: &mut Rng) -> HostTensor {
 fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
     let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
+    // Each as the model runs it: gate/up through the mat-vec with SwiGLU fused.
     let shapes = [
-        ("qkv_proj", q + 2 * kv, h),
-        ("o_proj", h, q),
-        ("gate_up_proj", 2 * i, h),
-        ("down_proj", h, i),
-        ("lm_head", config.vocab_size, h),
+        ("qkv_proj", q + 2 * kv, h, false),
+        ("o_proj", h, q, false),
+        ("gate_up_proj + SwiGLU", 2 * i, h, true),
+        ("down_proj", h, i, false),
+        ("lm_head", config.vocab_size, h, false),
     ];
     let mut timings = Vec::new();
-    for (name, outs, ins) in shapes {
+    for (name, outs, ins, swiglu) in shapes {
         let w = gpu.load_weight(random_bf16(vec![outs, ins], rng))?;
         let mut x = gpu.zeros(1, ins)?;
         x.copy_from_host(&(0..ins).map(|_| rng.next_f32()).collect::<Vec<_>>())?;
         let what = format!("mat-vec {name} [{outs}, {ins}]");
-        timings.push(time(gpu, what, outs * ins * 2, || gpu.linear(&x, &w, None))?);
+        let timing = match swiglu {
+            true => time(gpu, what, outs * ins * 2, || gpu.swiglu(&x, &w))?,
+            false => time(gpu, what, outs * ins * 2, || gpu.linear(&x, &w, None))?,
+        };
+        timings.push(timing);
     }
     Ok(timings)
 }

@@ -20,6 +20,7 @@ enum Operation { OP_N = 0, OP_T = 1, OP_C = 2 };
 
 struct Handle {
     void* stream;
+    void* workspace;
 };
 
 float from_bf16(uint16_t h) {
@@ -120,7 +121,7 @@ bool operand_on_device(const void* p, int type, int rows, int cols, int ld) {
 
 EMU_EXPORT int cublasCreate_v2(void** handle) {
     if (!handle) return INVALID_VALUE;
-    *handle = new Handle{nullptr};
+    *handle = new Handle{nullptr, nullptr};
     return SUCCESS;
 }
 
@@ -133,6 +134,16 @@ EMU_EXPORT int cublasDestroy_v2(void* handle) {
 EMU_EXPORT int cublasSetStream_v2(void* handle, void* stream) {
     if (!handle) return NOT_INITIALIZED;
     static_cast<Handle*>(handle)->stream = stream;
+    return SUCCESS;
+}
+
+// A workspace the caller owns: in device memory and 256-byte aligned, as
+// cuBLAS requires (the emulated GEMM needs none, so it is only checked).
+EMU_EXPORT int cublasSetWorkspace_v2(void* handle, void* workspace, size_t bytes) {
+    if (!handle) return NOT_INITIALIZED;
+    const uint64_t address = reinterpret_cast<uint64_t>(workspace);
+    if (bytes > 0 && (address % 256 != 0 || !emu::is_device_memory(address, bytes))) return INVALID_VALUE;
+    static_cast<Handle*>(handle)->workspace = workspace;
     return SUCCESS;
 }
 

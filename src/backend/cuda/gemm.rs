@@ -13,9 +13,15 @@ use half::bf16;
 use std::ffi::c_void;
 use std::sync::Arc;
 
+/// cuBLAS's workspace, owned here and set once: a GEMM recorded into a
+/// CUDA graph then uses this buffer at replay instead of allocating one
+/// inside the capture (32 MiB is what cuBLAS asks for on Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
 pub struct Blas {
     handle: CudaBlas,
     stream: Arc<CudaStream>,
+    _workspace: CudaSlice<u8>,
 }
 
 /// The two weight dtypes a GEMM takes, with activations of the same type.
@@ -31,7 +37,22 @@ impl Blas {
             return Err(BackendError::Device("libcublas cannot be loaded (LD_LIBRARY_PATH?)".into()));
         }
         let handle = CudaBlas::new(stream.clone()).map_err(|e| BackendError::Device(format!("creating a cuBLAS handle: {e}")))?;
-        Ok(Blas { handle, stream })
+        let workspace = stream
+            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .map_err(driver_error("allocating cuBLAS's workspace"))?;
+        {
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the buffer lives as long as the handle (both in `Blas`),
+            // and the handle's stream is the one it was allocated on.
+            unsafe { sys::cublasSetWorkspace_v2(*handle.handle(), ptr as *mut c_void, WORKSPACE_BYTES) }
+                .result()
+                .map_err(|e| BackendError::Device(format!("setting cuBLAS's workspace: {e}")))?;
+        }
+        Ok(Blas {
+            handle,
+            stream,
+            _workspace: workspace,
+        })
     }
 
     /// `out [n, outs] = x [n, in] · wᵀ` (overwriting `out`).
