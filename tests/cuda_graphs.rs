@@ -138,3 +138,39 @@ fn split_over_two_gpus_the_graphs_hold_nccl_and_give_the_eager_tokens_and_answer
     let handle = spawn(Box::new(split_over_nccl("tiny-chat", 512, true)), tokenizer, 512, 64);
     assert_all_cases_exact(&handle);
 }
+
+/// With step timing on, each step (here each fetches its ids) is timed by
+/// the device's clock from its inputs' copy to its ids' copy, and every
+/// step after the first has its gap since the one before; with it off,
+/// nothing is recorded. Op by op and replayed alike.
+#[test]
+fn step_timing_reads_each_steps_span_and_the_gaps_between_off_the_device() {
+    let _one = ONE_AT_A_TIME.lock().unwrap();
+    if !common::gpu_visible() {
+        return;
+    }
+    let prompt = common::Reference::open("tiny-gqa").ids("prompt1.input_ids");
+    let request = GenerateRequest {
+        sampling: SamplingParams::greedy(),
+        max_tokens: 6,
+        ..penalized(&prompt)
+    };
+    let blocks = blocks_for(prompt.len() + request.max_tokens);
+    for graphs in [false, true] {
+        let mut generator = Generator::with_executor(Box::new(executor("tiny-gqa", blocks, graphs)), blocks);
+        // Untimed first (which also records the graph).
+        let before = cuda::device_time();
+        let untimed = generator.generate(&request, |_| {}).unwrap().tokens;
+        assert_eq!(cuda::device_time(), before, "graphs={graphs}: timing off records nothing");
+        cuda::time_steps(true);
+        let before = cuda::device_time();
+        generator.reset();
+        let timed = generator.generate(&request, |_| {});
+        cuda::time_steps(false);
+        let run = cuda::device_time().since(before);
+        assert_eq!(timed.unwrap().tokens, untimed, "graphs={graphs}: timing changes no token");
+        assert_eq!((run.steps, run.gaps), (6, 5), "graphs={graphs}: a prefill and five decode steps");
+        assert!(!run.busy.is_zero(), "graphs={graphs}: {run:?}");
+        assert!((0.0..1.0).contains(&run.idle_fraction()), "graphs={graphs}: {run:?}");
+    }
+}

@@ -111,6 +111,28 @@ EOF
 )")
 done
 
+# Batch 64 through the engine: output tokens/s, and the share of the
+# device's time spent idle between steps (timing events on its stream).
+for model in qwen2.5-0.5b qwen2.5-7b; do
+    "$BIN/shardline" bench --device cuda --model "configs/models/$model.json" --load-format dummy --concurrency 64 \
+        --prompt-len 128 --decode-tokens 128 --repeats 1 --json >"$LOGS/batch64-$model.json" 2>"$LOGS/batch64-$model.log" ||
+        tail -n 20 "$LOGS/batch64-$model.log"
+    ROWS+=("$(python3 - "$LOGS/batch64-$model.json" "$model" <<'EOF'
+import json, sys
+label = f"batch 64 {sys.argv[2]}"
+try:
+    report = json.load(open(sys.argv[1]))
+except Exception:
+    print(f"{label:<34} FAILED (batch64-{sys.argv[2]}.log)")
+    sys.exit()
+line = f"{label:<34} {report['output_tokens_per_s']:.0f} output tok/s"
+if "device_idle_fraction" in report:
+    line += f", device idle between steps {100 * report['device_idle_fraction']:.1f}% ({report['device_mean_gap_us']:.0f} µs a gap)"
+print(line)
+EOF
+)")
+done
+
 # The kernels decode streams memory through, alone, on the 7B shapes.
 "$BIN/shardline" bench --kernels --model configs/models/qwen2.5-7b.json --load-format dummy --context 4096 --json \
     >"$LOGS/kernels.json" 2>"$LOGS/kernels.log" || tail -n 20 "$LOGS/kernels.log"
@@ -152,6 +174,8 @@ if peer:
             line += " WORKLOADS DIFFER"
 else:
     line += "; HF batched FAILED or over 150 s"
+if ours.get("device_idle_fraction") is not None:
+    line += f"; device idle between steps {100 * ours['device_idle_fraction']:.1f}%"
 print(line)
 EOF
 )")

@@ -214,11 +214,17 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     let layout = args.parallel.layout();
     let mut rng = Rng::seeded(args.seed);
     let mut runs = Vec::new();
-    for _ in 0..args.repeats + 1 {
+    let mut device_before = cuda::device_time();
+    for run in 0..args.repeats + 1 {
         let requests: Vec<Request> = (0..concurrency)
             .map(|_| random_request(&mut rng, config, args.prompt_len, args.decode_tokens))
             .collect();
         let busy_before = busy_snapshot(busy.as_ref());
+        // Each run timed on its own: no gap across the pause between runs.
+        cuda::time_steps(true);
+        if run == 1 {
+            device_before = cuda::device_time();
+        }
         let start = Instant::now();
         run_requests(&engine, requests)?;
         let wall = start.elapsed().as_secs_f64();
@@ -237,13 +243,15 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     runs.remove(0);
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (tokens_per_s, stage_idle) = runs.swap_remove(runs.len() / 2);
+    let device = DeviceIdle::since(device_before);
     let micro_batching = layout.pp > 1 && !args.parallel.no_micro_batching;
     if args.json {
-        let report = json!({
+        let mut report = json!({
             "tp": layout.tp, "pp": layout.pp, "micro_batching": micro_batching, "concurrency": concurrency,
             "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
             "output_tokens_per_s": tokens_per_s, "stage_idle_fraction": stage_idle,
         });
+        device.add_to(&mut report);
         println!("{report}");
         return Ok(());
     }
@@ -259,7 +267,45 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
             idle.join(" / ")
         }
     );
+    device.print();
     Ok(())
+}
+
+/// The GPUs' own account of a run's steps (nothing off the GPU): how much
+/// of the device's time passed idle between one step's end and the next
+/// step's start, from timing events recorded on the ranks' streams.
+pub(super) struct DeviceIdle(Option<cuda::DeviceTime>);
+
+impl DeviceIdle {
+    /// Since `before` (a [`cuda::device_time`] taken with timing on).
+    pub(super) fn since(before: cuda::DeviceTime) -> Self {
+        let run = cuda::device_time().since(before);
+        DeviceIdle((run.gaps > 0).then_some(run))
+    }
+
+    fn mean_gap_us(run: &cuda::DeviceTime) -> f64 {
+        run.idle.as_secs_f64() * 1e6 / run.gaps as f64
+    }
+
+    pub(super) fn add_to(&self, report: &mut serde_json::Value) {
+        if let Some(run) = &self.0 {
+            report["device_idle_fraction"] = json!(run.idle_fraction());
+            report["device_mean_gap_us"] = json!(Self::mean_gap_us(run));
+            report["device_steps"] = json!(run.steps);
+        }
+    }
+
+    pub(super) fn print(&self) {
+        if let Some(run) = &self.0 {
+            println!(
+                "device idle between steps: {:.1}% of its time ({:.1} µs a gap over {} gaps, {} steps timed)",
+                100.0 * run.idle_fraction(),
+                Self::mean_gap_us(run),
+                run.gaps,
+                run.steps
+            );
+        }
+    }
 }
 
 /// An engine over the model with room for `max_num_seqs` sequences in

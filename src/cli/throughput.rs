@@ -4,9 +4,10 @@
 //! `benches/hf_gpu_peer.py --requests` repeats, so a peer runs the same
 //! workload.
 
-use super::bench::{random_request, run_requests, start_engine, BenchArgs};
+use super::bench::{random_request, run_requests, start_engine, BenchArgs, DeviceIdle};
 use anyhow::Context;
 use serde_json::json;
+use shardline::backend::cuda;
 use shardline::config::ModelConfig;
 use shardline::generation::blocks_for;
 use shardline::model_dir::ModelOptions;
@@ -63,19 +64,23 @@ pub fn run(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, reque
     let warm_up = (0..requests.min(4)).map(|_| request(args.prompt_lens.min, 2)).collect();
     run_requests(&engine, warm_up).context("warming up")?;
     let batch = lengths.iter().map(|&(p, o)| request(p, o)).collect();
+    cuda::time_steps(true);
+    let device_before = cuda::device_time();
     let start = Instant::now();
     run_requests(&engine, batch)?;
     let wall = start.elapsed().as_secs_f64();
+    let device = DeviceIdle::since(device_before);
     let prompt_tokens: usize = lengths.iter().map(|l| l.0).sum();
     let output_tokens: usize = lengths.iter().map(|l| l.1).sum();
     let layout = args.parallel.layout();
     if args.json {
-        let report = json!({
+        let mut report = json!({
             "tp": layout.tp, "pp": layout.pp, "requests": requests,
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "seconds": wall,
             "output_tokens_per_s": output_tokens as f64 / wall,
             "total_tokens_per_s": (prompt_tokens + output_tokens) as f64 / wall,
         });
+        device.add_to(&mut report);
         println!("{report}");
         return Ok(());
     }
@@ -88,6 +93,7 @@ pub fn run(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, reque
         output_tokens as f64 / wall,
         (prompt_tokens + output_tokens) as f64 / wall
     );
+    device.print();
     Ok(())
 }
 

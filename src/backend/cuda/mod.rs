@@ -18,10 +18,12 @@ pub mod nccl;
 mod ops;
 mod sampling;
 mod step;
+mod timeline;
 
 pub use graph::CudaGraph;
 pub use sampling::SampledFetch;
 pub use step::CudaStep;
+pub use timeline::{device_time, time_steps, DeviceTime};
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
 use cudarc::driver::{
@@ -163,6 +165,7 @@ pub struct CudaBackend {
     pinned: std::sync::Mutex<Vec<SampledFetch>>,
     /// Fill each buffer a kernel is to write with NaN first.
     poison: bool,
+    timeline: timeline::Timeline,
 }
 
 /// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
@@ -217,6 +220,7 @@ impl CudaBackend {
             multiprocessors,
             pinned: std::sync::Mutex::new(Vec::new()),
             poison: false,
+            timeline: Default::default(),
         })
     }
 

@@ -3,6 +3,7 @@
 //! the token ids copied back.
 
 use super::ops::check;
+use super::timeline::StepSpan;
 use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
@@ -77,6 +78,7 @@ impl CudaBackend {
                 }
                 .map_err(alloc_error("page-locked sampled ids", rows * 4))?,
                 done: self.stream.context().new_event(None).map_err(driver_error("creating an event"))?,
+                span: None,
             },
         };
         if rows > 0 {
@@ -88,12 +90,16 @@ impl CudaBackend {
                 .map_err(driver_error("copying the sampled ids"))?;
         }
         fetch.done.record(&self.stream).map_err(driver_error("recording a copy"))?;
+        fetch.span = self.timeline.end(&self.stream)?;
         Ok(fetch)
     }
 
     /// Waits for a fetch and returns its first `n` ids; the buffer goes back to the pool.
-    pub(super) fn finish_fetch(&self, fetch: SampledFetch, n: usize) -> Result<Vec<u32>> {
+    pub(super) fn finish_fetch(&self, mut fetch: SampledFetch, n: usize) -> Result<Vec<u32>> {
         wait_for("waiting for the sampled ids", || fetch.done.synchronize())?;
+        if let Some(span) = fetch.span.take() {
+            self.timeline.collect(span)?;
+        }
         let ids = fetch.buffer.as_slice().map_err(driver_error("a page-locked buffer"))?[..n].to_vec();
         self.pinned.lock().expect("the pinned pool is not poisoned").push(fetch);
         Ok(ids)
@@ -104,6 +110,8 @@ impl CudaBackend {
 pub struct SampledFetch {
     buffer: PinnedHostSlice<u32>,
     done: CudaEvent,
+    /// The step's span on the device, when steps are timed.
+    span: Option<StepSpan>,
 }
 
 #[cfg(test)]

@@ -249,6 +249,7 @@ impl CudaBackend {
     pub(super) fn prepare(&self, inputs: StepInputs<'_>) -> Result<CudaStep> {
         let capacity = capacity_of(&inputs);
         let (words, tiles) = pack(&inputs, &capacity)?;
+        self.timeline.begin(&self.stream)?;
         Ok(CudaStep {
             buf: self.upload(&words, "step inputs")?,
             sampled: self.alloc_for_kernel(capacity.rows, "sampled ids")?,
@@ -283,6 +284,7 @@ impl CudaBackend {
         check(step.tiles == 0 || step.tiles == tiles, || {
             format!("a step buffer of {} attention tiles refilled with {tiles}", step.tiles)
         })?;
+        self.timeline.begin(&self.stream)?;
         self.stream
             .memcpy_htod(&words, &mut step.buf)
             .map_err(super::driver_error("refilling a step buffer"))?;
