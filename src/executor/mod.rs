@@ -67,10 +67,7 @@ impl<B: Backend> LocalExecutor<B> {
     /// the engine's, where the rows that pad a batch to its graph write.
     pub fn with_graphs(model: Qwen2ForCausalLM<B>, num_blocks: usize, block_size: usize, graphs: bool) -> Result<Self, BackendError> {
         let graphs = graphs.then(|| DecodeGraphs::new(num_blocks, block_size, model.config().max_position_embeddings));
-        let cache_blocks = match graphs {
-            Some(_) => DecodeGraphs::<B>::cache_blocks(num_blocks),
-            None => num_blocks,
-        };
+        let cache_blocks = graphs.as_ref().map_or(num_blocks, DecodeGraphs::cache_blocks);
         let kv_caches = model.alloc_kv_caches(model.kv_cache_shape(cache_blocks, block_size))?;
         Ok(LocalExecutor {
             model,
@@ -99,14 +96,9 @@ where
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         assert!(self.done.is_none(), "a local executor runs one step at a time");
         let mut out = std::mem::take(&mut self.spare);
-        let graphed = match &mut self.graphs {
-            Some(graphs) => self.model.queue_graphed(graphs, &batch, &mut self.kv_caches, None, &mut out)?,
-            None => None,
-        };
-        let pending = match graphed {
-            Some(pending) => pending,
-            None => self.model.queue_shard(&batch, &mut self.kv_caches, None, &mut out)?,
-        };
+        let pending = self
+            .model
+            .queue(self.graphs.as_mut(), &batch, &mut self.kv_caches, None, &mut out)?;
         self.done = Some((out, pending));
         Ok(())
     }

@@ -397,9 +397,9 @@ where
         let rank = self.rank;
         let (blocks, block_size) = (self.options.num_kv_blocks, self.options.block_size);
         let loaded = (self.load)(rank, self.shard.clone()).and_then(|model| {
-            let mut graphs = (self.options.graphs && self.options.layout.pp == 1)
+            let graphs = (self.options.graphs && self.options.layout.pp == 1)
                 .then(|| DecodeGraphs::new(blocks, block_size, model.config().max_position_embeddings));
-            let cache_blocks = graphs.as_mut().map_or(blocks, |_| DecodeGraphs::<B>::cache_blocks(blocks));
+            let cache_blocks = graphs.as_ref().map_or(blocks, DecodeGraphs::cache_blocks);
             let caches = model
                 .alloc_kv_caches(model.kv_cache_shape(cache_blocks, block_size))
                 .map_err(|e| e.to_string())?;
@@ -439,14 +439,8 @@ where
                 if self.options.panic_at == Some((rank, step as u64)) {
                     panic!("injected fault in step {step}");
                 }
-                let graphed = match &mut graphs {
-                    Some(graphs) => model.queue_graphed(graphs, &batch, &mut caches, Some(&comms), &mut out)?,
-                    None => None,
-                };
-                match graphed {
-                    Some(pending) => model.finish(pending, &mut out),
-                    None => model.forward_shard(&batch, &mut caches, Some(&comms), &mut out),
-                }
+                let pending = model.queue(graphs.as_mut(), &batch, &mut caches, Some(&comms), &mut out)?;
+                model.finish(pending, &mut out)
             }));
             let blocked = tp.waited() + pp.waited() - waited;
             let computing = started.elapsed().saturating_sub(blocked);

@@ -56,9 +56,9 @@ impl<B: Backend> DecodeGraphs<B> {
         }
     }
 
-    /// The blocks a KV cache with graphs holds for an engine's `num_blocks`.
-    pub fn cache_blocks(num_blocks: usize) -> usize {
-        num_blocks + 1
+    /// The blocks the KV cache must hold: the engine's, then the padding block.
+    pub fn cache_blocks(&self) -> usize {
+        self.padding_block as usize + 1
     }
 
     fn bucket_for(&self, batch: &ForwardBatch) -> Option<usize> {
@@ -127,7 +127,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     /// Queues `batch` as a replay of its bucket's graph (recording it
     /// first if need be); `None` where the batch or the backend allows no
     /// graph, leaving the step to [`Qwen2ForCausalLM::queue_shard`].
-    pub fn queue_graphed(
+    pub(super) fn queue_graphed(
         &self,
         graphs: &mut DecodeGraphs<B>,
         batch: &ForwardBatch,

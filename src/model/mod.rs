@@ -247,27 +247,36 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     /// `batch.logit_rows` as row-major `[rows, vocab]` f32, or the tokens
     /// sampled from them) into `out`.
     pub fn forward(&self, batch: &ForwardBatch, kv_caches: &mut [B::KvCache], out: &mut StepOutput) -> Result<(), BackendError> {
-        self.forward_shard(batch, kv_caches, None, out)
+        let pending = self.queue_shard(batch, kv_caches, None, out)?;
+        self.finish(pending, out)
     }
 
-    /// This rank's part of a forward. A first stage embeds the tokens, a
-    /// later one receives the hidden states from the stage before; a last
-    /// stage fills `out` (on its first TP rank, which reports the step), an
-    /// earlier one sends its hidden states on and leaves `out` empty.
-    pub fn forward_shard(
+    /// Queues this rank's part of a forward on the device, up to its
+    /// sampled tokens, which may still be on their way
+    /// ([`Qwen2ForCausalLM::finish`] waits for them): as a replay of its
+    /// decode graph where `graphs` allow one, else op by op. A first stage
+    /// embeds the tokens, a later one receives the hidden states from the
+    /// stage before; a last stage fills `out` (on its first TP rank, which
+    /// reports the step), an earlier one sends its hidden states on and
+    /// leaves `out` empty.
+    pub fn queue(
         &self,
+        graphs: Option<&mut DecodeGraphs<B>>,
         batch: &ForwardBatch,
         kv_caches: &mut [B::KvCache],
         comms: Option<&Collectives<'_, B::Tensor>>,
         out: &mut StepOutput,
-    ) -> Result<(), BackendError> {
-        let pending = self.queue_shard(batch, kv_caches, comms, out)?;
-        self.finish(pending, out)
+    ) -> Result<Pending<B>, BackendError> {
+        if let Some(graphs) = graphs {
+            if let Some(pending) = self.queue_graphed(graphs, batch, kv_caches, comms, out)? {
+                return Ok(pending);
+            }
+        }
+        self.queue_shard(batch, kv_caches, comms, out)
     }
 
-    /// [`Qwen2ForCausalLM::forward_shard`] up to the sampled tokens, which
-    /// may still be on the device: the logits asked for are in `out`.
-    pub fn queue_shard(
+    /// [`Qwen2ForCausalLM::queue`], op by op.
+    fn queue_shard(
         &self,
         batch: &ForwardBatch,
         kv_caches: &mut [B::KvCache],
