@@ -19,10 +19,16 @@ use shardline::model::BUCKETS;
 use shardline::model_dir;
 use shardline::parallel::Layout;
 use shardline::sampling::SamplingParams;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-/// Launches are counted process-wide: one test at a time here.
+/// Launches and step times are counted process-wide: one test at a time here.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// This test's turn, where a GPU is visible.
+fn gpu_test() -> Option<MutexGuard<'static, ()>> {
+    let turn = ONE_AT_A_TIME.lock().unwrap();
+    common::gpu_visible().then_some(turn)
+}
 
 fn executor(name: &str, num_blocks: usize, graphs: bool) -> LocalExecutor<CudaBackend> {
     let model = model_dir::open(common::poisoned_gpu(0), &common::options(&common::model_dir(name)))
@@ -103,19 +109,13 @@ fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -
 
 #[test]
 fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
-    let _one = ONE_AT_A_TIME.lock().unwrap();
-    if !common::gpu_visible() {
-        return;
-    }
+    let Some(_one) = gpu_test() else { return };
     graphed_tokens_are_the_eager_ones(1, |blocks, graphs| Box::new(executor("tiny-gqa", blocks, graphs)));
 }
 
 #[test]
 fn thirty_greedy_answers_through_graphs_of_every_bucket_are_exact() {
-    let _one = ONE_AT_A_TIME.lock().unwrap();
-    if !common::gpu_visible() {
-        return;
-    }
+    let Some(_one) = gpu_test() else { return };
     let loaded = model_dir::open(common::poisoned_gpu(0), &common::options(&common::model_dir("tiny-chat"))).unwrap();
     let executor = LocalExecutor::with_graphs(loaded.model, 512, BLOCK_SIZE, true).unwrap();
     assert!(BUCKETS.contains(&32) && BUCKETS.contains(&1));
@@ -125,10 +125,7 @@ fn thirty_greedy_answers_through_graphs_of_every_bucket_are_exact() {
 
 #[test]
 fn split_over_two_gpus_the_graphs_hold_nccl_and_give_the_eager_tokens_and_answers() {
-    let _one = ONE_AT_A_TIME.lock().unwrap();
-    if !common::gpu_visible() {
-        return;
-    }
+    let Some(_one) = gpu_test() else { return };
     if cuda::gpu_count() < 2 {
         eprintln!("skipped: TP over NCCL needs 2 GPUs, {} visible", cuda::gpu_count());
         return;
@@ -145,10 +142,7 @@ fn split_over_two_gpus_the_graphs_hold_nccl_and_give_the_eager_tokens_and_answer
 /// nothing is recorded. Op by op and replayed alike.
 #[test]
 fn step_timing_reads_each_steps_span_and_the_gaps_between_off_the_device() {
-    let _one = ONE_AT_A_TIME.lock().unwrap();
-    if !common::gpu_visible() {
-        return;
-    }
+    let Some(_one) = gpu_test() else { return };
     let prompt = common::Reference::open("tiny-gqa").ids("prompt1.input_ids");
     let request = GenerateRequest {
         sampling: SamplingParams::greedy(),
