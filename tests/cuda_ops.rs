@@ -290,6 +290,27 @@ fn shape_mismatches_are_errors_not_faults() {
         .select_rows(&x, &gpu.prepare_step(three.inputs(&three.token_ids, true)).unwrap())
         .is_err());
     assert!(gpu.prepare_step(batch_of(&[0; 2], &[2], vec![]).inputs(&[0; 2], true)).is_err());
+    // A head size the attention kernel has no variant for (32, 64 or 128).
+    let spec = AttentionSpec {
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 48,
+        scale: 1.0,
+    };
+    let shape = KvCacheShape {
+        num_blocks: 1,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: 48,
+    };
+    let one = batch_of(&[0], &[], vec![]);
+    let step = gpu.prepare_step(one.inputs(&one.token_ids, true)).unwrap();
+    let (_, qkv) = activations(&gpu, 1, 4 * 48, 5);
+    let error = gpu
+        .paged_attention(&qkv, &gpu.alloc_kv_cache(shape).unwrap(), &step, &spec)
+        .err()
+        .expect("head_dim 48 is refused");
+    assert!(error.to_string().contains("32, 64 or 128"), "{error}");
 }
 
 #[test]
