@@ -9,6 +9,9 @@ With --requests, throughput instead: the same requests as `shardline bench
 --requests` (lengths from the same seeded LCG), run through batched
 `generate` in batches of --batch, left-padded, each batch generating its
 longest output; output tokens/s counts only the tokens each request asked for.
+With --time-limit, batches stop being started once that many seconds have
+passed, and the figures cover the requests of the batches that ran
+("requests_done"), so a slow peer still reports within a fixed time.
 
     python3 benches/hf_gpu_peer.py --config configs/models/qwen2.5-7b.json
     python3 benches/hf_gpu_peer.py --config configs/models/qwen2.5-7b.json --requests 256
@@ -59,6 +62,7 @@ def main():
     parser.add_argument("--output-lens", default="128-1024")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64, help="requests per generate call")
+    parser.add_argument("--time-limit", type=float, help="start no batch after this many seconds of throughput")
     args = parser.parse_args()
 
     import torch
@@ -125,18 +129,25 @@ def throughput(model, config, args):
         run(requests[:4])
         torch.cuda.synchronize()
         start = time.perf_counter()
-        generated = sum(run(requests[i : i + args.batch]) for i in range(0, len(requests), args.batch))
+        done, generated = [], 0
+        for i in range(0, len(requests), args.batch):
+            if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+                break
+            batch = requests[i : i + args.batch]
+            generated += run(batch)
+            done += batch
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    output_tokens = sum(o for _, o in requests)
+    output_tokens = sum(o for _, o in done)
     print(
         json.dumps(
             {
                 "peer": f"transformers {__import__('transformers').__version__}",
                 "config": args.config,
                 "requests": args.requests,
+                "requests_done": len(done),
                 "batch": args.batch,
-                "prompt_tokens": sum(p for p, _ in requests),
+                "prompt_tokens": sum(p for p, _ in done),
                 "output_tokens": output_tokens,
                 "generated_tokens": generated,
                 "seconds": wall,
@@ -144,7 +155,6 @@ def throughput(model, config, args):
             }
         )
     )
-
 
 if __name__ == "__main__":
     main()
