@@ -3,7 +3,10 @@
 //! detokenizer, stop strings, the events), without a GPU: the real engine
 //! and tiny-chat's real tokenizer drive a simulated device that takes a
 //! fixed time per step and runs steps back to back as they are queued.
-//! Its tokens come from a cheap rule; no model runs.
+//! Its tokens come from a cheap rule; no model runs. Each setting runs
+//! twice: with the engine planning each step before the last one's tokens
+//! are back (the device takes a step more, as a GPU's executor does), and
+//! without (each step waits for the tokens of the one before).
 //!
 //! ```sh
 //! cargo bench --bench engine_overlap -- [--requests 64] [--step-ms 6] [--tokens 256]
@@ -19,6 +22,7 @@ use shardline::executor::Executor;
 use shardline::model::{ForwardBatch, StepOutput};
 use shardline::sampling::SamplingParams;
 use shardline::tokenizer::Tokenizer;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +41,10 @@ struct SimulatedDevice {
     config: ModelConfig,
     step: Duration,
     timeline: Arc<Mutex<Timeline>>,
-    /// The submitted step: when it ends, and its tokens.
-    queued: Option<(Instant, Vec<u32>)>,
+    /// Whether it takes a step while one is queued.
+    lookahead: bool,
+    /// The submitted steps: when each ends, and its tokens.
+    queued: VecDeque<(Instant, Vec<u32>)>,
 }
 
 impl Executor for SimulatedDevice {
@@ -48,6 +54,10 @@ impl Executor for SimulatedDevice {
 
     fn decode_weight_bytes(&self) -> usize {
         0
+    }
+
+    fn lookahead(&self) -> bool {
+        self.lookahead
     }
 
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
@@ -70,12 +80,12 @@ impl Executor for SimulatedDevice {
             .iter()
             .map(|&r| 1000 + (batch.positions[r as usize] * 37) % 20_000)
             .collect();
-        self.queued = Some((end, tokens));
+        self.queued.push_back((end, tokens));
         Ok(())
     }
 
     fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
-        let (end, tokens) = self.queued.take().expect("collect follows submit");
+        let (end, tokens) = self.queued.pop_front().expect("collect follows submit");
         while Instant::now() < end {
             std::hint::spin_loop();
         }
@@ -102,13 +112,14 @@ fn main() {
         true => vec![arg(&args, "--step-ms", 6)],
         false => vec![1, 6],
     };
-    for ms in step_ms {
+    for (ms, lookahead) in step_ms.into_iter().flat_map(|ms| [(ms, true), (ms, false)]) {
         let timeline = Arc::new(Mutex::new(Timeline::default()));
         let device = SimulatedDevice {
             config: config.clone(),
             step: Duration::from_millis(ms as u64),
             timeline: timeline.clone(),
-            queued: None,
+            lookahead,
+            queued: VecDeque::new(),
         };
         let engine_config = EngineConfig {
             max_num_seqs: requests,
@@ -142,7 +153,11 @@ fn main() {
         let t = timeline.lock().unwrap();
         let share = t.idle.as_secs_f64() / (t.idle + t.busy).as_secs_f64();
         println!(
-            "{requests} requests × {tokens} tokens, {ms} ms a step: device idle {:.2}% ({:.1} µs a step)",
+            "{requests} requests × {tokens} tokens, {ms} ms a step, {}: device idle {:.2}% ({:.1} µs a step)",
+            match lookahead {
+                true => "planned ahead",
+                false => "each step after the last one's tokens",
+            },
             100.0 * share,
             t.idle.as_secs_f64() * 1e6 / (t.busy.as_secs_f64() / (ms as f64 / 1e3)),
         );

@@ -29,10 +29,10 @@ __device__ void paged_attention(
     const float* __restrict__ qkv,                 // [tokens, (heads + 2*kv_heads) * head_dim]
     const __nv_bfloat16* __restrict__ k_cache,     // [slots, kv_heads, head_dim]
     const __nv_bfloat16* __restrict__ v_cache,
-    const unsigned int* __restrict__ block_tables, // [seqs, max_blocks]
+    const unsigned int* __restrict__ block_tables, // [blocks, seqs]: block j of sequence s at j·seqs + s
     const unsigned int* __restrict__ tiles,        // [tiles, 3]: first token, token count, sequence
     const unsigned int* __restrict__ token_pos,    // [tokens]: each token's position in its sequence
-    int tokens, int max_blocks, int heads, int kv_heads, int passes, int block_size, float scale) {
+    int tokens, int seqs, int heads, int kv_heads, int passes, int block_size, float scale) {
     constexpr int head_dim = 32 * DIMS;
     // Key rows in bf16 with one spare word: an odd stride in words, so the
     // 32 lanes reading 32 keys' same dimensions hit 32 banks.
@@ -51,7 +51,7 @@ __device__ void paged_attention(
     if (rows <= 0) return;  // a short tile needs fewer passes (the whole block leaves)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int width = (heads + 2 * kv_heads) * head_dim;
-    const unsigned int* table = block_tables + (size_t)seq * max_blocks;
+    const unsigned int* table = block_tables + seq;  // its blocks, `seqs` words apart
     const size_t kv_stride = (size_t)kv_heads * head_dim;
 
     // This pass's query rows, scaled; row r of the pass is row pass·ROWS_PER_BLOCK + r of the tile.
@@ -84,7 +84,7 @@ __device__ void paged_attention(
             const int j = c / pieces, part = c % pieces, key = base + j;
             uint4 k_piece = make_uint4(0, 0, 0, 0), v_piece = make_uint4(0, 0, 0, 0);
             if (key < end) {
-                const size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
+                const size_t slot = (size_t)table[(size_t)(key / block_size) * seqs] * block_size + key % block_size;
                 const size_t at = slot * kv_stride + (size_t)kv_head * head_dim + part * 8;
                 k_piece = *reinterpret_cast<const uint4*>(k_cache + at);
                 v_piece = *reinterpret_cast<const uint4*>(v_cache + at);
@@ -162,10 +162,10 @@ __device__ void paged_attention(
         float* __restrict__ out, float* __restrict__ partial, const float* __restrict__ qkv,                            \
         const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,                           \
         const unsigned int* __restrict__ block_tables, const unsigned int* __restrict__ tiles,                           \
-        const unsigned int* __restrict__ token_pos, int tokens, int max_blocks, int heads, int kv_heads, int passes,      \
+        const unsigned int* __restrict__ token_pos, int tokens, int seqs, int heads, int kv_heads, int passes,            \
         int block_size, float scale) {                                                                                   \
         paged_attention<dims / 32>(out, partial, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,       \
-                                   max_blocks, heads, kv_heads, passes, block_size, scale);                               \
+                                   seqs, heads, kv_heads, passes, block_size, scale);                                     \
     }
 
 PAGED_ATTENTION(32)

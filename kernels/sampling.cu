@@ -178,9 +178,12 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     return result;
 }
 
-// out [rows]: the picked token ids. logits [rows, vocab]: overwritten with
-// the adjusted scores. params [rows]; adjustments [total], each row's ids distinct.
-extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, float* __restrict__ logits,
+// out [rows]: the picked token ids, also kept in previous [previous_rows]
+// for the next step's embedding (rows past it are not kept). logits [rows,
+// vocab]: overwritten with the adjusted scores. params [rows]; adjustments
+// [total], each row's ids distinct.
+extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
+                                      int previous_rows, float* __restrict__ logits,
                                       const RowParams* __restrict__ params,
                                       const Adjustment* __restrict__ adjustments, int vocab) {
     const RowParams p = params[blockIdx.x];
@@ -195,7 +198,10 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     __syncthreads();
     if (p.temperature < GREEDY_BELOW) {
         const unsigned int best = row_argmax(row, vocab);
-        if (threadIdx.x == 0) out[blockIdx.x] = best;
+        if (threadIdx.x == 0) {
+            out[blockIdx.x] = best;
+            if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = best;
+        }
         return;
     }
     float best = NEG_INF;
@@ -251,5 +257,8 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         __syncthreads();
         token = last;
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = (unsigned int)token;
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = (unsigned int)token;
+        if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = (unsigned int)token;
+    }
 }

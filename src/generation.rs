@@ -1,11 +1,14 @@
 //! One prompt generated to the end (on one device, or split over ranks by
 //! an executor): the prompt in one step, then one token a step until EOS
 //! or `max_tokens`, each token picked by the model where its logits are.
+//! Where the executor looks ahead and the sampling reads no history, each
+//! step is submitted before the last one's token is back, naming it as the
+//! device's [`PREVIOUS_SAMPLE`]: an EOS then costs one wasted step.
 //! This is the path of `shardline generate` and `shardline bench`; the
 //! serving engine batches many sequences through the same model forward
 //! instead.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, PREVIOUS_SAMPLE};
 use crate::executor::{Executor, LocalExecutor};
 use crate::model::{ForwardBatch, Qwen2ForCausalLM, Sampling, StepOutput};
 use crate::sampling::{RowSampling, SampledToken, Sampler, SamplingParams};
@@ -97,12 +100,19 @@ impl Generator {
     }
 
     fn run(&mut self, ids: &[u32], all_logits: bool, sampling: Sampling) -> Result<StepOutput, GenerateError> {
-        if ids.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
         let vocab = self.executor.config().vocab_size;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
+        self.submit(ids, all_logits, sampling)?;
+        self.collect()
+    }
+
+    /// Starts the step that appends `ids` (ids of the vocabulary, or a
+    /// [`PREVIOUS_SAMPLE`]).
+    fn submit(&mut self, ids: &[u32], all_logits: bool, sampling: Sampling) -> Result<(), GenerateError> {
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
         }
         let context = self.capacity().min(self.executor.config().max_position_embeddings);
         if self.cached + ids.len() > context {
@@ -115,9 +125,15 @@ impl Generator {
             sampling,
             ..ForwardBatch::single(ids, self.cached, &self.block_table, BLOCK_SIZE, all_logits)
         };
-        let mut out = StepOutput::default();
-        self.executor.forward(batch, &mut out)?;
+        self.executor.submit(batch)?;
         self.cached += ids.len();
+        Ok(())
+    }
+
+    /// What the oldest step in flight returns.
+    fn collect(&mut self) -> Result<StepOutput, GenerateError> {
+        let mut out = StepOutput::default();
+        self.executor.collect(&mut out)?;
         Ok(out)
     }
 
@@ -182,17 +198,30 @@ impl Generator {
                 context,
             });
         }
+        let vocab = self.executor.config().vocab_size;
+        if let Some(&id) = req.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        }
         let start = Instant::now();
         let mut sampler = Sampler::new(req.sampling.clone());
+        let ahead = self.executor.lookahead() && !sampler.reads_history();
         let mut history = req.prompt_ids.clone();
         let mut tokens = Vec::new();
         let mut time_to_first_token = Duration::ZERO;
         self.reset();
-        let vocab = self.executor.config().vocab_size;
-        let mut new_ids = req.prompt_ids.clone();
+        let step = |generator: &mut Self, sampler: &mut Sampler, ids: &[u32], history: &[u32]| {
+            let rows = vec![sampler.next_row(history, req.prompt_ids.len())];
+            let logits = sampler.wants_logits();
+            generator.submit(ids, false, Sampling::Model { rows, logits })
+        };
+        step(self, &mut sampler, &req.prompt_ids, &history)?;
         let finish_reason = loop {
-            let row = sampler.next_row(&history, req.prompt_ids.len());
-            let out = self.extend_sampled(&new_ids, row, sampler.wants_logits())?;
+            // The step after this one goes first, unless this one's token is the last.
+            let looked_ahead = ahead && tokens.len() + 1 < req.max_tokens;
+            if looked_ahead {
+                step(self, &mut sampler, &[PREVIOUS_SAMPLE], &history)?;
+            }
+            let out = self.collect()?;
             let token = sampler.finish(out.token_ids[0], out.row_logits(0, vocab));
             if tokens.is_empty() {
                 time_to_first_token = start.elapsed();
@@ -202,12 +231,19 @@ impl Generator {
             tokens.push(token);
             history.push(id);
             if !req.ignore_eos && req.eos_token_ids.contains(&id) {
+                if looked_ahead {
+                    // The step past the EOS: its token and cache slot are dropped.
+                    self.collect()?;
+                    self.cached -= 1;
+                }
                 break FinishReason::Stop;
             }
             if tokens.len() >= req.max_tokens {
                 break FinishReason::Length;
             }
-            new_ids = vec![id];
+            if !looked_ahead {
+                step(self, &mut sampler, &[id], &history)?;
+            }
         };
         Ok(Generation {
             tokens,

@@ -2,16 +2,21 @@
 //! references: every greedy answer is exact when all 30 run in one batch,
 //! alone or under a KV cache so small that sequences are preempted and
 //! recomputed; seeded samples do not depend on their batch; stop strings,
-//! aborts, refusals and prefix-cache hits behave.
+//! aborts, refusals and prefix-cache hits behave; each decode step is
+//! submitted before the last one's tokens are back, except where a
+//! sequence's sampling needs them.
 
 mod common;
 
-use common::engine::{assert_all_cases_exact, cases, collect, ids, request, spawn};
+use common::engine::{assert_all_cases_exact, cases, collect, ids, request, spawn, Handed, Recording};
+use shardline::backend::PREVIOUS_SAMPLE;
 use shardline::engine::request::{Event, FinishReason, StopReason};
 use shardline::engine::EngineHandle;
-use shardline::executor::LocalExecutor;
+use shardline::executor::{Executor, LocalExecutor};
+use shardline::model::ForwardBatch;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 fn engine(num_kv_blocks: usize, max_num_seqs: usize) -> EngineHandle {
     let loaded = common::load("tiny-chat");
@@ -137,4 +142,64 @@ fn a_shared_system_prompt_is_served_from_the_prefix_cache() {
     assert_eq!(first.finished.cached_tokens, 0);
     assert_eq!(second.finished.cached_tokens, 16, "the first block of the shared system prompt");
     assert_eq!(second.ids, ids(&cases()[1]["completion_ids"]));
+}
+
+/// The engine over tiny-chat, noting what it hands the executor.
+fn recorded() -> (EngineHandle, Arc<Mutex<Handed>>) {
+    let loaded = common::load("tiny-chat");
+    let executor = Recording::new(Box::new(LocalExecutor::new(loaded.model, 512, 16).unwrap()));
+    let handed = executor.handed.clone();
+    (spawn(Box::new(executor), loaded.tokenizer, 512, 64), handed)
+}
+
+#[test]
+fn each_decode_step_goes_to_the_device_before_the_last_ones_token_is_back() {
+    let case = &cases()[0];
+    let (handle, handed) = recorded();
+    let out = collect(handle.submit(request(ids(&case["prompt_ids"]), SamplingParams::greedy(), 96)).1).unwrap();
+    assert_eq!(out.ids, ids(&case["completion_ids"]));
+    assert_eq!(out.finished.reason, FinishReason::Stop);
+    let handed = handed.lock().unwrap();
+    assert_eq!(handed.most_in_flight, 2);
+    // The prefill, then a step for each token after it, each taking the
+    // token before from the device; the EOS is seen a step late, so the
+    // step past it is wasted.
+    assert_eq!((handed.batches.len(), handed.ahead()), (out.ids.len() + 1, out.ids.len()));
+}
+
+#[test]
+fn a_length_stop_is_known_ahead_and_wastes_no_step() {
+    let case = &cases()[0];
+    let (handle, handed) = recorded();
+    let out = collect(handle.submit(request(ids(&case["prompt_ids"]), SamplingParams::greedy(), 5)).1).unwrap();
+    assert_eq!(out.ids, ids(&case["completion_ids"])[..5]);
+    let handed = handed.lock().unwrap();
+    assert_eq!((handed.batches.len(), handed.ahead()), (5, 4));
+}
+
+#[test]
+fn a_penalized_request_waits_for_each_token_on_the_host() {
+    let penalized = SamplingParams {
+        repetition_penalty: 1.3,
+        ..SamplingParams::greedy()
+    };
+    let (handle, handed) = recorded();
+    let out = collect(handle.submit(request(ids(&cases()[0]["prompt_ids"]), penalized, 6)).1).unwrap();
+    assert_eq!(out.ids.len(), 6);
+    let handed = handed.lock().unwrap();
+    assert_eq!((handed.batches.len(), handed.ahead(), handed.most_in_flight), (6, 0, 1));
+}
+
+#[test]
+fn a_step_naming_a_token_no_step_sampled_is_refused() {
+    let loaded = common::load("tiny-chat");
+    let mut executor = LocalExecutor::new(loaded.model, 8, 16).unwrap();
+    let err = executor
+        .submit(ForwardBatch::single(&[PREVIOUS_SAMPLE | 3], 0, &[0], 16, false))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("takes row 3 of the previous step's tokens, which sampled 0"),
+        "{err}"
+    );
 }

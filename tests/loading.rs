@@ -52,14 +52,14 @@ fn variant(edit_tensors: impl FnOnce(&mut Tensors), edit_config: impl FnOnce(&mu
 }
 
 fn open_err(dir: &Path) -> String {
-    match model_dir::open(CpuBackend, &common::options(dir)) {
+    match model_dir::open(CpuBackend::default(), &common::options(dir)) {
         Ok(_) => panic!("{} loaded, but should not", dir.display()),
         Err(e) => e.to_string(),
     }
 }
 
 fn prompt_logits(options: &ModelOptions, ids: &[u32]) -> Vec<f32> {
-    let loaded = model_dir::open(CpuBackend, options).unwrap();
+    let loaded = model_dir::open(CpuBackend::default(), options).unwrap();
     Generator::new(loaded.model, 256).unwrap().extend(ids, true).unwrap()
 }
 
@@ -193,7 +193,7 @@ fn a_folder_without_weights_or_config_says_what_is_missing() {
     std::fs::copy(common::model_dir("tiny-gqa").join("config.json"), dir.path().join("config.json")).unwrap();
     let err = open_err(dir.path());
     assert!(err.contains("no weights found") && err.contains("--load-format dummy"), "{err}");
-    let err = model_dir::open(CpuBackend, &common::options(&dir.path().join("nope")))
+    let err = model_dir::open(CpuBackend::default(), &common::options(&dir.path().join("nope")))
         .err()
         .unwrap()
         .to_string();
@@ -229,7 +229,7 @@ fn a_shard_index_naming_a_missing_file_names_it() {
 fn a_broken_tokenizer_is_an_error_not_a_silent_fallback() {
     let dir = variant(|_| {}, |_| {});
     std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
-    let err = model_dir::open(CpuBackend, &common::options(dir.path())).err().unwrap();
+    let err = model_dir::open(CpuBackend::default(), &common::options(dir.path())).err().unwrap();
     assert!(
         matches!(err, OpenError::Tokenizer(_)) && err.to_string().contains("tokenizer.json"),
         "{err}"

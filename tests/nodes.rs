@@ -73,7 +73,7 @@ fn follower(layout: Layout, port: u16, groups: Groups, load: fn(usize) -> CpuBac
 /// Node 0 on this thread.
 fn lead(options: WorkerOptions, port: u16, groups: Groups) -> Result<Workers, WorkersError> {
     let layout = options.layout;
-    let load = shard_loader(FIXTURE, |_| CpuBackend);
+    let load = shard_loader(FIXTURE, |_| CpuBackend::default());
     Workers::lead(config(), options, load, transport(layout, groups), &[KEYS.to_vec()], &spec(0, port))
 }
 
@@ -85,7 +85,7 @@ fn a_model_split_over_two_nodes_gives_the_reference_logits_and_greedy_ids() {
     let mut followers = Vec::new();
     check_prompts(FIXTURE, "over 2 nodes", Accuracy::F32, |num_kv_blocks| {
         let (port, groups) = (free_port(), groups(layout));
-        followers.push(follower(layout, port, groups.clone(), |_| CpuBackend));
+        followers.push(follower(layout, port, groups.clone(), |_| CpuBackend::default()));
         Box::new(lead(worker_options(layout, None, num_kv_blocks), port, groups).unwrap())
     });
     // Each leader has been dropped, hanging up on its follower.
@@ -101,7 +101,7 @@ fn tokens_sampled_on_the_follower_come_back_as_the_host_would_pick_them() {
     let num_kv_blocks = sampled::blocks(&request);
     let want = sampled::by_host(common::generator(FIXTURE, num_kv_blocks * BLOCK_SIZE), &request);
     let (port, groups) = (free_port(), groups(layout));
-    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend);
+    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend::default());
     let leader = lead(worker_options(layout, None, num_kv_blocks), port, groups).unwrap();
     let got = sampled::by_model(Generator::with_executor(Box::new(leader), num_kv_blocks), &request);
     sampled::assert_same(&got, &want, "over 2 nodes");
@@ -112,7 +112,7 @@ fn tokens_sampled_on_the_follower_come_back_as_the_host_would_pick_them() {
 fn a_rank_failing_on_the_follower_fails_the_step_on_the_leader() {
     let layout = Layout { tp: 2, pp: 2 };
     let (port, groups) = (free_port(), groups(layout));
-    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend);
+    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend::default());
     let mut options = worker_options(layout, None, blocks_for(16));
     options.panic_at = Some((3, 1));
     let leader = lead(options, port, groups).unwrap();
@@ -147,7 +147,7 @@ fn a_node_that_cannot_load_fails_the_start_on_both_nodes() {
 #[test]
 fn a_node_with_another_split_is_refused_by_the_leader() {
     let (port, groups) = (free_port(), groups(Layout { tp: 2, pp: 1 }));
-    let node1 = follower(Layout { tp: 1, pp: 2 }, port, groups.clone(), |_| CpuBackend);
+    let node1 = follower(Layout { tp: 1, pp: 2 }, port, groups.clone(), |_| CpuBackend::default());
     let err = lead(worker_options(Layout { tp: 2, pp: 1 }, None, 4), port, groups).err().unwrap();
     assert!(err.to_string().contains("--tp/--pp differ"), "{err}");
     let err = node1.join().unwrap().unwrap_err();
@@ -167,12 +167,12 @@ fn a_second_node_with_the_same_rank_is_refused() {
         .map(|_| {
             let node1 = three(1);
             thread::spawn(move || {
-                let load = shard_loader(FIXTURE, |_| CpuBackend);
+                let load = shard_loader(FIXTURE, |_| CpuBackend::default());
                 Workers::follow(config(), layout, load, |_| Ok(Transport::InProcess), &node1)
             })
         })
         .collect();
-    let load = shard_loader(FIXTURE, |_| CpuBackend);
+    let load = shard_loader(FIXTURE, |_| CpuBackend::default());
     let options = worker_options(layout, None, 4);
     let err = Workers::lead(config(), options, load, Transport::InProcess, &[], &three(0))
         .err()
@@ -186,7 +186,7 @@ fn a_second_node_with_the_same_rank_is_refused() {
 #[test]
 fn a_follower_without_a_leader_gives_up_after_its_timeout() {
     let follow = |spec: &NodeSpec| {
-        let load = shard_loader(FIXTURE, |_| CpuBackend);
+        let load = shard_loader(FIXTURE, |_| CpuBackend::default());
         let layout = Layout { tp: 2, pp: 1 };
         Workers::follow(config(), layout, load, |_| Ok(Transport::InProcess), spec)
             .unwrap_err()
@@ -210,13 +210,13 @@ fn run_prompt_on_one_node_matches_two() {
     let local = Workers::spawn(
         config(),
         worker_options(layout, None, blocks),
-        shard_loader(FIXTURE, |_| CpuBackend),
+        shard_loader(FIXTURE, |_| CpuBackend::default()),
         Transport::InProcess,
     )
     .unwrap();
     let one = run_prompt(Box::new(local), blocks, &prompt, 3);
     let (port, groups) = (free_port(), groups(layout));
-    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend);
+    let node1 = follower(layout, port, groups.clone(), |_| CpuBackend::default());
     let two = run_prompt(
         Box::new(lead(worker_options(layout, None, blocks), port, groups).unwrap()),
         blocks,

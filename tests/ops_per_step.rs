@@ -21,12 +21,13 @@ use std::sync::Arc;
 #[derive(Clone, Default)]
 struct Counting {
     ops: Arc<AtomicUsize>,
+    cpu: CpuBackend,
 }
 
 impl Counting {
-    fn op(&self) -> CpuBackend {
+    fn op(&self) -> &CpuBackend {
         self.ops.fetch_add(1, Ordering::Relaxed);
-        CpuBackend
+        &self.cpu
     }
 }
 
@@ -47,13 +48,13 @@ impl Backend for Counting {
         "counting"
     }
     fn load_weight(&self, host: HostTensor) -> Result<W> {
-        CpuBackend.load_weight(host)
+        self.cpu.load_weight(host)
     }
     fn weight_bytes(&self, w: &W) -> usize {
-        CpuBackend.weight_bytes(w)
+        self.cpu.weight_bytes(w)
     }
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<K> {
-        CpuBackend.alloc_kv_cache(shape)
+        self.cpu.alloc_kv_cache(shape)
     }
     fn embedding(&self, table: &W, step: &S<'_>) -> Result<T> {
         self.op().embedding(table, step)
@@ -71,7 +72,7 @@ impl Backend for Counting {
         self.op().add_assign(x, y)
     }
     fn prepare_step<'a>(&self, inputs: StepInputs<'a>) -> Result<S<'a>> {
-        CpuBackend.prepare_step(inputs)
+        self.cpu.prepare_step(inputs)
     }
     fn rope_write_kv(&self, qkv: &mut T, cache: &mut K, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<()> {
         self.op().rope_write_kv(qkv, cache, step, cos_sin, spec)
@@ -92,28 +93,28 @@ impl Backend for Counting {
         self.op().sample(logits, step)
     }
     fn fetch_sampled(&self, step: &S<'_>) -> Result<Vec<u32>> {
-        CpuBackend.fetch_sampled(step)
+        self.cpu.fetch_sampled(step)
     }
     fn fetched(&self, fetch: Vec<u32>, n: usize) -> Result<Vec<u32>> {
-        CpuBackend.fetched(fetch, n)
+        self.cpu.fetched(fetch, n)
     }
     fn static_step(&self, capacity: StepCapacity) -> Result<Option<S<'static>>> {
-        CpuBackend.static_step(capacity)
+        self.cpu.static_step(capacity)
     }
     fn update_step(&self, step: &mut S<'static>, inputs: StepInputs<'_>) -> Result<()> {
-        CpuBackend.update_step(step, inputs)
+        self.cpu.update_step(step, inputs)
     }
     fn capture(&self, record: &mut dyn FnMut() -> Result<()>) -> Result<Infallible> {
-        CpuBackend.capture(record)
+        self.cpu.capture(record)
     }
     fn replay(&self, graph: &Infallible) -> Result<()> {
         match *graph {}
     }
     fn to_host(&self, x: &T, out: &mut Vec<f32>) -> Result<()> {
-        CpuBackend.to_host(x, out)
+        self.cpu.to_host(x, out)
     }
     fn zeros(&self, rows: usize, cols: usize) -> Result<T> {
-        CpuBackend.zeros(rows, cols)
+        self.cpu.zeros(rows, cols)
     }
 }
 

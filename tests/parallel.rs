@@ -14,7 +14,7 @@ use shardline::generation::{Generator, BLOCK_SIZE};
 use shardline::parallel::Layout;
 
 fn check(name: &str, layout: Layout, pp_layers: Option<&[usize]>) {
-    check_split(name, layout, pp_layers, |_| CpuBackend, Accuracy::F32);
+    check_split(name, layout, pp_layers, |_| CpuBackend::default(), Accuracy::F32);
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn the_model_samples_what_the_host_sampler_picks_in_every_layout() {
     let capacity = num_kv_blocks * BLOCK_SIZE;
     let want = sampled::by_host(common::generator(name, capacity), &request);
     for layout in layouts(name) {
-        let executor = spawn_split(name, layout, None, |_| CpuBackend, num_kv_blocks);
+        let executor = spawn_split(name, layout, None, |_| CpuBackend::default(), num_kv_blocks);
         let got = sampled::by_model(Generator::with_executor(executor, num_kv_blocks), &request);
         sampled::assert_same(&got, &want, &format!("tp={} pp={}", layout.tp, layout.pp));
     }

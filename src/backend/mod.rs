@@ -185,12 +185,20 @@ impl PagedAttentionMeta {
     }
 }
 
+/// A token id of a step's inputs that is not known on the host yet: the
+/// token the device's previous [`Backend::sample`] picked for row `id &
+/// !PREVIOUS_SAMPLE` (of that step's logit rows), still on the device.
+/// The engine submits a decode step this way before it has collected the
+/// step whose token it extends, so the device never waits for the host.
+pub const PREVIOUS_SAMPLE: u32 = 1 << 31;
+
 /// Everything one forward reads from the host, handed to the device in one
 /// [`Backend::prepare_step`] so no op uploads on its own (and a recorded
 /// graph can replay the ops on a step refilled in place).
 #[derive(Clone, Copy, Debug)]
 pub struct StepInputs<'a> {
-    /// `[n]` the tokens to embed, as rows of this rank's embedding table.
+    /// `[n]` the tokens to embed, as rows of this rank's embedding table,
+    /// or [`PREVIOUS_SAMPLE`] rows (on an unsplit vocabulary).
     pub token_ids: &'a [u32],
     /// `[n]` each token's position in its sequence.
     pub positions: &'a [u32],
@@ -297,7 +305,8 @@ pub trait Backend {
 
     /// Picks one token per row of `logits [rows, vocab]` as the step's
     /// sampling rows say (the rules of [`crate::sampling::choose`]), into
-    /// the step, leaving the adjusted scores in `logits`.
+    /// the step, leaving the adjusted scores in `logits`. The tokens also
+    /// stay on the device for the next step's [`PREVIOUS_SAMPLE`] ids.
     fn sample(&self, logits: &mut Self::Tensor, step: &mut Self::Step<'_>) -> Result<()>;
 
     /// Starts copying the tokens [`Backend::sample`] picked to the host,

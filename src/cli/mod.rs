@@ -178,7 +178,7 @@ fn start_executor(
                 num_kv_blocks,
                 !parallel.enforce_eager,
             )?),
-            _ => Box::new(local_executor(CpuBackend, options, config, num_kv_blocks, false)?),
+            _ => Box::new(local_executor(CpuBackend::default(), options, config, num_kv_blocks, false)?),
         };
         return Ok((executor, None));
     }
@@ -207,7 +207,7 @@ fn start_executor(
             }
         }
         _ => {
-            let load = move |_, shard| model_dir::open_shard(CpuBackend, &options, shard).map_err(|e| e.to_string());
+            let load = move |_, shard| model_dir::open_shard(CpuBackend::default(), &options, shard).map_err(|e| e.to_string());
             Workers::spawn(config.clone(), worker_options, load, Transport::InProcess)?
         }
     };

@@ -1,22 +1,29 @@
 //! The engine loop: schedule a step, run the model on it (which samples
 //! each sequence's next token), detokenize, check stops, and queue each
-//! request's events. A step's tokens are taken in first (with the stops
-//! that need no text), the next step is submitted, and only then is the
-//! text made and the events queued, so that work overlaps the device's
-//! next step. One thread owns all of it
+//! request's events. Where the executor looks ahead, the next step is
+//! planned and submitted before the last one's tokens are back, each
+//! sequence's coming token named as the device's [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) of
+//! its row: the device goes from step to step while the host takes the
+//! tokens in, and a sequence that stops on that token wastes one step's
+//! row. Otherwise a step's tokens are taken in first (with the stops that
+//! need no text), the next step is submitted, and only then is the text
+//! made and the events queued, so that work overlaps the device's next
+//! step. One thread owns all of it
 //! (queue, sequences, KV blocks), so nothing here is shared or locked. A
 //! step's events leave together ([`Engine::take_outbox`]): waking a
 //! client's task costs tens of microseconds, too much to pay per request
 //! on the engine thread.
+
+mod plan;
 
 use super::block_manager::BlockManager;
 use super::request::{Event, FinishReason, Finished, Request, StopReason};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use super::stats::EngineStats;
 use super::stop::StopStrings;
-use crate::backend::{BackendError, PagedAttentionMeta};
+use crate::backend::BackendError;
 use crate::executor::Executor;
-use crate::model::{ForwardBatch, Sampling, StepOutput};
+use crate::model::StepOutput;
 use crate::sampling::Sampler;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -67,6 +74,10 @@ pub struct Engine {
     in_flight: VecDeque<InFlightStep>,
     /// Sequences in those steps.
     busy: HashSet<SeqId>,
+    /// Whether the executor takes a step before the last is collected.
+    lookahead: bool,
+    /// Sequences whose last token is a [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) placeholder.
+    placeholders: HashSet<SeqId>,
 }
 
 /// A submitted step: its plan, and the sequences (in logit-row order) that
@@ -74,6 +85,9 @@ pub struct Engine {
 struct InFlightStep {
     plan: Vec<Scheduled>,
     sampled: Vec<SeqId>,
+    /// Whether the scheduler already counts the plan computed (done when
+    /// the step after it was planned ahead).
+    completed: bool,
 }
 
 /// A sampled token taken into its sequence, its events still to send.
@@ -106,6 +120,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         stats.total_blocks.store(config.num_kv_blocks, Ordering::Relaxed);
         let context_len = executor.config().max_position_embeddings;
+        let lookahead = executor.lookahead();
         let engine = Engine {
             executor,
             scheduler,
@@ -119,6 +134,8 @@ impl Engine {
             outbox: Vec::new(),
             in_flight: VecDeque::new(),
             busy: HashSet::new(),
+            lookahead,
+            placeholders: HashSet::new(),
         };
         engine.publish_stats();
         engine
@@ -183,6 +200,7 @@ impl Engine {
     pub fn abort(&mut self, id: SeqId) {
         self.scheduler.remove(id);
         self.active.remove(&id);
+        self.placeholders.remove(&id);
         self.publish_stats();
     }
 
@@ -190,6 +208,7 @@ impl Engine {
     pub fn fail_all(&mut self, message: &str) {
         self.in_flight.clear();
         self.busy.clear();
+        self.placeholders.clear();
         for (id, active) in self.active.drain() {
             self.outbox.push((active.events, Event::Failed(message.to_string())));
             self.scheduler.remove(id);
@@ -198,9 +217,10 @@ impl Engine {
     }
 
     /// Runs one step: fills the pipeline with new micro-batches (up to the
-    /// executor's depth, a sequence in at most one of them), collects the
-    /// oldest one's tokens, submits the next micro-batch, then sends what
-    /// the tokens release.
+    /// executor's depth, a sequence in at most one of them), plans the
+    /// next step ahead where the executor allows, collects the oldest
+    /// step's tokens, submits the next micro-batch (unless it went ahead),
+    /// then sends what the tokens release.
     pub fn step(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
         let gone: Vec<SeqId> = self
@@ -213,12 +233,15 @@ impl Engine {
         let mut forward = Duration::ZERO;
         self.step_sampling = Duration::ZERO;
         forward += self.fill_pipeline()?;
-        let Some(step) = self.in_flight.pop_front() else {
+        let Some(mut step) = self.in_flight.pop_front() else {
             return Ok(());
         };
         step.plan.iter().for_each(|p| {
             self.busy.remove(&p.id);
         });
+        if self.lookahead {
+            forward += self.plan_ahead(&mut step)?;
+        }
         let mut output = std::mem::take(&mut self.output);
         let collect_started = Instant::now();
         let result = self.executor.collect(&mut output);
@@ -231,14 +254,9 @@ impl Engine {
         }
         // Requests aborted while their step was in flight are gone.
         let plan: Vec<Scheduled> = step.plan.into_iter().filter(|p| self.active.contains_key(&p.id)).collect();
-        self.scheduler.complete(&plan);
-        self.stats.generation_tokens.fetch_add(step.sampled.len() as u64, Ordering::Relaxed);
-        let prompt_tokens: usize = plan
-            .iter()
-            .map(|p| p.num_new_tokens)
-            .sum::<usize>()
-            .saturating_sub(step.sampled.len());
-        self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        if !step.completed {
+            self.scheduler.complete(&plan);
+        }
         let vocab = self.executor.config().vocab_size;
         let mut arrivals = Vec::with_capacity(step.sampled.len());
         for (row, id) in step.sampled.into_iter().enumerate() {
@@ -246,6 +264,9 @@ impl Engine {
                 arrivals.push(self.take_token(id, row, output.token_ids[row]));
             }
         }
+        self.stats.generation_tokens.fetch_add(arrivals.len() as u64, Ordering::Relaxed);
+        let prompt_tokens: usize = plan.iter().map(|p| p.num_new_tokens).sum::<usize>().saturating_sub(arrivals.len());
+        self.stats.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         // The next step goes to the device before this one's text is made,
         // so detokenizing and stop strings overlap its work.
         let refilled = self.fill_pipeline();
@@ -268,93 +289,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Fills the pipeline with new micro-batches, up to the executor's
-    /// depth (a sequence in at most one of them); returns the time spent
-    /// submitting them.
-    fn fill_pipeline(&mut self) -> Result<Duration, BackendError> {
-        let mut forward = Duration::ZERO;
-        let depth = self.executor.depth();
-        // With a pipeline, the sequences are shared out over `depth`
-        // micro-batches so every stage has one to work on.
-        let unfinished = self.scheduler.num_running() + self.scheduler.num_waiting();
-        let per_micro_batch = match depth {
-            1 => usize::MAX,
-            _ => unfinished.min(self.max_num_seqs).div_ceil(depth).max(1),
-        };
-        while self.in_flight.len() < depth {
-            let plan = self.scheduler.schedule_micro_batch(&self.busy, per_micro_batch);
-            if plan.is_empty() {
-                break;
-            }
-            for step in &plan {
-                let active = self.active.get_mut(&step.id).expect("scheduled sequences are active");
-                if active.queue_time.is_none() {
-                    active.queue_time = Some(active.arrived.elapsed());
-                    active.cached_tokens = self.scheduler.get(step.id).map_or(0, |s| s.num_computed);
-                }
-            }
-            let (batch, sampled) = self.build_batch(&plan);
-            let submit_started = Instant::now();
-            let submitted = self.executor.submit(batch);
-            forward += submit_started.elapsed();
-            if let Err(e) = submitted {
-                self.stats.last_step_ok.store(false, Ordering::Relaxed);
-                return Err(e);
-            }
-            self.busy.extend(plan.iter().map(|p| p.id));
-            self.in_flight.push_back(InFlightStep { plan, sampled });
-        }
-        Ok(forward)
-    }
-
-    /// The model input for a plan, and the sequences (in logit-row order)
-    /// that get a new token from it; the model samples those tokens.
-    fn build_batch(&mut self, plan: &[Scheduled]) -> (ForwardBatch, Vec<SeqId>) {
-        let bs = self.scheduler.blocks().block_size();
-        let mut batch = ForwardBatch {
-            attn: PagedAttentionMeta {
-                block_size: bs,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let (mut sampled, mut rows, mut logits) = (Vec::new(), Vec::new(), false);
-        let sampling_started = Instant::now();
-        for step in plan {
-            let seq = self.scheduler.get(step.id).expect("planned sequences exist");
-            let (start, end) = (seq.num_computed, seq.num_computed + step.num_new_tokens);
-            batch.token_ids.extend_from_slice(&seq.tokens[start..end]);
-            for pos in start..end {
-                batch.positions.push(pos as u32);
-                batch
-                    .attn
-                    .slot_mapping
-                    .push(seq.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
-            }
-            batch.attn.query_lens.push(step.num_new_tokens);
-            batch.attn.context_lens.push(end);
-            batch.attn.block_tables.push(seq.block_table.clone());
-            if end == seq.tokens.len() {
-                batch.logit_rows.push(batch.token_ids.len() as u32 - 1);
-                sampled.push(step.id);
-                let sampler = &mut self.active.get_mut(&step.id).expect("planned sequences are active").sampler;
-                rows.push(sampler.next_row(&seq.tokens, seq.prompt_len));
-                logits |= sampler.wants_logits();
-            }
-        }
-        batch.sampling = Sampling::Model { rows, logits };
-        self.step_sampling += sampling_started.elapsed();
-        (batch, sampled)
-    }
-
     /// Appends a sequence's sampled token and decides the stops that need
     /// no text (a stop token, the length): a sequence that ends here leaves
     /// the scheduler at once, so the next step neither holds it nor its
     /// blocks. Its events wait for [`Engine::release`].
     fn take_token(&mut self, id: SeqId, row: usize, token_id: u32) -> Arrival {
+        let placeholder = self.placeholders.remove(&id);
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
-        let (tokens_before, prompt_len) = (seq.tokens.len(), seq.prompt_len);
-        self.scheduler.append_token(id, token_id);
+        let (tokens_before, prompt_len) = (seq.tokens.len() - placeholder as usize, seq.prompt_len);
+        match placeholder {
+            true => self.scheduler.replace_last_token(id, token_id),
+            false => self.scheduler.append_token(id, token_id),
+        }
         let active = &self.active[&id];
         let stop = &active.request.stop;
         let generated = tokens_before + 1 - prompt_len;

@@ -110,14 +110,25 @@ impl Scheduler {
         self.running.iter().chain(&self.waiting).find(|s| s.id == id)
     }
 
-    /// Adds a sampled token to a running sequence.
-    pub fn append_token(&mut self, id: SeqId, token: u32) {
-        let seq = self
-            .running
+    fn get_mut(&mut self, id: SeqId) -> &mut Sequence {
+        self.running
             .iter_mut()
+            .chain(&mut self.waiting)
             .find(|s| s.id == id)
-            .expect("tokens are sampled for running sequences");
-        seq.tokens.push(token);
+            .expect("tokens are sampled for scheduled sequences")
+    }
+
+    /// Adds a sampled token to a sequence (running, or preempted since
+    /// its step was planned).
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        self.get_mut(id).tokens.push(token);
+    }
+
+    /// Puts a sampled token in place of a sequence's last token, the
+    /// placeholder a step planned before it was known took it by.
+    pub fn replace_last_token(&mut self, id: SeqId, token: u32) {
+        let last = self.get_mut(id).tokens.last_mut().expect("a sequence holds its prompt");
+        *last = token;
     }
 
     /// Removes a sequence wherever it is and frees its blocks.

@@ -13,7 +13,8 @@ pub use workers::{BusyTimes, Connect, Group, Membership, Transport, WorkerOption
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
-use crate::model::{DecodeGraphs, ForwardBatch, Pending, Qwen2ForCausalLM, StepOutput};
+use crate::model::{DecodeGraphs, ForwardBatch, Pending, Qwen2ForCausalLM, Sampling, StepOutput};
+use std::collections::VecDeque;
 
 pub trait Executor: Send {
     fn config(&self) -> &ModelConfig;
@@ -27,8 +28,17 @@ pub trait Executor: Send {
         1
     }
 
+    /// Whether a step may be submitted before the last one is collected,
+    /// naming tokens that one samples as [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids (one
+    /// step more than [`Executor::depth`] in flight): the device then goes
+    /// from step to step while the host takes in the last one's tokens.
+    fn lookahead(&self) -> bool {
+        false
+    }
+
     /// Starts a step (writing its KV cache); at most [`Executor::depth`]
-    /// may be in flight.
+    /// may be in flight, one more with [`Executor::lookahead`]. A failed
+    /// step drops every step in flight after it.
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError>;
 
     /// Waits for the oldest step in flight and puts what its batch asked
@@ -48,11 +58,14 @@ pub struct LocalExecutor<B: Backend> {
     model: Qwen2ForCausalLM<B>,
     kv_caches: Vec<B::KvCache>,
     graphs: Option<DecodeGraphs<B>>,
-    /// The submitted step: its output so far and its tokens on their way,
-    /// until collected (the device runs it meanwhile).
-    done: Option<(StepOutput, Pending<B>)>,
+    /// The submitted steps, oldest first: each one's output so far and its
+    /// tokens on their way, until collected (the device runs them meanwhile).
+    done: VecDeque<(StepOutput, Pending<B>)>,
+    /// Rows the last submitted step samples on the device (what its
+    /// successor's [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids may name).
+    last_sampled_rows: usize,
     /// Buffers kept between steps so large logits are not reallocated.
-    spare: StepOutput,
+    spare: Vec<StepOutput>,
 }
 
 impl<B: Backend> LocalExecutor<B> {
@@ -73,8 +86,9 @@ impl<B: Backend> LocalExecutor<B> {
             model,
             kv_caches,
             graphs,
-            done: None,
-            spare: StepOutput::default(),
+            done: VecDeque::new(),
+            last_sampled_rows: 0,
+            spare: Vec::new(),
         })
     }
 }
@@ -93,20 +107,36 @@ where
         self.model.decode_weight_bytes()
     }
 
+    fn lookahead(&self) -> bool {
+        true
+    }
+
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
-        assert!(self.done.is_none(), "a local executor runs one step at a time");
-        let mut out = std::mem::take(&mut self.spare);
-        let pending = self
-            .model
-            .queue(self.graphs.as_mut(), &batch, &mut self.kv_caches, None, &mut out)?;
-        self.done = Some((out, pending));
+        assert!(self.done.len() < 2, "a local executor runs a step and the one after it");
+        let previous = batch.previous_sample_rows();
+        if previous > self.last_sampled_rows {
+            self.done.clear();
+            return Err(BackendError::Device(format!(
+                "a step takes row {} of the previous step's tokens, which sampled {}",
+                previous - 1,
+                self.last_sampled_rows
+            )));
+        }
+        let mut out = self.spare.pop().unwrap_or_default();
+        let queued = self.model.queue(self.graphs.as_mut(), &batch, &mut self.kv_caches, None, &mut out);
+        let pending = queued.inspect_err(|_| self.done.clear())?;
+        self.last_sampled_rows = match batch.sampling {
+            Sampling::Model { .. } => batch.logit_rows.len(),
+            Sampling::Caller => 0,
+        };
+        self.done.push_back((out, pending));
         Ok(())
     }
 
     fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
-        let (mut done, pending) = self.done.take().expect("collect follows submit");
-        self.model.finish(pending, &mut done)?;
-        self.spare = std::mem::replace(out, done);
+        let (mut done, pending) = self.done.pop_front().expect("collect follows submit");
+        self.model.finish(pending, &mut done).inspect_err(|_| self.done.clear())?;
+        self.spare.push(std::mem::replace(out, done));
         Ok(())
     }
 }

@@ -266,6 +266,11 @@ impl Executor for Workers {
         if let Some(why) = &self.broken {
             return Err(BackendError::Device(why.clone()));
         }
+        if batch.previous_sample_rows() > 0 {
+            return Err(BackendError::Device(
+                "a split model looks no step ahead: every token must be known".into(),
+            ));
+        }
         let batch = Arc::new(batch);
         if let Err(why) = self.nodes.send_step(&batch) {
             return Err(self.break_with(why));

@@ -9,7 +9,7 @@ mod shard;
 pub use graphs::{DecodeGraphs, BUCKETS};
 pub use shard::Shard;
 
-use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs};
+use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs, PREVIOUS_SAMPLE};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
@@ -21,7 +21,9 @@ use std::borrow::Cow;
 /// they go in the KV cache, and which of them need logits.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ForwardBatch {
-    /// `[n]` new tokens, sequence after sequence.
+    /// `[n]` new tokens, sequence after sequence; a token the previous
+    /// step samples and has not returned yet is a [`PREVIOUS_SAMPLE`] id
+    /// (on an executor with [`crate::executor::Executor::lookahead`]).
     pub token_ids: Vec<u32>,
     /// `[n]` position of each new token in its sequence.
     pub positions: Vec<u32>,
@@ -94,6 +96,13 @@ impl ForwardBatch {
             logit_rows,
             sampling: Sampling::Caller,
         }
+    }
+
+    /// One past the largest row of the previous step whose token a
+    /// [`PREVIOUS_SAMPLE`] id of this batch names; 0 where none does.
+    pub fn previous_sample_rows(&self) -> usize {
+        let previous = self.token_ids.iter().filter(|&&id| id & PREVIOUS_SAMPLE != 0);
+        previous.map(|&id| (id & !PREVIOUS_SAMPLE) as usize + 1).max().unwrap_or(0)
     }
 
     fn returns_logits(&self) -> bool {

@@ -96,6 +96,13 @@ impl Sampler {
         self.params.logprobs.is_some()
     }
 
+    /// Whether a row depends on the tokens so far (the penalties), so the
+    /// next one needs the last token on the host.
+    pub fn reads_history(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
     /// How the next token is picked, for a sequence whose `tokens` hold the
     /// prompt and then the `tokens.len() - prompt_len` generated so far.
     /// Each call for a non-greedy request takes one draw from its generator.

@@ -3,12 +3,15 @@
 //! Hugging Face reference come out exact from one batch.
 
 use serde_json::Value;
+use shardline::backend::{BackendError, PREVIOUS_SAMPLE};
+use shardline::config::ModelConfig;
 use shardline::engine::request::{Event, FinishReason, Finished, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::executor::Executor;
+use shardline::model::{ForwardBatch, StepOutput};
 use shardline::sampling::SamplingParams;
 use shardline::tokenizer::Tokenizer;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The engine over `executor` (tiny-chat) with `num_kv_blocks` blocks of 16 tokens.
@@ -85,5 +88,68 @@ pub fn assert_all_cases_exact(handle: &EngineHandle) {
         assert_eq!(out.finished.reason, FinishReason::Stop);
         assert_eq!(out.finished.completion_tokens, out.ids.len());
         assert_eq!(out.finished.prompt_tokens, case["prompt_ids"].as_array().unwrap().len());
+    }
+}
+
+/// What an engine handed its executor: every batch, and the most steps it
+/// had in flight at once.
+#[derive(Default)]
+pub struct Handed {
+    pub batches: Vec<ForwardBatch>,
+    pub in_flight: usize,
+    pub most_in_flight: usize,
+}
+
+impl Handed {
+    /// Batches with a token the step before had not returned yet.
+    pub fn ahead(&self) -> usize {
+        let ahead = |b: &&ForwardBatch| b.token_ids.iter().any(|&id| id & PREVIOUS_SAMPLE != 0);
+        self.batches.iter().filter(ahead).count()
+    }
+}
+
+/// An executor that notes what it is handed in [`Handed`], and passes it on.
+pub struct Recording {
+    inner: Box<dyn Executor>,
+    pub handed: Arc<Mutex<Handed>>,
+}
+
+impl Recording {
+    pub fn new(inner: Box<dyn Executor>) -> Self {
+        Recording {
+            inner,
+            handed: Default::default(),
+        }
+    }
+}
+
+impl Executor for Recording {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+
+    fn decode_weight_bytes(&self) -> usize {
+        self.inner.decode_weight_bytes()
+    }
+
+    fn depth(&self) -> usize {
+        self.inner.depth()
+    }
+
+    fn lookahead(&self) -> bool {
+        self.inner.lookahead()
+    }
+
+    fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
+        let mut handed = self.handed.lock().unwrap();
+        handed.batches.push(batch.clone());
+        handed.in_flight += 1;
+        handed.most_in_flight = handed.most_in_flight.max(handed.in_flight);
+        self.inner.submit(batch)
+    }
+
+    fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError> {
+        self.handed.lock().unwrap().in_flight -= 1;
+        self.inner.collect(out)
     }
 }

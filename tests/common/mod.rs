@@ -73,7 +73,7 @@ pub fn options(dir: &Path) -> ModelOptions {
 }
 
 pub fn load(name: &str) -> LoadedModel<CpuBackend> {
-    model_dir::open(CpuBackend, &options(&model_dir(name))).unwrap()
+    model_dir::open(CpuBackend::default(), &options(&model_dir(name))).unwrap()
 }
 
 pub fn generator(name: &str, capacity: usize) -> Generator {

@@ -48,7 +48,7 @@ fn ids_before_near_tie(name: &str, prompt: &[u32], greedy: &[u32]) -> usize {
     let dir = model_dir(name);
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let source = SafetensorsCheckpoint::open(&dir).unwrap();
-    let model = Qwen2ForCausalLM::load(CpuBackend, config, &source).unwrap();
+    let model = Qwen2ForCausalLM::load(CpuBackend::default(), config, &source).unwrap();
     let vocab = model.config().vocab_size;
     let fed = [prompt, &greedy[..greedy.len() - 1]].concat();
     let mut generator = Generator::new(model, fed.len()).unwrap();

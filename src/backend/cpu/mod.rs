@@ -11,12 +11,15 @@ mod buffer;
 mod matmul;
 mod simd;
 
-use super::{AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
+use super::{
+    AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE,
+};
 use crate::sampling::choose_rows;
 use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 
 /// A row-major `[rows, cols]` f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,8 +80,35 @@ fn no_graphs() -> BackendError {
     BackendError::Device("the CPU backend records no graphs".into())
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    /// The tokens the last [`Backend::sample`] picked, for the next step's
+    /// [`PREVIOUS_SAMPLE`] ids (shared by clones: one device).
+    previous: Arc<Mutex<Vec<u32>>>,
+}
+
+/// A step's token id as a row of the embedding table: a
+/// [`PREVIOUS_SAMPLE`] id is the token the previous sample picked for its row.
+fn resolve(id: u32, previous: &[u32], rows: usize) -> Result<usize> {
+    let row = match id & PREVIOUS_SAMPLE {
+        0 => id as usize,
+        _ => {
+            let at = (id & !PREVIOUS_SAMPLE) as usize;
+            *previous.get(at).ok_or_else(|| {
+                BackendError::Device(format!(
+                    "embedding: row {at} of the previous sample, which picked {}",
+                    previous.len()
+                ))
+            })? as usize
+        }
+    };
+    match row < rows {
+        true => Ok(row),
+        false => Err(BackendError::Device(format!(
+            "embedding: a token id is outside the table's {rows} rows"
+        ))),
+    }
+}
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
@@ -121,9 +151,11 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &CpuWeight, step: &CpuStep<'_>) -> Result<CpuTensor> {
         let (cols, ids) = (table.cols, step.inputs.token_ids);
+        let previous = self.previous.lock().expect("the previous sample is not poisoned");
         let mut out = vec![0.0f32; ids.len() * cols];
         for (dst, &id) in out.chunks_mut(cols).zip(ids) {
-            let span = id as usize * cols..(id as usize + 1) * cols;
+            let row = resolve(id, &previous, table.rows)?;
+            let span = row * cols..(row + 1) * cols;
             match &table.data {
                 WeightData::F32(v) => dst.copy_from_slice(&v[span]),
                 WeightData::Bf16(v) => dst.iter_mut().zip(&v.as_slice()[span]).for_each(|(d, s)| *d = s.to_f32()),
@@ -210,6 +242,10 @@ impl Backend for CpuBackend {
     fn sample(&self, logits: &mut CpuTensor, step: &mut CpuStep<'_>) -> Result<()> {
         step.sampled =
             choose_rows(&mut logits.data, logits.cols, step.inputs.sampling).map_err(|e| BackendError::Device(format!("sample: {e}")))?;
+        self.previous
+            .lock()
+            .expect("the previous sample is not poisoned")
+            .clone_from(&step.sampled);
         Ok(())
     }
 
@@ -345,7 +381,7 @@ mod tests {
             host.bytes = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
             host.dtype = DType::BF16;
         }
-        CpuBackend.load_weight(host).unwrap()
+        CpuBackend::default().load_weight(host).unwrap()
     }
 
     #[test]
@@ -362,7 +398,7 @@ mod tests {
             let bias = weight(vec![out_f], &b, DType::F32);
             for tokens in [1, 2, 5, 40] {
                 let x: Vec<f32> = (0..tokens * in_f).map(|i| ((i * 31) % 53) as f32 / 53.0 - 0.3).collect();
-                let y = CpuBackend
+                let y = CpuBackend::default()
                     .linear(&CpuTensor::new(x.clone(), tokens, in_f), &wt, Some(&bias))
                     .unwrap();
                 for t in 0..tokens {
@@ -379,7 +415,7 @@ mod tests {
     fn rms_norm_scales_rows_to_unit_rms() {
         let w = weight(vec![4], &[1.0, 2.0, 1.0, 1.0], DType::F32);
         let x = CpuTensor::new(vec![1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0], 2, 4);
-        let y = CpuBackend.rms_norm(&x, &w, 0.0).unwrap();
+        let y = CpuBackend::default().rms_norm(&x, &w, 0.0).unwrap();
         assert_eq!(y.data, vec![1.0, 2.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
     }
 }

@@ -59,14 +59,14 @@ impl CudaBackend {
         let splits = splits_for(step.tiles() * kv_heads, self.multiprocessors, step.max_context());
         // Each split's softmax state of every row, merged below; unused with one split.
         let mut partial = self.alloc_for_kernel::<f32>(if splits > 1 { splits * rows * (head_dim + 2) } else { 1 }, "attention splits")?;
-        let (tokens, max_blocks, block_size) = (step.tokens() as i32, step.max_blocks() as i32, step.block_size() as i32);
+        let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
         let mut args = self.stream.launch_builder(self.function(name));
         args.arg(&mut out.data).arg(&mut partial).arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);
         args.arg(&tokens)
-            .arg(&max_blocks)
+            .arg(&seqs)
             .arg(&heads_i)
             .arg(&kv_heads_i)
             .arg(&passes_i)

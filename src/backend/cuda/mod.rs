@@ -153,6 +153,10 @@ pub struct CudaKvCache {
     v: CudaSlice<bf16>,
 }
 
+/// Rows of a step's sampled tokens the device keeps for the next step's
+/// [`crate::backend::PREVIOUS_SAMPLE`] ids (more than any step samples).
+const PREVIOUS_ROWS: usize = 1 << 14;
+
 /// One device, one stream: every op of a rank is queued in order on its
 /// stream, and only copies to the host wait for it.
 pub struct CudaBackend {
@@ -166,6 +170,9 @@ pub struct CudaBackend {
     /// Fill each buffer a kernel is to write with NaN first.
     poison: bool,
     timeline: timeline::Timeline,
+    /// `[PREVIOUS_ROWS]`: the tokens the last sample picked, where the next
+    /// step's embedding finds its `PREVIOUS_SAMPLE` ids.
+    previous: CudaSlice<u32>,
 }
 
 /// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
@@ -213,6 +220,9 @@ impl CudaBackend {
         let multiprocessors = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_error("reading the multiprocessor count"))? as usize;
+        let previous = stream
+            .alloc_zeros(PREVIOUS_ROWS)
+            .map_err(alloc_error("the previous sample's tokens", PREVIOUS_ROWS * 4))?;
         Ok(CudaBackend {
             stream,
             blas,
@@ -221,6 +231,7 @@ impl CudaBackend {
             pinned: std::sync::Mutex::new(Vec::new()),
             poison: false,
             timeline: Default::default(),
+            previous,
         })
     }
 

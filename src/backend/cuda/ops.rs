@@ -88,7 +88,7 @@ impl Backend for CudaBackend {
         let mut args = self.stream.launch_builder(self.function(name));
         args.arg(&mut out.data);
         table.data.push_arg(&mut args);
-        args.arg(&ids).arg(&hidden);
+        args.arg(&ids).arg(&self.previous).arg(&hidden);
         self.launch(name, args, config)?;
         Ok(out)
     }

@@ -4,7 +4,7 @@
 
 use super::ops::check;
 use super::timeline::StepSpan;
-use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor};
+use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor, PREVIOUS_ROWS};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
 use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice, PushKernelArg};
@@ -44,7 +44,8 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
 }
 
 impl CudaBackend {
-    /// One block per row picks its token into the step's sampled ids.
+    /// One block per row picks its token into the step's sampled ids (and
+    /// the backend's previous-sample tokens).
     pub(super) fn sample_rows(&self, logits: &mut CudaTensor, step: &mut CudaStep) -> Result<()> {
         check(step.samples() && step.rows() == logits.rows, || {
             format!(
@@ -54,10 +55,11 @@ impl CudaBackend {
                 logits.rows
             )
         })?;
-        let (rows, vocab) = (step.rows(), logits.cols as i32);
+        let (rows, vocab, kept) = (step.rows(), logits.cols as i32, PREVIOUS_ROWS as i32);
         let (params, adjustments, out) = step.sampling_args();
         let mut args = self.stream.launch_builder(self.function("sample_f32"));
-        args.arg(out).arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
+        args.arg(out).arg(&self.previous).arg(&kept);
+        args.arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
         self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
     }
 
@@ -106,7 +108,7 @@ impl CudaBackend {
     }
 }
 
-/// Sampled ids being copied to the host (see [`CudaBackend::start_fetch`]).
+/// Sampled ids being copied to the host (made by `CudaBackend::start_fetch`).
 pub struct SampledFetch {
     buffer: PinnedHostSlice<u32>,
     done: CudaEvent,

@@ -1,12 +1,17 @@
 //! A step's inputs on the device: one buffer of u32 words, filled by one
 //! copy per forward, that every kernel reads its part of. A prepared step
 //! is sized to its batch; a static one (for a CUDA graph) to a capacity,
-//! at an address that stays put while [`CudaBackend::refill`] rewrites it.
+//! at an address that stays put while [`CudaBackend::refill`] rewrites it:
+//! from page-locked memory, so the copy queues behind the step before
+//! without the host waiting, and only the parts in use (a graph's block
+//! tables have room for the longest context, a decode step uses a few
+//! columns of them).
 
 use super::ops::check;
-use super::{sampling, CudaBackend};
-use crate::backend::{Result, StepCapacity, StepInputs};
-use cudarc::driver::{CudaSlice, CudaView};
+use super::{alloc_error, driver_error, sampling, wait_for, CudaBackend, PREVIOUS_ROWS};
+use crate::backend::{Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
+use std::ops::Range;
 
 /// Consecutive tokens of one sequence that one block of the attention
 /// kernel takes together (`kernels/attention.cu`).
@@ -15,48 +20,50 @@ pub const TILE_TOKENS: usize = 8;
 /// The words of a step, section after section (`t` tokens, `s` sequences,
 /// `b` blocks a sequence, `r` logit rows, `a` adjustments):
 /// positions `[t]`, slots `[t]`, each token's sequence `[t]` and position
-/// in it `[t]`, block tables `[s, b]` (padded with 0), attention tiles
-/// `[t, 3]` (first token, tokens, sequence; the used ones first), token
-/// ids `[t]`, logit rows `[r]`, sampling parameters `[r, PARAM_WORDS]`,
-/// adjustments `[a, ADJUSTMENT_WORDS]`.
+/// in it `[t]`, attention tiles `[t, 3]` (first token, tokens, sequence;
+/// the used ones first), token ids `[t]`, logit rows `[r]`, sampling
+/// parameters `[r, PARAM_WORDS]`, adjustments `[a, ADJUSTMENT_WORDS]`
+/// (the used ones first), then the block tables `[b, s]`, block by block
+/// (word `j·s + i` is block `j` of sequence `i`; 0 past its blocks), so
+/// that the blocks in use are a prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Section {
     Positions,
     Slots,
     TokenSeq,
     TokenPos,
-    BlockTables,
     Tiles,
     TokenIds,
     LogitRows,
     Params,
     Adjustments,
+    BlockTables,
 }
 
 fn offset(c: &StepCapacity, section: Section) -> usize {
     let t = c.tokens;
-    let tables = 4 * t;
-    let tiles = tables + c.seqs * c.max_blocks;
+    let tiles = 4 * t;
     let ids = tiles + 3 * t;
     let rows = ids + t;
     let params = rows + c.rows;
     let adjustments = params + c.rows * sampling::PARAM_WORDS;
+    let tables = adjustments + c.adjustments * sampling::ADJUSTMENT_WORDS;
     match section {
         Section::Positions => 0,
         Section::Slots => t,
         Section::TokenSeq => 2 * t,
         Section::TokenPos => 3 * t,
-        Section::BlockTables => tables,
         Section::Tiles => tiles,
         Section::TokenIds => ids,
         Section::LogitRows => rows,
         Section::Params => params,
         Section::Adjustments => adjustments,
+        Section::BlockTables => tables,
     }
 }
 
 fn words(c: &StepCapacity) -> usize {
-    offset(c, Section::Adjustments) + c.adjustments * sampling::ADJUSTMENT_WORDS
+    offset(c, Section::BlockTables) + c.seqs * c.max_blocks
 }
 
 /// The capacity a batch's inputs need exactly.
@@ -70,9 +77,18 @@ pub fn capacity_of(inputs: &StepInputs<'_>) -> StepCapacity {
     }
 }
 
+/// Page-locked words a static step's buffer is refilled from, and the
+/// event that marks the last copy out of them done.
+struct Staging {
+    host: PinnedHostSlice<u32>,
+    copied: CudaEvent,
+}
+
 /// A step's inputs on the device, and where the tokens sampled from it land.
 pub struct CudaStep {
     buf: CudaSlice<u32>,
+    /// A static step's staging words (made on its first refill).
+    staging: Option<Staging>,
     /// `[rows]`
     sampled: CudaSlice<u32>,
     capacity: StepCapacity,
@@ -83,8 +99,12 @@ pub struct CudaStep {
     max_context: usize,
     /// Whether the inputs carry a sampling row per logit row.
     samples: bool,
-    /// The largest token id, checked against an embedding table's rows.
+    /// The largest token id known on the host, checked against an
+    /// embedding table's rows.
     max_token: u32,
+    /// One past the largest row of the previous sample that a
+    /// [`PREVIOUS_SAMPLE`] id names (0 where none does).
+    previous_rows: u32,
 }
 
 impl CudaStep {
@@ -96,8 +116,8 @@ impl CudaStep {
         self.capacity.rows
     }
 
-    pub fn max_blocks(&self) -> usize {
-        self.capacity.max_blocks
+    pub fn seqs(&self) -> usize {
+        self.capacity.seqs
     }
 
     pub fn block_size(&self) -> usize {
@@ -118,6 +138,10 @@ impl CudaStep {
 
     pub fn max_token(&self) -> u32 {
         self.max_token
+    }
+
+    pub fn previous_rows(&self) -> u32 {
+        self.previous_rows
     }
 
     fn view(&self, section: Section, len: usize) -> CudaView<'_, u32> {
@@ -161,7 +185,7 @@ impl CudaStep {
     pub fn sampling_args(&mut self) -> (CudaView<'_, u32>, CudaView<'_, u32>, &mut CudaSlice<u32>) {
         let params = offset(&self.capacity, Section::Params);
         let adjustments = offset(&self.capacity, Section::Adjustments);
-        let end = words(&self.capacity);
+        let end = offset(&self.capacity, Section::BlockTables);
         (
             self.buf.slice(params..adjustments),
             self.buf.slice(adjustments..end),
@@ -188,9 +212,24 @@ fn tiles_of(query_lens: &[usize]) -> Vec<[u32; 3]> {
     tiles
 }
 
+/// The largest token id of `ids` known on the host, and one past the
+/// largest previous-sample row the others name (which the device keeps
+/// [`PREVIOUS_ROWS`] of).
+fn token_bounds(ids: &[u32]) -> Result<(u32, u32)> {
+    let (token, rows) = ids.iter().fold((0, 0), |(token, rows), &id| match id & PREVIOUS_SAMPLE {
+        0 => (token.max(id), rows),
+        _ => (token, rows.max((id & !PREVIOUS_SAMPLE) + 1)),
+    });
+    check(rows as usize <= PREVIOUS_ROWS, || {
+        format!("a token of row {} of the previous sample, which keeps {PREVIOUS_ROWS}", rows - 1)
+    })?;
+    Ok((token, rows))
+}
+
 /// `inputs` as the words of a step of `capacity` (checked for
-/// consistency), and its attention tiles.
-fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<(Vec<u32>, usize)> {
+/// consistency), up to the last block-table column in use; its attention
+/// tiles; and the words in use before the block tables.
+fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<(Vec<u32>, usize, usize)> {
     let meta = inputs.attn;
     let tokens = meta.num_tokens();
     let need = capacity_of(inputs);
@@ -230,35 +269,68 @@ fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<(Vec<u32>, u
     for (&q, &ctx) in meta.query_lens.iter().zip(&meta.context_lens) {
         words.extend((ctx - q..ctx).map(|p| p as u32));
     }
-    for table in &meta.block_tables {
-        words.extend_from_slice(table);
-        words.extend(std::iter::repeat_n(0, capacity.max_blocks - table.len()));
-    }
     let tiles = tiles_of(&meta.query_lens);
     words.extend(tiles.iter().flatten());
     words.extend(std::iter::repeat_n(0, 3 * (capacity.tokens - tiles.len())));
     words.extend_from_slice(inputs.token_ids);
     words.extend_from_slice(inputs.logit_rows);
     sampling::pack_rows(inputs.sampling, capacity.rows, &mut words);
-    words.resize(self::words(capacity), 0);
-    Ok((words, tiles.len()))
+    let used = words.len();
+    words.resize(offset(capacity, Section::BlockTables), 0);
+    for j in 0..need.max_blocks {
+        words.extend(meta.block_tables.iter().map(|table| table.get(j).copied().unwrap_or(0)));
+    }
+    Ok((words, tiles.len(), used))
 }
 
 impl CudaBackend {
+    /// Copies the `parts` of `words` into a static step's buffer, at the
+    /// same offsets, through its page-locked staging words.
+    fn stage(&self, step: &mut CudaStep, words: &[u32], parts: [Range<usize>; 2]) -> Result<()> {
+        let staging = match &mut step.staging {
+            Some(staging) => staging,
+            None => {
+                let len = step.buf.len();
+                // SAFETY: only words written below are copied out.
+                let host = unsafe { self.stream.context().alloc_pinned_with_flags::<u32>(len, 0) }
+                    .map_err(alloc_error("page-locked step inputs", len * 4))?;
+                let copied = self.stream.context().new_event(None).map_err(driver_error("creating an event"))?;
+                step.staging.insert(Staging { host, copied })
+            }
+        };
+        // The copy out of the last refill may still wait behind earlier steps.
+        wait_for("waiting for the last step inputs' copy", || staging.copied.synchronize())?;
+        let host = staging.host.as_mut_slice().map_err(driver_error("page-locked step inputs"))?;
+        let (base, _record) = step.buf.device_ptr(&self.stream);
+        for part in parts.into_iter().filter(|p| !p.is_empty()) {
+            host[part.clone()].copy_from_slice(&words[part.clone()]);
+            let at = base + (part.start * std::mem::size_of::<u32>()) as u64;
+            // SAFETY: the part lies within both the staging words and the
+            // buffer (as long as each other), and the staging words stay
+            // untouched until `copied` says this copy is done.
+            unsafe { cudarc::driver::result::memcpy_htod_async(at, &host[part], self.stream.cu_stream()) }
+                .map_err(driver_error("refilling a step buffer"))?;
+        }
+        staging.copied.record(&self.stream).map_err(driver_error("recording a copy"))
+    }
+
     /// A step sized to `inputs`, uploaded.
     pub(super) fn prepare(&self, inputs: StepInputs<'_>) -> Result<CudaStep> {
         let capacity = capacity_of(&inputs);
-        let (words, tiles) = pack(&inputs, &capacity)?;
+        let (words, tiles, _) = pack(&inputs, &capacity)?;
         self.timeline.begin(&self.stream)?;
+        let (max_token, previous_rows) = token_bounds(inputs.token_ids)?;
         Ok(CudaStep {
             buf: self.upload(&words, "step inputs")?,
+            staging: None,
             sampled: self.alloc_for_kernel(capacity.rows, "sampled ids")?,
             capacity,
             block_size: inputs.attn.block_size,
             tiles,
             max_context: inputs.attn.context_lens.iter().copied().max().unwrap_or(0),
             samples: !inputs.sampling.is_empty(),
-            max_token: inputs.token_ids.iter().copied().max().unwrap_or(0),
+            max_token,
+            previous_rows,
         })
     }
 
@@ -266,6 +338,7 @@ impl CudaBackend {
     pub(super) fn static_step_of(&self, capacity: StepCapacity) -> Result<CudaStep> {
         Ok(CudaStep {
             buf: self.upload(&vec![0u32; words(&capacity)], "a step buffer")?,
+            staging: None,
             sampled: self.alloc_for_kernel(capacity.rows, "sampled ids")?,
             capacity,
             block_size: 0,
@@ -273,6 +346,7 @@ impl CudaBackend {
             max_context: 0,
             samples: false,
             max_token: 0,
+            previous_rows: 0,
         })
     }
 
@@ -280,20 +354,68 @@ impl CudaBackend {
     /// recorded on the step launched as many attention blocks as it had
     /// tiles then: every refill after the first must have as many.
     pub(super) fn refill(&self, step: &mut CudaStep, inputs: StepInputs<'_>) -> Result<()> {
-        let (words, tiles) = pack(&inputs, &step.capacity)?;
+        let (words, tiles, used) = pack(&inputs, &step.capacity)?;
         check(step.tiles == 0 || step.tiles == tiles, || {
             format!("a step buffer of {} attention tiles refilled with {tiles}", step.tiles)
         })?;
         self.timeline.begin(&self.stream)?;
-        self.stream
-            .memcpy_htod(&words, &mut step.buf)
-            .map_err(super::driver_error("refilling a step buffer"))?;
+        let tables = offset(&step.capacity, Section::BlockTables);
+        self.stage(step, &words, [0..used, tables..words.len()])?;
         step.block_size = inputs.attn.block_size;
         step.tiles = tiles;
         // Graphs replay with the contexts of later steps: plan for the longest.
         step.max_context = step.capacity.max_blocks * step.block_size;
         step.samples = !inputs.sampling.is_empty();
-        step.max_token = inputs.token_ids.iter().copied().max().unwrap_or(0);
+        (step.max_token, step.previous_rows) = token_bounds(inputs.token_ids)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::PagedAttentionMeta;
+    use crate::sampling::RowSampling;
+
+    #[test]
+    fn block_tables_go_last_block_by_block_so_a_refill_copies_the_columns_in_use() {
+        // Two decode rows, of 37 and 17 tokens over 3 and 2 blocks of 16.
+        let attn = PagedAttentionMeta {
+            block_size: 16,
+            slot_mapping: vec![3 * 16 + 4, 9 * 16],
+            query_lens: vec![1, 1],
+            context_lens: vec![37, 17],
+            block_tables: vec![vec![1, 2, 3], vec![8, 9]],
+        };
+        let sampling = [RowSampling::greedy(), RowSampling::greedy()];
+        let inputs = StepInputs {
+            token_ids: &[5, PREVIOUS_SAMPLE | 1],
+            positions: &[36, 16],
+            attn: &attn,
+            logit_rows: &[0, 1],
+            sampling: &sampling,
+        };
+        // A graph's room: blocks for a 32K context, 64 adjustments a row.
+        let capacity = StepCapacity {
+            tokens: 2,
+            seqs: 2,
+            max_blocks: 2048,
+            rows: 2,
+            adjustments: 128,
+        };
+        let (words, tiles, used) = pack(&inputs, &capacity).unwrap();
+        let tables = offset(&capacity, Section::BlockTables);
+        assert_eq!(super::words(&capacity), tables + 2 * 2048);
+        assert_eq!(
+            words[tables..],
+            [1, 8, 2, 9, 3, 0],
+            "block j of sequence i at j·seqs + i, three columns"
+        );
+        assert_eq!(used, offset(&capacity, Section::Adjustments), "no adjustment in use");
+        assert_eq!(words[offset(&capacity, Section::TokenIds)..][..2], [5, PREVIOUS_SAMPLE | 1]);
+        assert_eq!(tiles, 2);
+        assert_eq!(token_bounds(inputs.token_ids).unwrap(), (5, 2));
+        let too_far = [PREVIOUS_SAMPLE | PREVIOUS_ROWS as u32];
+        assert!(token_bounds(&too_far).unwrap_err().to_string().contains("which keeps"));
     }
 }
