@@ -15,11 +15,10 @@ use shardline::config::ModelConfig;
 use shardline::engine::request::{Event, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::executor::BusyTimes;
-use shardline::generation::{blocks_for, GenerateError, Generator, BLOCK_SIZE};
+use shardline::generation::{blocks_for, GenerateRequest, Generator, BLOCK_SIZE};
 use shardline::model_dir;
 use shardline::model_dir::ModelOptions;
 use shardline::rng::Rng;
-use shardline::sampling::RowSampling;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -91,7 +90,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.kernels {
         return kernels::run(&config, &name, args.context, args.json);
     }
-    let num_blocks = blocks_for(args.prompt_len + args.decode_tokens);
+    let num_blocks = blocks_for(args.prompt_len + args.decode_tokens + 1);
     let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;
     let mut generator = Generator::with_executor(executor, num_blocks);
     let load_seconds = load_start.elapsed().as_secs_f64();
@@ -103,25 +102,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut gpu_work = None;
-    // Greedy, sampled where the logits are, as a server decodes.
-    let next = |generator: &mut Generator, ids: &[u32]| -> Result<u32, GenerateError> {
-        Ok(generator.extend_sampled(ids, RowSampling::greedy(), false)?.token_ids[0])
+    // Greedy, sampled where the logits are, as a server decodes: the
+    // prompt, then `decode_tokens` more, each step planned ahead where the
+    // executor allows.
+    let request = GenerateRequest {
+        prompt_ids: prompt,
+        max_tokens: args.decode_tokens + 1,
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: Vec::new(),
+        ignore_eos: true,
     };
+    // Planned ahead, the second token's step is queued before the first token is back.
+    let steps_after_first = args.decode_tokens - generator.executor().lookahead() as usize;
     // One untimed run first: kernel loading, handles and allocator pools.
     for run in 0..=args.repeats {
-        let start = Instant::now();
-        generator.reset();
-        let mut token = next(&mut generator, &prompt)?;
-        let prefill_rate = args.prompt_len as f64 / start.elapsed().as_secs_f64();
-        let (start, before) = (Instant::now(), cuda::activity());
-        for _ in 0..args.decode_tokens {
-            token = next(&mut generator, &[token])?;
-        }
+        let mut first = None;
+        let generation = generator.generate(&request, |_| {
+            first.get_or_insert_with(|| (Instant::now(), cuda::activity()));
+        })?;
+        let (start, before) = first.expect("a generation has a first token");
         let wall = start.elapsed();
         if run > 0 {
-            prefill.push(prefill_rate);
+            prefill.push(args.prompt_len as f64 / generation.time_to_first_token.as_secs_f64());
             decode.push(args.decode_tokens as f64 / wall.as_secs_f64());
-            gpu_work = Some(GpuWork::per_step(before, cuda::activity(), wall, args.decode_tokens));
+            gpu_work = Some(GpuWork::per_step(before, cuda::activity(), wall, steps_after_first));
         }
     }
     let device = args.parallel.device()?;

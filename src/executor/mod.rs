@@ -44,12 +44,6 @@ pub trait Executor: Send {
     /// Waits for the oldest step in flight and puts what its batch asked
     /// for (logits, sampled tokens) into `out`.
     fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError>;
-
-    /// One step, start to finish.
-    fn forward(&mut self, batch: ForwardBatch, out: &mut StepOutput) -> Result<(), BackendError> {
-        self.submit(batch)?;
-        self.collect(out)
-    }
 }
 
 /// The whole model on one device, with its KV cache; decode steps replay
