@@ -102,9 +102,6 @@ pub struct CudaStep {
     /// The largest token id known on the host, checked against an
     /// embedding table's rows.
     max_token: u32,
-    /// One past the largest row of the previous sample that a
-    /// [`PREVIOUS_SAMPLE`] id names (0 where none does).
-    previous_rows: u32,
 }
 
 impl CudaStep {
@@ -138,10 +135,6 @@ impl CudaStep {
 
     pub fn max_token(&self) -> u32 {
         self.max_token
-    }
-
-    pub fn previous_rows(&self) -> u32 {
-        self.previous_rows
     }
 
     fn view(&self, section: Section, len: usize) -> CudaView<'_, u32> {
@@ -212,10 +205,10 @@ fn tiles_of(query_lens: &[usize]) -> Vec<[u32; 3]> {
     tiles
 }
 
-/// The largest token id of `ids` known on the host, and one past the
-/// largest previous-sample row the others name (which the device keeps
-/// [`PREVIOUS_ROWS`] of).
-fn token_bounds(ids: &[u32]) -> Result<(u32, u32)> {
+/// The largest token id of `ids` known on the host, once the rows of the
+/// previous sample that the others name are checked to be among the
+/// [`PREVIOUS_ROWS`] the device keeps.
+fn max_token(ids: &[u32]) -> Result<u32> {
     let (token, rows) = ids.iter().fold((0, 0), |(token, rows), &id| match id & PREVIOUS_SAMPLE {
         0 => (token.max(id), rows),
         _ => (token, rows.max((id & !PREVIOUS_SAMPLE) + 1)),
@@ -223,7 +216,7 @@ fn token_bounds(ids: &[u32]) -> Result<(u32, u32)> {
     check(rows as usize <= PREVIOUS_ROWS, || {
         format!("a token of row {} of the previous sample, which keeps {PREVIOUS_ROWS}", rows - 1)
     })?;
-    Ok((token, rows))
+    Ok(token)
 }
 
 /// `inputs` as the words of a step of `capacity` (checked for
@@ -319,7 +312,7 @@ impl CudaBackend {
         let capacity = capacity_of(&inputs);
         let (words, tiles, _) = pack(&inputs, &capacity)?;
         self.timeline.begin(&self.stream)?;
-        let (max_token, previous_rows) = token_bounds(inputs.token_ids)?;
+        let max_token = max_token(inputs.token_ids)?;
         Ok(CudaStep {
             buf: self.upload(&words, "step inputs")?,
             staging: None,
@@ -330,7 +323,6 @@ impl CudaBackend {
             max_context: inputs.attn.context_lens.iter().copied().max().unwrap_or(0),
             samples: !inputs.sampling.is_empty(),
             max_token,
-            previous_rows,
         })
     }
 
@@ -346,7 +338,6 @@ impl CudaBackend {
             max_context: 0,
             samples: false,
             max_token: 0,
-            previous_rows: 0,
         })
     }
 
@@ -366,7 +357,7 @@ impl CudaBackend {
         // Graphs replay with the contexts of later steps: plan for the longest.
         step.max_context = step.capacity.max_blocks * step.block_size;
         step.samples = !inputs.sampling.is_empty();
-        (step.max_token, step.previous_rows) = token_bounds(inputs.token_ids)?;
+        step.max_token = max_token(inputs.token_ids)?;
         Ok(())
     }
 }
@@ -414,8 +405,8 @@ mod tests {
         assert_eq!(used, offset(&capacity, Section::Adjustments), "no adjustment in use");
         assert_eq!(words[offset(&capacity, Section::TokenIds)..][..2], [5, PREVIOUS_SAMPLE | 1]);
         assert_eq!(tiles, 2);
-        assert_eq!(token_bounds(inputs.token_ids).unwrap(), (5, 2));
+        assert_eq!(max_token(inputs.token_ids).unwrap(), 5);
         let too_far = [PREVIOUS_SAMPLE | PREVIOUS_ROWS as u32];
-        assert!(token_bounds(&too_far).unwrap_err().to_string().contains("which keeps"));
+        assert!(max_token(&too_far).unwrap_err().to_string().contains("which keeps"));
     }
 }
