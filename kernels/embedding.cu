@@ -1,29 +1,34 @@
 // Token embedding lookup: out[t, :] = table[ids[t], :], widened to f32.
 // Vocab-parallel ranks pass ids already mapped into their slice (ids of
-// other ranks point at the slice's zero row). An id with the top bit set
-// (PREVIOUS_SAMPLE in src/backend/mod.rs) is not known on the host yet:
-// it names a row of the previous sampling step, whose token sits in
-// `previous`. One block per token.
+// other ranks point at the slice's zero row, its last). An id with the top
+// bit set (PREVIOUS_SAMPLE in src/backend/mod.rs) is not known on the
+// host yet: it names a row of the previous sampling step, whose token sits
+// in `previous`, and is mapped here: row token - first of a table whose
+// rows stand for ids [first, end), else that zero row. One block per token.
 #define PREVIOUS_SAMPLE 0x80000000u
 
 template <typename W>
-__device__ void embedding(float* out, const W* table, const unsigned int* ids, const unsigned int* previous, int hidden) {
+__device__ void embedding(float* out, const W* table, const unsigned int* ids, const unsigned int* previous,
+                          unsigned int first, unsigned int end, int rows, int hidden) {
     const int t = blockIdx.x;
-    const unsigned int id = ids[t];
-    const unsigned int token = (id & PREVIOUS_SAMPLE) ? previous[id & ~PREVIOUS_SAMPLE] : id;
-    const W* row = table + (size_t)token * hidden;
+    unsigned int id = ids[t];
+    if (id & PREVIOUS_SAMPLE) {
+        const unsigned int token = previous[id & ~PREVIOUS_SAMPLE];
+        id = token >= first && token < end ? token - first : (unsigned int)rows - 1;
+    }
+    const W* row = table + (size_t)id * hidden;
     float* dst = out + (size_t)t * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = to_float(row[i]);
 }
 
 extern "C" __global__ void embedding_bf16(float* __restrict__ out, const __nv_bfloat16* __restrict__ table,
                                           const unsigned int* __restrict__ ids, const unsigned int* __restrict__ previous,
-                                          int hidden) {
-    embedding(out, table, ids, previous, hidden);
+                                          unsigned int first, unsigned int end, int rows, int hidden) {
+    embedding(out, table, ids, previous, first, end, rows, hidden);
 }
 
 extern "C" __global__ void embedding_f32(float* __restrict__ out, const float* __restrict__ table,
                                          const unsigned int* __restrict__ ids, const unsigned int* __restrict__ previous,
-                                         int hidden) {
-    embedding(out, table, ids, previous, hidden);
+                                         unsigned int first, unsigned int end, int rows, int hidden) {
+    embedding(out, table, ids, previous, first, end, rows, hidden);
 }

@@ -11,7 +11,9 @@ mod common;
 use half::bf16;
 use shardline::backend::cpu::{CpuBackend, CpuTensor};
 use shardline::backend::cuda::{nccl, CudaBackend, CudaTensor};
-use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs};
+use shardline::backend::{
+    AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs, PREVIOUS_SAMPLE,
+};
 use shardline::model::{ForwardBatch, Sampling};
 use shardline::parallel::Communicator;
 use shardline::rng::Rng;
@@ -130,6 +132,7 @@ fn swiglu_matches_for_every_batch_size_and_dtype() {
 #[test]
 fn norms_embedding_and_row_ops_match() {
     let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
     let (rows, cols) = (7, 200);
     let norm = weight(&[cols], DType::BF16, 4);
     let (cn, gn) = (
@@ -176,11 +179,9 @@ fn norms_embedding_and_row_ops_match() {
         let inputs = ids.inputs(&ids.token_ids, true);
         let what = format!("embedding {dtype}");
         assert_close(
-            &CpuBackend::default()
-                .embedding(&ct, &CpuBackend::default().prepare_step(inputs).unwrap())
-                .unwrap(),
+            &cpu.embedding(&ct, &cpu.prepare_step(inputs).unwrap(), 0..50).unwrap(),
             &gpu,
-            &gpu.embedding(&gt, &gpu.prepare_step(inputs).unwrap()).unwrap(),
+            &gpu.embedding(&gt, &gpu.prepare_step(inputs).unwrap(), 0..50).unwrap(),
             EXACT,
             &what,
         );
@@ -188,8 +189,35 @@ fn norms_embedding_and_row_ops_match() {
     let outside = batch_of(&[50], &[], vec![]);
     let step = gpu.prepare_step(outside.inputs(&outside.token_ids, true)).unwrap();
     assert!(gpu
-        .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &step)
+        .embedding(&gpu.load_weight(weight(&[50, cols], DType::BF16, 8)).unwrap(), &step, 0..50)
         .is_err());
+
+    // Tokens the last sample left on the device (greedy: 7, then 33), read
+    // as rows of a rank's slice of ids 20..40 (its 21st row the zero row).
+    let values: Vec<f32> = (0..2 * 50).map(|i| if i == 7 || i == 50 + 33 { 5.0 } else { 0.0 }).collect();
+    let sampled = batch_of(&[0, 0], &[0, 1], vec![RowSampling::greedy(); 2]);
+    let inputs = sampled.inputs(&sampled.token_ids, true);
+    let (mut c_logits, mut g_logits) = (CpuTensor::new(values.clone(), 2, 50), gpu.zeros(2, 50).unwrap());
+    g_logits.copy_from_host(&values).unwrap();
+    cpu.sample(&mut c_logits, &mut cpu.prepare_step(inputs).unwrap()).unwrap();
+    gpu.sample(&mut g_logits, &mut gpu.prepare_step(inputs).unwrap()).unwrap();
+    let slice = weight(&[21, cols], DType::BF16, 9);
+    let table_row = |r: usize| slice.to_f32()[r * cols..(r + 1) * cols].to_vec();
+    let (ct, gt) = (cpu.load_weight(slice.clone()).unwrap(), gpu.load_weight(slice.clone()).unwrap());
+    let ahead = batch_of(&[PREVIOUS_SAMPLE | 1, 4, PREVIOUS_SAMPLE], &[], vec![]);
+    let inputs = ahead.inputs(&ahead.token_ids, true);
+    let want = cpu.embedding(&ct, &cpu.prepare_step(inputs).unwrap(), 20..40).unwrap();
+    assert_eq!(want.row(0), table_row(13), "token 33 is the slice's row 13");
+    assert_eq!(want.row(2), table_row(20), "token 7 is another rank's: the last row");
+    let got = gpu.embedding(&gt, &gpu.prepare_step(inputs).unwrap(), 20..40).unwrap();
+    assert_close(&want, &gpu, &got, EXACT, "embedding of the previous sample's tokens");
+    let unsampled = batch_of(&[PREVIOUS_SAMPLE | 2], &[], vec![]);
+    let step = cpu.prepare_step(unsampled.inputs(&unsampled.token_ids, true)).unwrap();
+    assert!(cpu
+        .embedding(&ct, &step, 20..40)
+        .unwrap_err()
+        .to_string()
+        .contains("row 2 of the previous sample"));
 
     // Three ranks' slices of a 10-token vocabulary (4 each, the last short),
     // each with its padding column, gathered rank after rank.

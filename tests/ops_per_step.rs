@@ -14,6 +14,7 @@ use shardline::loader::SafetensorsCheckpoint;
 use shardline::model::Qwen2ForCausalLM;
 use shardline::sampling::RowSampling;
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -56,8 +57,8 @@ impl Backend for Counting {
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<K> {
         self.cpu.alloc_kv_cache(shape)
     }
-    fn embedding(&self, table: &W, step: &S<'_>) -> Result<T> {
-        self.op().embedding(table, step)
+    fn embedding(&self, table: &W, step: &S<'_>, vocab: Range<u32>) -> Result<T> {
+        self.op().embedding(table, step, vocab)
     }
     fn linear(&self, x: &T, w: &W, bias: Option<&W>) -> Result<T> {
         self.op().linear(x, w, bias)

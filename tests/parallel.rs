@@ -2,10 +2,13 @@
 //! threads (one per rank, talking through the in-process communicator):
 //! every layout the fixtures allow gives the Hugging Face reference logits
 //! (within 1e-4 relative) and the same greedy ids as the reference, and
-//! the model's sampling gives the host sampler's tokens in every layout.
+//! the model's sampling gives the host sampler's tokens in every layout;
+//! split over TP ranks, the engine plans each step ahead (every rank keeps
+//! the tokens it sampled) and all 30 chat answers stay exact.
 
 mod common;
 
+use common::engine::{assert_all_cases_exact, spawn, Recording};
 use common::sampled;
 use common::split::{check_split, layouts, spawn_split, Accuracy};
 use common::Reference;
@@ -60,5 +63,25 @@ fn the_model_samples_what_the_host_sampler_picks_in_every_layout() {
         let executor = spawn_split(name, layout, None, |_| CpuBackend::default(), num_kv_blocks);
         let got = sampled::by_model(Generator::with_executor(executor, num_kv_blocks), &request);
         sampled::assert_same(&got, &want, &format!("tp={} pp={}", layout.tp, layout.pp));
+    }
+}
+
+#[test]
+fn split_over_tp_ranks_the_engine_plans_ahead_and_over_stages_it_fills_the_pipeline() {
+    for (layout, ahead) in [(Layout { tp: 2, pp: 1 }, true), (Layout { tp: 1, pp: 2 }, false)] {
+        let executor = Recording::new(spawn_split("tiny-chat", layout, None, |_| CpuBackend::default(), 512));
+        let handed = executor.handed.clone();
+        let handle = spawn(Box::new(executor), common::load("tiny-chat").tokenizer, 512, 64);
+        assert_all_cases_exact(&handle);
+        let handed = handed.lock().unwrap();
+        let (planned, steps) = (handed.ahead(), handed.batches.len());
+        assert_eq!(
+            2 * planned > steps,
+            ahead,
+            "tp={} pp={}: {planned} of {steps} steps ahead",
+            layout.tp,
+            layout.pp
+        );
+        assert_eq!(handed.most_in_flight, 2, "tp={} pp={}", layout.tp, layout.pp);
     }
 }

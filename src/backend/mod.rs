@@ -11,6 +11,7 @@ pub mod cuda;
 
 use crate::sampling::RowSampling;
 use std::fmt;
+use std::ops::Range;
 
 /// Element types a checkpoint may store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +199,7 @@ pub const PREVIOUS_SAMPLE: u32 = 1 << 31;
 #[derive(Clone, Copy, Debug)]
 pub struct StepInputs<'a> {
     /// `[n]` the tokens to embed, as rows of this rank's embedding table,
-    /// or [`PREVIOUS_SAMPLE`] rows (on an unsplit vocabulary).
+    /// or [`PREVIOUS_SAMPLE`] rows.
     pub token_ids: &'a [u32],
     /// `[n]` each token's position in its sequence.
     pub positions: &'a [u32],
@@ -249,8 +250,12 @@ pub trait Backend {
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
 
-    /// `table [vocab, hidden]` at the step's token ids → `[n, hidden]`.
-    fn embedding(&self, table: &Self::Weight, step: &Self::Step<'_>) -> Result<Self::Tensor>;
+    /// `table [rows, hidden]` at the step's token ids → `[n, hidden]`. The
+    /// ids are rows of the table, but for a [`PREVIOUS_SAMPLE`]'s token
+    /// `t`, which is row `t - vocab.start` where `vocab` (the ids the rows
+    /// stand for) holds it, else the table's last row (a split table's
+    /// zero row).
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step<'_>, vocab: Range<u32>) -> Result<Self::Tensor>;
 
     /// `x [n, in]`, `w [out, in]`, `bias [out]` → `x · wᵀ + bias`, `[n, out]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;

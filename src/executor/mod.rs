@@ -46,6 +46,23 @@ pub trait Executor: Send {
     fn collect(&mut self, out: &mut StepOutput) -> Result<(), BackendError>;
 }
 
+/// Checks that `batch` takes tokens only from the rows the step before it
+/// sampled on the device (`sampled` of them), and returns how many `batch`
+/// samples there, for the step after it.
+fn rows_sampled_after(batch: &ForwardBatch, sampled: usize) -> Result<usize, BackendError> {
+    let previous = batch.previous_sample_rows();
+    if previous > sampled {
+        return Err(BackendError::Device(format!(
+            "a step takes row {} of the previous step's tokens, which sampled {sampled}",
+            previous - 1
+        )));
+    }
+    Ok(match batch.sampling {
+        Sampling::Model { .. } => batch.logit_rows.len(),
+        Sampling::Caller => 0,
+    })
+}
+
 /// The whole model on one device, with its KV cache; decode steps replay
 /// recorded graphs where the backend records them.
 pub struct LocalExecutor<B: Backend> {
@@ -107,22 +124,11 @@ where
 
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         assert!(self.done.len() < 2, "a local executor runs a step and the one after it");
-        let previous = batch.previous_sample_rows();
-        if previous > self.last_sampled_rows {
-            self.done.clear();
-            return Err(BackendError::Device(format!(
-                "a step takes row {} of the previous step's tokens, which sampled {}",
-                previous - 1,
-                self.last_sampled_rows
-            )));
-        }
+        let sampled = rows_sampled_after(&batch, self.last_sampled_rows).inspect_err(|_| self.done.clear())?;
         let mut out = self.spare.pop().unwrap_or_default();
         let queued = self.model.queue(self.graphs.as_mut(), &batch, &mut self.kv_caches, None, &mut out);
         let pending = queued.inspect_err(|_| self.done.clear())?;
-        self.last_sampled_rows = match batch.sampling {
-            Sampling::Model { .. } => batch.logit_rows.len(),
-            Sampling::Caller => 0,
-        };
+        self.last_sampled_rows = sampled;
         self.done.push_back((out, pending));
         Ok(())
     }

@@ -1,6 +1,10 @@
 //! A split model: one OS thread per rank, each owning its shard, its KV
 //! cache and its communicator endpoints, and receiving every step's batch
 //! over a channel. The last stage's first TP rank returns the step's output.
+//! A rank whose next batch has come queues it behind the step on its
+//! device before waiting for that step's tokens, so with the engine
+//! planning ahead (TP only; every last-stage rank keeps the tokens it
+//! sampled) the devices go from step to step.
 //!
 //! A rank that fails (an error, or a panic) breaks its communicator groups,
 //! so its peers fail too instead of waiting; the step fails with the
@@ -8,18 +12,18 @@
 //! fails its requests, and `/ready` reports not ready.
 
 use super::nodes::{NodeError, Nodes};
-use super::Executor;
+use super::{rows_sampled_after, Executor};
 use crate::backend::{Backend, BackendError, HostStaging};
 use crate::config::ModelConfig;
-use crate::model::{Collectives, DecodeGraphs, ForwardBatch, Qwen2ForCausalLM, Shard, StepOutput};
+use crate::model::{Collectives, DecodeGraphs, ForwardBatch, Pending, Qwen2ForCausalLM, Shard, StepOutput};
 use crate::parallel::{in_process_group, Communicator, InProcessComm, Layout, LayoutError};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -110,6 +114,9 @@ pub struct Workers {
     busy: BusyTimes,
     /// Set after the first failed step: the groups are broken for good.
     broken: Option<String>,
+    /// Rows the last submitted step samples (what its successor's
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids may name).
+    last_sampled_rows: usize,
     /// The other nodes serving the model, if any.
     pub(super) nodes: Nodes,
     /// Threads passing the followers' results on (on the leader).
@@ -225,6 +232,7 @@ impl Workers {
             depth: if options.micro_batching { pp } else { 1 },
             busy,
             broken: None,
+            last_sampled_rows: 0,
             nodes,
             readers,
         })
@@ -262,15 +270,19 @@ impl Executor for Workers {
         self.depth
     }
 
+    /// Tensor-parallel ranks each sample the step's tokens and keep them;
+    /// pipeline stages keep a micro-batch each in flight instead.
+    fn lookahead(&self) -> bool {
+        self.depth == 1
+    }
+
     fn submit(&mut self, batch: ForwardBatch) -> Result<(), BackendError> {
         if let Some(why) = &self.broken {
             return Err(BackendError::Device(why.clone()));
         }
-        if batch.previous_sample_rows() > 0 {
-            return Err(BackendError::Device(
-                "a split model looks no step ahead: every token must be known".into(),
-            ));
-        }
+        // A pipeline's first stage holds none of the last stage's tokens.
+        let held = if self.lookahead() { self.last_sampled_rows } else { 0 };
+        self.last_sampled_rows = rows_sampled_after(&batch, held)?;
         let batch = Arc::new(batch);
         if let Err(why) = self.nodes.send_step(&batch) {
             return Err(self.break_with(why));
@@ -435,34 +447,77 @@ where
         let _ = self.ready.send(Ok(0));
         let reports = self.shard.last_stage && self.shard.tp_rank == 0;
         let comms = Collectives { tp: &*tp, pp: &*pp };
-        let mut out = StepOutput::default();
-        for (step, batch) in self.jobs.iter().enumerate() {
-            let (started, waited) = (Instant::now(), tp.waited() + pp.waited());
-            // A panic in a step is caught here, with the communicators
-            // still open, so peers learn what it was.
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                if self.options.panic_at == Some((rank, step as u64)) {
-                    panic!("injected fault in step {step}");
-                }
-                let pending = model.queue(graphs.as_mut(), &batch, &mut caches, Some(&comms), &mut out)?;
-                model.finish(pending, &mut out)
-            }));
-            let blocked = tp.waited() + pp.waited() - waited;
-            let computing = started.elapsed().saturating_sub(blocked);
-            self.busy[rank].fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
-            let why = match outcome {
-                Ok(Ok(())) if reports => {
-                    let _ = self.results.send(Ok(std::mem::take(&mut out)));
-                    continue;
-                }
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => format!("worker rank {rank}: {e}"),
-                Err(panic) => format!("worker rank {rank} panicked: {}", panic_message(panic)),
-            };
+        let blocked = || tp.waited() + pp.waited();
+        let fail = |why: String| {
             tp.abort(&why);
             pp.abort(&why);
             let _ = self.results.send(Err(why));
+        };
+        // Waits for a queued step's tokens and returns what it reports.
+        let finish = |(pending, mut out): (Pending<B>, StepOutput)| match computed(&self.busy[rank], blocked, rank, || {
+            model.finish(pending, &mut out)
+        }) {
+            Ok(()) if reports => _ = self.results.send(Ok(out)),
+            Ok(()) => {}
+            Err(why) => fail(why),
+        };
+        // The step queued on the device whose tokens are still to come:
+        // where the next job is already waiting, it is queued behind this
+        // one before this one is finished, so the device goes on.
+        let mut held = None;
+        for step in 0u64.. {
+            let batch = match self.jobs.try_recv() {
+                Ok(batch) => batch,
+                Err(TryRecvError::Empty) => {
+                    if let Some(queued) = held.take() {
+                        finish(queued);
+                    }
+                    match self.jobs.recv() {
+                        Ok(batch) => batch,
+                        Err(_) => break,
+                    }
+                }
+                Err(TryRecvError::Disconnected) => break,
+            };
+            let queued = computed(&self.busy[rank], blocked, rank, || {
+                if self.options.panic_at == Some((rank, step)) {
+                    panic!("injected fault in step {step}");
+                }
+                let mut out = StepOutput::default();
+                let pending = model.queue(graphs.as_mut(), &batch, &mut caches, Some(&comms), &mut out)?;
+                Ok((pending, out))
+            });
+            if let Some(queued) = held.take() {
+                finish(queued);
+            }
+            match queued {
+                Ok(queued) => held = Some(queued),
+                Err(why) => fail(why),
+            }
         }
+        if let Some(queued) = held.take() {
+            finish(queued);
+        }
+    }
+}
+
+/// Runs a rank's `work`, a panic caught (with the communicators still
+/// open, so peers learn what it was), adding its time less what the rank
+/// spent `blocked` on its peers to its computing time.
+fn computed<T>(
+    busy: &AtomicU64,
+    blocked: impl Fn() -> Duration,
+    rank: usize,
+    work: impl FnOnce() -> Result<T, BackendError>,
+) -> Result<T, String> {
+    let (started, waited) = (Instant::now(), blocked());
+    let outcome = catch_unwind(AssertUnwindSafe(work));
+    let computing = started.elapsed().saturating_sub(blocked() - waited);
+    busy.fetch_add(computing.as_nanos() as u64, Ordering::Relaxed);
+    match outcome {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(format!("worker rank {rank}: {e}")),
+        Err(panic) => Err(format!("worker rank {rank} panicked: {}", panic_message(panic))),
     }
 }
 

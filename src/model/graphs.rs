@@ -10,8 +10,8 @@
 //! A model records when it is not split into pipeline stages and its
 //! tensor-parallel ranks, if any, talk through a communicator a graph can
 //! hold (NCCL): every TP rank records its shard's graph, the all-reduces
-//! and the logits' gather in it, and the first lays out and samples the
-//! tokens in it too. Only pure decode steps record, whose tokens the model
+//! and the logits' gather in it, and lays out and samples the tokens in
+//! it too (each keeps them for the next step; the first reports them). Only pure decode steps record, whose tokens the model
 //! picks without returning logits; anything else, and any backend that
 //! records no graphs, runs as usual.
 
@@ -163,7 +163,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         b.replay(graph)?;
         out.logits.clear();
         out.token_ids.clear();
-        let fetch = match self.samples_on_device() {
+        let fetch = match self.reports() {
             true => Some(b.fetch_sampled(step)?),
             false => None,
         };
@@ -202,10 +202,8 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             let local = self
                 .run_layers(&step, bucket, kv_caches, comms)?
                 .expect("one stage's forward ends in logits");
-            match self.whole_logits(local, bucket, tp_group(comms))? {
-                Some(mut logits) => b.sample(&mut logits, &mut step),
-                None => Ok(()),
-            }
+            let mut logits = self.whole_logits(local, bucket, tp_group(comms))?;
+            b.sample(&mut logits, &mut step)
         });
         match recorded {
             Ok(graph) => Ok(Some(Captured { step, graph, capacity })),

@@ -293,7 +293,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         out: &mut StepOutput,
     ) -> Result<Pending<B>, BackendError> {
         let ids = self.local_ids(&batch.token_ids);
-        let mut step = self.backend.prepare_step(batch.inputs(&ids, self.samples_on_device()))?;
+        let mut step = self.backend.prepare_step(batch.inputs(&ids, self.shard.last_stage))?;
         out.logits.clear();
         out.token_ids.clear();
         let fetch = match self.run_layers(&step, batch.token_ids.len(), kv_caches, comms)? {
@@ -314,9 +314,10 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         Ok(())
     }
 
-    /// Whether this rank's backend picks the tokens: the last stage's
-    /// first TP rank, where the logits are laid out whole.
-    fn samples_on_device(&self) -> bool {
+    /// Whether this rank reports the step's tokens: the last stage's first
+    /// TP rank (each of the stage's ranks picks them, the same ones, and
+    /// keeps them for the next step's [`PREVIOUS_SAMPLE`] ids).
+    fn reports(&self) -> bool {
         self.shard.last_stage && self.shard.tp_rank == 0
     }
 
@@ -341,7 +342,8 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         };
         let mut hidden = match (&self.embed_tokens, comms) {
             (Some(table), _) => {
-                let mut hidden = b.embedding(table, step)?;
+                let vocab = self.shard.vocab(&self.config);
+                let mut hidden = b.embedding(table, step, vocab.start as u32..vocab.end as u32)?;
                 ctx.all_reduce(&mut hidden)?;
                 hidden
             }
@@ -371,9 +373,10 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
 
     /// Puts the logits the batch asks for from the last stage's `local`
     /// logits (this rank's vocabulary slice) into `out`, and starts
-    /// fetching the tokens sampled from them. Split, every TP rank takes
-    /// part in gathering the slices, and the first (which reports the step)
-    /// lays them out side by side on its device and samples there.
+    /// fetching the tokens sampled from them. Split, every TP rank gathers
+    /// the slices, lays them out side by side on its device and samples
+    /// there (the same tokens on each, from the same logits); only the
+    /// first, which reports the step, returns them.
     fn output(
         &self,
         batch: &ForwardBatch,
@@ -383,54 +386,49 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         out: &mut StepOutput,
     ) -> Result<Option<B::Fetch>, BackendError> {
         let b = &self.backend;
-        let Some(mut logits) = self.whole_logits(local, batch.logit_rows.len(), tp)? else {
-            return Ok(None);
-        };
-        if batch.returns_logits() {
+        let mut logits = self.whole_logits(local, batch.logit_rows.len(), tp)?;
+        if batch.returns_logits() && self.reports() {
             b.to_host(&logits, &mut out.logits)?;
         }
-        match &batch.sampling {
-            Sampling::Model { .. } => {
-                b.sample(&mut logits, step)?;
-                Ok(Some(b.fetch_sampled(step)?))
+        if let Sampling::Model { .. } = &batch.sampling {
+            b.sample(&mut logits, step)?;
+            if self.reports() {
+                return Ok(Some(b.fetch_sampled(step)?));
             }
-            Sampling::Caller => Ok(None),
         }
+        Ok(None)
     }
 
     /// `[rows, vocab]` logits from this rank's `local` slice of `rows` rows:
     /// the slice itself when the vocabulary is whole; split, the slices
-    /// gathered from every TP rank, laid out on the first (`None` on the others).
-    fn whole_logits(
-        &self,
-        local: B::Tensor,
-        rows: usize,
-        tp: Option<&dyn Communicator<B::Tensor>>,
-    ) -> Result<Option<B::Tensor>, BackendError> {
+    /// gathered from every TP rank and laid out.
+    fn whole_logits(&self, local: B::Tensor, rows: usize, tp: Option<&dyn Communicator<B::Tensor>>) -> Result<B::Tensor, BackendError> {
         let Some(tp) = tp else {
-            return Ok(Some(local));
+            return Ok(local);
         };
         let per = self.shard.vocab_per_rank(&self.config);
         let mut all = self.backend.zeros(tp.size() * rows, per + 1)?;
         tp.all_gather(&local, &mut all)?;
-        if tp.rank() != 0 {
-            return Ok(None);
-        }
-        Ok(Some(self.backend.lay_out_vocab(&all, tp.size(), per, self.config.vocab_size)?))
+        self.backend.lay_out_vocab(&all, tp.size(), per, self.config.vocab_size)
     }
 
     /// Token ids as rows of this rank's embedding: ids of other ranks'
-    /// vocabulary read the final zero row.
+    /// vocabulary read the final zero row; [`PREVIOUS_SAMPLE`] ids stay as
+    /// they are (the embedding maps their tokens).
     fn local_ids<'a>(&self, ids: &'a [u32]) -> Cow<'a, [u32]> {
         if self.shard.tp == 1 {
             return Cow::Borrowed(ids);
         }
         let mine = self.shard.vocab(&self.config);
         let zero_row = self.shard.vocab_per_rank(&self.config) as u32;
-        let local = ids.iter().map(|&id| match mine.contains(&(id as usize)) {
-            true => id - mine.start as u32,
-            false => zero_row,
-        });
+        let local = ids
+            .iter()
+            .map(|&id| match (id & PREVIOUS_SAMPLE != 0, mine.contains(&(id as usize))) {
+                // Mapped on the device, where the token is.
+                (true, _) => id,
+                (false, true) => id - mine.start as u32,
+                (false, false) => zero_row,
+            });
         Cow::Owned(local.collect())
     }
 }

@@ -19,6 +19,7 @@ use buffer::WeightBuffer;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// A row-major `[rows, cols]` f32 matrix.
@@ -88,18 +89,23 @@ pub struct CpuBackend {
 }
 
 /// A step's token id as a row of the embedding table: a
-/// [`PREVIOUS_SAMPLE`] id is the token the previous sample picked for its row.
-fn resolve(id: u32, previous: &[u32], rows: usize) -> Result<usize> {
+/// [`PREVIOUS_SAMPLE`] id is the token the previous sample picked for its
+/// row, at its row of the `vocab` slice (or the last row, outside it).
+fn resolve(id: u32, previous: &[u32], vocab: &Range<u32>, rows: usize) -> Result<usize> {
     let row = match id & PREVIOUS_SAMPLE {
         0 => id as usize,
         _ => {
             let at = (id & !PREVIOUS_SAMPLE) as usize;
-            *previous.get(at).ok_or_else(|| {
+            let token = *previous.get(at).ok_or_else(|| {
                 BackendError::Device(format!(
                     "embedding: row {at} of the previous sample, which picked {}",
                     previous.len()
                 ))
-            })? as usize
+            })?;
+            match vocab.contains(&token) {
+                true => (token - vocab.start) as usize,
+                false => rows.saturating_sub(1),
+            }
         }
     };
     match row < rows {
@@ -149,12 +155,12 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embedding(&self, table: &CpuWeight, step: &CpuStep<'_>) -> Result<CpuTensor> {
+    fn embedding(&self, table: &CpuWeight, step: &CpuStep<'_>, vocab: Range<u32>) -> Result<CpuTensor> {
         let (cols, ids) = (table.cols, step.inputs.token_ids);
         let previous = self.previous.lock().expect("the previous sample is not poisoned");
         let mut out = vec![0.0f32; ids.len() * cols];
         for (dst, &id) in out.chunks_mut(cols).zip(ids) {
-            let row = resolve(id, &previous, table.rows)?;
+            let row = resolve(id, &previous, &vocab, table.rows)?;
             let span = row * cols..(row + 1) * cols;
             match &table.data {
                 WeightData::F32(v) => dst.copy_from_slice(&v[span]),

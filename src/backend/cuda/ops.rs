@@ -9,6 +9,7 @@ use super::{
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
+use std::ops::Range;
 
 /// Batches up to this many tokens multiply through the mat-vec kernel
 /// (`MAX_TOKENS` in `kernels/linear.cu`); larger ones through cuBLAS.
@@ -76,19 +77,20 @@ impl Backend for CudaBackend {
         Ok(CudaKvCache { k: zeros()?, v: zeros()? })
     }
 
-    fn embedding(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
+    fn embedding(&self, table: &CudaWeight, step: &CudaStep, vocab: Range<u32>) -> Result<CudaTensor> {
         check((step.max_token() as usize) < table.rows, || {
             format!("embedding: a token id is outside the table's {} rows", table.rows)
         })?;
         let mut out = self.tensor(step.tokens(), table.cols, "embeddings")?;
         let ids = step.token_ids();
-        let hidden = int(table.cols);
+        let (hidden, rows) = (int(table.cols), int(table.rows));
         let config = grid(out.rows, ROW_THREADS, 0);
         let name = table.data.kernel("embedding_bf16", "embedding_f32");
         let mut args = self.stream.launch_builder(self.function(name));
         args.arg(&mut out.data);
         table.data.push_arg(&mut args);
-        args.arg(&ids).arg(&self.previous).arg(&hidden);
+        let (first, end) = (vocab.start, vocab.end);
+        args.arg(&ids).arg(&self.previous).arg(&first).arg(&end).arg(&rows).arg(&hidden);
         self.launch(name, args, config)?;
         Ok(out)
     }
