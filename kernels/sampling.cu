@@ -178,6 +178,14 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     return result;
 }
 
+// Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
+// has room for, to `previous`.
+__device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previous, int previous_rows, unsigned int token) {
+    if (threadIdx.x != 0) return;
+    out[blockIdx.x] = token;
+    if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = token;
+}
+
 // out [rows]: the picked token ids, also kept in previous [previous_rows]
 // for the next step's embedding (rows past it are not kept). logits [rows,
 // vocab]: overwritten with the adjusted scores. params [rows]; adjustments
@@ -197,11 +205,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     }
     __syncthreads();
     if (p.temperature < GREEDY_BELOW) {
-        const unsigned int best = row_argmax(row, vocab);
-        if (threadIdx.x == 0) {
-            out[blockIdx.x] = best;
-            if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = best;
-        }
+        put_pick(out, previous, previous_rows, row_argmax(row, vocab));
         return;
     }
     float best = NEG_INF;
@@ -257,8 +261,5 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         __syncthreads();
         token = last;
     }
-    if (threadIdx.x == 0) {
-        out[blockIdx.x] = (unsigned int)token;
-        if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = (unsigned int)token;
-    }
+    put_pick(out, previous, previous_rows, (unsigned int)token);
 }

@@ -88,24 +88,28 @@ impl Generator {
     /// Appends `ids` to the sequence and returns logits `[rows, vocab]`: of
     /// every new token when `all_logits`, else of the last one.
     pub fn extend(&mut self, ids: &[u32], all_logits: bool) -> Result<Vec<f32>, GenerateError> {
-        Ok(self.run(ids, all_logits, Sampling::Caller)?.logits)
+        self.check_vocabulary(ids)?;
+        self.submit(ids, all_logits, Sampling::Caller)?;
+        Ok(self.collect()?.logits)
     }
 
     /// Appends `ids` and has the model pick the next token as `row` says,
     /// where the logits are (only the id leaves a GPU); the last position's
     /// logits come back too when `logits` is set.
     pub fn extend_sampled(&mut self, ids: &[u32], row: RowSampling, logits: bool) -> Result<StepOutput, GenerateError> {
+        self.check_vocabulary(ids)?;
         let rows = vec![row];
-        self.run(ids, false, Sampling::Model { rows, logits })
+        self.submit(ids, false, Sampling::Model { rows, logits })?;
+        self.collect()
     }
 
-    fn run(&mut self, ids: &[u32], all_logits: bool, sampling: Sampling) -> Result<StepOutput, GenerateError> {
+    /// Every id of `ids` is one of the model's vocabulary.
+    fn check_vocabulary(&self, ids: &[u32]) -> Result<(), GenerateError> {
         let vocab = self.executor.config().vocab_size;
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(GenerateError::TokenOutOfRange { id, vocab });
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(GenerateError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
         }
-        self.submit(ids, all_logits, sampling)?;
-        self.collect()
     }
 
     /// Starts the step that appends `ids` (ids of the vocabulary, or a
@@ -198,10 +202,8 @@ impl Generator {
                 context,
             });
         }
+        self.check_vocabulary(&req.prompt_ids)?;
         let vocab = self.executor.config().vocab_size;
-        if let Some(&id) = req.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(GenerateError::TokenOutOfRange { id, vocab });
-        }
         let start = Instant::now();
         let mut sampler = Sampler::new(req.sampling.clone());
         let ahead = self.executor.lookahead() && !sampler.reads_history();

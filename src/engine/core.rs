@@ -2,7 +2,7 @@
 //! each sequence's next token), detokenize, check stops, and queue each
 //! request's events. Where the executor looks ahead, the next step is
 //! planned and submitted before the last one's tokens are back, each
-//! sequence's coming token named as the device's [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) of
+//! sequence's coming token named as the device's [`PREVIOUS_SAMPLE`] of
 //! its row: the device goes from step to step while the host takes the
 //! tokens in, and a sequence that stops on that token wastes one step's
 //! row. Otherwise a step's tokens are taken in first (with the stops that
@@ -21,7 +21,7 @@ use super::request::{Event, FinishReason, Finished, Request, StopReason};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use super::stats::EngineStats;
 use super::stop::StopStrings;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, PREVIOUS_SAMPLE};
 use crate::executor::Executor;
 use crate::model::StepOutput;
 use crate::sampling::Sampler;
@@ -74,10 +74,6 @@ pub struct Engine {
     in_flight: VecDeque<InFlightStep>,
     /// Sequences in those steps.
     busy: HashSet<SeqId>,
-    /// Whether the executor takes a step before the last is collected.
-    lookahead: bool,
-    /// Sequences whose last token is a [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) placeholder.
-    placeholders: HashSet<SeqId>,
 }
 
 /// A submitted step: its plan, and the sequences (in logit-row order) that
@@ -103,6 +99,12 @@ struct Arrival {
     ending: Option<(FinishReason, Option<StopReason>)>,
 }
 
+/// Whether a sequence of `tokens` tokens (its `prompt_len` prompt and what
+/// it generated) is done by `request`'s `max_tokens` or the model's context.
+fn ends_by_length(request: &Request, context_len: usize, prompt_len: usize, tokens: usize) -> bool {
+    tokens - prompt_len >= request.max_tokens || tokens >= context_len
+}
+
 /// Events bound for their requests' channels, in the order produced.
 pub type Outbox = Vec<(UnboundedSender<Event>, Event)>;
 
@@ -120,7 +122,6 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         stats.total_blocks.store(config.num_kv_blocks, Ordering::Relaxed);
         let context_len = executor.config().max_position_embeddings;
-        let lookahead = executor.lookahead();
         let engine = Engine {
             executor,
             scheduler,
@@ -134,8 +135,6 @@ impl Engine {
             outbox: Vec::new(),
             in_flight: VecDeque::new(),
             busy: HashSet::new(),
-            lookahead,
-            placeholders: HashSet::new(),
         };
         engine.publish_stats();
         engine
@@ -200,7 +199,6 @@ impl Engine {
     pub fn abort(&mut self, id: SeqId) {
         self.scheduler.remove(id);
         self.active.remove(&id);
-        self.placeholders.remove(&id);
         self.publish_stats();
     }
 
@@ -208,7 +206,6 @@ impl Engine {
     pub fn fail_all(&mut self, message: &str) {
         self.in_flight.clear();
         self.busy.clear();
-        self.placeholders.clear();
         for (id, active) in self.active.drain() {
             self.outbox.push((active.events, Event::Failed(message.to_string())));
             self.scheduler.remove(id);
@@ -239,7 +236,7 @@ impl Engine {
         step.plan.iter().for_each(|p| {
             self.busy.remove(&p.id);
         });
-        if self.lookahead {
+        if self.executor.lookahead() {
             forward += self.plan_ahead(&mut step)?;
         }
         let mut output = std::mem::take(&mut self.output);
@@ -294,8 +291,9 @@ impl Engine {
     /// the scheduler at once, so the next step neither holds it nor its
     /// blocks. Its events wait for [`Engine::release`].
     fn take_token(&mut self, id: SeqId, row: usize, token_id: u32) -> Arrival {
-        let placeholder = self.placeholders.remove(&id);
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
+        // The step after this one was planned with a placeholder for this token.
+        let placeholder = seq.tokens.last().is_some_and(|&t| t & PREVIOUS_SAMPLE != 0);
         let (tokens_before, prompt_len) = (seq.tokens.len() - placeholder as usize, seq.prompt_len);
         match placeholder {
             true => self.scheduler.replace_last_token(id, token_id),
@@ -306,7 +304,7 @@ impl Engine {
         let generated = tokens_before + 1 - prompt_len;
         let ending = if (!stop.ignore_eos && stop.eos_token_ids.contains(&token_id)) || stop.stop_token_ids.contains(&token_id) {
             Some((FinishReason::Stop, Some(StopReason::Token(token_id))))
-        } else if generated >= active.request.max_tokens || tokens_before + 1 >= self.context_len {
+        } else if ends_by_length(&active.request, self.context_len, prompt_len, tokens_before + 1) {
             Some((FinishReason::Length, None))
         } else {
             None

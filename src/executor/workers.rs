@@ -465,13 +465,16 @@ where
         // where the next job is already waiting, it is queued behind this
         // one before this one is finished, so the device goes on.
         let mut held = None;
+        let finish_held = |held: &mut Option<_>| {
+            if let Some(queued) = held.take() {
+                finish(queued);
+            }
+        };
         for step in 0u64.. {
             let batch = match self.jobs.try_recv() {
                 Ok(batch) => batch,
                 Err(TryRecvError::Empty) => {
-                    if let Some(queued) = held.take() {
-                        finish(queued);
-                    }
+                    finish_held(&mut held);
                     match self.jobs.recv() {
                         Ok(batch) => batch,
                         Err(_) => break,
@@ -487,17 +490,13 @@ where
                 let pending = model.queue(graphs.as_mut(), &batch, &mut caches, Some(&comms), &mut out)?;
                 Ok((pending, out))
             });
-            if let Some(queued) = held.take() {
-                finish(queued);
-            }
+            finish_held(&mut held);
             match queued {
                 Ok(queued) => held = Some(queued),
                 Err(why) => fail(why),
             }
         }
-        if let Some(queued) = held.take() {
-            finish(queued);
-        }
+        finish_held(&mut held);
     }
 }
 

@@ -2,7 +2,7 @@
 //! from the scheduler's state, and (where the executor looks ahead) the
 //! step after the one in flight, before its tokens are back.
 
-use super::{Engine, InFlightStep};
+use super::{ends_by_length, Engine, InFlightStep};
 use crate::backend::{BackendError, PagedAttentionMeta, PREVIOUS_SAMPLE};
 use crate::engine::scheduler::{Scheduled, SeqId};
 use crate::model::{ForwardBatch, Sampling};
@@ -47,11 +47,10 @@ impl Engine {
                 return Ok(Duration::ZERO);
             }
             let seq = self.scheduler.get(id).expect("active sequences are scheduled");
-            let tokens = seq.tokens.len() + 1;
-            match tokens - seq.prompt_len < active.request.max_tokens && tokens < self.context_len {
-                true => ahead.push((id, PREVIOUS_SAMPLE | row as u32)),
+            match ends_by_length(&active.request, self.context_len, seq.prompt_len, seq.tokens.len() + 1) {
                 // Its coming token is its last: nothing more to plan.
-                false => _ = last.insert(id),
+                true => _ = last.insert(id),
+                false => ahead.push((id, PREVIOUS_SAMPLE | row as u32)),
             }
         }
         step.plan.retain(|p| self.active.contains_key(&p.id));
@@ -59,7 +58,6 @@ impl Engine {
         step.completed = true;
         for (id, placeholder) in ahead {
             self.scheduler.append_token(id, placeholder);
-            self.placeholders.insert(id);
         }
         let plan = self.scheduler.schedule_micro_batch(&last, usize::MAX);
         match plan.is_empty() {
