@@ -1,31 +1,76 @@
 // Paged attention for prefill, chunked prefill and decode alike, read
-// straight from the paged KV cache through each sequence's block table.
+// straight from the paged KV cache through each sequence's block table,
+// on the tensor cores.
 //
-// Why this shape: the cache is what attention streams, so each key and
-// value is loaded once per block into shared memory and used by every
-// query row the block holds: all the query heads of one KV head (GQA's
-// group), for up to 8 consecutive tokens of one sequence (a tile, listed
-// by the host: src/backend/cuda/step.rs). A decode step has one token per sequence,
-// too few blocks to keep a GPU's memory busy, so a sequence's keys are
-// also split across blocks (flash-decoding): each split writes its rows'
-// partial softmax state and attention_combine_f32 merges them. With one
-// split the block writes the output itself.
+// Why this shape: with GQA each key and value serves a group of query
+// heads (7 for Qwen2.5-7B), so attention does ~7 multiply-adds per byte
+// of cache it reads. Scalar code that feeds each one from shared memory
+// tops out near a third of an H100's bandwidth; tensor cores do the
+// products (bf16 operands, f32 sums), and the cache is streamed into
+// shared memory by cp.async, two key tiles in flight, with no registers
+// held. A block takes one KV head for a tile of up to 8 consecutive tokens
+// of one sequence (listed by the host: src/backend/cuda/step.rs); its
+// query rows, token-major (row r: token r / group, head r % group), are
+// 16 a warp, each warp's in one 16-row fragment. A decode step has one
+// token a sequence, so a block of one warp and the group's heads as its
+// rows (padded to 16), and too few blocks to keep a GPU's memory busy:
+// a sequence's keys are also split across blocks (flash-decoding), each
+// split writing its rows' partial softmax state for
+// attention_combine_f32 to merge. With one split a block writes the
+// output itself.
 //
-// Layout: grid (tiles, kv_heads * passes, splits) of ATTENTION_THREADS
-// threads. A tile's rows are token-major (row r: its token r / group, head
-// r % group); a pass takes ROWS_PER_BLOCK of them. Each warp owns every
-// fourth row of the pass and each lane one key of a 32-key tile: the
-// lane's score, the warp's online-softmax update, then each lane adds up
-// its DIMS output dimensions (d = lane + 32 i). Sums are f32.
-#define ATTENTION_THREADS 128
-#define KEY_TILE 32
-#define ROWS_PER_BLOCK 32
-#define ROWS_PER_WARP (ROWS_PER_BLOCK / (ATTENTION_THREADS / 32))
+// A warp's tile of 32 keys: S = Q·Kᵀ on the tensor cores into shared
+// memory; two lanes a row mask it (causal, and the split's end), update
+// the row's running maximum and sum (online softmax, in base 2: the query
+// is scaled by log2 e) and write P in bf16; the output accumulators are
+// rescaled by their rows' factors (which element is in which row comes
+// from a fragment loaded from a matrix of row numbers, so no lane layout
+// is assumed); then O += P·V on the tensor cores.
+//
+// Layout: grid (tiles, kv_heads * passes, splits) of 32 · warps threads
+// (1 to 4 warps); a pass takes 16 · warps rows of the tile's.
+#include <cuda_pipeline_primitives.h>
+#include <mma.h>
 
-template <int DIMS>
+using namespace nvcuda;
+
+#define KEY_TILE 32
+#define STAGES 2
+#define WARP_ROWS 16
+#define MAX_WARPS 4
+#define LOG2_E 1.4426950408889634f
+
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
+
+// Shared memory of a block, in bytes (the host's copy of these sums is
+// `shared_bytes` in src/backend/cuda/attention.rs). Rows are padded by 16
+// bytes so a fragment's 16 rows start in different banks.
+template <int HEAD_DIM>
+struct Layout {
+    static constexpr int kv_stride = HEAD_DIM + 8;  // bf16, a key or value row
+    static constexpr int s_stride = KEY_TILE + 4;   // f32, a row of scores
+    static constexpr int p_stride = KEY_TILE + 8;   // bf16, a row of probabilities
+    static constexpr int o_stride = HEAD_DIM + 4;   // f32, a row of the output
+    // The stages: [STAGES][keys, values][KEY_TILE][kv_stride] bf16.
+    static constexpr int stage_bytes = 2 * KEY_TILE * kv_stride * 2;
+    static constexpr int row_numbers = STAGES * stage_bytes;  // [16][16] f32, element (i, j) = i
+    static constexpr int warps = row_numbers + 16 * 16 * 4;
+    // A warp's part: its query rows in bf16 (before the first tile), then
+    // S [16][s_stride] f32 and P [16][p_stride] bf16; then its rows'
+    // rescale factors and sums (f32, 16 each).
+    static constexpr int q_bytes = WARP_ROWS * kv_stride * 2;
+    static constexpr int sp_bytes = WARP_ROWS * s_stride * 4 + WARP_ROWS * p_stride * 2;
+    static constexpr int scratch_bytes = q_bytes > sp_bytes ? q_bytes : sp_bytes;
+    static constexpr int warp_bytes = scratch_bytes + 2 * WARP_ROWS * 4;
+    // After the last tile each warp's output rows go out through the stages.
+    static_assert(MAX_WARPS * WARP_ROWS * o_stride * 4 <= STAGES * stage_bytes, "the output fits over the stages");
+    static_assert(scratch_bytes % 32 == 0 && warp_bytes % 32 == 0, "fragments stay 256-bit aligned");
+};
+
+template <int HEAD_DIM>
 __device__ void paged_attention(
     float* __restrict__ out,                       // [tokens, heads * head_dim]: written with one split
-    float* __restrict__ partial,                   // [splits, tokens * heads, head_dim + 2]: acc, max, sum; with more
+    float* __restrict__ partial,                   // [splits, tokens * heads, head_dim + 2]: acc, max (base 2), sum; with more
     const float* __restrict__ qkv,                 // [tokens, (heads + 2*kv_heads) * head_dim]
     const __nv_bfloat16* __restrict__ k_cache,     // [slots, kv_heads, head_dim]
     const __nv_bfloat16* __restrict__ v_cache,
@@ -33,148 +78,211 @@ __device__ void paged_attention(
     const unsigned int* __restrict__ tiles,        // [tiles, 3]: first token, token count, sequence
     const unsigned int* __restrict__ token_pos,    // [tokens]: each token's position in its sequence
     int tokens, int seqs, int heads, int kv_heads, int passes, int block_size, float scale) {
-    constexpr int head_dim = 32 * DIMS;
-    // Key rows in bf16 with one spare word: an odd stride in words, so the
-    // 32 lanes reading 32 keys' same dimensions hit 32 banks.
-    constexpr int k_stride = head_dim + 2;
-    extern __shared__ float shared[];
-    float* q = shared;                                                                      // [ROWS_PER_BLOCK, head_dim]
-    float* weights = q + ROWS_PER_BLOCK * head_dim;                                         // [warps, 32]
-    __nv_bfloat16* k_tile = reinterpret_cast<__nv_bfloat16*>(weights + ATTENTION_THREADS);  // [KEY_TILE, k_stride]
-    __nv_bfloat16* v_tile = k_tile + KEY_TILE * k_stride;                                   // [KEY_TILE, head_dim]
+    typedef Layout<HEAD_DIM> L;
+    constexpr int SLICES = HEAD_DIM / 16;
+    extern __shared__ __align__(128) unsigned char shared[];
+    __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(shared);
+    float* row_numbers = reinterpret_cast<float*>(shared + L::row_numbers);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    unsigned char* mine = shared + L::warps + warp * L::warp_bytes;
+    __nv_bfloat16* q_rows = reinterpret_cast<__nv_bfloat16*>(mine);
+    float* s = reinterpret_cast<float*>(mine);
+    __nv_bfloat16* p = reinterpret_cast<__nv_bfloat16*>(mine + WARP_ROWS * L::s_stride * 4);
+    float* rescale = reinterpret_cast<float*>(mine + L::scratch_bytes);
+    float* sums = rescale + WARP_ROWS;
 
     const int group = heads / kv_heads;
     const int kv_head = blockIdx.y / passes, pass = blockIdx.y % passes;
     const unsigned int* tile = tiles + 3 * blockIdx.x;
     const int first = tile[0], count = tile[1], seq = tile[2];
-    const int rows = min(count * group - pass * ROWS_PER_BLOCK, ROWS_PER_BLOCK);
-    if (rows <= 0) return;  // a short tile needs fewer passes (the whole block leaves)
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int width = (heads + 2 * kv_heads) * head_dim;
+    // The pass's rows, and this warp's (none: it only helps load).
+    const int first_row = pass * WARP_ROWS * warps;
+    const int block_rows = min(count * group - first_row, WARP_ROWS * warps);
+    if (block_rows <= 0) return;  // a short tile needs fewer passes (the whole block leaves)
+    const int warp_first = first_row + WARP_ROWS * warp;
+    const int warp_rows = max(0, min(block_rows - WARP_ROWS * warp, WARP_ROWS));
+    const int width = (heads + 2 * kv_heads) * HEAD_DIM;
     const unsigned int* table = block_tables + seq;  // its blocks, `seqs` words apart
-    const size_t kv_stride = (size_t)kv_heads * head_dim;
+    const size_t kv_row = (size_t)kv_heads * HEAD_DIM;
 
-    // This pass's query rows, scaled; row r of the pass is row pass·ROWS_PER_BLOCK + r of the tile.
-    for (int i = threadIdx.x; i < rows * head_dim; i += blockDim.x) {
-        const int r = pass * ROWS_PER_BLOCK + i / head_dim;
-        q[i] = qkv[(size_t)(first + r / group) * width + (kv_head * group + r % group) * head_dim + i % head_dim] * scale;
-    }
     // The tile's last token sees positions 0..=its own; the split takes its share, in whole key tiles.
     const int keys = token_pos[first + count - 1] + 1;
     const int per_split = ((keys + (int)gridDim.z - 1) / (int)gridDim.z + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
     const int begin = blockIdx.z * per_split, end = min(keys, begin + per_split);
+    const int key_tiles = end > begin ? (end - begin + KEY_TILE - 1) / KEY_TILE : 0;
 
-    float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][DIMS];
-    int pos[ROWS_PER_WARP];  // the row's token position, or -1 past the pass's rows
-    #pragma unroll
-    for (int k = 0; k < ROWS_PER_WARP; ++k) {
-        const int r = warp + 4 * k;
-        m[k] = NEG_INF;
-        l[k] = 0.0f;
-        pos[k] = r < rows ? (int)token_pos[first + (pass * ROWS_PER_BLOCK + r) / group] : -1;
-        #pragma unroll
-        for (int i = 0; i < DIMS; ++i) acc[k][i] = 0.0f;
-    }
-
-    for (int base = begin; base < end; base += KEY_TILE) {
-        __syncthreads();  // the last tile is used up (and, the first time, q is written)
-        // The tile's key and value rows in 16-byte pieces; keys past `end` are zeros.
-        constexpr int pieces = head_dim / 8;
-        for (int c = threadIdx.x; c < KEY_TILE * pieces; c += blockDim.x) {
-            const int j = c / pieces, part = c % pieces, key = base + j;
-            uint4 k_piece = make_uint4(0, 0, 0, 0), v_piece = make_uint4(0, 0, 0, 0);
-            if (key < end) {
-                const size_t slot = (size_t)table[(size_t)(key / block_size) * seqs] * block_size + key % block_size;
-                const size_t at = slot * kv_stride + (size_t)kv_head * head_dim + part * 8;
-                k_piece = *reinterpret_cast<const uint4*>(k_cache + at);
-                v_piece = *reinterpret_cast<const uint4*>(v_cache + at);
-            }
-            unsigned int* k_words = reinterpret_cast<unsigned int*>(k_tile + j * k_stride + part * 8);
-            k_words[0] = k_piece.x;
-            k_words[1] = k_piece.y;
-            k_words[2] = k_piece.z;
-            k_words[3] = k_piece.w;
-            *reinterpret_cast<uint4*>(v_tile + j * head_dim + part * 8) = v_piece;
-        }
-        __syncthreads();
-        const int key = base + lane;
-        const __nv_bfloat162* my_key = reinterpret_cast<const __nv_bfloat162*>(k_tile + lane * k_stride);
-        #pragma unroll
-        for (int k = 0; k < ROWS_PER_WARP; ++k) {
-            // Rows the tile is wholly after (causal) skip it; the test is the same on every lane.
-            if (pos[k] < base) continue;
-            const float* qr = q + (warp + 4 * k) * head_dim;
-            float score = NEG_INF;
-            if (key <= pos[k] && key < end) {
-                score = 0.0f;
-                for (int d = 0; d < head_dim / 2; ++d) {
-                    const float2 kk = __bfloat1622float2(my_key[d]);
-                    score += qr[2 * d] * kk.x + qr[2 * d + 1] * kk.y;
+    // Queues key tile `t` into its stage in 16-byte copies (keys past `end`
+    // are zeros: a zero probability times a stale value could be NaN), and
+    // closes a copy group either way, so that waits count tiles. A thread
+    // always copies the same 16 bytes of a row (a block's threads are a
+    // multiple of a row's pieces), for every few keys. Lane j finds key j's
+    // cache row, once; the lanes copying its pieces take it by shuffle (the
+    // lanes of a warp make as many trips: KEY_TILE is a multiple of the
+    // keys a warp takes at once).
+    constexpr int pieces = HEAD_DIM / 8;
+    const int part = threadIdx.x % pieces, keys_at_once = blockDim.x / pieces;
+    const __nv_bfloat16* k_from = k_cache + (size_t)kv_head * HEAD_DIM + part * 8;
+    const __nv_bfloat16* v_from = v_cache + (size_t)kv_head * HEAD_DIM + part * 8;
+    auto fetch = [&](int t) {
+        if (t < key_tiles) {
+            __nv_bfloat16* k_to = stages + (t % STAGES) * 2 * KEY_TILE * L::kv_stride + part * 8;
+            __nv_bfloat16* v_to = k_to + KEY_TILE * L::kv_stride;
+            const int base = begin + t * KEY_TILE, my_key = base + lane;
+            const unsigned int my_slot = my_key < end ? table[(size_t)(my_key / block_size) * seqs] * block_size + my_key % block_size : 0;
+            for (int j = threadIdx.x / pieces; j < KEY_TILE; j += keys_at_once) {
+                const size_t row = __shfl_sync(0xffffffff, my_slot, j) * kv_row;
+                if (base + j < end) {
+                    __pipeline_memcpy_async(k_to + j * L::kv_stride, k_from + row, 16);
+                    __pipeline_memcpy_async(v_to + j * L::kv_stride, v_from + row, 16);
+                } else {
+                    *reinterpret_cast<uint4*>(k_to + j * L::kv_stride) = make_uint4(0, 0, 0, 0);
+                    *reinterpret_cast<uint4*>(v_to + j * L::kv_stride) = make_uint4(0, 0, 0, 0);
                 }
             }
-            float tile_max = score;
-            for (int o = 16; o > 0; o >>= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, o));
-            // Key `base` is at or before pos[k], so the tile's maximum is finite.
-            const float new_m = fmaxf(m[k], tile_max);
-            const float p = score == NEG_INF ? 0.0f : __expf(score - new_m);
-            const float rescale = __expf(m[k] - new_m);
-            float sum = p;
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-            l[k] = l[k] * rescale + sum;
-            m[k] = new_m;
-            weights[warp * 32 + lane] = p;
-            __syncwarp();
+        }
+        __pipeline_commit();
+    };
+    for (int t = 0; t < STAGES; ++t) fetch(t);
+
+    // While the first tiles load: the warp's query rows, scaled (by log2 e too), in bf16.
+    for (int i = lane; i < WARP_ROWS * HEAD_DIM; i += 32) {
+        const int r = i / HEAD_DIM, d = i % HEAD_DIM, row = warp_first + r;
+        const float q = r < warp_rows ? qkv[(size_t)(first + row / group) * width + (kv_head * group + row % group) * HEAD_DIM + d] : 0.0f;
+        q_rows[r * L::kv_stride + d] = __float2bfloat16(q * scale * LOG2_E);
+    }
+    for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) row_numbers[i] = (float)(i / 16);
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> q[SLICES];
+    #pragma unroll
+    for (int k = 0; k < SLICES; ++k) wmma::load_matrix_sync(q[k], q_rows + 16 * k, L::kv_stride);
+    Accumulator rows, o[SLICES];
+    wmma::load_matrix_sync(rows, row_numbers, 16, wmma::mem_row_major);
+    #pragma unroll
+    for (int n = 0; n < SLICES; ++n) wmma::fill_fragment(o[n], 0.0f);
+
+    // Lanes 2r and 2r + 1 keep row r's softmax state, each for half the tile's keys.
+    const int my_row = lane >> 1, half = lane & 1;
+    const int my_pos = my_row < warp_rows ? (int)token_pos[first + (warp_first + my_row) / group] : -1;
+    const int warp_last = warp_rows > 0 ? (int)token_pos[first + (warp_first + warp_rows - 1) / group] : -1;
+    float m = NEG_INF, l = 0.0f;
+
+    for (int t = 0; t < key_tiles; ++t) {
+        __pipeline_wait_prior(STAGES - 1);  // this thread's copies of tile t have landed
+        __syncthreads();                    // and every thread's (the first time: every lane has its query fragments before S overwrites them)
+        const int base = begin + t * KEY_TILE;
+        const __nv_bfloat16* k_tile = stages + (t % STAGES) * 2 * KEY_TILE * L::kv_stride;
+        const __nv_bfloat16* v_tile = k_tile + KEY_TILE * L::kv_stride;
+        // A warp whose rows all come before the tile (causal) skips it.
+        if (warp_rows > 0 && base <= warp_last) {
             #pragma unroll
-            for (int i = 0; i < DIMS; ++i) {
-                float a = acc[k][i] * rescale;
-                const int d = lane + 32 * i;
-                for (int j = 0; j < KEY_TILE; ++j) a += weights[warp * 32 + j] * __bfloat162float(v_tile[j * head_dim + d]);
-                acc[k][i] = a;
+            for (int n = 0; n < KEY_TILE / 16; ++n) {
+                Accumulator scores;
+                wmma::fill_fragment(scores, 0.0f);
+                #pragma unroll
+                for (int k = 0; k < SLICES; ++k) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> key;
+                    wmma::load_matrix_sync(key, k_tile + 16 * n * L::kv_stride + 16 * k, L::kv_stride);
+                    wmma::mma_sync(scores, q[k], key, scores);
+                }
+                wmma::store_matrix_sync(s + 16 * n, scores, L::s_stride, wmma::mem_row_major);
             }
             __syncwarp();
+            // The lane's half row of scores, −∞ where masked (causal, or past the split).
+            const int column = half * (KEY_TILE / 2);
+            float score[KEY_TILE / 2];
+            float tile_max = NEG_INF;
+            #pragma unroll
+            for (int j = 0; j < KEY_TILE / 2; ++j) {
+                const int key = base + column + j;
+                score[j] = key <= my_pos && key < end ? s[my_row * L::s_stride + column + j] : NEG_INF;
+                tile_max = fmaxf(tile_max, score[j]);
+            }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+            // A row with no key yet (or a padding row) stays at −∞ and adds nothing.
+            const float new_m = fmaxf(m, tile_max);
+            const float factor = new_m == NEG_INF ? 1.0f : exp2f(m - new_m);
+            float sum = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < KEY_TILE / 2; ++j) {
+                const __nv_bfloat16 pj = __float2bfloat16(score[j] == NEG_INF ? 0.0f : exp2f(score[j] - new_m));
+                sum += __bfloat162float(pj);
+                p[my_row * L::p_stride + column + j] = pj;
+            }
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            l = l * factor + sum;
+            m = new_m;
+            if (half == 0) rescale[my_row] = factor;
+            __syncwarp();
+            float by_element[Accumulator::num_elements];
+            #pragma unroll
+            for (int e = 0; e < Accumulator::num_elements; ++e) by_element[e] = rescale[(int)rows.x[e]];
+            #pragma unroll
+            for (int n = 0; n < SLICES; ++n) {
+                #pragma unroll
+                for (int e = 0; e < Accumulator::num_elements; ++e) o[n].x[e] *= by_element[e];
+            }
+            #pragma unroll
+            for (int k = 0; k < KEY_TILE / 16; ++k) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> probs;
+                wmma::load_matrix_sync(probs, p + 16 * k, L::p_stride);
+                #pragma unroll
+                for (int n = 0; n < SLICES; ++n) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> value;
+                    wmma::load_matrix_sync(value, v_tile + 16 * k * L::kv_stride + 16 * n, L::kv_stride);
+                    wmma::mma_sync(o[n], probs, value, o[n]);
+                }
+            }
         }
+        __syncthreads();  // every warp is done with the stage before it refills
+        fetch(t + STAGES);
     }
 
-    // Every row of the pass is written, also where this split held none of its keys.
+    // Every row of the warp is written, also where this split held none of its keys.
+    __syncthreads();  // the stages are free (also when there was no tile)
+    if (warp_rows == 0) return;
+    float* o_rows = reinterpret_cast<float*>(shared) + warp * WARP_ROWS * L::o_stride;
     #pragma unroll
-    for (int k = 0; k < ROWS_PER_WARP; ++k) {
-        const int r = warp + 4 * k;
-        if (r >= rows) continue;
-        const int tr = pass * ROWS_PER_BLOCK + r;
-        const size_t row = (size_t)(first + tr / group) * heads + kv_head * group + tr % group;
+    for (int n = 0; n < SLICES; ++n) wmma::store_matrix_sync(o_rows + 16 * n, o[n], L::o_stride, wmma::mem_row_major);
+    if (half == 0) {
+        rescale[my_row] = m;
+        sums[my_row] = l;
+    }
+    __syncwarp();
+    for (int i = lane; i < warp_rows * HEAD_DIM; i += 32) {
+        const int r = i / HEAD_DIM, d = i % HEAD_DIM, row_in_tile = warp_first + r;
+        const size_t row = (size_t)(first + row_in_tile / group) * heads + kv_head * group + row_in_tile % group;
+        const float acc = o_rows[r * L::o_stride + d];
         if (gridDim.z == 1) {
-            #pragma unroll
-            for (int i = 0; i < DIMS; ++i) out[row * head_dim + lane + 32 * i] = acc[k][i] / l[k];
+            out[row * HEAD_DIM + d] = acc / sums[r];
         } else {
-            float* at = partial + ((size_t)blockIdx.z * tokens * heads + row) * (head_dim + 2);
-            #pragma unroll
-            for (int i = 0; i < DIMS; ++i) at[lane + 32 * i] = acc[k][i];
-            if (lane == 0) {
-                at[head_dim] = m[k];
-                at[head_dim + 1] = l[k];
+            float* at = partial + ((size_t)blockIdx.z * tokens * heads + row) * (HEAD_DIM + 2);
+            at[d] = acc;
+            if (d == 0) {
+                at[HEAD_DIM] = rescale[r];
+                at[HEAD_DIM + 1] = sums[r];
             }
         }
     }
 }
 
 #define PAGED_ATTENTION(dims)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(ATTENTION_THREADS) paged_attention_bf16_d##dims(                      \
+    extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS) paged_attention_bf16_d##dims(                         \
         float* __restrict__ out, float* __restrict__ partial, const float* __restrict__ qkv,                            \
         const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,                           \
         const unsigned int* __restrict__ block_tables, const unsigned int* __restrict__ tiles,                           \
         const unsigned int* __restrict__ token_pos, int tokens, int seqs, int heads, int kv_heads, int passes,            \
         int block_size, float scale) {                                                                                   \
-        paged_attention<dims / 32>(out, partial, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,       \
-                                   seqs, heads, kv_heads, passes, block_size, scale);                                     \
+        paged_attention<dims>(out, partial, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens, seqs, heads, \
+                              kv_heads, passes, block_size, scale);                                                      \
     }
 
 PAGED_ATTENTION(32)
 PAGED_ATTENTION(64)
 PAGED_ATTENTION(128)
 
-// Merges the splits of each (token, head) row: out = Σ e^(m_s − M) acc_s /
-// Σ e^(m_s − M) l_s, M the largest m_s (a split that held none of the
-// row's keys has m_s = −∞ and adds nothing). One warp per row.
+// Merges the splits of each (token, head) row: out = Σ 2^(m_s − M) acc_s /
+// Σ 2^(m_s − M) l_s, M the largest m_s (maxima in base 2; a split that held
+// none of the row's keys has m_s = −∞ and adds nothing). One warp per row.
 extern "C" __global__ void attention_combine_f32(
     float* __restrict__ out,            // [rows, head_dim]
     const float* __restrict__ partial,  // [splits, rows, head_dim + 2]
@@ -186,13 +294,13 @@ extern "C" __global__ void attention_combine_f32(
     float total = 0.0f;
     for (int s = 0; s < splits; ++s) {
         const float* at = partial + s * stride + row * (head_dim + 2);
-        total += at[head_dim] == NEG_INF ? 0.0f : __expf(at[head_dim] - best) * at[head_dim + 1];
+        total += at[head_dim] == NEG_INF ? 0.0f : exp2f(at[head_dim] - best) * at[head_dim + 1];
     }
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float sum = 0.0f;
         for (int s = 0; s < splits; ++s) {
             const float* at = partial + s * stride + row * (head_dim + 2);
-            if (at[head_dim] != NEG_INF) sum += __expf(at[head_dim] - best) * at[d];
+            if (at[head_dim] != NEG_INF) sum += exp2f(at[head_dim] - best) * at[d];
         }
         out[row * head_dim + d] = sum / total;
     }

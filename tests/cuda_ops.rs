@@ -232,7 +232,8 @@ fn norms_embedding_and_row_ops_match() {
 
 /// One layer's attention over a batch mixing a fresh prefill, a chunk
 /// after a cached prefix, and decode steps (one after 300 tokens, whose
-/// keys the kernel splits across blocks), with scattered blocks.
+/// keys the kernel splits across blocks), with scattered blocks; then a
+/// step of decodes alone (blocks of one warp, as a decode graph runs them).
 fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: usize) {
     let spec = AttentionSpec {
         num_heads: heads,
@@ -279,6 +280,7 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     for (round, spans) in [
         vec![(0, 0), (0, 17), (0, 39), (0, 300)],
         vec![(0, 5), (17, 20), (39, 40), (300, 301)],
+        vec![(5, 6), (20, 21), (40, 41), (301, 302)],
     ]
     .iter()
     .enumerate()
@@ -315,6 +317,8 @@ fn paged_attention_matches_for_prefill_chunks_and_decode() {
     attention_case(&gpu, 14, 2, 64);
     attention_case(&gpu, 28, 4, 128);
     attention_case(&gpu, 2, 2, 32);
+    // MQA: 32 query heads share a KV head, more rows than a block holds at once.
+    attention_case(&gpu, 32, 1, 64);
 }
 
 #[test]

@@ -7,7 +7,9 @@
 #   tests/gpu-check.sh             # there, with target/gpu-carry carried along
 #
 # Finds CUDA's libraries (cuBLAS, NVRTC, NCCL) in the pip `nvidia` packages
-# or the toolkit, and cuda_bf16.h for NVRTC. Logs go to $OUT when set.
+# or the toolkit, and the headers NVRTC needs (cuda_bf16.h, crt/mma.h): the
+# machine's own first, then the CUDA 13.0 ones packed with the binaries.
+# Logs go to $OUT when set.
 #
 # The whole check keeps to GPU_CHECK_SECONDS (default 500, under the lent
 # machine's 600 s a call): each part runs under a time limit of its own,
@@ -44,6 +46,13 @@ for line in open(sys.argv[2]):
         shutil.copy(msg["executable"], f"{sys.argv[1]}/{msg['target']['name']}")
 EOF
     strip "$BIN"/* 2>/dev/null
+    # The CUDA headers the kernels include, for a machine whose own lack some.
+    local headers=$ROOT/target/cuda-py/nvidia/cu13/include
+    if [[ ! -f $headers/crt/mma.h ]]; then
+        python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$ROOT/target/cuda-py" \
+            "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*" || exit 1
+    fi
+    cp -r "$headers" "$BIN/cuda-include"
     mkdir -p "$(dirname "$PACK")" && tar -C "$ROOT/target" -cJf "$PACK" gpu-check || exit 1
     du -sh "$BIN" "$PACK"
 }
@@ -60,15 +69,17 @@ fi
 [[ -x "$BIN/shardline" ]] || { echo "no $BIN/shardline: run tests/gpu-check.sh --prepare where cargo is, and carry target/gpu-carry"; exit 1; }
 
 # CUDA libraries: every lib folder of the pip nvidia packages, NCCL under the
-# name cudarc opens (libnccl.so), and a folder holding cuda_bf16.h.
+# name cudarc opens (libnccl.so), and the header folders: the machine's
+# that holds cuda_bf16.h (preferring one that holds crt/mma.h too), then ours.
 mkdir -p "$LOGS" /tmp/shardline-libs
 NVIDIA=$(python3 -c 'import nvidia, os; print(os.pathsep.join(nvidia.__path__))' 2>/dev/null)
 LIBDIRS=$(for d in ${NVIDIA//:/ }; do find "$d" -name 'lib*.so*' -printf '%h\n'; done | sort -u | paste -sd:)
 NCCL=$(for d in ${NVIDIA//:/ }; do find "$d" -name 'libnccl.so.2'; done | head -1)
 [[ -n "$NCCL" ]] && ln -sf "$NCCL" /tmp/shardline-libs/libnccl.so
 export LD_LIBRARY_PATH=/tmp/shardline-libs:$LIBDIRS:${LD_LIBRARY_PATH:-}
-HEADER=$( (for d in ${NVIDIA//:/ }; do find "$d" -name cuda_bf16.h; done; ls /usr/local/cuda/include/cuda_bf16.h 2>/dev/null) | head -1)
-export SHARDLINE_CUDA_INCLUDE=$(dirname "${HEADER:-/usr/local/cuda/include/x}")
+HEADERS=$( (for d in ${NVIDIA//:/ }; do find "$d" -name cuda_bf16.h; done; ls /usr/local/cuda/include/cuda_bf16.h 2>/dev/null) | xargs -r -n1 dirname)
+HEADER_DIR=$( (for d in $HEADERS; do [[ -f $d/crt/mma.h ]] && echo "$d"; done; echo "$HEADERS") | head -1)
+export SHARDLINE_CUDA_INCLUDE=${HEADER_DIR:+$HEADER_DIR:}$BIN/cuda-include
 export SHARDLINE_REPO=$ROOT SHARDLINE_BIN=$BIN/shardline SHARDLINE_KERNEL_CACHE=/tmp/shardline-kernels
 nvidia-smi -L || true
 START=$(date +%s)
@@ -182,7 +193,8 @@ EOF
 )
 fi
 
-# The kernels decode streams memory through, alone, on the 7B shapes.
+# The kernels decode streams memory through, alone, on the 7B shapes, and
+# the attention of a 4K-token prompt's prefill.
 limited 90 "kernels qwen2.5-7b" "$BIN/shardline" bench --kernels --model configs/models/qwen2.5-7b.json --load-format dummy \
     --context 4096 --json >"$LOGS/kernels.json" 2>"$LOGS/kernels.log"
 if (($? != 99)); then
@@ -194,7 +206,10 @@ except Exception:
     print(f"{'kernels qwen2.5-7b':<34} FAILED or out of time (kernels.log)")
     sys.exit()
 for k in report["kernels"]:
-    print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['gb_per_s']:.0f} GB/s = {100 * k['fraction_of_copy_bandwidth']:.0f}% of copy")
+    if k["kernel"].startswith("prefill"):
+        print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['tflop_per_s']:.1f} TFLOP/s")
+    else:
+        print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['gb_per_s']:.0f} GB/s = {100 * k['fraction_of_copy_bandwidth']:.0f}% of copy")
 EOF
 )
 fi

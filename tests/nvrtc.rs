@@ -1,9 +1,11 @@
 //! Every CUDA kernel compiles with NVRTC for Ampere and Hopper, and defines
 //! the entry points the backend launches. Needs no GPU: only the NVRTC
-//! library and `cuda_bf16.h` (`.ci/run` installs both from pip). Where
+//! library and the CUDA headers (`.ci/run` installs them from pip). Where
 //! NVRTC is absent the test says so and passes.
 
-use shardline::backend::cuda::kernels::{cache_path, compile, compile_cached, include_dirs, nvrtc_available, KernelSource, KERNELS};
+use shardline::backend::cuda::kernels::{
+    cache_path, compile, compile_cached, include_dirs, missing_headers, nvrtc_available, KernelSource, KERNELS,
+};
 
 /// Whether NVRTC can run here; CI sets SHARDLINE_CUDA_INCLUDE beside the
 /// library, and there a missing NVRTC is a failure, not a skip.
@@ -25,13 +27,23 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         return;
     }
     let includes = include_dirs();
-    assert!(!includes.is_empty(), "cuda_bf16.h not found: set SHARDLINE_CUDA_INCLUDE");
+    let missing = missing_headers(&includes);
+    assert!(missing.is_empty(), "{missing:?} not found: set SHARDLINE_CUDA_INCLUDE");
     for arch in ["compute_80", "compute_90"] {
         for kernel in KERNELS {
             let ptx = compile(kernel, arch, &includes).unwrap_or_else(|e| panic!("{arch}: {e}"));
             let text = ptx.to_src();
             for entry in kernel.entry_points {
                 assert!(text.contains(&format!(".entry {entry}(")), "{arch}: {} lacks {entry}", kernel.file);
+            }
+            // Attention multiplies on the tensor cores, fed by asynchronous copies.
+            if kernel.file == "attention.cu" {
+                for instruction in [
+                    "wmma.mma.sync.aligned.row.col.m16n16k16.f32.bf16.bf16.f32",
+                    "cp.async.cg.shared.global",
+                ] {
+                    assert!(text.contains(instruction), "{arch}: attention.cu has no {instruction}");
+                }
             }
         }
     }

@@ -58,10 +58,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "128-1024")]
     pub output_lens: LenRange,
     /// Time the kernels decode streams memory through instead (the GPU's
-    /// mat-vec of each weight matrix, decode attention), at the model's shapes.
+    /// mat-vec of each weight matrix, decode attention), and prefill
+    /// attention, at the model's shapes.
     #[arg(long, conflicts_with_all = ["concurrency", "requests"])]
     kernels: bool,
-    /// Cached tokens per sequence for `--kernels`' decode attention.
+    /// Cached tokens per sequence for `--kernels`' decode attention, and the
+    /// prompt its prefill attention takes.
     #[arg(long, default_value_t = 4096)]
     context: usize,
     /// Print one JSON object.

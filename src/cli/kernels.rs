@@ -3,6 +3,8 @@
 //! device's copy bandwidth: the batch-1 mat-vec of each weight matrix of a
 //! layer and of the LM head (bytes: the weights), and decode attention over
 //! `--context` cached tokens at batch 1 and 64 (bytes: the keys and values).
+//! Also the attention of a `--context`-token prompt's prefill, which
+//! computes more than it reads: its multiply-adds a second.
 
 use anyhow::Context;
 use serde_json::json;
@@ -16,16 +18,23 @@ use std::time::Instant;
 /// Calls of each kernel per timing, after as many untimed.
 const CALLS: usize = 20;
 
-/// One timed kernel: what it streams and how long a call takes.
+/// One timed kernel: what it streams, the arithmetic it does (floating-point
+/// operations, a multiply-add two), and how long a call takes.
 struct Timing {
     what: String,
     bytes: usize,
+    flops: f64,
     seconds: f64,
 }
 
 /// Times `CALLS` back-to-back calls of `op` (queued, then waited for once;
 /// what each call returns is dropped as it comes).
-fn time<T>(gpu: &CudaBackend, what: String, bytes: usize, mut op: impl FnMut() -> shardline::backend::Result<T>) -> anyhow::Result<Timing> {
+fn time<T>(
+    gpu: &CudaBackend,
+    what: String,
+    (bytes, flops): (usize, f64),
+    mut op: impl FnMut() -> shardline::backend::Result<T>,
+) -> anyhow::Result<Timing> {
     for _ in 0..CALLS {
         op()?;
     }
@@ -38,6 +47,7 @@ fn time<T>(gpu: &CudaBackend, what: String, bytes: usize, mut op: impl FnMut() -
     Ok(Timing {
         what,
         bytes,
+        flops,
         seconds: start.elapsed().as_secs_f64() / CALLS as f64,
     })
 }
@@ -72,19 +82,22 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
         let mut x = gpu.zeros(1, ins)?;
         x.copy_from_host(&(0..ins).map(|_| rng.next_f32()).collect::<Vec<_>>())?;
         let what = format!("mat-vec {name} [{outs}, {ins}]");
+        let work = (outs * ins * 2, 2.0 * (outs * ins) as f64);
         let timing = match swiglu {
-            true => time(gpu, what, outs * ins * 2, || gpu.swiglu(&x, &w))?,
-            false => time(gpu, what, outs * ins * 2, || gpu.linear(&x, &w, None))?,
+            true => time(gpu, what, work, || gpu.swiglu(&x, &w))?,
+            false => time(gpu, what, work, || gpu.linear(&x, &w, None))?,
         };
         timings.push(timing);
     }
     Ok(timings)
 }
 
-/// Decode attention of `batch` sequences over `context` cached tokens each.
-fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usize) -> anyhow::Result<Timing> {
+/// Attention of `batch` sequences of `context` tokens each, the last
+/// `new` of them this step's: decode with `new` 1, a prompt's prefill with
+/// `new` = `context`.
+fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usize, new: usize) -> anyhow::Result<Timing> {
     let (heads, kv_heads, head_dim) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
-    let blocks_each = (context + 1).div_ceil(BLOCK_SIZE);
+    let blocks_each = context.div_ceil(BLOCK_SIZE);
     let cache = gpu.alloc_kv_cache(KvCacheShape {
         num_blocks: batch * blocks_each,
         block_size: BLOCK_SIZE,
@@ -94,17 +107,22 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usi
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| (0..blocks_each as u32).map(|b| (s * blocks_each) as u32 + b).collect())
         .collect();
+    let news = context - new..context;
     let meta = PagedAttentionMeta {
         block_size: BLOCK_SIZE,
         slot_mapping: tables
             .iter()
-            .map(|t| t[context / BLOCK_SIZE] * BLOCK_SIZE as u32 + (context % BLOCK_SIZE) as u32)
+            .flat_map(|t| {
+                news.clone()
+                    .map(|p| t[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32)
+            })
             .collect(),
-        query_lens: vec![1; batch],
-        context_lens: vec![context + 1; batch],
+        query_lens: vec![new; batch],
+        context_lens: vec![context; batch],
         block_tables: tables,
     };
-    let (ids, positions) = (vec![0; batch], vec![context as u32; batch]);
+    let positions: Vec<u32> = (0..batch).flat_map(|_| news.clone().map(|p| p as u32)).collect();
+    let ids = vec![0; positions.len()];
     let step = gpu.prepare_step(StepInputs {
         token_ids: &ids,
         positions: &positions,
@@ -112,16 +130,22 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usi
         logit_rows: &[],
         sampling: &[],
     })?;
-    let qkv = gpu.zeros(batch, (heads + 2 * kv_heads) * head_dim)?;
+    let qkv = gpu.zeros(positions.len(), (heads + 2 * kv_heads) * head_dim)?;
     let spec = AttentionSpec {
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
     };
-    let bytes = batch * (context + 1) * kv_heads * head_dim * 2 * 2;
-    let what = format!("decode attention, batch {batch}, {context} tokens");
-    time(gpu, what, bytes, || gpu.paged_attention(&qkv, &cache, &step, &spec))
+    let bytes = batch * context * kv_heads * head_dim * 2 * 2;
+    // Each new token's query heads against the keys up to its own, twice (scores, then values).
+    let pairs: usize = news.map(|p| p + 1).sum();
+    let flops = 4.0 * (batch * pairs * heads * head_dim) as f64;
+    let what = match new {
+        1 => format!("decode attention, batch {batch}, {} tokens", context - 1),
+        _ => format!("prefill attention, {context}-token prompt"),
+    };
+    time(gpu, what, (bytes, flops), || gpu.paged_attention(&qkv, &cache, &step, &spec))
 }
 
 pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> anyhow::Result<()> {
@@ -131,13 +155,17 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     let mut rng = Rng::seeded(0);
     let mut timings = matvecs(&gpu, config, &mut rng)?;
     for batch in [1, 64] {
-        timings.push(attention(&gpu, config, batch, context)?);
+        timings.push(attention(&gpu, config, batch, context + 1, 1)?);
     }
+    timings.push(attention(&gpu, config, 1, context, context)?);
     let rate = |t: &Timing| t.bytes as f64 / t.seconds;
     if as_json {
         let rows: Vec<_> = timings
             .iter()
-            .map(|t| json!({"kernel": t.what, "bytes": t.bytes, "us": t.seconds * 1e6, "gb_per_s": rate(t) / 1e9, "fraction_of_copy_bandwidth": rate(t) / bandwidth}))
+            .map(|t| {
+                json!({"kernel": t.what, "bytes": t.bytes, "us": t.seconds * 1e6, "gb_per_s": rate(t) / 1e9,
+                       "fraction_of_copy_bandwidth": rate(t) / bandwidth, "tflop_per_s": t.flops / t.seconds / 1e12})
+            })
             .collect();
         println!(
             "{}",
@@ -148,11 +176,12 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     println!("{name}: copy bandwidth {:.0} GB/s (read + write)", bandwidth / 1e9);
     for t in &timings {
         println!(
-            "{:<48} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth",
+            "{:<48} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth {:>8.1} TFLOP/s",
             t.what,
             t.seconds * 1e6,
             rate(t) / 1e9,
-            100.0 * rate(t) / bandwidth
+            100.0 * rate(t) / bandwidth,
+            t.flops / t.seconds / 1e12
         );
     }
     Ok(())

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <string>
+
 struct uint3 {
     unsigned int x, y, z;
 };
@@ -71,6 +73,19 @@ uint64_t warp_exchange(unsigned int mask, uint64_t value, int source);
 unsigned int warp_ballot(unsigned int mask, bool predicate);
 inline int lane_id() { return self()->lane; }
 void* dynamic_shared();
+// Ends the launch with `what`, as a GPU would fault or hang.
+[[noreturn]] void fail_launch(const std::string& what);
+// Whether [p, p + bytes) lies in the block's dynamic shared memory, or in
+// one live device allocation.
+bool is_kernel_memory(const void* p, size_t bytes);
+// cp.async (the __pipeline_* primitives): `bytes` copied from device
+// memory into the block's dynamic shared memory, in groups that land when
+// a wait covers them; a block of even index lands each copy at once
+// instead, so that both a read before the wait and a copy queued over
+// data still being read show as wrong results.
+void pipeline_copy(void* shared, const void* global, size_t bytes);
+void pipeline_commit();
+void pipeline_wait(size_t prior);
 }  // namespace emu
 
 #define __global__
@@ -81,6 +96,7 @@ void* dynamic_shared();
 #define __shared__ static thread_local
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __align__(n)
 #define threadIdx (emu::self()->thread)
 #define blockIdx (*emu::self()->block)
 #define blockDim (*emu::self()->block_dim)

@@ -1,12 +1,15 @@
 // A block's threads as fibers on one OS thread, and a launch's blocks spread
 // over a pool of OS threads. A fiber runs until it reaches __syncthreads or
-// a warp collective, where it hands over to the next thread that can run;
+// a warp collective, where it hands over to the next thread that can run
+// (the next one up in half the blocks, down in the other half, so that a
+// lane reading what another has yet to write shows in one or the other);
 // the barrier opens when every thread still running has reached it (the
 // last to arrive goes on without waiting). Warp collectives exchange values through two
 // alternating slot arrays per warp, so a lane that runs ahead to the next
 // collective never overwrites a value another lane has yet to read.
 // Anything that would hang or be undefined on a GPU ends the launch with a
-// message instead.
+// message instead. Each fiber keeps the cp.async copies it queued
+// (emu::pipeline_copy) until a wait lands them.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -67,6 +70,7 @@ namespace emu {
 namespace {
 
 constexpr size_t kMaxThreads = 1024;
+constexpr size_t kSharedAlign = 128;
 
 enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Done };
 
@@ -74,6 +78,31 @@ struct Fiber {
     void* sp;
     ThreadHeader* header;
     State state;
+};
+
+// A fiber's queued cp.async copies, and where each committed group ends.
+struct Pipeline {
+    struct Copy {
+        void* to;
+        const void* from;
+        size_t bytes;
+    };
+    std::vector<Copy> copies;
+    std::vector<size_t> group_ends;
+    size_t landed = 0;
+
+    void reset() {
+        copies.clear();
+        group_ends.clear();
+        landed = 0;
+    }
+
+    // Lands the copies of every group but the newest `prior`.
+    void wait(size_t prior) {
+        if (group_ends.size() <= prior) return;
+        const size_t until = group_ends[group_ends.size() - prior - 1];
+        for (; landed < until; ++landed) memcpy(copies[landed].to, copies[landed].from, copies[landed].bytes);
+    }
 };
 
 struct Warp {
@@ -100,6 +129,7 @@ class Scheduler {
         // A guard page under each stack turns an overflow into a fault.
         for (size_t i = 0; i < kMaxThreads; ++i) mprotect(stacks_ + i * kStackBytes, page, PROT_NONE);
         fibers_.resize(kMaxThreads);
+        pipelines_.resize(kMaxThreads);
         for (size_t i = 0; i < kMaxThreads; ++i) {
             fibers_[i].header = reinterpret_cast<ThreadHeader*>(stacks_ + (i + 1) * kStackBytes - kHeaderBytes);
         }
@@ -115,7 +145,13 @@ class Scheduler {
         block_ = block;
         block_dim_ = dim3{block_dim.x, block_dim.y, block_dim.z};
         grid_dim_ = dim3{grid_dim.x, grid_dim.y, grid_dim.z};
-        shared_.assign(shared_bytes + 16, (char)0xff);
+        // Aligned as a GPU aligns it (kernels may ask for 128 bytes); NaN in f32 and bf16 alike.
+        shared_.assign(shared_bytes + kSharedAlign, (char)0xff);
+        shared_base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(shared_.data()) + kSharedAlign - 1) & ~(kSharedAlign - 1));
+        shared_bytes_ = shared_bytes;
+        const unsigned int parity = block.x + block.y + block.z;
+        early_copies_ = parity % 2 == 0;
+        upward_ = parity / 2 % 2 == 0;
         n_ = n;
         warps_.assign((n + 31) / 32, Warp{});
         for (size_t w = 0; w < warps_.size(); ++w) {
@@ -127,6 +163,7 @@ class Scheduler {
             *f.header = ThreadHeader{uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y), (unsigned)(i / block_dim.x / block_dim.y)},
                                      (int)(i % 32), (int)(i / 32), &block_, &block_dim_, &grid_dim_, this};
             f.state = State::Runnable;
+            pipelines_[i].reset();
             // The first switch to a fiber pops six zeroed registers but r13
             // (fiber_main) and r12 (its argument), then returns into emu_fiber_start.
             uint64_t* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(f.header) - 72);
@@ -180,7 +217,32 @@ class Scheduler {
         return w.slots[g];
     }
 
-    void* dynamic_shared() { return shared_.data(); }
+    void* dynamic_shared() { return shared_base_; }
+
+    bool in_shared(const void* p, size_t bytes) const {
+        const char* c = static_cast<const char*>(p);
+        return c >= shared_base_ && c + bytes <= shared_base_ + shared_bytes_;
+    }
+
+    void pipeline_copy(void* to, const void* from, size_t bytes) {
+        if (bytes != 4 && bytes != 8 && bytes != 16) fail("a cp.async of " + std::to_string(bytes) + " bytes (4, 8 or 16)");
+        if (reinterpret_cast<uintptr_t>(to) % bytes || reinterpret_cast<uintptr_t>(from) % bytes) fail("a cp.async whose addresses are not aligned to its size");
+        if (!in_shared(to, bytes)) fail("a cp.async into memory outside the block's dynamic shared memory");
+        if (!is_device_memory(reinterpret_cast<uint64_t>(from), bytes)) fail("a cp.async from memory outside every device allocation");
+        Pipeline& mine = pipelines_[running_ - fibers_.data()];
+        mine.copies.push_back({to, from, bytes});
+        if (early_copies_) {
+            memcpy(to, from, bytes);
+            mine.landed = mine.copies.size();
+        }
+    }
+
+    void pipeline_commit() {
+        Pipeline& mine = pipelines_[running_ - fibers_.data()];
+        mine.group_ends.push_back(mine.copies.size());
+    }
+
+    void pipeline_wait(size_t prior) { pipelines_[running_ - fibers_.data()].wait(prior); }
 
     [[noreturn]] void fail(const std::string& what) {
         if (failure_.empty()) failure_ = std::string(kernel_->name) + ": thread " + std::to_string(running_ - fibers_.data()) + ": " + what;
@@ -210,7 +272,7 @@ class Scheduler {
         if (runnable_ > 0) {
             const size_t start = (size_t)(me - fibers_.data());
             for (size_t step = 1; step <= n_; ++step) {
-                Fiber& f = fibers_[(start + step) % n_];
+                Fiber& f = fibers_[(upward_ ? start + step : start + n_ - step) % n_];
                 if (f.state == State::Runnable) {
                     next = &f;
                     break;
@@ -251,7 +313,12 @@ class Scheduler {
     std::vector<Fiber> fibers_;
     size_t n_ = 0;
     std::vector<Warp> warps_;
+    std::vector<Pipeline> pipelines_;
     std::vector<char> shared_;
+    char* shared_base_ = nullptr;
+    size_t shared_bytes_ = 0;
+    bool early_copies_ = false;
+    bool upward_ = true;
     uint3 block_{};
     dim3 block_dim_{}, grid_dim_{};
     const Kernel* kernel_ = nullptr;
@@ -370,6 +437,16 @@ unsigned int warp_ballot(unsigned int mask, bool predicate) {
 }
 
 void* dynamic_shared() { return my_scheduler().dynamic_shared(); }
+
+void fail_launch(const std::string& what) { my_scheduler().fail(what); }
+
+bool is_kernel_memory(const void* p, size_t bytes) {
+    return my_scheduler().in_shared(p, bytes) || is_device_memory(reinterpret_cast<uint64_t>(p), bytes);
+}
+
+void pipeline_copy(void* shared, const void* global, size_t bytes) { my_scheduler().pipeline_copy(shared, global, bytes); }
+void pipeline_commit() { my_scheduler().pipeline_commit(); }
+void pipeline_wait(size_t prior) { my_scheduler().pipeline_wait(prior); }
 
 void register_kernel(Kernel kernel) { registry()[kernel.name] = std::move(kernel); }
 

@@ -1,40 +1,79 @@
 //! The wrapper of `kernels/attention.cu`: one block per (tile of a
-//! sequence's tokens, KV head, pass over the group's rows, split of the
-//! keys), and the kernel that merges the splits when there are several.
-//! How many splits: enough blocks for two per multiprocessor, at most 32,
-//! and no more than the longest context has 32-key tiles.
+//! sequence's tokens, KV head, pass over the tile's query rows, split of
+//! the keys), and the kernel that merges the splits when there are several.
+//! A block has a warp for each 16 query rows of a tile (at most 4), so a
+//! decode step's blocks are one warp each. Splits: enough warps for eight
+//! per multiprocessor, at most 32 splits, and no more than the longest
+//! context has 32-key tiles.
 
 use super::ops::check;
-use super::step::TILE_TOKENS;
-use super::{grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
+use super::{driver_error, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
 
-/// `ATTENTION_THREADS`, `KEY_TILE` and `ROWS_PER_BLOCK` of the kernel.
-const THREADS: u32 = 128;
+/// `KEY_TILE`, `STAGES`, `WARP_ROWS` and `MAX_WARPS` of the kernel.
 const KEY_TILE: usize = 32;
-const ROWS_PER_BLOCK: usize = 32;
+const STAGES: usize = 2;
+const WARP_ROWS: usize = 16;
+const MAX_WARPS: usize = 4;
 const MAX_SPLITS: usize = 32;
+/// The head sizes the kernel has a variant for.
+const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
-/// The entry point for a head size, and the shared memory it takes: the
-/// block's query rows (f32), the warps' weights, a key tile and a value
-/// tile (bf16, key rows one word longer).
-fn kernel_for(head_dim: usize) -> Option<(&'static str, u32)> {
-    let name = match head_dim {
-        32 => "paged_attention_bf16_d32",
-        64 => "paged_attention_bf16_d64",
-        128 => "paged_attention_bf16_d128",
-        _ => return None,
-    };
-    let shared = 4 * (ROWS_PER_BLOCK * head_dim + THREADS as usize) + 2 * KEY_TILE * (2 * head_dim + 2);
-    Some((name, shared as u32))
+/// The entry point for a head size.
+fn kernel_for(head_dim: usize) -> Option<&'static str> {
+    match head_dim {
+        32 => Some("paged_attention_bf16_d32"),
+        64 => Some("paged_attention_bf16_d64"),
+        128 => Some("paged_attention_bf16_d128"),
+        _ => None,
+    }
 }
 
-/// Key splits for `blocks` blocks of one split on a GPU of `sms` multiprocessors.
-fn splits_for(blocks: usize, sms: usize, max_context: usize) -> usize {
-    (2 * sms)
-        .div_ceil(blocks.max(1))
+/// The dynamic shared memory of a block of `warps` warps (the kernel's
+/// `Layout`): the key and value stages, a 16×16 f32 matrix of row numbers,
+/// then each warp's query rows or scores and probabilities, and its rows'
+/// rescale factors and sums.
+fn shared_bytes(head_dim: usize, warps: usize) -> usize {
+    let kv_stride = head_dim + 8;
+    let stages = STAGES * 2 * KEY_TILE * kv_stride * 2;
+    let queries = WARP_ROWS * kv_stride * 2;
+    let scores_and_probs = WARP_ROWS * (KEY_TILE + 4) * 4 + WARP_ROWS * (KEY_TILE + 8) * 2;
+    let warp = queries.max(scores_and_probs) + 2 * WARP_ROWS * 4;
+    stages + 16 * 16 * 4 + warps * warp
+}
+
+/// Warps a block and passes over a tile's rows, for tiles of up to
+/// `tile_tokens` tokens of `group` query heads each.
+fn warps_and_passes(tile_tokens: usize, group: usize) -> (usize, usize) {
+    let rows = tile_tokens.max(1) * group;
+    let warps = rows.div_ceil(WARP_ROWS).clamp(1, MAX_WARPS);
+    (warps, rows.div_ceil(WARP_ROWS * warps))
+}
+
+/// Key splits for `blocks` blocks of `warps` warps and one split each on a
+/// GPU of `sms` multiprocessors.
+fn splits_for(blocks: usize, warps: usize, sms: usize, max_context: usize) -> usize {
+    (8 * sms)
+        .div_ceil(blocks.max(1) * warps)
         .clamp(1, MAX_SPLITS.min(max_context.div_ceil(KEY_TILE).max(1)))
+}
+
+/// Lets each attention variant have the shared memory its largest block
+/// takes (over the 48 KiB a kernel gets unasked for the largest heads).
+pub(super) fn allow_shared_memory(functions: &HashMap<&'static str, CudaFunction>) -> Result<()> {
+    for head_dim in HEAD_DIMS {
+        let name = kernel_for(head_dim).expect("a variant for each listed head size");
+        functions[name]
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes(head_dim, MAX_WARPS) as i32,
+            )
+            .map_err(driver_error(name))?;
+    }
+    Ok(())
 }
 
 impl CudaBackend {
@@ -52,11 +91,11 @@ impl CudaBackend {
                 )
             },
         )?;
-        let (name, shared) = kernel.expect("checked above");
+        let name = kernel.expect("checked above");
         let rows = step.tokens() * heads;
         let mut out = self.tensor(step.tokens(), heads * head_dim, "attention output")?;
-        let passes = (TILE_TOKENS * (heads / kv_heads)).div_ceil(ROWS_PER_BLOCK);
-        let splits = splits_for(step.tiles() * kv_heads, self.multiprocessors, step.max_context());
+        let (warps, passes) = warps_and_passes(step.tile_tokens(), heads / kv_heads);
+        let splits = splits_for(step.tiles() * kv_heads * passes, warps, self.multiprocessors, step.max_context());
         // Each split's softmax state of every row, merged below; unused with one split.
         let mut partial = self.alloc_for_kernel::<f32>(if splits > 1 { splits * rows * (head_dim + 2) } else { 1 }, "attention splits")?;
         let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
@@ -74,8 +113,8 @@ impl CudaBackend {
             .arg(&scale);
         let config = LaunchConfig {
             grid_dim: (step.tiles() as u32, (kv_heads * passes) as u32, splits as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: shared,
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: shared_bytes(head_dim, warps) as u32,
         };
         self.launch(name, args, config)?;
         if splits > 1 {
@@ -93,21 +132,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_fill_the_gpu_within_the_context() {
-        // Batch-1 decode of a 4-KV-head model at 4K context on 132 SMs: 32 splits.
-        assert_eq!(splits_for(4, 132, 4096), 32);
-        // A 40-token context has two key tiles.
-        assert_eq!(splits_for(4, 132, 40), 2);
-        // 64 sequences of 4 KV heads already make 256 blocks: 2 splits; 512 make 1.
-        assert_eq!(splits_for(256, 132, 4096), 2);
-        assert_eq!(splits_for(512, 132, 4096), 1);
+    fn decode_blocks_are_one_warp_and_prefill_tiles_up_to_four() {
+        // Decode: one token of a 7-head group is one warp's 16 rows.
+        assert_eq!(warps_and_passes(1, 7), (1, 1));
+        // 8 tokens of 7 heads: 56 rows, four warps in one pass.
+        assert_eq!(warps_and_passes(8, 7), (4, 1));
+        // 8 tokens of a 16-head group: 128 rows, two passes of 64.
+        assert_eq!(warps_and_passes(8, 16), (4, 2));
+        // Without GQA 3 tokens are 3 rows.
+        assert_eq!(warps_and_passes(3, 1), (1, 1));
+        // An MQA decode of 32 heads: two passes of one warp.
+        assert_eq!(warps_and_passes(1, 32), (2, 1));
     }
 
     #[test]
-    fn every_head_size_fits_the_default_shared_memory() {
-        for head_dim in [32, 64, 128] {
-            let (_, shared) = kernel_for(head_dim).unwrap();
-            assert!(shared <= 48 << 10, "head_dim {head_dim}: {shared} bytes");
+    fn splits_fill_the_gpu_within_the_context() {
+        // Batch-1 decode of a 4-KV-head model at 4K context on 132 SMs: 32 splits.
+        assert_eq!(splits_for(4, 1, 132, 4096), 32);
+        // A 40-token context has two key tiles.
+        assert_eq!(splits_for(4, 1, 132, 40), 2);
+        // 64 sequences of 4 KV heads make 256 one-warp blocks: 5 splits; 2048 make 1.
+        assert_eq!(splits_for(256, 1, 132, 4096), 5);
+        assert_eq!(splits_for(2048, 1, 132, 4096), 1);
+        // Prefill blocks of four warps.
+        assert_eq!(splits_for(256, 4, 132, 4096), 2);
+    }
+
+    #[test]
+    fn shared_memory_matches_the_kernel_layout_and_fits_an_sm() {
+        // The kernel's Layout<128> with four warps: 2 stages of 32 keys and
+        // values (136 bf16 a row), the row numbers, four warps of 4352 + 128.
+        assert_eq!(shared_bytes(128, 4), 2 * 2 * 32 * 136 * 2 + 1024 + 4 * (4352 + 128));
+        // Scores and probabilities outgrow the query rows for small heads.
+        assert_eq!(shared_bytes(32, 1), 2 * 2 * 32 * 40 * 2 + 1024 + 16 * 36 * 4 + 16 * 40 * 2 + 128);
+        for head_dim in HEAD_DIMS {
+            assert!(kernel_for(head_dim).is_some());
+            // Decode blocks fit the default 48 KiB; every block fits what any
+            // GPU of compute capability 8.0 or later lets one have (99 KiB at least).
+            assert!(shared_bytes(head_dim, 1) <= 48 << 10, "head_dim {head_dim}");
+            assert!(shared_bytes(head_dim, MAX_WARPS) <= 99 << 10, "head_dim {head_dim}");
         }
         assert!(kernel_for(96).is_none());
     }

@@ -1,8 +1,9 @@
 //! The kernel sources, and their compilation to PTX by NVRTC. Each file is
 //! compiled with `kernels/common.cuh` (block reductions) in front.
 //!
-//! NVRTC needs `cuda_bf16.h` on its include path: the CUDA toolkit's
-//! `include` folder, or the one the pip package `nvidia-cuda-runtime` ships.
+//! NVRTC needs the CUDA headers the kernels include ([`HEADERS`]) on its
+//! include path: the CUDA toolkit's `include` folder, or the one the pip
+//! packages `nvidia-cuda-runtime` and `nvidia-cuda-crt` fill.
 //! [`include_dirs`] looks in `SHARDLINE_CUDA_INCLUDE` (folders separated by
 //! `:`), then `$CUDA_HOME/include` and `/usr/local/cuda/include`.
 
@@ -60,7 +61,10 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Folders to search for CUDA headers, those that exist.
+/// The CUDA headers the kernels include, directly or through `mma.h`.
+pub const HEADERS: [&str; 3] = ["cuda_bf16.h", "cuda_pipeline_primitives.h", "crt/mma.h"];
+
+/// Folders to search for CUDA headers, those that hold any of [`HEADERS`].
 pub fn include_dirs() -> Vec<PathBuf> {
     let from_env = std::env::var("SHARDLINE_CUDA_INCLUDE").unwrap_or_default();
     let cuda_home = std::env::var("CUDA_HOME").map(|h| PathBuf::from(h).join("include")).ok();
@@ -70,7 +74,15 @@ pub fn include_dirs() -> Vec<PathBuf> {
         .map(PathBuf::from)
         .chain(cuda_home)
         .chain([PathBuf::from("/usr/local/cuda/include")])
-        .filter(|dir| dir.join("cuda_bf16.h").exists())
+        .filter(|dir| HEADERS.iter().any(|h| dir.join(h).exists()))
+        .collect()
+}
+
+/// The [`HEADERS`] none of `dirs` holds.
+pub fn missing_headers(dirs: &[PathBuf]) -> Vec<&'static str> {
+    HEADERS
+        .into_iter()
+        .filter(|h| !dirs.iter().any(|dir| dir.join(h).exists()))
         .collect()
 }
 
@@ -124,10 +136,13 @@ pub fn compile_cached(kernel: &KernelSource, arch: &'static str, cache: Option<&
         ));
     }
     let includes = include_dirs();
-    if includes.is_empty() {
+    let missing = missing_headers(&includes);
+    if !missing.is_empty() {
         return Err(format!(
-            "{}: cuda_bf16.h not found; set SHARDLINE_CUDA_INCLUDE or CUDA_HOME to a CUDA include folder",
-            kernel.file
+            "{}: {} not found; set SHARDLINE_CUDA_INCLUDE or CUDA_HOME to a CUDA include folder \
+             (pip install nvidia-cuda-runtime nvidia-cuda-crt fills one)",
+            kernel.file,
+            missing.join(", ")
         ));
     }
     let ptx = compile(kernel, arch, &includes)?;

@@ -198,7 +198,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let stream = open_stream(ordinal)?;
         let ctx = stream.context().clone();
-        let arch = arch_of(ctx.compute_capability().map_err(driver_error("reading the compute capability"))?);
+        let arch = arch_of(ctx.compute_capability().map_err(driver_error("reading the compute capability"))?)?;
         let mut functions = HashMap::new();
         for kernel in kernels::KERNELS {
             let cache = kernels::cache_dir();
@@ -216,6 +216,7 @@ impl CudaBackend {
                 functions.insert(entry, module.load_function(entry).map_err(driver_error(entry))?);
             }
         }
+        attention::allow_shared_memory(&functions)?;
         let blas = gemm::Blas::new(stream.clone())?;
         let multiprocessors = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -333,19 +334,22 @@ impl HostStaging for CudaTensor {
 }
 
 /// The NVRTC virtual architecture for a compute capability; an unknown
-/// newer GPU gets Hopper's PTX, which its driver compiles forward.
-fn arch_of((major, minor): (i32, i32)) -> &'static str {
-    match (major, minor) {
-        (7, 0) => "compute_70",
-        (7, 5) => "compute_75",
+/// newer GPU gets Hopper's PTX, which its driver compiles forward. The
+/// kernels need bf16 tensor cores and cp.async: compute capability 8.0.
+fn arch_of((major, minor): (i32, i32)) -> Result<&'static str> {
+    Ok(match (major, minor) {
+        (m, _) if m < 8 => {
+            return Err(BackendError::Device(format!(
+                "a GPU of compute capability {major}.{minor}: shardline's kernels need 8.0 or later (Ampere, Ada, Hopper)"
+            )))
+        }
         (8, 0) => "compute_80",
         (8, 6) => "compute_86",
         (8, 7) => "compute_87",
         (8, 9) => "compute_89",
-        (m, _) if m < 8 => "compute_70",
         (8, _) => "compute_80",
         _ => "compute_90",
-    }
+    })
 }
 
 /// A launch of `blocks` blocks of `threads` threads with `shared` bytes of
@@ -392,4 +396,19 @@ pub fn measure_copy_bandwidth(ordinal: usize) -> Result<f64> {
     };
     copy()?;
     (0..10).map(|_| copy()).try_fold(0.0, |best, b| Ok(f64::max(best, b?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_before_ampere_are_refused_by_name() {
+        assert_eq!(arch_of((8, 0)).unwrap(), "compute_80");
+        assert_eq!(arch_of((8, 9)).unwrap(), "compute_89");
+        assert_eq!(arch_of((9, 0)).unwrap(), "compute_90");
+        assert_eq!(arch_of((10, 0)).unwrap(), "compute_90");
+        let refused = arch_of((7, 5)).unwrap_err().to_string();
+        assert!(refused.contains("7.5") && refused.contains("8.0 or later"), "{refused}");
+    }
 }

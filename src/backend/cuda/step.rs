@@ -95,6 +95,8 @@ pub struct CudaStep {
     block_size: usize,
     /// Attention tiles in use.
     tiles: usize,
+    /// The most tokens a tile holds (1 in a decode step).
+    tile_tokens: usize,
     /// The longest context a sequence of the step may have.
     max_context: usize,
     /// Whether the inputs carry a sampling row per logit row.
@@ -127,6 +129,10 @@ impl CudaStep {
 
     pub fn tiles(&self) -> usize {
         self.tiles
+    }
+
+    pub fn tile_tokens(&self) -> usize {
+        self.tile_tokens
     }
 
     pub fn max_context(&self) -> usize {
@@ -203,6 +209,11 @@ fn tiles_of(query_lens: &[usize]) -> Vec<[u32; 3]> {
         first += q;
     }
     tiles
+}
+
+/// The most tokens an attention tile of the batch holds.
+fn tile_tokens(query_lens: &[usize]) -> usize {
+    query_lens.iter().copied().max().unwrap_or(0).min(TILE_TOKENS)
 }
 
 /// The largest token id of `ids` known on the host, once the rows of the
@@ -320,6 +331,7 @@ impl CudaBackend {
             capacity,
             block_size: inputs.attn.block_size,
             tiles,
+            tile_tokens: tile_tokens(&inputs.attn.query_lens),
             max_context: inputs.attn.context_lens.iter().copied().max().unwrap_or(0),
             samples: !inputs.sampling.is_empty(),
             max_token,
@@ -335,6 +347,7 @@ impl CudaBackend {
             capacity,
             block_size: 0,
             tiles: 0,
+            tile_tokens: 0,
             max_context: 0,
             samples: false,
             max_token: 0,
@@ -342,18 +355,23 @@ impl CudaBackend {
     }
 
     /// Rewrites a static step's buffer in place with `inputs`. A graph
-    /// recorded on the step launched as many attention blocks as it had
-    /// tiles then: every refill after the first must have as many.
+    /// recorded on the step launched attention blocks for the tiles it had
+    /// then: every refill after the first must have as many, as long.
     pub(super) fn refill(&self, step: &mut CudaStep, inputs: StepInputs<'_>) -> Result<()> {
         let (words, tiles, used) = pack(&inputs, &step.capacity)?;
-        check(step.tiles == 0 || step.tiles == tiles, || {
-            format!("a step buffer of {} attention tiles refilled with {tiles}", step.tiles)
+        let tile_tokens = tile_tokens(&inputs.attn.query_lens);
+        check(step.tiles == 0 || (step.tiles, step.tile_tokens) == (tiles, tile_tokens), || {
+            format!(
+                "a step buffer of {} attention tiles of up to {} tokens refilled with {tiles} of up to {tile_tokens}",
+                step.tiles, step.tile_tokens
+            )
         })?;
         self.timeline.begin(&self.stream)?;
         let tables = offset(&step.capacity, Section::BlockTables);
         self.stage(step, &words, [0..used, tables..words.len()])?;
         step.block_size = inputs.attn.block_size;
         step.tiles = tiles;
+        step.tile_tokens = tile_tokens;
         // Graphs replay with the contexts of later steps: plan for the longest.
         step.max_context = step.capacity.max_blocks * step.block_size;
         step.samples = !inputs.sampling.is_empty();
