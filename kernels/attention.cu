@@ -54,7 +54,7 @@ struct Layout {
     // The stages: [STAGES][keys, values][KEY_TILE][kv_stride] bf16.
     static constexpr int stage_bytes = 2 * KEY_TILE * kv_stride * 2;
     static constexpr int row_numbers = STAGES * stage_bytes;  // [16][16] f32, element (i, j) = i
-    static constexpr int warps = row_numbers + 16 * 16 * 4;
+    static constexpr int warp_parts = row_numbers + 16 * 16 * 4;
     // A warp's part: its query rows in bf16 (before the first tile), then
     // S [16][s_stride] f32 and P [16][p_stride] bf16; then its rows'
     // rescale factors and sums (f32, 16 each).
@@ -84,7 +84,7 @@ __device__ void paged_attention(
     __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(shared);
     float* row_numbers = reinterpret_cast<float*>(shared + L::row_numbers);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    unsigned char* mine = shared + L::warps + warp * L::warp_bytes;
+    unsigned char* mine = shared + L::warp_parts + warp * L::warp_bytes;
     __nv_bfloat16* q_rows = reinterpret_cast<__nv_bfloat16*>(mine);
     float* s = reinterpret_cast<float*>(mine);
     __nv_bfloat16* p = reinterpret_cast<__nv_bfloat16*>(mine + WARP_ROWS * L::s_stride * 4);
@@ -237,14 +237,15 @@ __device__ void paged_attention(
         fetch(t + STAGES);
     }
 
-    // Every row of the warp is written, also where this split held none of its keys.
-    __syncthreads();  // the stages are free (also when there was no tile)
+    // Every row of the warp is written, also where this split held none of
+    // its keys, through the stages: the loop's last barrier freed them
+    // (with no tile, nothing used them).
     if (warp_rows == 0) return;
     float* o_rows = reinterpret_cast<float*>(shared) + warp * WARP_ROWS * L::o_stride;
     #pragma unroll
     for (int n = 0; n < SLICES; ++n) wmma::store_matrix_sync(o_rows + 16 * n, o[n], L::o_stride, wmma::mem_row_major);
     if (half == 0) {
-        rescale[my_row] = m;
+        rescale[my_row] = m;  // the factors' room now holds the maxima
         sums[my_row] = l;
     }
     __syncwarp();

@@ -192,6 +192,12 @@ fn bad_command_lines_fail_with_clear_messages() {
         );
     }
     assert_fails_with(&["bench", "--model", &chat, "--kernels", "--requests", "4"], "cannot be used with");
+    for zero in ["--context", "--decode-tokens"] {
+        assert_fails_with(
+            &["bench", "--model", &chat, "--kernels", zero, "0"],
+            "--prompt-len, --decode-tokens, --repeats and --context must be positive",
+        );
+    }
 }
 
 #[test]

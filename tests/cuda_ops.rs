@@ -80,13 +80,14 @@ fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, toleran
 #[test]
 fn linear_matches_for_every_batch_size_dtype_and_bias() {
     let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
     // Matvec for up to 8 tokens (vector and scalar tails), cuBLAS above.
     for (inner, outs) in [(256, 96), (100, 33), (896, 4864), (2824, 40)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[outs, inner], dtype, 1);
             let b = weight(&[outs], DType::BF16, 2);
-            let (cw, gw) = (CpuBackend::default().load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
-            let (cb, gb) = (CpuBackend::default().load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
+            let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+            let (cb, gb) = (cpu.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
             for n in [1, 3, 8, 9, 37] {
                 let (cx, gx) = activations(&gpu, n, inner, 3 + n as u64);
                 let tolerance = match (n > 8, dtype) {
@@ -94,7 +95,7 @@ fn linear_matches_for_every_batch_size_dtype_and_bias() {
                     _ => EXACT,
                 };
                 for bias in [false, true] {
-                    let want = CpuBackend::default().linear(&cx, &cw, bias.then_some(&cb)).unwrap();
+                    let want = cpu.linear(&cx, &cw, bias.then_some(&cb)).unwrap();
                     let got = gpu.linear(&gx, &gw, bias.then_some(&gb)).unwrap();
                     let what = format!("linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype} bias={bias}");
                     assert_close(&want, &gpu, &got, tolerance, &what);
@@ -107,12 +108,13 @@ fn linear_matches_for_every_batch_size_dtype_and_bias() {
 #[test]
 fn swiglu_matches_for_every_batch_size_and_dtype() {
     let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
     // The fused gate/up mat-vec for up to 8 tokens (vector and scalar
     // tails), cuBLAS and the SwiGLU kernel above.
     for (inner, inter) in [(256, 48), (100, 17), (896, 4864), (2824, 20)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[2 * inter, inner], dtype, 13);
-            let (cw, gw) = (CpuBackend::default().load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+            let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
             for n in [1, 3, 8, 9, 37] {
                 let (cx, gx) = activations(&gpu, n, inner, 14 + n as u64);
                 // Above 8 tokens the gate and the up product each carry
@@ -121,7 +123,7 @@ fn swiglu_matches_for_every_batch_size_and_dtype() {
                     (true, DType::BF16) => 2.0 * BF16_ROUNDED,
                     _ => EXACT,
                 };
-                let want = CpuBackend::default().swiglu(&cx, &cw).unwrap();
+                let want = cpu.swiglu(&cx, &cw).unwrap();
                 let what = format!("swiglu [{n}, {inner}] with gate_up [{}, {inner}] {dtype}", 2 * inter);
                 assert_close(&want, &gpu, &gpu.swiglu(&gx, &gw).unwrap(), tolerance, &what);
             }
@@ -135,14 +137,11 @@ fn norms_embedding_and_row_ops_match() {
     let cpu = CpuBackend::default();
     let (rows, cols) = (7, 200);
     let norm = weight(&[cols], DType::BF16, 4);
-    let (cn, gn) = (
-        CpuBackend::default().load_weight(norm.clone()).unwrap(),
-        gpu.load_weight(norm).unwrap(),
-    );
+    let (cn, gn) = (cpu.load_weight(norm.clone()).unwrap(), gpu.load_weight(norm).unwrap());
     let (cx, gx) = activations(&gpu, rows, cols, 5);
     let (cy, gy) = activations(&gpu, rows, cols, 6);
     assert_close(
-        &CpuBackend::default().rms_norm(&cx, &cn, 1e-6).unwrap(),
+        &cpu.rms_norm(&cx, &cn, 1e-6).unwrap(),
         &gpu,
         &gpu.rms_norm(&gx, &gn, 1e-6).unwrap(),
         EXACT,
@@ -150,31 +149,25 @@ fn norms_embedding_and_row_ops_match() {
     );
 
     let (mut c_res, mut g_res) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
-    let want = CpuBackend::default().add_rms_norm(&mut c_res, &cy, &cn, 1e-6).unwrap();
+    let want = cpu.add_rms_norm(&mut c_res, &cy, &cn, 1e-6).unwrap();
     let got = gpu.add_rms_norm(&mut g_res, &gy, &gn, 1e-6).unwrap();
     assert_close(&want, &gpu, &got, EXACT, "add_rms_norm output");
     assert_close(&c_res, &gpu, &g_res, EXACT, "add_rms_norm residual");
 
     let (mut c_sum, mut g_sum) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
-    CpuBackend::default().add_assign(&mut c_sum, &cy).unwrap();
+    cpu.add_assign(&mut c_sum, &cy).unwrap();
     gpu.add_assign(&mut g_sum, &gy).unwrap();
     assert_close(&c_sum, &gpu, &g_sum, EXACT, "add_assign");
 
     let picked = batch_of(&[0; 7], &[6, 0, 3, 3], vec![]);
     let inputs = picked.inputs(&picked.token_ids, true);
-    let (c_step, g_step) = (
-        CpuBackend::default().prepare_step(inputs).unwrap(),
-        gpu.prepare_step(inputs).unwrap(),
-    );
-    let want = CpuBackend::default().select_rows(&cx, &c_step).unwrap();
+    let (c_step, g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+    let want = cpu.select_rows(&cx, &c_step).unwrap();
     assert_close(&want, &gpu, &gpu.select_rows(&gx, &g_step).unwrap(), EXACT, "select_rows");
 
     for dtype in [DType::BF16, DType::F32] {
         let table = weight(&[50, cols], dtype, 8);
-        let (ct, gt) = (
-            CpuBackend::default().load_weight(table.clone()).unwrap(),
-            gpu.load_weight(table).unwrap(),
-        );
+        let (ct, gt) = (cpu.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
         let ids = batch_of(&[3, 49, 0, 3], &[], vec![]);
         let inputs = ids.inputs(&ids.token_ids, true);
         let what = format!("embedding {dtype}");
@@ -222,7 +215,7 @@ fn norms_embedding_and_row_ops_match() {
     // Three ranks' slices of a 10-token vocabulary (4 each, the last short),
     // each with its padding column, gathered rank after rank.
     let (c_all, g_all) = activations(&gpu, 3 * 2, 5, 12);
-    let want = CpuBackend::default().lay_out_vocab(&c_all, 3, 4, 10).unwrap();
+    let want = cpu.lay_out_vocab(&c_all, 3, 4, 10).unwrap();
     assert_close(&want, &gpu, &gpu.lay_out_vocab(&g_all, 3, 4, 10).unwrap(), EXACT, "lay_out_vocab");
     assert!(gpu.lay_out_vocab(&g_all, 3, 4, 13).is_err());
 
@@ -235,6 +228,7 @@ fn norms_embedding_and_row_ops_match() {
 /// keys the kernel splits across blocks), with scattered blocks; then a
 /// step of decodes alone (blocks of one warp, as a decode graph runs them).
 fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: usize) {
+    let cpu = CpuBackend::default();
     let spec = AttentionSpec {
         num_heads: heads,
         num_kv_heads: kv_heads,
@@ -270,11 +264,8 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     };
     let width = (heads + 2 * kv_heads) * head_dim;
     let table = weight(&[320, head_dim], DType::F32, 9);
-    let (c_rope, g_rope) = (
-        CpuBackend::default().load_weight(table.clone()).unwrap(),
-        gpu.load_weight(table).unwrap(),
-    );
-    let mut c_cache = CpuBackend::default().alloc_kv_cache(shape).unwrap();
+    let (c_rope, g_rope) = (cpu.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
+    let mut c_cache = cpu.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
     // First the cached prefixes (17, 39 and 300 tokens), then the mixed batch.
     for (round, spans) in [
@@ -295,14 +286,12 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
             logit_rows: &[],
             sampling: &[],
         };
-        let c_step = CpuBackend::default().prepare_step(inputs).unwrap();
+        let c_step = cpu.prepare_step(inputs).unwrap();
         let g_step = gpu.prepare_step(inputs).unwrap();
-        CpuBackend::default()
-            .rope_write_kv(&mut cq, &mut c_cache, &c_step, &c_rope, &spec)
-            .unwrap();
+        cpu.rope_write_kv(&mut cq, &mut c_cache, &c_step, &c_rope, &spec).unwrap();
         gpu.rope_write_kv(&mut gq, &mut g_cache, &g_step, &g_rope, &spec).unwrap();
         assert_close(&cq, gpu, &gq, EXACT, "rope");
-        let want = CpuBackend::default().paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
+        let want = cpu.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
         let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
         let what = format!("paged_attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} round {round}");
         assert_close(&want, gpu, &got, BF16_ROUNDED, &what);
@@ -386,6 +375,7 @@ fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
 #[test]
 fn sampling_picks_the_tokens_the_host_picks() {
     let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
     let mut rng = Rng::seeded(21);
     let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
     for vocab in [151_936, 1000] {
@@ -427,15 +417,10 @@ fn sampling_picks_the_tokens_the_host_picks() {
         gpu_logits.copy_from_host(&values).unwrap();
         let batch = batch_of(&vec![0; n], &(0..n as u32).collect::<Vec<_>>(), rows.clone());
         let inputs = batch.inputs(&batch.token_ids, true);
-        let (mut c_step, mut g_step) = (
-            CpuBackend::default().prepare_step(inputs).unwrap(),
-            gpu.prepare_step(inputs).unwrap(),
-        );
-        CpuBackend::default().sample(&mut cpu_logits, &mut c_step).unwrap();
+        let (mut c_step, mut g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+        cpu.sample(&mut cpu_logits, &mut c_step).unwrap();
         gpu.sample(&mut gpu_logits, &mut g_step).unwrap();
-        let want = CpuBackend::default()
-            .fetched(CpuBackend::default().fetch_sampled(&c_step).unwrap(), n)
-            .unwrap();
+        let want = cpu.fetched(cpu.fetch_sampled(&c_step).unwrap(), n).unwrap();
         let got = gpu.fetched(gpu.fetch_sampled(&g_step).unwrap(), n).unwrap();
         for (r, (w, g)) in want.iter().zip(&got).enumerate() {
             assert_eq!(

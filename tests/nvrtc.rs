@@ -4,7 +4,7 @@
 //! NVRTC is absent the test says so and passes.
 
 use shardline::backend::cuda::kernels::{
-    cache_path, compile, compile_cached, include_dirs, missing_headers, nvrtc_available, KernelSource, KERNELS,
+    cache_path, compile, compile_cached, include_dirs, missing_headers, nvrtc_available, KernelSource, HEADERS, KERNELS,
 };
 
 /// Whether NVRTC can run here; CI sets SHARDLINE_CUDA_INCLUDE beside the
@@ -47,6 +47,20 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             }
         }
     }
+}
+
+#[test]
+fn headers_missing_from_every_folder_are_named() {
+    let (bare, runtime) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(runtime.path().join("cuda_bf16.h"), "").unwrap();
+    std::fs::write(runtime.path().join("cuda_pipeline_primitives.h"), "").unwrap();
+    let dirs = |d: &[&tempfile::TempDir]| d.iter().map(|d| d.path().to_path_buf()).collect::<Vec<_>>();
+    assert_eq!(missing_headers(&dirs(&[&bare])), HEADERS);
+    // pip's nvidia-cuda-runtime without nvidia-cuda-crt.
+    assert_eq!(missing_headers(&dirs(&[&bare, &runtime])), ["crt/mma.h"]);
+    std::fs::create_dir(bare.path().join("crt")).unwrap();
+    std::fs::write(bare.path().join("crt/mma.h"), "").unwrap();
+    assert!(missing_headers(&dirs(&[&bare, &runtime])).is_empty());
 }
 
 #[test]

@@ -76,8 +76,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return follow(&args.model.options(args.seed), &args.parallel);
     }
     anyhow::ensure!(
-        args.prompt_len > 0 && args.decode_tokens > 0 && args.repeats > 0,
-        "--prompt-len, --decode-tokens and --repeats must be positive"
+        args.prompt_len > 0 && args.decode_tokens > 0 && args.repeats > 0 && args.context > 0,
+        "--prompt-len, --decode-tokens, --repeats and --context must be positive"
     );
     let load_start = Instant::now();
     let options = args.model.options(args.seed);

@@ -92,11 +92,11 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     Ok(timings)
 }
 
-/// Attention of `batch` sequences of `context` tokens each, the last
-/// `new` of them this step's: decode with `new` 1, a prompt's prefill with
-/// `new` = `context`.
-fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usize, new: usize) -> anyhow::Result<Timing> {
+/// Attention of `batch` sequences of `cached` tokens and `new` more each:
+/// decode with `new` 1, a prompt's prefill with `cached` 0.
+fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Timing> {
     let (heads, kv_heads, head_dim) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+    let context = cached + new;
     let blocks_each = context.div_ceil(BLOCK_SIZE);
     let cache = gpu.alloc_kv_cache(KvCacheShape {
         num_blocks: batch * blocks_each,
@@ -107,7 +107,7 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usi
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| (0..blocks_each as u32).map(|b| (s * blocks_each) as u32 + b).collect())
         .collect();
-    let news = context - new..context;
+    let news = cached..context;
     let meta = PagedAttentionMeta {
         block_size: BLOCK_SIZE,
         slot_mapping: tables
@@ -141,9 +141,9 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, context: usi
     // Each new token's query heads against the keys up to its own, twice (scores, then values).
     let pairs: usize = news.map(|p| p + 1).sum();
     let flops = 4.0 * (batch * pairs * heads * head_dim) as f64;
-    let what = match new {
-        1 => format!("decode attention, batch {batch}, {} tokens", context - 1),
-        _ => format!("prefill attention, {context}-token prompt"),
+    let what = match cached {
+        0 => format!("prefill attention, {new}-token prompt"),
+        _ => format!("decode attention, batch {batch}, {cached} tokens"),
     };
     time(gpu, what, (bytes, flops), || gpu.paged_attention(&qkv, &cache, &step, &spec))
 }
@@ -155,9 +155,9 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     let mut rng = Rng::seeded(0);
     let mut timings = matvecs(&gpu, config, &mut rng)?;
     for batch in [1, 64] {
-        timings.push(attention(&gpu, config, batch, context + 1, 1)?);
+        timings.push(attention(&gpu, config, batch, context, 1)?);
     }
-    timings.push(attention(&gpu, config, 1, context, context)?);
+    timings.push(attention(&gpu, config, 1, 0, context)?);
     let rate = |t: &Timing| t.bytes as f64 / t.seconds;
     if as_json {
         let rows: Vec<_> = timings

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
@@ -71,6 +72,10 @@ namespace {
 
 constexpr size_t kMaxThreads = 1024;
 constexpr size_t kSharedAlign = 128;
+// Bytes past a block's dynamic shared memory that must keep their value:
+// a kernel that writes there was launched with too little.
+constexpr size_t kSharedGuard = 1024;
+constexpr char kGuardByte = (char)0xa5;
 
 enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Done };
 
@@ -145,10 +150,12 @@ class Scheduler {
         block_ = block;
         block_dim_ = dim3{block_dim.x, block_dim.y, block_dim.z};
         grid_dim_ = dim3{grid_dim.x, grid_dim.y, grid_dim.z};
-        // Aligned as a GPU aligns it (kernels may ask for 128 bytes); NaN in f32 and bf16 alike.
-        shared_.assign(shared_bytes + kSharedAlign, (char)0xff);
+        // Aligned as a GPU aligns it (kernels may ask for 128 bytes); NaN in
+        // f32 and bf16 alike, then the guard.
+        shared_.assign(shared_bytes + kSharedAlign + kSharedGuard, (char)0xff);
         shared_base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(shared_.data()) + kSharedAlign - 1) & ~(kSharedAlign - 1));
         shared_bytes_ = shared_bytes;
+        memset(shared_base_ + shared_bytes, kGuardByte, kSharedGuard);
         const unsigned int parity = block.x + block.y + block.z;
         early_copies_ = parity % 2 == 0;
         upward_ = parity / 2 % 2 == 0;
@@ -181,6 +188,8 @@ class Scheduler {
         running_ = &fibers_[0];
         emu_switch(&home_, running_->sp);
         if (failure_.empty() && live_ > 0) failure_ = describe_deadlock();
+        if (failure_.empty() && !guard_intact())
+            failure_ = std::string(kernel.name) + ": wrote past the " + std::to_string(shared_bytes) + " bytes of dynamic shared memory it was launched with";
         return failure_.empty() ? "" : "block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " + std::to_string(block.z) + "): " + failure_;
     }
 
@@ -229,20 +238,16 @@ class Scheduler {
         if (reinterpret_cast<uintptr_t>(to) % bytes || reinterpret_cast<uintptr_t>(from) % bytes) fail("a cp.async whose addresses are not aligned to its size");
         if (!in_shared(to, bytes)) fail("a cp.async into memory outside the block's dynamic shared memory");
         if (!is_device_memory(reinterpret_cast<uint64_t>(from), bytes)) fail("a cp.async from memory outside every device allocation");
-        Pipeline& mine = pipelines_[running_ - fibers_.data()];
-        mine.copies.push_back({to, from, bytes});
         if (early_copies_) {
             memcpy(to, from, bytes);
-            mine.landed = mine.copies.size();
+        } else {
+            my_pipeline().copies.push_back({to, from, bytes});
         }
     }
 
-    void pipeline_commit() {
-        Pipeline& mine = pipelines_[running_ - fibers_.data()];
-        mine.group_ends.push_back(mine.copies.size());
-    }
+    void pipeline_commit() { my_pipeline().group_ends.push_back(my_pipeline().copies.size()); }
 
-    void pipeline_wait(size_t prior) { pipelines_[running_ - fibers_.data()].wait(prior); }
+    void pipeline_wait(size_t prior) { my_pipeline().wait(prior); }
 
     [[noreturn]] void fail(const std::string& what) {
         if (failure_.empty()) failure_ = std::string(kernel_->name) + ": thread " + std::to_string(running_ - fibers_.data()) + ": " + what;
@@ -252,6 +257,13 @@ class Scheduler {
     }
 
   private:
+    Pipeline& my_pipeline() { return pipelines_[running_ - fibers_.data()]; }
+
+    bool guard_intact() const {
+        const char* guard = shared_base_ + shared_bytes_;
+        return std::all_of(guard, guard + kSharedGuard, [](char c) { return c == kGuardByte; });
+    }
+
     static void fiber_main(Scheduler* s) {
         s->kernel_->call(s->kernel_->fn, s->params_);
         s->finish();
