@@ -14,10 +14,11 @@
 // 16 a warp, each warp's in one 16-row fragment. A decode step has one
 // token a sequence, so a block of one warp and the group's heads as its
 // rows (padded to 16), and too few blocks to keep a GPU's memory busy:
-// a sequence's keys are also split across blocks (flash-decoding), each
-// split writing its rows' partial softmax state for
-// attention_combine_f32 to merge. With one split a block writes the
-// output itself.
+// a sequence's keys are also split across blocks (flash-decoding). Each
+// split writes its rows' partial softmax state, and the split of a block
+// group that finishes last merges them into the output (a counter a
+// group, which that split sets back to zero for the next launch); with
+// one split a block writes the output itself.
 //
 // A warp's tile of 32 keys: S = Q·Kᵀ on the tensor cores into shared
 // memory; two lanes a row mask it (causal, and the split's end), update
@@ -67,10 +68,65 @@ struct Layout {
     static_assert(scratch_bytes % 32 == 0 && warp_bytes % 32 == 0, "fragments stay 256-bit aligned");
 };
 
+// Called by every thread of a split's block once its rows' partial state
+// is written (`partial`: [splits, rows, head_dim] sums of weighted values,
+// then [splits, rows, 2] base-2 maxima and sums): the split of the block's
+// group that finishes last merges the group's rows, out = Σ 2^(m_s − M)
+// acc_s / Σ 2^(m_s − M) l_s with M the largest m_s (a split that held
+// none of a row's keys has m_s = −∞ and adds nothing). A warp takes a row,
+// each lane one split's state (there are at most 32) and four columns.
+template <int HEAD_DIM, typename OutRow>
+__device__ void merge_splits(float* __restrict__ out, const float* __restrict__ partial, unsigned int* __restrict__ arrivals,
+                             int block_rows, int first_row, size_t all_rows, OutRow out_row) {
+    __shared__ bool merges;
+    __shared__ float weights[MAX_WARPS][32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    __threadfence();  // this thread's partial rows are visible to every block before the count moves
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
+        merges = atomicAdd(count, 1u) == gridDim.z - 1;
+        if (merges) *count = 0;  // for the next launch
+    }
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    const float* state = partial + gridDim.z * all_rows * HEAD_DIM;
+    for (int r = warp; r < block_rows; r += warps) {
+        const size_t row = out_row(first_row + r);
+        float m = NEG_INF, l = 0.0f;
+        if (lane < (int)gridDim.z) {
+            m = __ldcg(state + (lane * all_rows + row) * 2);
+            l = __ldcg(state + (lane * all_rows + row) * 2 + 1);
+        }
+        const float best = warp_max(m);
+        const float weight = m == NEG_INF ? 0.0f : exp2f(m - best);
+        const float total = warp_sum(weight * l);
+        weights[warp][lane] = weight;
+        __syncwarp();
+        for (int d = 4 * lane; d < HEAD_DIM; d += 128) {
+            float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int split = 0; split < (int)gridDim.z; ++split) {
+                const float w = weights[warp][split];
+                if (w == 0.0f) continue;
+                const float4 a = __ldcg(reinterpret_cast<const float4*>(partial + (split * all_rows + row) * HEAD_DIM + d));
+                sum.x += w * a.x;
+                sum.y += w * a.y;
+                sum.z += w * a.z;
+                sum.w += w * a.w;
+            }
+            *reinterpret_cast<float4*>(out + row * HEAD_DIM + d) = make_float4(sum.x / total, sum.y / total, sum.z / total, sum.w / total);
+        }
+        // The next row's weights are written after its warp_sum, which no
+        // lane reaches before every lane is done with these.
+    }
+}
+
 template <int HEAD_DIM>
 __device__ void paged_attention(
     float* __restrict__ out,                       // [tokens, heads * head_dim]: written with one split
-    float* __restrict__ partial,                   // [splits, tokens * heads, head_dim + 2]: acc, max (base 2), sum; with more
+    float* __restrict__ partial,                   // with more splits: their state (merge_splits)
+    unsigned int* __restrict__ arrivals,           // with more splits: a zero a block group, counting finished splits
     const float* __restrict__ qkv,                 // [tokens, (heads + 2*kv_heads) * head_dim]
     const __nv_bfloat16* __restrict__ k_cache,     // [slots, kv_heads, head_dim]
     const __nv_bfloat16* __restrict__ v_cache,
@@ -240,69 +296,49 @@ __device__ void paged_attention(
     // Every row of the warp is written, also where this split held none of
     // its keys, through the stages: the loop's last barrier freed them
     // (with no tile, nothing used them).
-    if (warp_rows == 0) return;
-    float* o_rows = reinterpret_cast<float*>(shared) + warp * WARP_ROWS * L::o_stride;
-    #pragma unroll
-    for (int n = 0; n < SLICES; ++n) wmma::store_matrix_sync(o_rows + 16 * n, o[n], L::o_stride, wmma::mem_row_major);
-    if (half == 0) {
-        rescale[my_row] = m;  // the factors' room now holds the maxima
-        sums[my_row] = l;
-    }
-    __syncwarp();
-    for (int i = lane; i < warp_rows * HEAD_DIM; i += 32) {
-        const int r = i / HEAD_DIM, d = i % HEAD_DIM, row_in_tile = warp_first + r;
-        const size_t row = (size_t)(first + row_in_tile / group) * heads + kv_head * group + row_in_tile % group;
-        const float acc = o_rows[r * L::o_stride + d];
-        if (gridDim.z == 1) {
-            out[row * HEAD_DIM + d] = acc / sums[r];
-        } else {
-            float* at = partial + ((size_t)blockIdx.z * tokens * heads + row) * (HEAD_DIM + 2);
-            at[d] = acc;
-            if (d == 0) {
-                at[HEAD_DIM] = rescale[r];
-                at[HEAD_DIM + 1] = sums[r];
+    const size_t all_rows = (size_t)tokens * heads;
+    auto out_row = [&](int row_in_tile) {
+        return (size_t)(first + row_in_tile / group) * heads + kv_head * group + row_in_tile % group;
+    };
+    if (warp_rows > 0) {
+        float* o_rows = reinterpret_cast<float*>(shared) + warp * WARP_ROWS * L::o_stride;
+        #pragma unroll
+        for (int n = 0; n < SLICES; ++n) wmma::store_matrix_sync(o_rows + 16 * n, o[n], L::o_stride, wmma::mem_row_major);
+        if (half == 0) {
+            rescale[my_row] = m;  // the factors' room now holds the maxima
+            sums[my_row] = l;
+        }
+        __syncwarp();
+        float* split_acc = partial + blockIdx.z * all_rows * HEAD_DIM;
+        float* split_state = partial + gridDim.z * all_rows * HEAD_DIM + blockIdx.z * all_rows * 2;
+        for (int i = lane; i < warp_rows * HEAD_DIM; i += 32) {
+            const int r = i / HEAD_DIM, d = i % HEAD_DIM;
+            const size_t row = out_row(warp_first + r);
+            const float acc = o_rows[r * L::o_stride + d];
+            if (gridDim.z == 1) {
+                out[row * HEAD_DIM + d] = acc / sums[r];
+            } else {
+                split_acc[row * HEAD_DIM + d] = acc;
+                if (d == 0) {
+                    split_state[2 * row] = rescale[r];
+                    split_state[2 * row + 1] = sums[r];
+                }
             }
         }
     }
+    if (gridDim.z > 1) merge_splits<HEAD_DIM>(out, partial, arrivals, block_rows, first_row, all_rows, out_row);
 }
-
 #define PAGED_ATTENTION(dims)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS) paged_attention_bf16_d##dims(                         \
-        float* __restrict__ out, float* __restrict__ partial, const float* __restrict__ qkv,                            \
-        const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,                           \
-        const unsigned int* __restrict__ block_tables, const unsigned int* __restrict__ tiles,                           \
-        const unsigned int* __restrict__ token_pos, int tokens, int seqs, int heads, int kv_heads, int passes,            \
-        int block_size, float scale) {                                                                                   \
-        paged_attention<dims>(out, partial, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens, seqs, heads, \
-                              kv_heads, passes, block_size, scale);                                                      \
+        float* __restrict__ out, float* __restrict__ partial, unsigned int* __restrict__ arrivals,                      \
+        const float* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                                       \
+        const __nv_bfloat16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,                        \
+        const unsigned int* __restrict__ tiles, const unsigned int* __restrict__ token_pos, int tokens, int seqs,        \
+        int heads, int kv_heads, int passes, int block_size, float scale) {                                              \
+        paged_attention<dims>(out, partial, arrivals, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,    \
+                              seqs, heads, kv_heads, passes, block_size, scale);                                         \
     }
 
 PAGED_ATTENTION(32)
 PAGED_ATTENTION(64)
 PAGED_ATTENTION(128)
-
-// Merges the splits of each (token, head) row: out = Σ 2^(m_s − M) acc_s /
-// Σ 2^(m_s − M) l_s, M the largest m_s (maxima in base 2; a split that held
-// none of the row's keys has m_s = −∞ and adds nothing). One warp per row.
-extern "C" __global__ void attention_combine_f32(
-    float* __restrict__ out,            // [rows, head_dim]
-    const float* __restrict__ partial,  // [splits, rows, head_dim + 2]
-    int rows, int splits, int head_dim) {
-    const size_t row = blockIdx.x;
-    const size_t stride = (size_t)rows * (head_dim + 2);
-    float best = NEG_INF;
-    for (int s = 0; s < splits; ++s) best = fmaxf(best, partial[s * stride + row * (head_dim + 2) + head_dim]);
-    float total = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        const float* at = partial + s * stride + row * (head_dim + 2);
-        total += at[head_dim] == NEG_INF ? 0.0f : exp2f(at[head_dim] - best) * at[head_dim + 1];
-    }
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            const float* at = partial + s * stride + row * (head_dim + 2);
-            if (at[head_dim] != NEG_INF) sum += exp2f(at[head_dim] - best) * at[d];
-        }
-        out[row * head_dim + d] = sum / total;
-    }
-}

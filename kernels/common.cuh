@@ -11,6 +11,17 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 // SiLU: x · sigmoid(x).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
+// Sum and maximum of `v` over a warp; every lane gets it. Every lane must call.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
 // Sum of `v` over the block; every thread gets it. Every thread must call.
 __device__ float block_sum(float v) {
     __shared__ float partial[32];

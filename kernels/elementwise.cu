@@ -17,12 +17,6 @@ extern "C" __global__ void cast_f32_bf16(__nv_bfloat16* __restrict__ out, const 
     GRID_STRIDE(k, n) out[k] = __float2bfloat16(x[k]);
 }
 
-// out[i, :] = x[rows[i], :].
-extern "C" __global__ void gather_rows_f32(
-    float* __restrict__ out, const float* __restrict__ x, const unsigned int* __restrict__ rows, int cols, size_t n) {
-    GRID_STRIDE(k, n) out[k] = x[(size_t)rows[k / cols] * cols + k % cols];
-}
-
 // Logits gathered from `ranks` ranks of a split vocabulary, `all [ranks·rows,
 // per + 1]` (each rank's slice with a padding column), laid out as
 // out [rows, vocab]: column c comes from rank c / per, its column c % per.

@@ -1,52 +1,68 @@
 // Matrix-vector products for small batches (decode): out[t, o] =
 // x[t, :] · w[o, :] + bias[o] for up to MAX_TOKENS tokens, reading each
-// weight once. One warp per output feature; lanes stride over the input in
-// runs of 8 weights (one 16-byte load of bf16 when the rows allow it), and
-// the partial sums meet by warp shuffles. Activations and sums are f32.
+// weight once. One warp per output feature (or pair of features); the
+// partial sums meet by warp shuffles. Activations and sums are f32.
 //
-// A lane issues LOADS_IN_FLIGHT weight loads before it uses any: a matrix
-// of a few thousand rows gives an SM only ~27 warps, and one 16-byte load
-// in flight per lane (~14 KB an SM) is short of what HBM latency needs to
-// keep the bus busy. Weights are read with the streaming hint (used once,
-// not worth caching), so the activations stay in L1.
+// A warp steps over the input 256 weights at a time, lane j taking the
+// runs of 4 at 4j and at 128 + 4j (8 bytes of bf16 each, 16 of f32), so
+// that the warp's loads of the matching activations each read 512
+// contiguous bytes: one run of 8 a lane would need 32 bytes of each token's
+// activations a lane, which a warp reads in two loads 1 KB wide, twice the
+// L1 traffic. The activations come from L1 for every weight load and every
+// token, so that traffic, not the weights', is what grows with the tokens.
+//
+// A lane issues LOADS_IN_FLIGHT runs of 8 before it uses any: a matrix of
+// a few thousand rows gives an SM only ~27 warps, and 16 bytes in flight
+// per lane (~14 KB an SM) is short of what HBM latency needs to keep the
+// bus busy. Weights are read with the streaming hint (used once, not worth
+// caching), so the activations stay in L1.
 #define MAX_TOKENS 8
 #define LOADS_IN_FLIGHT 4
 #define LANE_STRIDE (32 * 8)
+#define HALF_STRIDE (32 * 4)
 
-// Eight stored weights as loaded, widened to f32 after the loads are out.
+// A lane's eight weights of a step as loaded (the runs at i and at i +
+// HALF_STRIDE), widened to f32 after the loads are out.
 struct Bf16x8 {
-    uint4 raw;
+    uint2 lo, hi;
 };
 struct F32x8 {
-    float4 a, b;
+    float4 lo, hi;
 };
 
-__device__ __forceinline__ Bf16x8 load_weights(const __nv_bfloat16* p) {
-    return Bf16x8{__ldcs(reinterpret_cast<const uint4*>(p))};
+// `hi`: whether the second run lies in the row (a row's last, partial step).
+__device__ __forceinline__ Bf16x8 load_weights(const __nv_bfloat16* p, bool hi) {
+    return Bf16x8{__ldcs(reinterpret_cast<const uint2*>(p)), hi ? __ldcs(reinterpret_cast<const uint2*>(p + HALF_STRIDE)) : make_uint2(0, 0)};
 }
 
-__device__ __forceinline__ F32x8 load_weights(const float* p) {
-    return F32x8{__ldcs(reinterpret_cast<const float4*>(p)), __ldcs(reinterpret_cast<const float4*>(p + 4))};
+__device__ __forceinline__ F32x8 load_weights(const float* p, bool hi) {
+    return F32x8{__ldcs(reinterpret_cast<const float4*>(p)),
+                 hi ? __ldcs(reinterpret_cast<const float4*>(p + HALF_STRIDE)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
 }
 
 __device__ __forceinline__ void widen(const Bf16x8& w, float* v) {
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&w.raw);
+    const __nv_bfloat162* lo = reinterpret_cast<const __nv_bfloat162*>(&w.lo);
+    const __nv_bfloat162* hi = reinterpret_cast<const __nv_bfloat162*>(&w.hi);
     #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(pairs[i]);
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
+    for (int i = 0; i < 2; ++i) {
+        const float2 a = __bfloat1622float2(lo[i]), b = __bfloat1622float2(hi[i]);
+        v[2 * i] = a.x;
+        v[2 * i + 1] = a.y;
+        v[4 + 2 * i] = b.x;
+        v[4 + 2 * i + 1] = b.y;
     }
 }
 
 __device__ __forceinline__ void widen(const F32x8& w, float* v) {
-    v[0] = w.a.x; v[1] = w.a.y; v[2] = w.a.z; v[3] = w.a.w;
-    v[4] = w.b.x; v[5] = w.b.y; v[6] = w.b.z; v[7] = w.b.w;
+    v[0] = w.lo.x; v[1] = w.lo.y; v[2] = w.lo.z; v[3] = w.lo.w;
+    v[4] = w.hi.x; v[5] = w.hi.y; v[6] = w.hi.z; v[7] = w.hi.w;
 }
 
-// acc[r][t] += w_r[i..i+8] · x[t, i..i+8] for each of the ROWS rows.
+// acc[r][t] += w_r · x[t] over the runs at i and i + HALF_STRIDE (the
+// second only with `hi`) for each of the ROWS rows.
 template <int ROWS, typename Raw>
-__device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float* x, int in, int i, int tokens, float (&acc)[ROWS][MAX_TOKENS]) {
+__device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float* x, int in, int i, bool hi, int tokens,
+                                            float (&acc)[ROWS][MAX_TOKENS]) {
     float wv[ROWS][8];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) widen(raw[r], wv[r]);
@@ -54,7 +70,7 @@ __device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float*
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
         const float4 a = __ldg(reinterpret_cast<const float4*>(x + (size_t)t * in + i));
-        const float4 b = __ldg(reinterpret_cast<const float4*>(x + (size_t)t * in + i + 4));
+        const float4 b = hi ? __ldg(reinterpret_cast<const float4*>(x + (size_t)t * in + i + HALF_STRIDE)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         #pragma unroll
         for (int r = 0; r < ROWS; ++r)
@@ -68,42 +84,42 @@ __device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float*
 template <int ROWS, typename W>
 __device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const float* x, int in, int tokens, float (&acc)[ROWS][MAX_TOKENS]) {
     constexpr int UNROLL = LOADS_IN_FLIGHT / ROWS;
-    typedef decltype(load_weights(rows[0])) Raw;
+    typedef decltype(load_weights(rows[0], true)) Raw;
     const int lane = threadIdx.x & 31;
-    // 16-byte loads need every row (and x row) to start 16-byte aligned.
-    const int vector_end = (in % 8 == 0) ? in : 0;
-    int i = lane * 8;
-    for (; i + (UNROLL - 1) * LANE_STRIDE < vector_end; i += UNROLL * LANE_STRIDE) {
+    // Runs of 4 need every row (and x row) to start 8-byte aligned (bf16) or 16 (f32).
+    if (in % 4 != 0) {
+        for (int i = lane; i < in; i += 32) {
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const float wv = to_float(rows[r][i]);
+                #pragma unroll
+                for (int t = 0; t < MAX_TOKENS; ++t) {
+                    if (t >= tokens) break;
+                    acc[r][t] += wv * x[(size_t)t * in + i];
+                }
+            }
+        }
+        return;
+    }
+    const int whole = in / LANE_STRIDE * LANE_STRIDE;
+    int i = lane * 4;
+    for (; i + (UNROLL - 1) * LANE_STRIDE < whole; i += UNROLL * LANE_STRIDE) {
         Raw raw[UNROLL][ROWS];
         #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
             #pragma unroll
-            for (int r = 0; r < ROWS; ++r) raw[u][r] = load_weights(rows[r] + i + u * LANE_STRIDE);
+            for (int r = 0; r < ROWS; ++r) raw[u][r] = load_weights(rows[r] + i + u * LANE_STRIDE, true);
         #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) accumulate8<ROWS>(raw[u], x, in, i + u * LANE_STRIDE, tokens, acc);
+        for (int u = 0; u < UNROLL; ++u) accumulate8<ROWS>(raw[u], x, in, i + u * LANE_STRIDE, true, tokens, acc);
     }
-    for (; i < vector_end; i += LANE_STRIDE) {
+    for (; i < in; i += LANE_STRIDE) {
+        // The last step may be partial: runs past the row's end are left out.
+        const bool hi = i + HALF_STRIDE < in;
         Raw raw[ROWS];
         #pragma unroll
-        for (int r = 0; r < ROWS; ++r) raw[r] = load_weights(rows[r] + i);
-        accumulate8<ROWS>(raw, x, in, i, tokens, acc);
+        for (int r = 0; r < ROWS; ++r) raw[r] = load_weights(rows[r] + i, hi);
+        accumulate8<ROWS>(raw, x, in, i, hi, tokens, acc);
     }
-    for (i = vector_end + lane; i < in; i += 32) {
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const float wv = to_float(rows[r][i]);
-            #pragma unroll
-            for (int t = 0; t < MAX_TOKENS; ++t) {
-                if (t >= tokens) break;
-                acc[r][t] += wv * x[(size_t)t * in + i];
-            }
-        }
-    }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
 }
 
 // The output feature of this thread's warp.
@@ -111,18 +127,37 @@ __device__ __forceinline__ int warp_feature() {
     return (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
 }
 
-template <typename W>
-__device__ void matvec(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens) {
-    const int o = warp_feature();
-    if (o >= outs) return;
-    const W* const rows[1] = {w + (size_t)o * in};
-    float acc[1][MAX_TOKENS] = {};
-    dot_rows<1>(rows, x, in, tokens, acc);
+// ROWS output features a warp: each load of the activations from L1 then
+// serves ROWS weight rows (for a few tokens that traffic binds, see the
+// top), for 1/ROWS of the warps and so of the weight bytes in flight.
+template <int ROWS, typename W>
+__device__ void matvec_rows(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens) {
+    const int first = warp_feature() * ROWS;
+    if (first >= outs) return;
+    // The last warp reads the matrix's last row again for rows past its end.
+    const W* rows[ROWS];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) rows[r] = w + (size_t)min(first + r, outs - 1) * in;
+    float acc[ROWS][MAX_TOKENS] = {};
+    dot_rows<ROWS>(rows, x, in, tokens, acc);
     #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
-        const float v = warp_sum(acc[0][t]);
-        if ((threadIdx.x & 31) == 0) out[(size_t)t * outs + o] = v + (bias ? bias[o] : 0.0f);
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float v = warp_sum(acc[r][t]);
+            const int o = first + r;
+            if ((threadIdx.x & 31) == 0 && o < outs) out[(size_t)t * outs + o] = v + (bias ? bias[o] : 0.0f);
+        }
+    }
+}
+
+template <typename W>
+__device__ void matvec(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens, int rows_per_warp) {
+    if (rows_per_warp == 2) {
+        matvec_rows<2>(out, x, w, bias, in, outs, tokens);
+    } else {
+        matvec_rows<1>(out, x, w, bias, in, outs, tokens);
     }
 }
 
@@ -144,16 +179,60 @@ __device__ void matvec_swiglu(float* out, const float* x, const W* w, int in, in
     }
 }
 
+// The attention's input projection for a few tokens, with RoPE and the
+// KV-cache write (kernels/kv_cache.cu, whose arithmetic this repeats) in
+// its epilogue: a warp takes rows i and i + head_dim/2 of one head of w =
+// [q heads | k heads | v heads], the pair RoPE turns together. The q and k
+// heads are written to `out` turned by the token's position, the k and v
+// heads (k turned) also to the cache at the token's slot, in bf16.
+template <typename W>
+__device__ void matvec_qkv_rope(float* out, const float* x, const W* w, const float* bias, __nv_bfloat16* k_cache,
+                                __nv_bfloat16* v_cache, const unsigned int* positions, const unsigned int* slots,
+                                const float* cos_sin, int in, int heads, int kv_heads, int head_dim, int tokens) {
+    const int half = head_dim / 2, all_heads = heads + 2 * kv_heads;
+    const int pair = warp_feature();
+    if (pair >= all_heads * half) return;
+    const int head = pair / half, i = pair % half;
+    const int lo = head * head_dim + i, hi = lo + half;
+    const W* const rows[2] = {w + (size_t)lo * in, w + (size_t)hi * in};
+    float acc[2][MAX_TOKENS] = {};
+    dot_rows<2>(rows, x, in, tokens, acc);
+    const int outs = all_heads * head_dim, kv_width = kv_heads * head_dim;
+    #pragma unroll
+    for (int t = 0; t < MAX_TOKENS; ++t) {
+        if (t >= tokens) break;
+        float a = warp_sum(acc[0][t]) + (bias ? bias[lo] : 0.0f);
+        float b = warp_sum(acc[1][t]) + (bias ? bias[hi] : 0.0f);
+        if ((threadIdx.x & 31) != 0) continue;
+        if (head < heads + kv_heads) {
+            const float* cs = cos_sin + (size_t)positions[t] * head_dim;
+            const float c = cs[i], s = cs[half + i];
+            const float turned_a = a * c - b * s;
+            b = b * c + a * s;
+            a = turned_a;
+        }
+        out[(size_t)t * outs + lo] = a;
+        out[(size_t)t * outs + hi] = b;
+        if (head >= heads) {
+            const bool key = head < heads + kv_heads;
+            __nv_bfloat16* cache = (key ? k_cache : v_cache) + (size_t)slots[t] * kv_width;
+            const int at = (head - heads - (key ? 0 : kv_heads)) * head_dim + i;
+            cache[at] = __float2bfloat16(a);
+            cache[at + half] = __float2bfloat16(b);
+        }
+    }
+}
+
 extern "C" __global__ void matvec_bf16(
     float* __restrict__ out, const float* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-    const float* __restrict__ bias, int in, int outs, int tokens) {
-    matvec(out, x, w, bias, in, outs, tokens);
+    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp) {
+    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp);
 }
 
 extern "C" __global__ void matvec_f32(
     float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
-    const float* __restrict__ bias, int in, int outs, int tokens) {
-    matvec(out, x, w, bias, in, outs, tokens);
+    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp) {
+    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp);
 }
 
 extern "C" __global__ void matvec_swiglu_bf16(
@@ -167,3 +246,16 @@ extern "C" __global__ void matvec_swiglu_f32(
     int in, int inter, int tokens) {
     matvec_swiglu(out, x, w, in, inter, tokens);
 }
+
+#define MATVEC_QKV_ROPE(name, W)                                                                                         \
+    extern "C" __global__ void name(                                                                                    \
+        float* __restrict__ out, const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,  \
+        __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,                                       \
+        const unsigned int* __restrict__ positions, const unsigned int* __restrict__ slots,                             \
+        const float* __restrict__ cos_sin, int in, int heads, int kv_heads, int head_dim, int tokens) {                 \
+        matvec_qkv_rope(out, x, w, bias, k_cache, v_cache, positions, slots, cos_sin, in, heads, kv_heads, head_dim,   \
+                        tokens);                                                                                        \
+    }
+
+MATVEC_QKV_ROPE(matvec_qkv_rope_bf16, __nv_bfloat16)
+MATVEC_QKV_ROPE(matvec_qkv_rope_f32, float)

@@ -32,7 +32,12 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn weight(shape: &[usize], dtype: DType, seed: u64) -> HostTensor {
-    let values = random(shape.iter().product(), seed);
+    scaled_weight(shape, dtype, seed, 1.0)
+}
+
+/// Uniform in ±`scale`; a power of two keeps bf16 weights exact.
+fn scaled_weight(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> HostTensor {
+    let values: Vec<f32> = random(shape.iter().product(), seed).iter().map(|v| v * scale).collect();
     match dtype {
         DType::BF16 => HostTensor {
             dtype,
@@ -81,8 +86,10 @@ fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, toleran
 fn linear_matches_for_every_batch_size_dtype_and_bias() {
     let Some(gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
-    // Matvec for up to 8 tokens (vector and scalar tails), cuBLAS above.
-    for (inner, outs) in [(256, 96), (100, 33), (896, 4864), (2824, 40)] {
+    // Matvec for up to 8 tokens, cuBLAS above. The mat-vec's steps of 256
+    // weights: whole, partial with and without a lane's second run of 4
+    // (200, 100, 896, 2824), or scalar (98: rows not 4-weight aligned).
+    for (inner, outs) in [(256, 96), (100, 33), (200, 24), (98, 20), (896, 4864), (2824, 40)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[outs, inner], dtype, 1);
             let b = weight(&[outs], DType::BF16, 2);
@@ -109,9 +116,9 @@ fn linear_matches_for_every_batch_size_dtype_and_bias() {
 fn swiglu_matches_for_every_batch_size_and_dtype() {
     let Some(gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
-    // The fused gate/up mat-vec for up to 8 tokens (vector and scalar
-    // tails), cuBLAS and the SwiGLU kernel above.
-    for (inner, inter) in [(256, 48), (100, 17), (896, 4864), (2824, 20)] {
+    // The fused gate/up mat-vec for up to 8 tokens (whole, partial and
+    // scalar steps, as for linear), cuBLAS and the SwiGLU kernel above.
+    for (inner, inter) in [(256, 48), (100, 17), (200, 12), (98, 10), (896, 4864), (2824, 20)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[2 * inter, inner], dtype, 13);
             let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
@@ -162,8 +169,11 @@ fn norms_embedding_and_row_ops_match() {
     let picked = batch_of(&[0; 7], &[6, 0, 3, 3], vec![]);
     let inputs = picked.inputs(&picked.token_ids, true);
     let (c_step, g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
-    let want = cpu.select_rows(&cx, &c_step).unwrap();
-    assert_close(&want, &gpu, &gpu.select_rows(&gx, &g_step).unwrap(), EXACT, "select_rows");
+    for add in [false, true] {
+        let want = cpu.final_norm(&cx, add.then_some(&cy), &c_step, &cn, 1e-6).unwrap();
+        let got = gpu.final_norm(&gx, add.then_some(&gy), &g_step, &gn, 1e-6).unwrap();
+        assert_close(&want, &gpu, &got, EXACT, &format!("final_norm, adding {add}"));
+    }
 
     for dtype in [DType::BF16, DType::F32] {
         let table = weight(&[50, cols], dtype, 8);
@@ -226,8 +236,10 @@ fn norms_embedding_and_row_ops_match() {
 /// One layer's attention over a batch mixing a fresh prefill, a chunk
 /// after a cached prefix, and decode steps (one after 300 tokens, whose
 /// keys the kernel splits across blocks), with scattered blocks; then a
-/// step of decodes alone (blocks of one warp, as a decode graph runs them).
-fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: usize) {
+/// step of decodes alone (blocks of one warp, as a decode graph runs them,
+/// and few enough tokens for the qkv mat-vec to turn q and k and write the
+/// cache itself). The qkv projection is `hidden` wide, of `dtype` weights.
+fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize, usize), hidden: usize, dtype: DType, bias: bool) {
     let cpu = CpuBackend::default();
     let spec = AttentionSpec {
         num_heads: heads,
@@ -265,6 +277,14 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     let width = (heads + 2 * kv_heads) * head_dim;
     let table = weight(&[320, head_dim], DType::F32, 9);
     let (c_rope, g_rope) = (cpu.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
+    // q, k and v of about the size of ±1 activations, as a trained model's.
+    let (w, b) = (
+        scaled_weight(&[width, hidden], dtype, 7, 1.0 / 16.0),
+        weight(&[width], DType::F32, 8),
+    );
+    let (c_w, g_w) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+    let (c_b, g_b) = (cpu.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
+    let (c_b, g_b) = (bias.then_some(&c_b), bias.then_some(&g_b));
     let mut c_cache = cpu.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
     // First the cached prefixes (17, 39 and 300 tokens), then the mixed batch.
@@ -277,7 +297,7 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
     .enumerate()
     {
         let (positions, meta) = meta_for(spans);
-        let (mut cq, mut gq) = activations(gpu, positions.len(), width, 10 + round as u64);
+        let (cx, gx) = activations(gpu, positions.len(), hidden, 10 + round as u64);
         let ids = vec![0; positions.len()];
         let inputs = StepInputs {
             token_ids: &ids,
@@ -288,26 +308,33 @@ fn attention_case(gpu: &CudaBackend, heads: usize, kv_heads: usize, head_dim: us
         };
         let c_step = cpu.prepare_step(inputs).unwrap();
         let g_step = gpu.prepare_step(inputs).unwrap();
-        cpu.rope_write_kv(&mut cq, &mut c_cache, &c_step, &c_rope, &spec).unwrap();
-        gpu.rope_write_kv(&mut gq, &mut g_cache, &g_step, &g_rope, &spec).unwrap();
-        assert_close(&cq, gpu, &gq, EXACT, "rope");
+        let cq = cpu.project_qkv(&cx, &c_w, c_b, &mut c_cache, &c_step, &c_rope, &spec).unwrap();
+        let gq = gpu.project_qkv(&gx, &g_w, g_b, &mut g_cache, &g_step, &g_rope, &spec).unwrap();
+        let what = format!("heads={heads} kv_heads={kv_heads} head_dim={head_dim} hidden={hidden} {dtype} bias={bias} round {round}");
+        // Above 8 tokens cuBLAS multiplies bf16 weights by bf16 activations.
+        let projected = if positions.len() > 8 && dtype == DType::BF16 {
+            BF16_ROUNDED
+        } else {
+            EXACT
+        };
+        assert_close(&cq, gpu, &gq, projected, &format!("project_qkv {what}"));
         let want = cpu.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
         let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
-        let what = format!("paged_attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} round {round}");
-        assert_close(&want, gpu, &got, BF16_ROUNDED, &what);
+        assert_close(&want, gpu, &got, BF16_ROUNDED, &format!("paged_attention {what}"));
     }
 }
 
 #[test]
-fn paged_attention_matches_for_prefill_chunks_and_decode() {
+fn qkv_projection_and_paged_attention_match_for_prefill_chunks_and_decode() {
     let Some(gpu) = gpu() else { return };
-    attention_case(&gpu, 4, 2, 64);
-    attention_case(&gpu, 2, 1, 128);
-    attention_case(&gpu, 14, 2, 64);
-    attention_case(&gpu, 28, 4, 128);
-    attention_case(&gpu, 2, 2, 32);
+    // Projections of whole and partial mat-vec steps, and of scalar ones (102).
+    attention_case(&gpu, (4, 2, 64), 264, DType::BF16, true);
+    attention_case(&gpu, (2, 1, 128), 100, DType::F32, false);
+    attention_case(&gpu, (14, 2, 64), 200, DType::F32, true);
+    attention_case(&gpu, (28, 4, 128), 264, DType::BF16, true);
+    attention_case(&gpu, (2, 2, 32), 102, DType::BF16, false);
     // MQA: 32 query heads share a KV head, more rows than a block holds at once.
-    attention_case(&gpu, 32, 1, 64);
+    attention_case(&gpu, (32, 1, 64), 264, DType::BF16, true);
 }
 
 #[test]
@@ -323,9 +350,12 @@ fn shape_mismatches_are_errors_not_faults() {
     let (_, mut z) = activations(&gpu, 2, 15, 4);
     assert!(gpu.add_assign(&mut z, &y).is_err());
     let three = batch_of(&[0; 3], &[2], vec![]);
-    assert!(gpu
-        .select_rows(&x, &gpu.prepare_step(three.inputs(&three.token_ids, true)).unwrap())
-        .is_err());
+    let norm = gpu.load_weight(weight(&[15], DType::F32, 3)).unwrap();
+    let step = gpu.prepare_step(three.inputs(&three.token_ids, true)).unwrap();
+    assert!(gpu.final_norm(&x, None, &step, &norm, 1e-6).is_err());
+    let two = batch_of(&[0; 2], &[1], vec![]);
+    let step = gpu.prepare_step(two.inputs(&two.token_ids, true)).unwrap();
+    assert!(gpu.final_norm(&x, Some(&y), &step, &norm, 1e-6).is_err());
     assert!(gpu.prepare_step(batch_of(&[0; 2], &[2], vec![]).inputs(&[0; 2], true)).is_err());
     // A head size the attention kernel has no variant for (32, 64 or 128).
     let spec = AttentionSpec {
@@ -343,11 +373,24 @@ fn shape_mismatches_are_errors_not_faults() {
     let one = batch_of(&[0], &[], vec![]);
     let step = gpu.prepare_step(one.inputs(&one.token_ids, true)).unwrap();
     let (_, qkv) = activations(&gpu, 1, 4 * 48, 5);
+    let mut cache = gpu.alloc_kv_cache(shape).unwrap();
     let error = gpu
-        .paged_attention(&qkv, &gpu.alloc_kv_cache(shape).unwrap(), &step, &spec)
+        .paged_attention(&qkv, &cache, &step, &spec)
         .err()
         .expect("head_dim 48 is refused");
     assert!(error.to_string().contains("32, 64 or 128"), "{error}");
+    // A qkv projection whose rows are not the heads', or whose input is
+    // not the weight's width.
+    let table = gpu.load_weight(weight(&[4, 48], DType::F32, 6)).unwrap();
+    let (_, hidden) = activations(&gpu, 1, 16, 7);
+    for (rows, cols) in [(5 * 48, 16), (4 * 48, 15)] {
+        let w = gpu.load_weight(weight(&[rows, cols], DType::BF16, 8)).unwrap();
+        let error = gpu
+            .project_qkv(&hidden, &w, None, &mut cache, &step, &table, &spec)
+            .err()
+            .expect("a mismatched projection is refused");
+        assert!(error.to_string().contains("project_qkv"), "{error}");
+    }
 }
 
 #[test]

@@ -78,14 +78,17 @@ impl Backend for Counting {
     fn rope_write_kv(&self, qkv: &mut T, cache: &mut K, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<()> {
         self.op().rope_write_kv(qkv, cache, step, cos_sin, spec)
     }
+    fn project_qkv(&self, x: &T, w: &W, bias: Option<&W>, cache: &mut K, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<T> {
+        self.op().project_qkv(x, w, bias, cache, step, cos_sin, spec)
+    }
     fn paged_attention(&self, qkv: &T, cache: &K, step: &S<'_>, spec: &AttentionSpec) -> Result<T> {
         self.op().paged_attention(qkv, cache, step, spec)
     }
     fn swiglu(&self, x: &T, gate_up: &W) -> Result<T> {
         self.op().swiglu(x, gate_up)
     }
-    fn select_rows(&self, x: &T, step: &S<'_>) -> Result<T> {
-        self.op().select_rows(x, step)
+    fn final_norm(&self, x: &T, add: Option<&T>, step: &S<'_>, weight: &W, eps: f32) -> Result<T> {
+        self.op().final_norm(x, add, step, weight, eps)
     }
     fn lay_out_vocab(&self, all: &T, ranks: usize, per: usize, vocab: usize) -> Result<T> {
         self.op().lay_out_vocab(all, ranks, per, vocab)
@@ -120,7 +123,7 @@ impl Backend for Counting {
 }
 
 #[test]
-fn a_decode_step_issues_eight_ops_a_layer_and_six_more() {
+fn a_decode_step_issues_seven_ops_a_layer_and_four_more() {
     let dir = common::model_dir("tiny-gqa");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let layers = config.num_hidden_layers;
@@ -135,8 +138,9 @@ fn a_decode_step_issues_eight_ops_a_layer_and_six_more() {
     let before = ops.load(Ordering::Relaxed);
     generator.extend_sampled(&[token], RowSampling::greedy(), false).unwrap();
     // Per layer: input norm (fused with the previous layer's residual add),
-    // qkv, RoPE with the KV write, attention, o_proj, residual add + norm,
-    // gate/up with SwiGLU, down. Then the last residual add, embedding, row
-    // selection, final norm, LM head and sampling.
-    assert_eq!(ops.load(Ordering::Relaxed) - before, 8 * layers + 6);
+    // qkv with RoPE and the KV write, attention, o_proj, residual add +
+    // norm, gate/up with SwiGLU, down. Then the embedding, the final norm
+    // of the rows sampled (with the last residual add), the LM head and
+    // sampling.
+    assert_eq!(ops.load(Ordering::Relaxed) - before, 7 * layers + 4);
 }

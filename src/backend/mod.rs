@@ -285,6 +285,25 @@ pub trait Backend {
         spec: &AttentionSpec,
     ) -> Result<()>;
 
+    /// The attention's input: `qkv = linear(x, w, bias)`, then
+    /// [`Backend::rope_write_kv`] on it; one op, so that a backend may do
+    /// both in one pass (the CUDA mat-vec does, for a few tokens).
+    #[allow(clippy::too_many_arguments)]
+    fn project_qkv(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        cache: &mut Self::KvCache,
+        step: &Self::Step<'_>,
+        cos_sin: &Self::Weight,
+        spec: &AttentionSpec,
+    ) -> Result<Self::Tensor> {
+        let mut qkv = self.linear(x, w, bias)?;
+        self.rope_write_kv(&mut qkv, cache, step, cos_sin, spec)?;
+        Ok(qkv)
+    }
+
     /// Causal attention of the q heads of `qkv` over each sequence's cached
     /// context (prefill, chunked prefill and decode alike) → `[n, heads · head_dim]`.
     fn paged_attention(
@@ -299,8 +318,17 @@ pub trait Backend {
     /// fused `gate_up [2·i, hidden]` (the gate rows, then the up rows).
     fn swiglu(&self, x: &Self::Tensor, gate_up: &Self::Weight) -> Result<Self::Tensor>;
 
-    /// The step's logit rows of `x`, in order.
-    fn select_rows(&self, x: &Self::Tensor, step: &Self::Step<'_>) -> Result<Self::Tensor>;
+    /// The model's output rows: `RMSNorm(x[r] + add[r])` for each of the
+    /// step's logit rows `r`, in order, where `add` (when given) is the last
+    /// layer's pending residual (its MLP output).
+    fn final_norm(
+        &self,
+        x: &Self::Tensor,
+        add: Option<&Self::Tensor>,
+        step: &Self::Step<'_>,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
 
     /// Logits gathered from `ranks` ranks of a split vocabulary, `all
     /// [ranks · rows, per + 1]` (each rank's `[rows, per + 1]` slice, its

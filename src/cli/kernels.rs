@@ -1,14 +1,15 @@
 //! `shardline bench --kernels`: the two kernels decode streams memory
 //! through, timed alone on the GPU at a model's shapes and put against the
 //! device's copy bandwidth: the batch-1 mat-vec of each weight matrix of a
-//! layer and of the LM head (bytes: the weights), and decode attention over
-//! `--context` cached tokens at batch 1 and 64 (bytes: the keys and values).
-//! Also the attention of a `--context`-token prompt's prefill, which
-//! computes more than it reads: its multiply-adds a second.
+//! layer and of the LM head, and down_proj's for 2 to 8 tokens and through
+//! cuBLAS at 9 (bytes: the weights); and decode attention over `--context`
+//! cached tokens at batch 1 and 64 (bytes: the keys and values). Also the
+//! attention of a `--context`-token prompt's prefill, which computes more
+//! than it reads: its multiply-adds a second.
 
 use anyhow::Context;
 use serde_json::json;
-use shardline::backend::cuda::{self, CudaBackend};
+use shardline::backend::cuda::{self, CudaBackend, CudaStep};
 use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
@@ -64,37 +65,16 @@ fn random_bf16(shape: Vec<usize>, rng: &mut Rng) -> HostTensor {
     }
 }
 
-/// The batch-1 mat-vec of every matrix of one layer and the LM head.
-fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
-    let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
-    // Each as the model runs it: gate/up through the mat-vec with SwiGLU fused.
-    let shapes = [
-        ("qkv_proj", q + 2 * kv, h, false),
-        ("o_proj", h, q, false),
-        ("gate_up_proj + SwiGLU", 2 * i, h, true),
-        ("down_proj", h, i, false),
-        ("lm_head", config.vocab_size, h, false),
-    ];
-    let mut timings = Vec::new();
-    for (name, outs, ins, swiglu) in shapes {
-        let w = gpu.load_weight(random_bf16(vec![outs, ins], rng))?;
-        let mut x = gpu.zeros(1, ins)?;
-        x.copy_from_host(&(0..ins).map(|_| rng.next_f32()).collect::<Vec<_>>())?;
-        let what = format!("mat-vec {name} [{outs}, {ins}]");
-        let work = (outs * ins * 2, 2.0 * (outs * ins) as f64);
-        let timing = match swiglu {
-            true => time(gpu, what, work, || gpu.swiglu(&x, &w))?,
-            false => time(gpu, what, work, || gpu.linear(&x, &w, None))?,
-        };
-        timings.push(timing);
-    }
-    Ok(timings)
+/// A step of `batch` sequences of `cached` tokens and `new` more each,
+/// with a KV cache that holds them, and the model's attention shape.
+struct Step {
+    cache: <CudaBackend as Backend>::KvCache,
+    step: CudaStep,
+    spec: AttentionSpec,
+    tokens: usize,
 }
 
-/// Attention of `batch` sequences of `cached` tokens and `new` more each:
-/// decode with `new` 1, a prompt's prefill with `cached` 0.
-fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Timing> {
+fn step_of(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Step> {
     let (heads, kv_heads, head_dim) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
     let context = cached + new;
     let blocks_each = context.div_ceil(BLOCK_SIZE);
@@ -130,16 +110,82 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
         logit_rows: &[],
         sampling: &[],
     })?;
-    let qkv = gpu.zeros(positions.len(), (heads + 2 * kv_heads) * head_dim)?;
     let spec = AttentionSpec {
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
     };
+    Ok(Step {
+        cache,
+        step,
+        spec,
+        tokens: positions.len(),
+    })
+}
+
+/// `tokens` rows of `cols` random activations on the GPU.
+fn activations(gpu: &CudaBackend, tokens: usize, cols: usize, rng: &mut Rng) -> anyhow::Result<<CudaBackend as Backend>::Tensor> {
+    let mut x = gpu.zeros(tokens, cols)?;
+    x.copy_from_host(&(0..tokens * cols).map(|_| rng.next_f32()).collect::<Vec<_>>())?;
+    Ok(x)
+}
+
+/// The batch-1 mat-vec of every matrix of one layer and the LM head, each
+/// as the model runs it (qkv with RoPE and the KV write, gate/up with the
+/// SwiGLU); then down_proj's for a few tokens, and through cuBLAS.
+fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
+    let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+    let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
+    let weight = |outs: usize, ins: usize, rng: &mut Rng| gpu.load_weight(random_bf16(vec![outs, ins], rng));
+    let work = |outs: usize, ins: usize| (outs * ins * 2, 2.0 * (outs * ins) as f64);
+    let mut timings = Vec::new();
+
+    let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
+    let table = HostTensor::from_f32(vec![1, hd], &(0..hd).map(|_| rng.next_f32()).collect::<Vec<_>>());
+    let table = gpu.load_weight(table)?;
+    let Step { mut cache, step, spec, .. } = step_of(gpu, config, 1, 0, 1)?;
+    let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
+    timings.push(time(gpu, what, work(q + 2 * kv, h), || {
+        gpu.project_qkv(&x, &w, None, &mut cache, &step, &table, &spec)
+    })?);
+
+    let shapes = [
+        ("o_proj", h, q, false),
+        ("gate_up_proj + SwiGLU", 2 * i, h, true),
+        ("down_proj", h, i, false),
+        ("lm_head", config.vocab_size, h, false),
+    ];
+    for (name, outs, ins, swiglu) in shapes {
+        let (w, x) = (weight(outs, ins, rng)?, activations(gpu, 1, ins, rng)?);
+        let what = format!("mat-vec {name} [{outs}, {ins}]");
+        let timing = match swiglu {
+            true => time(gpu, what, work(outs, ins), || gpu.swiglu(&x, &w))?,
+            false => time(gpu, what, work(outs, ins), || gpu.linear(&x, &w, None))?,
+        };
+        timings.push(timing);
+    }
+
+    let w = weight(h, i, rng)?;
+    for tokens in [2, 4, 8, 9] {
+        let x = activations(gpu, tokens, i, rng)?;
+        let how = if tokens > 8 { "cuBLAS" } else { "mat-vec" };
+        let what = format!("{how} down_proj [{h}, {i}], {tokens} tokens");
+        timings.push(time(gpu, what, work(h, i), || gpu.linear(&x, &w, None))?);
+    }
+    Ok(timings)
+}
+
+/// Attention of `batch` sequences of `cached` tokens and `new` more each:
+/// decode with `new` 1, a prompt's prefill with `cached` 0.
+fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Timing> {
+    let Step { cache, step, spec, tokens } = step_of(gpu, config, batch, cached, new)?;
+    let (heads, kv_heads, head_dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    let qkv = gpu.zeros(tokens, (heads + 2 * kv_heads) * head_dim)?;
+    let context = cached + new;
     let bytes = batch * context * kv_heads * head_dim * 2 * 2;
     // Each new token's query heads against the keys up to its own, twice (scores, then values).
-    let pairs: usize = news.map(|p| p + 1).sum();
+    let pairs: usize = (cached..context).map(|p| p + 1).sum();
     let flops = 4.0 * (batch * pairs * heads * head_dim) as f64;
     let what = match cached {
         0 => format!("prefill attention, {new}-token prompt"),

@@ -111,8 +111,15 @@ impl<B: Backend> Qwen2Attention<B> {
 
     fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
         let b = ctx.backend;
-        let mut qkv = b.linear(x, &self.qkv_proj, Some(&self.qkv_bias))?;
-        b.rope_write_kv(&mut qkv, cache, ctx.step, ctx.rope_cos_sin, &self.spec)?;
+        let qkv = b.project_qkv(
+            x,
+            &self.qkv_proj,
+            Some(&self.qkv_bias),
+            cache,
+            ctx.step,
+            ctx.rope_cos_sin,
+            &self.spec,
+        )?;
         let attn = b.paged_attention(&qkv, cache, ctx.step, &self.spec)?;
         let mut out = b.linear(&attn, &self.o_proj, None)?;
         ctx.all_reduce(&mut out)?;

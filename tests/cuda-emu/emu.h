@@ -39,6 +39,7 @@ struct alignas(16) int4 {
     int x, y, z, w;
 };
 
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
@@ -222,6 +223,8 @@ template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcs(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -221,10 +221,23 @@ impl Backend for CpuBackend {
         Ok(silu_mul(&matmul::linear(x, gate_up, None)))
     }
 
-    fn select_rows(&self, x: &CpuTensor, step: &CpuStep<'_>) -> Result<CpuTensor> {
+    fn final_norm(&self, x: &CpuTensor, add: Option<&CpuTensor>, step: &CpuStep<'_>, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        if add.is_some_and(|a| (a.rows, a.cols) != (x.rows, x.cols)) {
+            return Err(BackendError::Device(
+                "final_norm: the residual and its addend differ in shape".into(),
+            ));
+        }
         let rows = step.inputs.logit_rows;
         let data = rows.iter().flat_map(|&r| x.row(r as usize).iter().copied()).collect();
-        Ok(CpuTensor::new(data, rows.len(), x.cols))
+        let mut out = CpuTensor::new(data, rows.len(), x.cols);
+        if let Some(add) = add {
+            for (row, &r) in out.data.chunks_mut(x.cols).zip(rows) {
+                row.iter_mut().zip(add.row(r as usize)).for_each(|(v, a)| *v += a);
+            }
+        }
+        let w = weight.vector();
+        out.data.par_chunks_mut(x.cols).for_each(|row| rms_norm_row(row, w, eps));
+        Ok(out)
     }
 
     fn lay_out_vocab(&self, all: &CpuTensor, ranks: usize, per: usize, vocab: usize) -> Result<CpuTensor> {

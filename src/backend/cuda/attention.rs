@@ -1,13 +1,13 @@
 //! The wrapper of `kernels/attention.cu`: one block per (tile of a
 //! sequence's tokens, KV head, pass over the tile's query rows, split of
-//! the keys), and the kernel that merges the splits when there are several.
-//! A block has a warp for each 16 query rows of a tile (at most 4), so a
-//! decode step's blocks are one warp each. Splits: enough warps for eight
-//! per multiprocessor, at most 32 splits, and no more than the longest
-//! context has 32-key tiles.
+//! the keys). A block has a warp for each 16 query rows of a tile (at most
+//! 4), so a decode step's blocks are one warp each. Splits: enough warps
+//! for eight per multiprocessor, at most 32 splits, and no more than the
+//! longest context has 32-key tiles; the last split of a block group to
+//! finish merges the group's rows, counting in the backend's `arrivals`.
 
 use super::ops::check;
-use super::{driver_error, grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
+use super::{driver_error, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
@@ -18,6 +18,7 @@ const KEY_TILE: usize = 32;
 const STAGES: usize = 2;
 const WARP_ROWS: usize = 16;
 const MAX_WARPS: usize = 4;
+/// At most a warp's lanes: the merge gives each split's state a lane.
 const MAX_SPLITS: usize = 32;
 /// The kernel's variants: a head size and its entry point.
 const VARIANTS: [(usize, &str); 3] = [
@@ -53,12 +54,21 @@ fn warps_and_passes(tile_tokens: usize, group: usize) -> (usize, usize) {
     (warps, rows.div_ceil(WARP_ROWS * warps))
 }
 
+/// Warps a multiprocessor is given by splitting a step's keys.
+const WARPS_PER_SM: usize = 8;
+
 /// Key splits for `blocks` blocks of `warps` warps and one split each on a
 /// GPU of `sms` multiprocessors.
 fn splits_for(blocks: usize, warps: usize, sms: usize, max_context: usize) -> usize {
-    (8 * sms)
+    (WARPS_PER_SM * sms)
         .div_ceil(blocks.max(1) * warps)
         .clamp(1, MAX_SPLITS.min(max_context.div_ceil(KEY_TILE).max(1)))
+}
+
+/// The merge counters a GPU of `sms` multiprocessors needs, one a block
+/// group: keys are split only while a step has fewer blocks than this.
+pub(super) fn split_counters(sms: usize) -> usize {
+    WARPS_PER_SM * sms
 }
 
 /// Lets each attention variant have the shared memory its largest block
@@ -94,14 +104,23 @@ impl CudaBackend {
         let rows = step.tokens() * heads;
         let mut out = self.tensor(step.tokens(), heads * head_dim, "attention output")?;
         let (warps, passes) = warps_and_passes(step.tile_tokens(), heads / kv_heads);
-        let splits = splits_for(step.tiles() * kv_heads * passes, warps, self.multiprocessors, step.max_context());
-        // Each split's softmax state of every row, merged below; unused with one split.
-        let mut partial = self.alloc_for_kernel::<f32>(if splits > 1 { splits * rows * (head_dim + 2) } else { 1 }, "attention splits")?;
+        let groups = step.tiles() * kv_heads * passes;
+        let splits = splits_for(groups, warps, self.multiprocessors, step.max_context());
+        // Each split's sums of weighted values and softmax state of every row; unused with one split.
+        let state = if splits > 1 { splits * rows * (head_dim + 2) } else { 1 };
+        check(splits == 1 || groups <= self.arrivals.len(), || {
+            format!(
+                "paged_attention: {groups} block groups split, over the {} counters",
+                self.arrivals.len()
+            )
+        })?;
+        let mut partial = self.alloc_for_kernel::<f32>(state, "attention splits")?;
         let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
         let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data).arg(&mut partial).arg(&qkv.data).arg(&cache.k).arg(&cache.v);
+        args.arg(&mut out.data).arg(&mut partial).arg(&self.arrivals);
+        args.arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);
         args.arg(&tokens)
             .arg(&seqs)
@@ -116,12 +135,6 @@ impl CudaBackend {
             shared_mem_bytes: shared_bytes(head_dim, warps) as u32,
         };
         self.launch(name, args, config)?;
-        if splits > 1 {
-            let (rows_i, splits_i, head_dim_i) = (rows as i32, splits as i32, head_dim as i32);
-            let mut args = self.stream.launch_builder(self.function("attention_combine_f32"));
-            args.arg(&mut out.data).arg(&partial).arg(&rows_i).arg(&splits_i).arg(&head_dim_i);
-            self.launch("attention_combine_f32", args, grid(rows, 32, 0))?;
-        }
         Ok(out)
     }
 }
@@ -155,6 +168,17 @@ mod tests {
         assert_eq!(splits_for(2048, 1, 132, 4096), 1);
         // Prefill blocks of four warps.
         assert_eq!(splits_for(256, 4, 132, 4096), 2);
+    }
+
+    #[test]
+    fn every_split_step_has_a_merge_counter_for_each_block_group() {
+        for sms in [1, 78, 132] {
+            for blocks in 1..2 * split_counters(sms) {
+                if splits_for(blocks, 1, sms, 1 << 15) > 1 {
+                    assert!(blocks <= split_counters(sms), "{blocks} blocks on {sms} SMs");
+                }
+            }
+        }
     }
 
     #[test]

@@ -29,26 +29,25 @@ macro_rules! kernel {
 
 pub const KERNELS: &[KernelSource] = &[
     kernel!("embedding.cu", ["embedding_bf16", "embedding_f32"]),
-    kernel!("rms_norm.cu", ["rms_norm_f32", "add_rms_norm_f32"]),
+    kernel!("rms_norm.cu", ["rms_norm_f32", "add_rms_norm_f32", "add_rms_norm_rows_f32"]),
     kernel!("activation.cu", ["silu_mul_f32"]),
     kernel!("kv_cache.cu", ["rope_write_kv_bf16"]),
     kernel!(
         "attention.cu",
-        [
-            "paged_attention_bf16_d32",
-            "paged_attention_bf16_d64",
-            "paged_attention_bf16_d128",
-            "attention_combine_f32"
-        ]
+        ["paged_attention_bf16_d32", "paged_attention_bf16_d64", "paged_attention_bf16_d128"]
     ),
     kernel!(
         "linear.cu",
-        ["matvec_bf16", "matvec_f32", "matvec_swiglu_bf16", "matvec_swiglu_f32"]
+        [
+            "matvec_bf16",
+            "matvec_f32",
+            "matvec_swiglu_bf16",
+            "matvec_swiglu_f32",
+            "matvec_qkv_rope_bf16",
+            "matvec_qkv_rope_f32"
+        ]
     ),
-    kernel!(
-        "elementwise.cu",
-        ["add_f32", "add_bias_f32", "cast_f32_bf16", "gather_rows_f32", "lay_out_vocab_f32"]
-    ),
+    kernel!("elementwise.cu", ["add_f32", "add_bias_f32", "cast_f32_bf16", "lay_out_vocab_f32"]),
     kernel!("sampling.cu", ["sample_f32"]),
 ];
 

@@ -14,6 +14,7 @@ mod attention;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod matvec;
 pub mod nccl;
 mod ops;
 mod sampling;
@@ -173,6 +174,9 @@ pub struct CudaBackend {
     /// `[PREVIOUS_ROWS]`: the tokens the last sample picked, where the next
     /// step's embedding finds its `PREVIOUS_SAMPLE` ids.
     previous: CudaSlice<u32>,
+    /// Zeros, one a block group of a split attention launch: each counts
+    /// the group's finished splits, and the last sets it back to zero.
+    arrivals: CudaSlice<u32>,
 }
 
 /// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
@@ -224,6 +228,10 @@ impl CudaBackend {
         let previous = stream
             .alloc_zeros(PREVIOUS_ROWS)
             .map_err(alloc_error("the previous sample's tokens", PREVIOUS_ROWS * 4))?;
+        let counters = attention::split_counters(multiprocessors);
+        let arrivals = stream
+            .alloc_zeros(counters)
+            .map_err(alloc_error("attention's merge counters", counters * 4))?;
         Ok(CudaBackend {
             stream,
             blas,
@@ -233,6 +241,7 @@ impl CudaBackend {
             poison: false,
             timeline: Default::default(),
             previous,
+            arrivals,
         })
     }
 

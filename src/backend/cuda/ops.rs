@@ -2,6 +2,7 @@
 //! backend's stream. Shapes are checked on the host before each launch.
 
 use super::gemm::Operands;
+use super::matvec::MATVEC_MAX_TOKENS;
 use super::{
     alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight,
     SampledFetch, WeightData,
@@ -11,9 +12,6 @@ use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::ops::Range;
 
-/// Batches up to this many tokens multiply through the mat-vec kernel
-/// (`MAX_TOKENS` in `kernels/linear.cu`); larger ones through cuBLAS.
-const MATVEC_MAX_TOKENS: usize = 8;
 /// Threads per block of the row kernels (norms, embedding, RoPE, KV writes, attention).
 const ROW_THREADS: u32 = 256;
 
@@ -24,7 +22,10 @@ pub(super) fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-fn int(v: usize) -> i32 {
+/// A null device pointer, for a kernel's optional buffer.
+pub(super) static NULL: u64 = 0;
+
+pub(super) fn int(v: usize) -> i32 {
     v as i32
 }
 
@@ -209,6 +210,47 @@ impl Backend for CudaBackend {
         self.launch("rope_write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
     }
 
+    fn project_qkv(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        cache: &mut CudaKvCache,
+        step: &CudaStep,
+        cos_sin: &CudaWeight,
+        spec: &AttentionSpec,
+    ) -> Result<CudaTensor> {
+        if x.rows > MATVEC_MAX_TOKENS {
+            let mut qkv = self.linear(x, w, bias)?;
+            self.rope_write_kv(&mut qkv, cache, step, cos_sin, spec)?;
+            return Ok(qkv);
+        }
+        let (heads, kv_heads, head_dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let table = cos_sin.f32("the RoPE table")?;
+        let bias = bias.map(|b| b.f32("a bias")).transpose()?;
+        check(
+            x.cols == w.cols
+                && w.rows == (heads + 2 * kv_heads) * head_dim
+                && head_dim % 2 == 0
+                && x.rows == step.tokens()
+                && cos_sin.cols == head_dim
+                && bias.is_none_or(|b| b.len() == w.rows),
+            || {
+                format!(
+                    "project_qkv: input [{}, {}] against weight [{}, {}] for {} tokens of {heads} heads, {kv_heads} KV heads of {head_dim}",
+                    x.rows,
+                    x.cols,
+                    w.rows,
+                    w.cols,
+                    step.tokens()
+                )
+            },
+        )?;
+        let mut out = self.tensor(x.rows, w.rows, "qkv")?;
+        self.matvec_qkv_rope(x, w, bias, cache, step, table, spec, &mut out)?;
+        Ok(out)
+    }
+
     fn paged_attention(&self, qkv: &CudaTensor, cache: &CudaKvCache, step: &CudaStep, spec: &AttentionSpec) -> Result<CudaTensor> {
         self.attention(qkv, cache, step, spec)
     }
@@ -223,14 +265,7 @@ impl Backend for CudaBackend {
         let inter = gate_up.rows / 2;
         let mut out = self.tensor(x.rows, inter, "SwiGLU output")?;
         if x.rows <= MATVEC_MAX_TOKENS {
-            let (inner, inter_i, tokens) = (int(x.cols), int(inter), int(x.rows));
-            let name = gate_up.data.kernel("matvec_swiglu_bf16", "matvec_swiglu_f32");
-            let mut args = self.stream.launch_builder(self.function(name));
-            args.arg(&mut out.data).arg(&x.data);
-            gate_up.data.push_arg(&mut args);
-            args.arg(&inner).arg(&inter_i).arg(&tokens);
-            // Eight warps a block, one gate/up pair of rows a warp.
-            self.launch(name, args, grid(inter.div_ceil(8), 256, 0))?;
+            self.matvec_swiglu(x, gate_up, &mut out)?;
             return Ok(out);
         }
         let products = self.linear(x, gate_up, None)?;
@@ -241,16 +276,31 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn select_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
-        check(x.rows == step.tokens(), || {
-            format!("select_rows: {} rows for a step of {} tokens", x.rows, step.tokens())
-        })?;
-        let mut out = self.tensor(step.rows(), x.cols, "selected rows")?;
-        let rows_dev = step.logit_rows();
-        let (cols, n) = (int(x.cols), step.rows() * x.cols);
-        let mut args = self.stream.launch_builder(self.function("gather_rows_f32"));
-        args.arg(&mut out.data).arg(&x.data).arg(&rows_dev).arg(&cols).arg(&n);
-        self.launch("gather_rows_f32", args, elementwise(n))?;
+    fn final_norm(&self, x: &CudaTensor, add: Option<&CudaTensor>, step: &CudaStep, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let w = weight.f32("an RMSNorm weight")?;
+        check(
+            x.rows == step.tokens() && w.len() == x.cols && add.is_none_or(|a| (a.rows, a.cols) == (x.rows, x.cols)),
+            || {
+                format!(
+                    "final_norm: [{}, {}] (adding {:?}) for a step of {} tokens, with a weight of {}",
+                    x.rows,
+                    x.cols,
+                    add.map(|a| (a.rows, a.cols)),
+                    step.tokens(),
+                    w.len()
+                )
+            },
+        )?;
+        let mut out = self.tensor(step.rows(), x.cols, "output rows")?;
+        let (rows_dev, cols) = (step.logit_rows(), int(x.cols));
+        let mut args = self.stream.launch_builder(self.function("add_rms_norm_rows_f32"));
+        args.arg(&mut out.data).arg(&x.data);
+        match add {
+            Some(a) => args.arg(&a.data),
+            None => args.arg(&NULL),
+        };
+        args.arg(&rows_dev).arg(w).arg(&cols).arg(&eps);
+        self.launch("add_rms_norm_rows_f32", args, grid(step.rows(), ROW_THREADS, 0))?;
         Ok(out)
     }
 
@@ -316,24 +366,5 @@ impl Backend for CudaBackend {
             rows,
             cols,
         })
-    }
-}
-
-impl CudaBackend {
-    /// `out = x · wᵀ + bias` for a few tokens: one warp per output feature.
-    fn matvec(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&cudarc::driver::CudaSlice<f32>>, out: &mut CudaTensor) -> Result<()> {
-        let (inner, outs, tokens) = (int(x.cols), int(w.rows), int(x.rows));
-        let null = 0u64;
-        let name = w.data.kernel("matvec_bf16", "matvec_f32");
-        let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data).arg(&x.data);
-        w.data.push_arg(&mut args);
-        match bias {
-            Some(b) => args.arg(b),
-            None => args.arg(&null),
-        };
-        args.arg(&inner).arg(&outs).arg(&tokens);
-        // Eight warps a block, one output feature a warp.
-        self.launch(name, args, grid(w.rows.div_ceil(8), 256, 0))
     }
 }
