@@ -22,17 +22,19 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum of `v` over the block; every thread gets it. Every thread must call.
-__device__ float block_sum(float v) {
+// `v` reduced over the block by `warp_reduce` (warp_sum, warp_max), whose
+// neutral value is `identity`; every thread gets it. Every thread must call.
+template <typename WarpReduce>
+__device__ float block_reduce(float v, float identity, WarpReduce warp_reduce) {
     __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    v = warp_reduce(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     const int warps = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < warps ? partial[threadIdx.x] : 0.0f;
+    v = threadIdx.x < warps ? partial[threadIdx.x] : identity;
     if (warp == 0) {
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+        v = warp_reduce(v);
         if (lane == 0) partial[0] = v;
     }
     __syncthreads();
@@ -41,23 +43,12 @@ __device__ float block_sum(float v) {
     return total;
 }
 
-// Maximum of `v` over the block; every thread gets it. Every thread must call.
+__device__ float block_sum(float v) {
+    return block_reduce(v, 0.0f, [](float x) { return warp_sum(x); });
+}
+
 __device__ float block_max(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    const int warps = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < warps ? partial[threadIdx.x] : NEG_INF;
-    if (warp == 0) {
-        for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-        if (lane == 0) partial[0] = v;
-    }
-    __syncthreads();
-    const float total = partial[0];
-    __syncthreads();
-    return total;
+    return block_reduce(v, NEG_INF, [](float x) { return warp_max(x); });
 }
 
 // Folds (v, j) into (value, index) by maximum, ties to the lower index.

@@ -138,7 +138,8 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
     let weight = |outs: usize, ins: usize, rng: &mut Rng| gpu.load_weight(random_bf16(vec![outs, ins], rng));
-    let work = |outs: usize, ins: usize| (outs * ins * 2, 2.0 * (outs * ins) as f64);
+    // The weights' bytes, and a multiply-add a weight and token.
+    let work = |outs: usize, ins: usize, tokens: usize| (outs * ins * 2, 2.0 * (outs * ins * tokens) as f64);
     let mut timings = Vec::new();
 
     let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
@@ -146,7 +147,7 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let table = gpu.load_weight(table)?;
     let Step { mut cache, step, spec, .. } = step_of(gpu, config, 1, 0, 1)?;
     let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
-    timings.push(time(gpu, what, work(q + 2 * kv, h), || {
+    timings.push(time(gpu, what, work(q + 2 * kv, h, 1), || {
         gpu.project_qkv(&x, &w, None, &mut cache, &step, &table, &spec)
     })?);
 
@@ -160,8 +161,8 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
         let (w, x) = (weight(outs, ins, rng)?, activations(gpu, 1, ins, rng)?);
         let what = format!("mat-vec {name} [{outs}, {ins}]");
         let timing = match swiglu {
-            true => time(gpu, what, work(outs, ins), || gpu.swiglu(&x, &w))?,
-            false => time(gpu, what, work(outs, ins), || gpu.linear(&x, &w, None))?,
+            true => time(gpu, what, work(outs, ins, 1), || gpu.swiglu(&x, &w))?,
+            false => time(gpu, what, work(outs, ins, 1), || gpu.linear(&x, &w, None))?,
         };
         timings.push(timing);
     }
@@ -171,7 +172,7 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
         let x = activations(gpu, tokens, i, rng)?;
         let how = if tokens > 8 { "cuBLAS" } else { "mat-vec" };
         let what = format!("{how} down_proj [{h}, {i}], {tokens} tokens");
-        timings.push(time(gpu, what, work(h, i), || gpu.linear(&x, &w, None))?);
+        timings.push(time(gpu, what, work(h, i, tokens), || gpu.linear(&x, &w, None))?);
     }
     Ok(timings)
 }

@@ -437,4 +437,25 @@ mod tests {
         let y = CpuBackend::default().rms_norm(&x, &w, 0.0).unwrap();
         assert_eq!(y.data, vec![1.0, 2.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
     }
+
+    #[test]
+    fn final_norm_adds_and_normalizes_the_rows_sampled_in_order() {
+        let cpu = CpuBackend::default();
+        let w = weight(vec![4], &[1.0, 2.0, 1.0, 1.0], DType::F32);
+        let x = CpuTensor::new(vec![0.0, 0.0, 0.0, 0.0, 9.0, 9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 0.0], 3, 4);
+        let add = CpuTensor::new(vec![2.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 1.0], 3, 4);
+        let meta = crate::backend::PagedAttentionMeta::default();
+        let inputs = StepInputs {
+            token_ids: &[0; 3],
+            positions: &[0, 1, 2],
+            attn: &meta,
+            logit_rows: &[2, 0],
+            sampling: &[],
+        };
+        let step = cpu.prepare_step(inputs).unwrap();
+        let y = cpu.final_norm(&x, Some(&add), &step, &w, 0.0).unwrap();
+        assert_eq!((y.rows, y.data), (2, vec![1.0, 2.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]));
+        let short = CpuTensor::new(vec![0.0; 8], 2, 4);
+        assert!(cpu.final_norm(&x, Some(&short), &step, &w, 0.0).is_err());
+    }
 }
