@@ -335,6 +335,7 @@ __device__ void paged_attention(
         const __nv_bfloat16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,                        \
         const unsigned int* __restrict__ tiles, const unsigned int* __restrict__ token_pos, int tokens, int seqs,        \
         int heads, int kv_heads, int passes, int block_size, float scale) {                                              \
+        begin_after_previous_kernels();                                                                                 \
         paged_attention<dims>(out, partial, arrivals, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,    \
                               seqs, heads, kv_heads, passes, block_size, scale);                                         \
     }

@@ -4,6 +4,38 @@
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// Programmatic dependent launch (compute capability 9.0; nothing before
+// it). The backend launches every kernel so that it may start while the
+// kernel before it drains (src/backend/cuda/launch.rs). Until
+// wait_for_previous_kernels() returns, a kernel may read only what no
+// kernel writes (its weights) and must write nothing; after it, every
+// earlier kernel has finished and its writes are visible. Each kernel
+// first calls start_next_kernel(): the next kernel's blocks may then take
+// the SMs this one's blocks leave, and prefetch their weights meanwhile.
+// The emulator (tests/cuda-emu) provides these three itself.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void start_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_kernels() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte line at `p`; no value comes back.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#endif
+
+// A kernel that reads nothing before its inputs are ready.
+__device__ __forceinline__ void begin_after_previous_kernels() {
+    start_next_kernel();
+    wait_for_previous_kernels();
+}
+
 // A stored weight widened to f32 (weights are bf16 or f32).
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }

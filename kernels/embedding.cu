@@ -10,6 +10,7 @@
 template <typename W>
 __device__ void embedding(float* out, const W* table, const unsigned int* ids, const unsigned int* previous,
                           unsigned int first, unsigned int end, int rows, int hidden) {
+    begin_after_previous_kernels();
     const int t = blockIdx.x;
     unsigned int id = ids[t];
     if (id & PREVIOUS_SAMPLE) {

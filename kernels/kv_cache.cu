@@ -12,6 +12,7 @@ extern "C" __global__ void rope_write_kv_bf16(
     const unsigned int* __restrict__ positions, const unsigned int* __restrict__ slots,
     const float* __restrict__ cos_sin,        // [max_positions, head_dim]
     int heads, int kv_heads, int head_dim) {
+    begin_after_previous_kernels();
     const int t = blockIdx.x;
     const int half = head_dim / 2;
     const int kv_width = kv_heads * head_dim;

@@ -122,6 +122,21 @@ __device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const flo
     }
 }
 
+// Starts the next kernel, asks L2 for the weights of the warp's first
+// loop step (LOADS_IN_FLIGHT runs a lane over its ROWS rows), then waits
+// for the previous kernels (common.cuh): weights are no kernel's output,
+// so fetching them may overlap the previous kernel's tail, where the bus
+// would otherwise idle while this kernel's blocks start.
+template <int ROWS, typename W>
+__device__ __forceinline__ void prefetch_rows_then_wait(const W* const (&rows)[ROWS], int in) {
+    start_next_kernel();
+    const int bytes = min(in, LOADS_IN_FLIGHT / ROWS * LANE_STRIDE) * (int)sizeof(W);
+    for (int at = (threadIdx.x & 31) * 128; at < bytes; at += 32 * 128)
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) prefetch_l2(reinterpret_cast<const char*>(rows[r]) + at);
+    wait_for_previous_kernels();
+}
+
 // The output feature of this thread's warp.
 __device__ __forceinline__ int warp_feature() {
     return (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
@@ -138,6 +153,7 @@ __device__ void matvec_rows(float* out, const float* x, const W* w, const float*
     const W* rows[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) rows[r] = w + (size_t)min(first + r, outs - 1) * in;
+    prefetch_rows_then_wait<ROWS>(rows, in);
     float acc[ROWS][MAX_TOKENS] = {};
     dot_rows<ROWS>(rows, x, in, tokens, acc);
     #pragma unroll
@@ -169,6 +185,7 @@ __device__ void matvec_swiglu(float* out, const float* x, const W* w, int in, in
     const int o = warp_feature();
     if (o >= inter) return;
     const W* const rows[2] = {w + (size_t)o * in, w + (size_t)(inter + o) * in};
+    prefetch_rows_then_wait<2>(rows, in);
     float acc[2][MAX_TOKENS] = {};
     dot_rows<2>(rows, x, in, tokens, acc);
     #pragma unroll
@@ -195,6 +212,7 @@ __device__ void matvec_qkv_rope(float* out, const float* x, const W* w, const fl
     const int head = pair / half, i = pair % half;
     const int lo = head * head_dim + i, hi = lo + half;
     const W* const rows[2] = {w + (size_t)lo * in, w + (size_t)hi * in};
+    prefetch_rows_then_wait<2>(rows, in);
     float acc[2][MAX_TOKENS] = {};
     dot_rows<2>(rows, x, in, tokens, acc);
     const int outs = all_heads * head_dim, kv_width = kv_heads * head_dim;

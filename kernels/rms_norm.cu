@@ -12,6 +12,7 @@ __device__ void normalize_row(float* out, const float* x, const float* weight, i
 
 extern "C" __global__ void rms_norm_f32(
     float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ weight, int cols, float eps) {
+    begin_after_previous_kernels();
     const size_t row = (size_t)blockIdx.x * cols;
     normalize_row(out + row, x + row, weight, cols, eps);
 }
@@ -19,6 +20,7 @@ extern "C" __global__ void rms_norm_f32(
 extern "C" __global__ void add_rms_norm_f32(
     float* __restrict__ out, float* __restrict__ residual, const float* __restrict__ x,
     const float* __restrict__ weight, int cols, float eps) {
+    begin_after_previous_kernels();
     const size_t row = (size_t)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) residual[row + i] += x[row + i];
     __syncthreads();
@@ -31,6 +33,7 @@ extern "C" __global__ void add_rms_norm_f32(
 extern "C" __global__ void add_rms_norm_rows_f32(
     float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ add,
     const unsigned int* __restrict__ rows, const float* __restrict__ weight, int cols, float eps) {
+    begin_after_previous_kernels();
     float* row = out + (size_t)blockIdx.x * cols;
     const size_t from = (size_t)rows[blockIdx.x] * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] = x[from + i] + (add ? add[from + i] : 0.0f);

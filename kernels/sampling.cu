@@ -194,6 +194,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
                                       int previous_rows, float* __restrict__ logits,
                                       const RowParams* __restrict__ params,
                                       const Adjustment* __restrict__ adjustments, int vocab) {
+    begin_after_previous_kernels();
     const RowParams p = params[blockIdx.x];
     float* row = logits + (size_t)blockIdx.x * vocab;
     for (unsigned int j = p.adjust_begin + threadIdx.x; j < p.adjust_end; j += blockDim.x) {

@@ -94,8 +94,10 @@ fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -
             (ids, seen.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>(), looks_ahead)
         };
         let (eager, eager_steps, _) = run(false);
+        let before = cuda::recorded_graphs();
         let (graphed, graphed_steps, looks_ahead) = run(true);
         assert_eq!(graphed, eager, "{:?}: graphed tokens", request.sampling);
+        assert_kernels_follow_programmatically(before, replays == 1);
         let decode_steps = request.max_tokens as u64 - 1;
         if replays > 1 {
             // A split's ranks launch on their own threads as their jobs
@@ -134,6 +136,33 @@ fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -
     }
 }
 
+/// The graphs recorded since `before` hold no allocation or free (their
+/// activations are ranges of the arena). `all`: each kernel after a
+/// graph's first follows a kernel, programmatically (no NCCL or cuBLAS
+/// kernel, launched as usual, is among them, nor the memset of a buffer
+/// NCCL gathers into); else some kernels do.
+fn assert_kernels_follow_programmatically(before: cuda::GraphCensus, all: bool) {
+    let now = cuda::recorded_graphs();
+    let (graphs, kernels, memory) = (now.graphs - before.graphs, now.kernels - before.kernels, now.memory - before.memory);
+    let (kernel_edges, edges) = (
+        now.kernel_edges - before.kernel_edges,
+        now.programmatic_edges - before.programmatic_edges,
+    );
+    assert!(graphs >= 1 && kernels > graphs, "{graphs} graphs of {kernels} kernels");
+    assert_eq!(memory, 0, "allocations and frees in the graphs");
+    match all {
+        true => {
+            assert_eq!(
+                kernel_edges,
+                kernels - graphs,
+                "kernel-to-kernel edges in {graphs} graphs of {kernels} kernels"
+            );
+            assert_eq!(edges, kernel_edges, "programmatic edges");
+        }
+        false => assert!(edges > 0 && edges < kernel_edges, "{edges} of {kernel_edges} edges programmatic"),
+    }
+}
+
 #[test]
 fn a_graphed_decode_step_is_one_launch_and_picks_the_eager_tokens() {
     let Some(_one) = gpu_test() else { return };
@@ -149,8 +178,12 @@ fn thirty_greedy_answers_through_graphs_of_every_bucket_are_exact() {
     // Each decode step replays with the tokens of the step before still on the device.
     let executor = Recording::new(Box::new(executor));
     let handed = executor.handed.clone();
+    let before = cuda::recorded_graphs();
     let handle = spawn(Box::new(executor), loaded.tokenizer, 512, 64);
     assert_all_cases_exact(&handle);
+    // Buckets past 8 rows multiply through cuBLAS, whose kernels are
+    // launched as usual.
+    assert_kernels_follow_programmatically(before, false);
     let handed = handed.lock().unwrap();
     let (ahead, steps) = (handed.ahead(), handed.batches.len());
     assert!(2 * ahead > steps && handed.most_in_flight == 2, "{ahead} of {steps} steps ahead");

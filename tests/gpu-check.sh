@@ -135,22 +135,27 @@ suite() {
 
 for suite in $FIRST_SUITES; do suite "$suite"; done
 
-# Batch-1 prefill and decode on both shapes, next to transformers.
+# Batch-1 prefill and decode on both shapes, next to transformers, and
+# decode again with kernels launched one after another (no programmatic
+# dependent launch), for what it gains.
 for model in qwen2.5-0.5b qwen2.5-7b; do
     config=configs/models/$model.json
     limited 90 "bench $model" "$BIN/shardline" bench --device cuda --model "$config" --load-format dummy --prompt-len 128 \
         --decode-tokens 64 --repeats 3 --json >"$LOGS/bench-$model.json" 2>"$LOGS/bench-$model.log"
     (($? == 99)) && continue
+    limited 60 "bench $model without PDL" env SHARDLINE_NO_PDL=1 "$BIN/shardline" bench --device cuda --model "$config" \
+        --load-format dummy --prompt-len 128 --decode-tokens 64 --repeats 2 --json >"$LOGS/bench-$model-no-pdl.json" \
+        2>"$LOGS/bench-$model-no-pdl.log"
     limited 90 "HF peer $model" python3 benches/hf_gpu_peer.py --config "$config" --prompt-len 128 --decode-tokens 64 --repeats 3 \
         >"$LOGS/peer-$model.json" 2>"$LOGS/peer-$model.log" || tail -n 20 "$LOGS/peer-$model.log"
-    add_rows < <(python3 - "$LOGS/bench-$model.json" "$LOGS/peer-$model.json" "$model" <<'EOF'
+    add_rows < <(python3 - "$LOGS/bench-$model.json" "$LOGS/peer-$model.json" "$model" "$LOGS/bench-$model-no-pdl.json" <<'EOF'
 import json, sys
 def load(path):
     try:
         return json.load(open(path))
     except Exception:
         return {}
-ours, peer, model = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
+ours, peer, model, serial = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3], load(sys.argv[4])
 if not ours:
     print(f"{'bench ' + model:<34} FAILED or out of time (see bench-{model}.log)")
     sys.exit()
@@ -164,6 +169,13 @@ if ours.get("host_us_per_decode_step") is not None:
 if peer:
     line += (f"; HF decode {peer['decode_tokens_per_s']:.1f} ({ours['decode_tokens_per_s'] / peer['decode_tokens_per_s']:.2f}x), "
              f"prefill {peer['prefill_tokens_per_s']:.0f} ({ours['prefill_tokens_per_s'] / peer['prefill_tokens_per_s']:.2f}x)")
+graphs = ours.get("decode_graphs")
+if graphs:
+    line += (f"; graphs: {graphs['programmatic_edges']} of {graphs['kernel_to_kernel_edges']} kernel edges programmatic, "
+             f"{graphs['memory_nodes']} alloc/free nodes")
+if serial:
+    line += (f"; without PDL {serial['decode_tokens_per_s']:.1f} tok/s "
+             f"(PDL {ours['decode_tokens_per_s'] / serial['decode_tokens_per_s']:.2f}x)")
 print(line)
 EOF
 )

@@ -36,6 +36,13 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             for entry in kernel.entry_points {
                 assert!(text.contains(&format!(".entry {entry}(")), "{arch}: {} lacks {entry}", kernel.file);
             }
+            // Every kernel waits for the one before (programmatic dependent
+            // launch) where the instruction exists, from Hopper on.
+            let waits = text.matches("griddepcontrol.wait").count();
+            match arch {
+                "compute_90" => assert!(waits >= kernel.entry_points.len(), "{arch}: {} waits {waits} times", kernel.file),
+                _ => assert_eq!(waits, 0, "{arch}: {} has griddepcontrol", kernel.file),
+            }
             // Attention multiplies on the tensor cores, fed by asynchronous copies.
             if kernel.file == "attention.cu" {
                 for instruction in [

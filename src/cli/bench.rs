@@ -144,6 +144,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let (prefill, decode) = (median(prefill), median(decode));
     let limit = bandwidth / weight_bytes as f64;
+    // The decode graphs (their first recording fills the arena, the second keeps).
+    let graphs = Some(cuda::recorded_graphs()).filter(|g| device == Device::Cuda && g.graphs > 0);
     let layout = args.parallel.layout();
     let report = json!({
         "model": name,
@@ -162,6 +164,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "decode_fraction_of_limit": decode / limit,
         "kernel_launches_per_decode_step": gpu_work.map(|w| w.launches),
         "host_us_per_decode_step": gpu_work.filter(|_| one_rank).map(|w| w.host_us),
+        "decode_graphs": graphs.map(|g| json!({
+            "recorded": g.graphs,
+            "kernel_nodes": g.kernels,
+            "memory_nodes": g.memory,
+            "kernel_to_kernel_edges": g.kernel_edges,
+            "programmatic_edges": g.programmatic_edges,
+        })),
     });
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -186,6 +195,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             false => String::new(),
         };
         println!("per decode step    {:.0} kernels queued{host}", w.launches);
+    }
+    if let Some(g) = graphs {
+        println!(
+            "decode graphs      {} recorded: {} kernel nodes, {} allocation or free nodes; {} of {} kernel-to-kernel edges programmatic",
+            g.graphs, g.kernels, g.memory, g.programmatic_edges, g.kernel_edges
+        );
     }
     Ok(())
 }

@@ -14,7 +14,9 @@
 //
 // Settings: SHARDLINE_EMU_GPUS (default 1), SHARDLINE_EMU_GPU_MEMORY (bytes
 // per GPU, default 16 GiB), SHARDLINE_EMU_THREADS (CPU threads per launch).
+#include <algorithm>
 #include <cstring>
+#include <functional>
 
 #include "driver.h"
 
@@ -215,15 +217,65 @@ EMU_EXPORT CUresult cuFuncGetAttribute(int* value, CUfunction_attribute attribut
     return CUDA_SUCCESS;
 }
 
-EMU_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz,
-                                   unsigned int shared, CUstream stream, void** params, void** extra) {
+namespace {
+
+// Device memory a kernel changed, as it was before: `before` holds the
+// bytes from `at` of the allocation at `base` of `bytes`.
+struct Written {
+    CUdeviceptr base;
+    size_t bytes;
+    CUdeviceptr at;
+    std::vector<char> before;
+};
+
+// How far past an output argument a kernel's writes are kept: enough for
+// the activations a test's model passes on, not a whole KV cache or arena.
+constexpr size_t kWindow = 256 << 10;
+
+// What the last kernel this thread ran changed, for a programmatic launch
+// after it to undo while its block 0 reads ahead of its wait.
+std::vector<Written>& previous_writes() {
+    static thread_local std::vector<Written> writes;
+    return writes;
+}
+
+// The memory from each output argument of the kernel (up to kWindow
+// bytes of its allocation), as it is now.
+std::vector<Written> snapshot_outputs(const emu::Kernel& kernel, const std::vector<void*>& args) {
+    std::vector<Written> outputs;
+    for (size_t i = 0; i < args.size(); ++i) {
+        if (!kernel.param_is_output[i]) continue;
+        CUdeviceptr p, base;
+        size_t bytes;
+        memcpy(&p, args[i], sizeof p);
+        if (p == 0 || !memory().extent(p, &base, &bytes)) continue;
+        if (std::any_of(outputs.begin(), outputs.end(), [&](const Written& w) { return w.at == p; })) continue;
+        const char* at = reinterpret_cast<const char*>(p);
+        outputs.push_back(Written{base, bytes, p, std::vector<char>(at, at + std::min<size_t>(kWindow, base + bytes - p))});
+    }
+    return outputs;
+}
+
+// Exchanges the memory of each window still live with its saved bytes;
+// windows may overlap, so the exchange back runs in reverse.
+template <typename It>
+void swap_with_memory(It first, It last) {
+    for (; first != last; ++first) {
+        if (!memory().is_live(first->base, first->bytes)) continue;
+        std::swap_ranges(first->before.begin(), first->before.end(), reinterpret_cast<char*>(first->at));
+    }
+}
+
+CUresult launch(CUfunction f, emu::Dim3 grid, emu::Dim3 block, unsigned int shared, CUstream stream, void** params, void** extra,
+                bool programmatic) {
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return CUDA_ERROR_NOT_SUPPORTED;
     const emu::Kernel& kernel = *f->kernel;
-    const unsigned long long threads = (unsigned long long)bx * by * bz;
-    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || threads == 0 || threads > 1024 || bz > 64) {
-        report(std::string(kernel.name) + ": launch of grid (" + std::to_string(gx) + ", " + std::to_string(gy) + ", " + std::to_string(gz) +
-               ") x block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) + ")");
+    const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || threads == 0 || threads > 1024 || block.z > 64) {
+        report(std::string(kernel.name) + ": launch of grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+               std::to_string(grid.z) + ") x block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+               std::to_string(block.z) + ")");
         return CUDA_ERROR_INVALID_VALUE;
     }
     if ((int)shared > f->max_dynamic_shared) {
@@ -239,8 +291,7 @@ EMU_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int g
         const char* p = static_cast<const char*>(params[i]);
         values.emplace_back(p, p + kernel.param_sizes[i]);
     }
-    const emu::Dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    return (CUresult)emu::submit(stream, [&kernel, values, grid, block, shared, device]() mutable {
+    return (CUresult)emu::submit(stream, [&kernel, values, grid, block, shared, device, programmatic]() mutable {
         std::vector<void*> args;
         for (size_t i = 0; i < values.size(); ++i) {
             args.push_back(values[i].data());
@@ -253,11 +304,39 @@ EMU_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int g
                 return (int)CUDA_ERROR_ILLEGAL_ADDRESS;
             }
         }
-        const std::string failure = emu::run_kernel(kernel, grid, block, shared, args.data());
+        std::vector<Written> outputs = snapshot_outputs(kernel, args);
+        std::vector<Written>& previous = previous_writes();
+        const bool undo = programmatic && !previous.empty();
+        if (undo) swap_with_memory(previous.begin(), previous.end());
+        const std::function<void()> redo = [&previous] { swap_with_memory(previous.rbegin(), previous.rend()); };
+        const std::string failure = emu::run_kernel(kernel, grid, block, shared, args.data(), programmatic, undo ? &redo : nullptr);
+        // What this kernel changed, for the next one.
+        previous.clear();
+        for (Written& w : outputs)
+            if (memcmp(w.before.data(), reinterpret_cast<const void*>(w.at), w.before.size()) != 0) previous.push_back(std::move(w));
         if (failure.empty()) return (int)CUDA_SUCCESS;
         report(failure);
         return (int)CUDA_ERROR_LAUNCH_FAILED;
-    });
+    }, emu::NodeKind::Kernel, programmatic);
+}
+
+}  // namespace
+
+EMU_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by, unsigned int bz,
+                                   unsigned int shared, CUstream stream, void** params, void** extra) {
+    return launch(f, emu::Dim3{gx, gy, gz}, emu::Dim3{bx, by, bz}, shared, stream, params, extra, false);
+}
+
+// Of the launch attributes, only programmatic stream serialization.
+EMU_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig* config, CUfunction f, void** params, void** extra) {
+    if (!config || (config->numAttrs > 0 && !config->attrs)) return CUDA_ERROR_INVALID_VALUE;
+    bool programmatic = false;
+    for (unsigned int i = 0; i < config->numAttrs; ++i) {
+        if (config->attrs[i].id != CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) return CUDA_ERROR_NOT_SUPPORTED;
+        programmatic = config->attrs[i].value.programmaticStreamSerializationAllowed != 0;
+    }
+    return launch(f, emu::Dim3{config->gridDimX, config->gridDimY, config->gridDimZ}, emu::Dim3{config->blockDimX, config->blockDimY, config->blockDimZ},
+                  config->sharedMemBytes, config->hStream, params, extra, programmatic);
 }
 
 EMU_EXPORT CUresult cuEventCreate(CUevent* event, unsigned int) {
@@ -271,7 +350,7 @@ EMU_EXPORT CUresult cuEventRecord(CUevent event, CUstream stream) {
     return (CUresult)emu::submit(stream, [event] {
         event->at = std::chrono::steady_clock::now();
         return (int)CUDA_SUCCESS;
-    });
+    }, emu::NodeKind::EventRecord);
 }
 
 EMU_EXPORT CUresult cuEventSynchronize(CUevent event) { return event ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }

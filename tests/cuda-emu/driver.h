@@ -60,6 +60,10 @@ struct Memory {
     // The allocation holding [ptr, ptr + bytes); a pointer one past the end
     // counts when `bytes` is 0 (an empty view that is never read).
     bool find(CUdeviceptr ptr, size_t bytes, Allocation* found);
+    // The start and size of the live allocation holding ptr.
+    bool extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes);
+    // Whether an allocation of exactly `bytes` starts at base.
+    bool is_live(CUdeviceptr base, size_t bytes);
 };
 
 Memory& memory();
@@ -80,8 +84,15 @@ struct CUctx_st {
     int retained;
 };
 
+struct CUgraphNode_st {
+    emu::NodeKind kind;
+    bool programmatic;
+};
+
 struct CUgraph_st {
     std::vector<emu::Operation> nodes;
+    // What each node is, in order: a capture from one stream is a chain.
+    std::vector<std::unique_ptr<CUgraphNode_st>> kinds;
     std::shared_ptr<emu::driver::GraphMemory> memory = std::make_shared<emu::driver::GraphMemory>();
 };
 

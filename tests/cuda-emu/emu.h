@@ -87,6 +87,12 @@ bool is_kernel_memory(const void* p, size_t bytes);
 void pipeline_copy(void* shared, const void* global, size_t bytes);
 void pipeline_commit();
 void pipeline_wait(size_t prior);
+// Whether p lies in the block's dynamic shared memory.
+bool is_shared_memory(const void* p);
+// griddepcontrol.wait: where block 0 of a programmatic launch waits until
+// every one of its threads has arrived or exited, and the previous
+// kernel's writes come back.
+void wait_for_previous_kernels();
 }  // namespace emu
 
 #define __global__
@@ -225,6 +231,16 @@ template <typename T>
 inline T __ldcs(const T* p) { return *p; }
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
+
+// Programmatic dependent launch (kernels/common.cuh). Block 0 of a kernel
+// launched programmatically runs first, with the writes of the kernel
+// before it undone until its threads wait: a read of them before the wait
+// sees what was there before, and a write before it is lost.
+inline void start_next_kernel() {}
+inline void wait_for_previous_kernels() { emu::wait_for_previous_kernels(); }
+inline void prefetch_l2(const void* p) {
+    if (!emu::is_kernel_memory(p, 1) || emu::is_shared_memory(p)) emu::fail_launch("a prefetch of memory outside every device allocation");
+}
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

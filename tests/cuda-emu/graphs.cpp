@@ -4,14 +4,17 @@
 // memory a capture allocates belongs to the graph (its addresses stay put
 // for every launch); a graph whose allocations are not all freed again may
 // not be relaunched, as CUDA refuses it.
+#include <algorithm>
+
 #include "driver.h"
 
 using namespace emu::driver;
 
-int emu::submit(void* s, Operation op) {
+int emu::submit(void* s, Operation op, NodeKind kind, bool programmatic) {
     auto* stream = static_cast<CUstream>(s);
     if (stream && stream->capture) {
         stream->capture->nodes.push_back(std::move(op));
+        stream->capture->kinds.push_back(std::make_unique<CUgraphNode_st>(CUgraphNode_st{kind, programmatic}));
         return CUDA_SUCCESS;
     }
     return op();
@@ -74,6 +77,55 @@ EMU_EXPORT CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? CU
 EMU_EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
     if (!exec) return CUDA_ERROR_INVALID_HANDLE;
     delete exec;
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuGraphGetNodes(CUgraph graph, CUgraphNode* nodes, size_t* count) {
+    if (!graph || !count) return CUDA_ERROR_INVALID_VALUE;
+    if (nodes) {
+        *count = std::min(*count, graph->kinds.size());
+        for (size_t i = 0; i < *count; ++i) nodes[i] = graph->kinds[i].get();
+    } else {
+        *count = graph->kinds.size();
+    }
+    return CUDA_SUCCESS;
+}
+
+EMU_EXPORT CUresult cuGraphNodeGetType(CUgraphNode node, CUgraphNodeType* type) {
+    if (!node || !type) return CUDA_ERROR_INVALID_VALUE;
+    switch (node->kind) {
+        case emu::NodeKind::Kernel: *type = CU_GRAPH_NODE_TYPE_KERNEL; break;
+        case emu::NodeKind::Memcpy: *type = CU_GRAPH_NODE_TYPE_MEMCPY; break;
+        case emu::NodeKind::Memset: *type = CU_GRAPH_NODE_TYPE_MEMSET; break;
+        case emu::NodeKind::MemAlloc: *type = CU_GRAPH_NODE_TYPE_MEM_ALLOC; break;
+        case emu::NodeKind::MemFree: *type = CU_GRAPH_NODE_TYPE_MEM_FREE; break;
+        case emu::NodeKind::EventRecord: *type = CU_GRAPH_NODE_TYPE_EVENT_RECORD; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+// The chain's edges, each node to the next; programmatic from kernel to a
+// programmatic kernel, as stream capture makes them.
+EMU_EXPORT CUresult cuGraphGetEdges_v2(CUgraph graph, CUgraphNode* from, CUgraphNode* to, CUgraphEdgeData* data, size_t* count) {
+    if (!graph || !count) return CUDA_ERROR_INVALID_VALUE;
+    const size_t edges = graph->kinds.empty() ? 0 : graph->kinds.size() - 1;
+    if (!from && !to) {
+        *count = edges;
+        return CUDA_SUCCESS;
+    }
+    *count = std::min(*count, edges);
+    for (size_t i = 0; i < *count; ++i) {
+        const CUgraphNode_st* before = graph->kinds[i].get();
+        CUgraphNode_st* after = graph->kinds[i + 1].get();
+        if (from) from[i] = graph->kinds[i].get();
+        if (to) to[i] = after;
+        if (!data) continue;
+        data[i] = CUgraphEdgeData{};
+        if (after->programmatic && before->kind == emu::NodeKind::Kernel) {
+            data[i].type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
+            data[i].from_port = CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC;
+        }
+    }
     return CUDA_SUCCESS;
 }
 

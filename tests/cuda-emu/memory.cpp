@@ -45,6 +45,23 @@ bool Memory::find(CUdeviceptr ptr, size_t bytes, Allocation* found) {
     return true;
 }
 
+bool Memory::extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = live.upper_bound(ptr);
+    if (it == live.begin()) return false;
+    --it;
+    if (ptr >= it->first + it->second.bytes) return false;
+    *base = it->first;
+    *bytes = it->second.bytes;
+    return true;
+}
+
+bool Memory::is_live(CUdeviceptr base, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = live.find(base);
+    return it != live.end() && it->second.bytes == bytes;
+}
+
 Memory& memory() {
     static Memory* m = new Memory();
     return *m;
@@ -81,6 +98,7 @@ EMU_EXPORT CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream str
     if (r == CUDA_SUCCESS && graph) {
         graph->allocations.push_back(*ptr);
         graph->unfreed.insert(*ptr);
+        emu::submit(stream, [] { return (int)CUDA_SUCCESS; }, emu::NodeKind::MemAlloc);
     }
     return r;
 }
@@ -93,10 +111,10 @@ EMU_EXPORT CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream stream) {
     if (stream && stream->capture) {
         if (a.graph == stream->capture->memory.get()) {
             a.graph->unfreed.erase(ptr);
-            return CUDA_SUCCESS;
+            return (CUresult)emu::submit(stream, [] { return (int)CUDA_SUCCESS; }, emu::NodeKind::MemFree);
         }
         if (a.graph) return CUDA_ERROR_INVALID_VALUE;
-        return (CUresult)emu::submit(stream, [ptr] { return (int)memory().release(ptr); });
+        return (CUresult)emu::submit(stream, [ptr] { return (int)memory().release(ptr); }, emu::NodeKind::MemFree);
     }
     // Memory a graph made: released for its next launch, kept until it goes.
     if (a.graph) {
@@ -138,7 +156,7 @@ EMU_EXPORT CUresult cuMemcpyDtoDAsync(CUdeviceptr dst, CUdeviceptr src, size_t b
         if (!on_device(dst, bytes) || !on_device(src, bytes)) return (int)CUDA_ERROR_ILLEGAL_ADDRESS;
         memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
         return (int)CUDA_SUCCESS;
-    });
+    }, emu::NodeKind::Memcpy);
 }
 
 EMU_EXPORT CUresult cuMemcpyDtoD(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync(dst, src, bytes, nullptr); }
@@ -149,7 +167,7 @@ EMU_EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t
         if (!on_device(dst, n)) return (int)CUDA_ERROR_ILLEGAL_ADDRESS;
         memset(reinterpret_cast<void*>(dst), value, n);
         return (int)CUDA_SUCCESS;
-    });
+    }, emu::NodeKind::Memset);
 }
 
 EMU_EXPORT CUresult cuMemsetD8(CUdeviceptr dst, unsigned char value, size_t n) { return cuMemsetD8Async(dst, value, n, nullptr); }
@@ -160,7 +178,7 @@ EMU_EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t
         auto* words = reinterpret_cast<unsigned int*>(dst);
         for (size_t i = 0; i < n; ++i) words[i] = value;
         return (int)CUDA_SUCCESS;
-    });
+    }, emu::NodeKind::Memset);
 }
 
 // Page-locked host memory is ordinary memory here: copies run as they are queued.

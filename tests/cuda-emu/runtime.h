@@ -23,6 +23,8 @@ struct Kernel {
     void* fn;
     std::vector<size_t> param_sizes;
     std::vector<bool> param_is_pointer;
+    // Pointers to what the kernel may write (not to const).
+    std::vector<bool> param_is_output;
 };
 
 void register_kernel(Kernel kernel);
@@ -32,8 +34,13 @@ struct Dim3 {
     unsigned int x, y, z;
 };
 
-// Runs every block of a launch; returns what went wrong, or "".
-std::string run_kernel(const Kernel& kernel, Dim3 grid, Dim3 block, size_t shared_bytes, void** params);
+// Runs every block of a launch; returns what went wrong, or "". A
+// programmatic launch must wait for the previous kernels somewhere; with
+// `inputs_ready`, block 0 runs first, alone, and calls it once every one
+// of its threads waits or has exited (the previous kernel's writes are
+// undone until then).
+std::string run_kernel(const Kernel& kernel, Dim3 grid, Dim3 block, size_t shared_bytes, void** params, bool programmatic,
+                       const std::function<void()>* inputs_ready);
 
 // body(i) for i in [0, n), spread over the emulator's threads.
 void parallel_for(size_t n, const std::function<void(size_t)>& body);
@@ -41,8 +48,12 @@ void parallel_for(size_t n, const std::function<void(size_t)>& body);
 // The work of one stream operation: run now, or recorded in the graph the
 // stream is capturing and run at each launch of it. Returns a CUresult.
 using Operation = std::function<int()>;
+// What a capture records an operation as (a CUgraphNodeType).
+enum class NodeKind { Kernel, Memcpy, Memset, MemAlloc, MemFree, EventRecord };
 // Queues `op` on `stream` (a CUstream): runs it unless the stream captures.
-int submit(void* stream, Operation op);
+// A programmatic kernel's node follows the node before it by a
+// programmatic edge where that one is a kernel too.
+int submit(void* stream, Operation op, NodeKind kind = NodeKind::Kernel, bool programmatic = false);
 // The device (ordinal) of the calling thread's current context, or -1.
 int current_device();
 // Whether [ptr, ptr + bytes) lies in one live device allocation.
@@ -61,7 +72,8 @@ void call_with(void* fn, void** params) {
 template <class... A>
 struct Registration {
     Registration(const char* name, void (*f)(A...)) {
-        register_kernel(Kernel{name, &call_with<A...>, reinterpret_cast<void*>(f), {sizeof(A)...}, {std::is_pointer<A>::value...}});
+        register_kernel(Kernel{name, &call_with<A...>, reinterpret_cast<void*>(f), {sizeof(A)...}, {std::is_pointer<A>::value...},
+                               {(std::is_pointer<A>::value && !std::is_const<std::remove_pointer_t<A>>::value)...}});
     }
 };
 

@@ -77,7 +77,7 @@ constexpr size_t kSharedAlign = 128;
 constexpr size_t kSharedGuard = 1024;
 constexpr char kGuardByte = (char)0xa5;
 
-enum class State : uint8_t { Runnable, AtBarrier, AtWarp, Done };
+enum class State : uint8_t { Runnable, AtBarrier, AtWarp, AtGridWait, Done };
 
 struct Fiber {
     void* sp;
@@ -142,9 +142,16 @@ class Scheduler {
 
     ~Scheduler() { munmap(mapping_, mapped_); }
 
-    std::string run_block(const Kernel& kernel, void** params, uint3 block, Dim3 block_dim, Dim3 grid_dim, size_t shared_bytes) {
+    // With `inputs_ready`, threads that wait for the previous kernels stop
+    // until every thread of the block has waited or exited; then it is
+    // called, and they go on.
+    std::string run_block(const Kernel& kernel, void** params, uint3 block, Dim3 block_dim, Dim3 grid_dim, size_t shared_bytes,
+                          const std::function<void()>* inputs_ready = nullptr) {
         const size_t n = (size_t)block_dim.x * block_dim.y * block_dim.z;
         kernel_ = &kernel;
+        inputs_ready_ = inputs_ready;
+        waited_ = false;
+        at_grid_wait_ = 0;
         params_ = params;
         failure_.clear();
         block_ = block;
@@ -187,6 +194,15 @@ class Scheduler {
         // when none can run: all have finished, one failed, or a deadlock.
         running_ = &fibers_[0];
         emu_switch(&home_, running_->sp);
+        while (failure_.empty() && at_grid_wait_ > 0) {
+            make_inputs_ready();
+            for (size_t i = 0; i < n; ++i)
+                if (fibers_[i].state == State::AtGridWait) wake(fibers_[i]);
+            at_grid_wait_ = 0;
+            running_ = &*std::find_if(fibers_.begin(), fibers_.begin() + n, [](const Fiber& f) { return f.state == State::Runnable; });
+            emu_switch(&home_, running_->sp);
+        }
+        make_inputs_ready();
         if (failure_.empty() && live_ > 0) failure_ = describe_deadlock();
         if (failure_.empty() && !guard_intact())
             failure_ = std::string(kernel.name) + ": wrote past the " + std::to_string(shared_bytes) + " bytes of dynamic shared memory it was launched with";
@@ -197,6 +213,15 @@ class Scheduler {
         if (++at_barrier_ == live_) return release_barrier();
         block_on(State::AtBarrier);
     }
+
+    void wait_for_previous_kernels() {
+        waited_ = true;
+        if (!inputs_ready_) return;
+        ++at_grid_wait_;
+        block_on(State::AtGridWait);
+    }
+
+    bool waited() const { return waited_; }
 
     // Waits for the lanes of `mask`; returns the slot array of the exchange
     // and, in `arrived_mask`, the lanes that took part.
@@ -258,6 +283,12 @@ class Scheduler {
 
   private:
     Pipeline& my_pipeline() { return pipelines_[running_ - fibers_.data()]; }
+
+    void make_inputs_ready() {
+        if (!inputs_ready_) return;
+        (*inputs_ready_)();
+        inputs_ready_ = nullptr;
+    }
 
     bool guard_intact() const {
         const char* guard = shared_base_ + shared_bytes_;
@@ -340,6 +371,9 @@ class Scheduler {
     size_t live_ = 0;
     size_t runnable_ = 0;
     size_t at_barrier_ = 0;
+    size_t at_grid_wait_ = 0;
+    const std::function<void()>* inputs_ready_ = nullptr;
+    bool waited_ = false;
     std::string failure_;
 };
 
@@ -460,6 +494,10 @@ void pipeline_copy(void* shared, const void* global, size_t bytes) { my_schedule
 void pipeline_commit() { my_scheduler().pipeline_commit(); }
 void pipeline_wait(size_t prior) { my_scheduler().pipeline_wait(prior); }
 
+bool is_shared_memory(const void* p) { return my_scheduler().in_shared(p, 1); }
+
+void wait_for_previous_kernels() { my_scheduler().wait_for_previous_kernels(); }
+
 void register_kernel(Kernel kernel) { registry()[kernel.name] = std::move(kernel); }
 
 const Kernel* find_kernel(const std::string& name) {
@@ -467,18 +505,27 @@ const Kernel* find_kernel(const std::string& name) {
     return it == registry().end() ? nullptr : &it->second;
 }
 
-std::string run_kernel(const Kernel& kernel, Dim3 grid, Dim3 block, size_t shared_bytes, void** params) {
+std::string run_kernel(const Kernel& kernel, Dim3 grid, Dim3 block, size_t shared_bytes, void** params, bool programmatic,
+                       const std::function<void()>* inputs_ready) {
     std::mutex mutex;
     std::string failure;
+    std::atomic<bool> waited{false};
     const size_t blocks = (size_t)grid.x * grid.y * grid.z;
-    pool().run(blocks, [&](size_t b) {
+    auto run = [&](size_t b, const std::function<void()>* ready) {
         const uint3 index{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
-        std::string why = thread_scheduler().run_block(kernel, params, index, block, grid, shared_bytes);
+        Scheduler& scheduler = thread_scheduler();
+        std::string why = scheduler.run_block(kernel, params, index, block, grid, shared_bytes, ready);
+        if (scheduler.waited()) waited = true;
         if (!why.empty()) {
             std::lock_guard<std::mutex> lock(mutex);
             if (failure.empty()) failure = std::move(why);
         }
-    });
+    };
+    const size_t first = inputs_ready ? 1 : 0;
+    if (inputs_ready) run(0, inputs_ready);
+    pool().run(blocks - first, [&](size_t b) { run(b + first, nullptr); });
+    if (failure.empty() && programmatic && !waited)
+        failure = std::string(kernel.name) + ": launched programmatically, but no thread waits for the previous kernels";
     return failure;
 }
 

@@ -10,7 +10,7 @@ use super::ops::check;
 use super::{driver_error, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 use std::collections::HashMap;
 
 /// `KEY_TILE`, `STAGES`, `WARP_ROWS` and `MAX_WARPS` of the kernel.
@@ -114,12 +114,12 @@ impl CudaBackend {
                 self.arrivals.len()
             )
         })?;
-        let mut partial = self.alloc_for_kernel::<f32>(state, "attention splits")?;
+        let mut partial = self.scratch::<f32>(state, "attention splits")?;
         let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
-        let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data).arg(&mut partial).arg(&self.arrivals);
+        let mut args = self.kernel_args(name);
+        args.out(&mut out.data).out(&mut partial).arg(&self.arrivals);
         args.arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);
         args.arg(&tokens)

@@ -4,10 +4,11 @@
 //! and the KV-cache write in it (qkv). Eight warps a block; the callers
 //! (`ops.rs`) check the shapes.
 
+use super::launch::KernelArgs;
 use super::ops::{int, NULL};
 use super::{grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight};
 use crate::backend::{AttentionSpec, Result};
-use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 /// Batches up to this many tokens multiply through the mat-vec kernels
 /// (`MAX_TOKENS` in `kernels/linear.cu`); larger ones through cuBLAS.
@@ -32,8 +33,8 @@ impl CudaBackend {
         let inter = gate_up.rows / 2;
         let (inner, inter_i, tokens) = (int(x.cols), int(inter), int(x.rows));
         let name = gate_up.data.kernel("matvec_swiglu_bf16", "matvec_swiglu_f32");
-        let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data).arg(&x.data);
+        let mut args = self.kernel_args(name);
+        args.out(&mut out.data).arg(&x.data);
         gate_up.data.push_arg(&mut args);
         args.arg(&inner).arg(&inter_i).arg(&tokens);
         self.launch(name, args, grid(inter.div_ceil(8), 256, 0))
@@ -59,7 +60,7 @@ impl CudaBackend {
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
         let name = w.data.kernel("matvec_qkv_rope_bf16", "matvec_qkv_rope_f32");
         let mut args = self.matvec_args(name, out, x, w, bias);
-        args.arg(&mut cache.k).arg(&mut cache.v).arg(&positions).arg(&slots).arg(cos_sin);
+        args.out(&mut cache.k).out(&mut cache.v).arg(&positions).arg(&slots).arg(cos_sin);
         args.arg(&inner).arg(&heads).arg(&kv_heads).arg(&head_dim).arg(&tokens);
         self.launch(name, args, grid((w.rows / 2).div_ceil(8), 256, 0))
     }
@@ -73,9 +74,9 @@ impl CudaBackend {
         x: &'a CudaTensor,
         w: &'a CudaWeight,
         bias: Option<&'a CudaSlice<f32>>,
-    ) -> LaunchArgs<'a> {
-        let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data).arg(&x.data);
+    ) -> KernelArgs<'a> {
+        let mut args = self.kernel_args(name);
+        args.out(&mut out.data).arg(&x.data);
         w.data.push_arg(&mut args);
         match bias {
             Some(b) => args.arg(b),

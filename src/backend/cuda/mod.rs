@@ -10,10 +10,12 @@
 //! mat-vec kernel, which reads each weight once against f32 activations;
 //! larger ones through cuBLAS with the activations rounded to bf16.
 
+mod arena;
 mod attention;
 mod gemm;
 mod graph;
 pub mod kernels;
+mod launch;
 mod matvec;
 pub mod nccl;
 mod ops;
@@ -21,15 +23,15 @@ mod sampling;
 mod step;
 mod timeline;
 
-pub use graph::CudaGraph;
+pub use arena::Scratch;
+pub use graph::{recorded_graphs, CudaGraph, GraphCensus};
 pub use sampling::SampledFetch;
 pub use step::CudaStep;
 pub use timeline::{device_time, time_steps, DeviceTime};
 
 use super::{BackendError, DType, HostStaging, HostTensor, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError, LaunchArgs, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, ValidAsZeroBits,
 };
 use half::bf16;
 use std::borrow::Cow;
@@ -92,7 +94,7 @@ pub fn gpu_count() -> usize {
 
 /// A row-major `[rows, cols]` f32 matrix in device memory.
 pub struct CudaTensor {
-    data: CudaSlice<f32>,
+    data: Scratch<f32>,
     rows: usize,
     cols: usize,
 }
@@ -130,7 +132,7 @@ impl WeightData {
     }
 
     /// Passes the weight as the launch's next argument.
-    fn push_arg<'a>(&'a self, args: &mut LaunchArgs<'a>) {
+    fn push_arg<'a>(&'a self, args: &mut launch::KernelArgs<'a>) {
         match self {
             WeightData::Bf16(v) => args.arg(v),
             WeightData::F32(v) => args.arg(v),
@@ -177,6 +179,10 @@ pub struct CudaBackend {
     /// Zeros, one a block group of a split attention launch: each counts
     /// the group's finished splits, and the last sets it back to zero.
     arrivals: CudaSlice<u32>,
+    /// Launch kernels programmatically (`launch.rs`).
+    programmatic: bool,
+    /// The activations of forwards being recorded (`arena.rs`).
+    arena: arena::Arena,
 }
 
 /// A stream on GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), in a context
@@ -202,7 +208,8 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let stream = open_stream(ordinal)?;
         let ctx = stream.context().clone();
-        let arch = arch_of(ctx.compute_capability().map_err(driver_error("reading the compute capability"))?)?;
+        let capability = ctx.compute_capability().map_err(driver_error("reading the compute capability"))?;
+        let arch = arch_of(capability)?;
         let mut functions = HashMap::new();
         for kernel in kernels::KERNELS {
             let cache = kernels::cache_dir();
@@ -242,6 +249,8 @@ impl CudaBackend {
             timeline: Default::default(),
             previous,
             arrivals,
+            programmatic: launch::programmatic_launches(capability),
+            arena: Default::default(),
         })
     }
 
@@ -267,18 +276,36 @@ impl CudaBackend {
         let bytes = len.max(1) * std::mem::size_of::<T>();
         // SAFETY: every caller's kernel writes all `len` values before any is read.
         let mut slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(alloc_error(what, bytes))?;
-        if self.poison {
-            let (ptr, _written) = slice.device_ptr_mut(&self.stream);
-            // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
-            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
-                .map_err(driver_error("poisoning an output"))?;
-        }
+        self.poison_output(&mut slice)?;
         Ok(slice)
+    }
+
+    /// As [`CudaBackend::alloc_for_kernel`], for a buffer that lives only
+    /// during one forward: while this thread records a graph, a range of
+    /// the arena. (Poisoned, the arena is NaN when made, not each range:
+    /// a memset node between two kernels would part them.)
+    fn scratch<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<Scratch<T>> {
+        match self.recording_arena() {
+            Some(arena) => arena.scratch(&self.stream, len, || self.alloc_for_kernel(len, what)),
+            None => Ok(Scratch::owned(self.alloc_for_kernel(len, what)?)),
+        }
+    }
+
+    /// Fills a buffer a kernel is to write with NaN, where tests ask.
+    fn poison_output<T: DeviceRepr>(&self, slice: &mut CudaSlice<T>) -> Result<()> {
+        if !self.poison {
+            return Ok(());
+        }
+        let bytes = slice.len() * std::mem::size_of::<T>();
+        let (ptr, _written) = slice.device_ptr_mut(&self.stream);
+        // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
+            .map_err(driver_error("poisoning an output"))
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
         Ok(CudaTensor {
-            data: self.alloc_for_kernel(rows * cols, what)?,
+            data: self.scratch(rows * cols, what)?,
             rows,
             cols,
         })
@@ -337,7 +364,7 @@ impl HostStaging for CudaTensor {
         }
         let stream = self.data.stream().clone();
         stream
-            .memcpy_htod(values, &mut self.data)
+            .memcpy_htod(values, &mut *self.data)
             .map_err(driver_error("copying from the host"))
     }
 }

@@ -78,7 +78,7 @@ impl Communicator<CudaTensor> for NcclComm {
 
     fn all_reduce_sum(&self, buf: &mut CudaTensor) -> Result<()> {
         self.comm()?
-            .all_reduce_in_place(&mut buf.data, &ReduceOp::Sum)
+            .all_reduce_in_place(&mut *buf.data, &ReduceOp::Sum)
             .map(|_| ())
             .map_err(nccl_error("all_reduce"))
     }
@@ -93,18 +93,18 @@ impl Communicator<CudaTensor> for NcclComm {
             )));
         }
         self.comm()?
-            .all_gather(&input.data, &mut output.data)
+            .all_gather(&*input.data, &mut *output.data)
             .map(|_| ())
             .map_err(nccl_error("all_gather"))
     }
 
     fn send(&self, buf: &CudaTensor, to: usize) -> Result<()> {
-        self.comm()?.send(&buf.data, to as i32).map_err(nccl_error("send"))
+        self.comm()?.send(&*buf.data, to as i32).map_err(nccl_error("send"))
     }
 
     fn recv(&self, buf: &mut CudaTensor, from: usize) -> Result<()> {
         self.comm()?
-            .recv(&mut buf.data, from as i32)
+            .recv(&mut *buf.data, from as i32)
             .map(|_| ())
             .map_err(nccl_error("recv"))
     }

@@ -4,11 +4,10 @@
 use super::gemm::Operands;
 use super::matvec::MATVEC_MAX_TOKENS;
 use super::{
-    alloc_error, count_launch, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight,
-    SampledFetch, WeightData,
+    alloc_error, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight, SampledFetch,
+    WeightData,
 };
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::ops::Range;
 
@@ -27,20 +26,6 @@ pub(super) static NULL: u64 = 0;
 
 pub(super) fn int(v: usize) -> i32 {
     v as i32
-}
-
-impl CudaBackend {
-    /// Queues `args` on the stream; the error names the kernel.
-    /// A launch of no blocks (an empty tensor) does nothing.
-    pub(super) fn launch(&self, name: &str, mut args: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
-        if config.grid_dim.0 == 0 || config.grid_dim.1 == 0 {
-            return Ok(());
-        }
-        count_launch();
-        // SAFETY: each caller passes the arguments its kernel declares, with
-        // buffers of the sizes the launch shape reads and writes.
-        unsafe { args.launch(config) }.map(|_| ()).map_err(driver_error(name))
-    }
 }
 
 impl Backend for CudaBackend {
@@ -87,8 +72,8 @@ impl Backend for CudaBackend {
         let (hidden, rows) = (int(table.cols), int(table.rows));
         let config = grid(out.rows, ROW_THREADS, 0);
         let name = table.data.kernel("embedding_bf16", "embedding_f32");
-        let mut args = self.stream.launch_builder(self.function(name));
-        args.arg(&mut out.data);
+        let mut args = self.kernel_args(name);
+        args.out(&mut out.data);
         table.data.push_arg(&mut args);
         let (first, end) = (vocab.start, vocab.end);
         args.arg(&ids).arg(&self.previous).arg(&first).arg(&end).arg(&rows).arg(&hidden);
@@ -112,9 +97,9 @@ impl Backend for CudaBackend {
         match &w.data {
             WeightData::Bf16(weights) => {
                 let n = x.rows * x.cols;
-                let mut rounded = self.alloc_for_kernel::<bf16>(n, "bf16 activations")?;
-                let mut args = self.stream.launch_builder(self.function("cast_f32_bf16"));
-                args.arg(&mut rounded).arg(&x.data).arg(&n);
+                let mut rounded = self.scratch::<bf16>(n, "bf16 activations")?;
+                let mut args = self.kernel_args("cast_f32_bf16");
+                args.out(&mut rounded).arg(&x.data).arg(&n);
                 self.launch("cast_f32_bf16", args, elementwise(n))?;
                 let operands = Operands::Bf16 { w: weights, x: &rounded };
                 self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows)?;
@@ -126,8 +111,8 @@ impl Backend for CudaBackend {
         }
         if let Some(b) = bias {
             let (n, cols) = (out.rows * out.cols, int(out.cols));
-            let mut args = self.stream.launch_builder(self.function("add_bias_f32"));
-            args.arg(&mut out.data).arg(b).arg(&cols).arg(&n);
+            let mut args = self.kernel_args("add_bias_f32");
+            args.out(&mut out.data).arg(b).arg(&cols).arg(&n);
             self.launch("add_bias_f32", args, elementwise(n))?;
         }
         Ok(out)
@@ -140,8 +125,8 @@ impl Backend for CudaBackend {
         })?;
         let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
         let cols = int(x.cols);
-        let mut args = self.stream.launch_builder(self.function("rms_norm_f32"));
-        args.arg(&mut out.data).arg(&x.data).arg(w).arg(&cols).arg(&eps);
+        let mut args = self.kernel_args("rms_norm_f32");
+        args.out(&mut out.data).arg(&x.data).arg(w).arg(&cols).arg(&eps);
         self.launch("rms_norm_f32", args, grid(x.rows, ROW_THREADS, 0))?;
         Ok(out)
     }
@@ -160,9 +145,9 @@ impl Backend for CudaBackend {
         })?;
         let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
         let cols = int(x.cols);
-        let mut args = self.stream.launch_builder(self.function("add_rms_norm_f32"));
-        args.arg(&mut out.data)
-            .arg(&mut residual.data)
+        let mut args = self.kernel_args("add_rms_norm_f32");
+        args.out(&mut out.data)
+            .out(&mut residual.data)
             .arg(&x.data)
             .arg(w)
             .arg(&cols)
@@ -174,8 +159,8 @@ impl Backend for CudaBackend {
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         check((x.rows, x.cols) == (y.rows, y.cols), || "add_assign: shapes differ".into())?;
         let n = x.rows * x.cols;
-        let mut args = self.stream.launch_builder(self.function("add_f32"));
-        args.arg(&mut x.data).arg(&y.data).arg(&n);
+        let mut args = self.kernel_args("add_f32");
+        args.out(&mut x.data).arg(&y.data).arg(&n);
         self.launch("add_f32", args, elementwise(n))
     }
 
@@ -197,10 +182,10 @@ impl Backend for CudaBackend {
         })?;
         let (positions, slots) = (step.positions(), step.slots());
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
-        let mut args = self.stream.launch_builder(self.function("rope_write_kv_bf16"));
-        args.arg(&mut qkv.data)
-            .arg(&mut cache.k)
-            .arg(&mut cache.v)
+        let mut args = self.kernel_args("rope_write_kv_bf16");
+        args.out(&mut qkv.data)
+            .out(&mut cache.k)
+            .out(&mut cache.v)
             .arg(&positions)
             .arg(&slots)
             .arg(table)
@@ -270,8 +255,8 @@ impl Backend for CudaBackend {
         }
         let products = self.linear(x, gate_up, None)?;
         let (inter_i, rows) = (int(inter), int(x.rows));
-        let mut args = self.stream.launch_builder(self.function("silu_mul_f32"));
-        args.arg(&mut out.data).arg(&products.data).arg(&inter_i).arg(&rows);
+        let mut args = self.kernel_args("silu_mul_f32");
+        args.out(&mut out.data).arg(&products.data).arg(&inter_i).arg(&rows);
         self.launch("silu_mul_f32", args, elementwise(x.rows * inter))?;
         Ok(out)
     }
@@ -293,8 +278,8 @@ impl Backend for CudaBackend {
         )?;
         let mut out = self.tensor(step.rows(), x.cols, "output rows")?;
         let (rows_dev, cols) = (step.logit_rows(), int(x.cols));
-        let mut args = self.stream.launch_builder(self.function("add_rms_norm_rows_f32"));
-        args.arg(&mut out.data).arg(&x.data);
+        let mut args = self.kernel_args("add_rms_norm_rows_f32");
+        args.out(&mut out.data).arg(&x.data);
         match add {
             Some(a) => args.arg(&a.data),
             None => args.arg(&NULL),
@@ -314,8 +299,8 @@ impl Backend for CudaBackend {
         })?;
         let mut out = self.tensor(rows, vocab, "laid-out logits")?;
         let (rows_i, per_i, vocab_i, n) = (int(rows), int(per), int(vocab), rows * vocab);
-        let mut args = self.stream.launch_builder(self.function("lay_out_vocab_f32"));
-        args.arg(&mut out.data)
+        let mut args = self.kernel_args("lay_out_vocab_f32");
+        args.out(&mut out.data)
             .arg(&all.data)
             .arg(&rows_i)
             .arg(&per_i)
@@ -358,13 +343,10 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor {
-            data: self
-                .stream
-                .alloc_zeros::<f32>((rows * cols).max(1))
-                .map_err(alloc_error("a zero tensor", rows * cols * 4))?,
-            rows,
-            cols,
-        })
+        let mut zeros = self.tensor(rows, cols, "a zero tensor")?;
+        self.stream
+            .memset_zeros(&mut *zeros.data)
+            .map_err(driver_error("zeroing a tensor"))?;
+        Ok(zeros)
     }
 }

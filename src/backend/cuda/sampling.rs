@@ -7,7 +7,7 @@ use super::timeline::StepSpan;
 use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor, PREVIOUS_ROWS};
 use crate::backend::Result;
 use crate::sampling::RowSampling;
-use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
 
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
@@ -57,9 +57,9 @@ impl CudaBackend {
         })?;
         let (rows, vocab, kept) = (step.rows(), logits.cols as i32, PREVIOUS_ROWS as i32);
         let (params, adjustments, out) = step.sampling_args();
-        let mut args = self.stream.launch_builder(self.function("sample_f32"));
+        let mut args = self.kernel_args("sample_f32");
         args.arg(out).arg(&self.previous).arg(&kept);
-        args.arg(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
+        args.out(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
         self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
     }
 
