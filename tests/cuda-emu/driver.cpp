@@ -220,10 +220,11 @@ EMU_EXPORT CUresult cuFuncGetAttribute(int* value, CUfunction_attribute attribut
 namespace {
 
 // Device memory a kernel changed, as it was before: `before` holds the
-// bytes from `at` of the allocation at `base` of `bytes`.
+// bytes from `at` of allocation `serial` at `base` (which another thread
+// may have made anew at that address since).
 struct Written {
     CUdeviceptr base;
-    size_t bytes;
+    uint64_t serial;
     CUdeviceptr at;
     std::vector<char> before;
 };
@@ -247,11 +248,12 @@ std::vector<Written> snapshot_outputs(const emu::Kernel& kernel, const std::vect
         if (!kernel.param_is_output[i]) continue;
         CUdeviceptr p, base;
         size_t bytes;
+        uint64_t serial;
         memcpy(&p, args[i], sizeof p);
-        if (p == 0 || !memory().extent(p, &base, &bytes)) continue;
+        if (p == 0 || !memory().extent(p, &base, &bytes, &serial)) continue;
         if (std::any_of(outputs.begin(), outputs.end(), [&](const Written& w) { return w.at == p; })) continue;
         const char* at = reinterpret_cast<const char*>(p);
-        outputs.push_back(Written{base, bytes, p, std::vector<char>(at, at + std::min<size_t>(kWindow, base + bytes - p))});
+        outputs.push_back(Written{base, serial, p, std::vector<char>(at, at + std::min<size_t>(kWindow, base + bytes - p))});
     }
     return outputs;
 }
@@ -261,7 +263,7 @@ std::vector<Written> snapshot_outputs(const emu::Kernel& kernel, const std::vect
 template <typename It>
 void swap_with_memory(It first, It last) {
     for (; first != last; ++first) {
-        if (!memory().is_live(first->base, first->bytes)) continue;
+        if (!memory().is_live(first->base, first->serial)) continue;
         std::swap_ranges(first->before.begin(), first->before.end(), reinterpret_cast<char*>(first->at));
     }
 }

@@ -37,6 +37,9 @@ struct Allocation {
     int device;
     // The graph whose capture made it (its memory belongs to the graph).
     GraphMemory* graph;
+    // Which allocation this is, of all the process made (an address is
+    // reused once freed).
+    uint64_t serial;
 };
 
 // Allocations made while a stream captured: the graph owns them until it
@@ -60,10 +63,11 @@ struct Memory {
     // The allocation holding [ptr, ptr + bytes); a pointer one past the end
     // counts when `bytes` is 0 (an empty view that is never read).
     bool find(CUdeviceptr ptr, size_t bytes, Allocation* found);
-    // The start and size of the live allocation holding ptr.
-    bool extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes);
-    // Whether an allocation of exactly `bytes` starts at base.
-    bool is_live(CUdeviceptr base, size_t bytes);
+    // The start, size and serial of the live allocation holding ptr.
+    bool extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes, uint64_t* serial);
+    // Whether allocation `serial` is still live at base.
+    bool is_live(CUdeviceptr base, uint64_t serial);
+    uint64_t next_serial = 0;
 };
 
 Memory& memory();

@@ -20,7 +20,7 @@ CUresult Memory::allocate(CUdeviceptr* out, size_t bytes, int device, GraphMemor
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
     memset(p, 0xff, rounded);
     *out = reinterpret_cast<CUdeviceptr>(p);
-    live[*out] = Allocation{bytes, device, graph};
+    live[*out] = Allocation{bytes, device, graph, next_serial++};
     used[device] += bytes;
     return CUDA_SUCCESS;
 }
@@ -45,7 +45,7 @@ bool Memory::find(CUdeviceptr ptr, size_t bytes, Allocation* found) {
     return true;
 }
 
-bool Memory::extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes) {
+bool Memory::extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes, uint64_t* serial) {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = live.upper_bound(ptr);
     if (it == live.begin()) return false;
@@ -53,13 +53,14 @@ bool Memory::extent(CUdeviceptr ptr, CUdeviceptr* base, size_t* bytes) {
     if (ptr >= it->first + it->second.bytes) return false;
     *base = it->first;
     *bytes = it->second.bytes;
+    *serial = it->second.serial;
     return true;
 }
 
-bool Memory::is_live(CUdeviceptr base, size_t bytes) {
+bool Memory::is_live(CUdeviceptr base, uint64_t serial) {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = live.find(base);
-    return it != live.end() && it->second.bytes == bytes;
+    return it != live.end() && it->second.serial == serial;
 }
 
 Memory& memory() {
