@@ -12,28 +12,24 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 /// What recorded graphs hold: kernel nodes, memory nodes (allocations and
-/// frees), other nodes, the edges from one kernel to the next, and how
-/// many of those are programmatic.
+/// frees), the edges from one kernel to the next, and how many of those
+/// are programmatic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphCensus {
     pub graphs: u64,
     pub kernels: u64,
     pub memory: u64,
-    pub other: u64,
     pub kernel_edges: u64,
     pub programmatic_edges: u64,
 }
 
-impl GraphCensus {
-    fn plus(self, o: GraphCensus) -> GraphCensus {
-        GraphCensus {
-            graphs: self.graphs + o.graphs,
-            kernels: self.kernels + o.kernels,
-            memory: self.memory + o.memory,
-            other: self.other + o.other,
-            kernel_edges: self.kernel_edges + o.kernel_edges,
-            programmatic_edges: self.programmatic_edges + o.programmatic_edges,
-        }
+impl std::ops::AddAssign for GraphCensus {
+    fn add_assign(&mut self, o: GraphCensus) {
+        self.graphs += o.graphs;
+        self.kernels += o.kernels;
+        self.memory += o.memory;
+        self.kernel_edges += o.kernel_edges;
+        self.programmatic_edges += o.programmatic_edges;
     }
 }
 
@@ -41,7 +37,6 @@ static RECORDED: Mutex<GraphCensus> = Mutex::new(GraphCensus {
     graphs: 0,
     kernels: 0,
     memory: 0,
-    other: 0,
     kernel_edges: 0,
     programmatic_edges: 0,
 });
@@ -72,15 +67,15 @@ fn census(graph: &cudarc::driver::CudaGraph) -> Result<GraphCensus> {
     for &node in &nodes[..n] {
         let mut kind = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
         unsafe { sys::cuGraphNodeGetType(node, &mut kind) }.result().map_err(&query)?;
-        if kind == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
-            kernels.insert(node);
-        }
         match kind {
-            CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => counted.kernels += 1,
+            CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => {
+                kernels.insert(node);
+            }
             CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC | CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_FREE => counted.memory += 1,
-            _ => counted.other += 1,
+            _ => {}
         }
     }
+    counted.kernels = kernels.len() as u64;
     let mut e = 0usize;
     let (no_nodes, no_data) = (std::ptr::null_mut(), std::ptr::null_mut());
     unsafe { sys::cuGraphGetEdges_v2(g, no_nodes, no_nodes, no_data, &mut e) }
@@ -139,8 +134,7 @@ impl CudaBackend {
             // Counted for the benchmarks; a driver that cannot say does not
             // cost the graph.
             if let Ok(counted) = census(&graph) {
-                let mut recorded = RECORDED.lock().unwrap_or_else(|e| e.into_inner());
-                *recorded = recorded.plus(counted);
+                *RECORDED.lock().unwrap_or_else(|e| e.into_inner()) += counted;
             }
             return Ok(CudaGraph {
                 graph,

@@ -16,24 +16,25 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, L
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-/// More device pointers than any kernel takes.
-const MAX_POINTERS: usize = 16;
-
 /// Whether kernels on a GPU of this compute capability are launched
-/// programmatically: Hopper and later, unless `SHARDLINE_NO_PDL` is set.
-pub(super) fn programmatic_launches((major, _minor): (i32, i32)) -> bool {
-    major >= 9 && std::env::var_os("SHARDLINE_NO_PDL").is_none_or(|v| v.is_empty() || v == "0")
+/// programmatically: Hopper and later, unless `SHARDLINE_NO_PDL` (its
+/// value `no_pdl`) is set to anything but empty or 0.
+pub(super) fn programmatic_launches((major, _minor): (i32, i32), no_pdl: Option<&std::ffi::OsStr>) -> bool {
+    major >= 9 && no_pdl.is_none_or(|v| v.is_empty() || v == "0")
+}
+
+/// One argument as the driver takes it: a device address (held here) or a
+/// pointer to a scalar the caller holds.
+enum Param {
+    Address(sys::CUdeviceptr),
+    Scalar(*const c_void),
 }
 
 /// One launch's arguments, in the order the kernel declares them.
 pub(super) struct KernelArgs<'a> {
     stream: &'a CudaStream,
     function: &'a CudaFunction,
-    /// The device addresses passed, boxed so the pointers to them in
-    /// `params` stay valid as the builder moves.
-    pointers: Box<[u64; MAX_POINTERS]>,
-    used: usize,
-    params: Vec<*mut c_void>,
+    params: Vec<Param>,
     borrows: PhantomData<&'a ()>,
 }
 
@@ -67,7 +68,7 @@ macro_rules! scalar_arg {
     ($($t:ty),*) => {$(
         impl KernelArg for $t {
             fn push_to<'a>(&'a self, args: &mut KernelArgs<'a>) {
-                args.params.push(self as *const $t as *mut c_void);
+                args.params.push(Param::Scalar(self as *const $t as *const c_void));
             }
         }
     )*};
@@ -89,10 +90,7 @@ impl<'a> KernelArgs<'a> {
     }
 
     fn push_pointer(&mut self, address: sys::CUdeviceptr) {
-        assert!(self.used < MAX_POINTERS, "a kernel with more than {MAX_POINTERS} buffer arguments");
-        self.pointers[self.used] = address;
-        self.params.push(&mut self.pointers[self.used] as *mut u64 as *mut c_void);
-        self.used += 1;
+        self.params.push(Param::Address(address));
     }
 }
 
@@ -102,8 +100,6 @@ impl CudaBackend {
         KernelArgs {
             stream: &self.stream,
             function: self.function(name),
-            pointers: Box::new([0; MAX_POINTERS]),
-            used: 0,
             params: Vec::with_capacity(24),
             borrows: PhantomData,
         }
@@ -111,7 +107,7 @@ impl CudaBackend {
 
     /// Queues `args` on the stream; the error names the kernel.
     /// A launch of no blocks (an empty tensor) does nothing.
-    pub(super) fn launch(&self, name: &str, mut args: KernelArgs<'_>, config: LaunchConfig) -> Result<()> {
+    pub(super) fn launch(&self, name: &str, args: KernelArgs<'_>, config: LaunchConfig) -> Result<()> {
         let (x, y, z) = config.grid_dim;
         if x == 0 || y == 0 || z == 0 {
             return Ok(());
@@ -137,13 +133,34 @@ impl CudaBackend {
             attrs: &mut attribute,
             numAttrs: u32::from(self.programmatic),
         };
+        // Pointers to each value, into `args` (addresses) or the caller's
+        // scalars, both alive past the call (the driver copies the values).
+        let mut params: Vec<*mut c_void> = (args.params.iter())
+            .map(|p| match p {
+                Param::Address(address) => address as *const sys::CUdeviceptr as *mut c_void,
+                Param::Scalar(value) => *value as *mut c_void,
+            })
+            .collect();
         self.stream.context().bind_to_thread().map_err(driver_error(name))?;
         // SAFETY: each caller passes the arguments its kernel declares, with
-        // buffers of the sizes the launch shape reads and writes; `params`
-        // points into `args`, which lives past the call (the driver copies
-        // the values at launch).
-        unsafe { sys::cuLaunchKernelEx(&launch, args.function.cu_function(), args.params.as_mut_ptr(), std::ptr::null_mut()) }
+        // buffers of the sizes the launch shape reads and writes.
+        unsafe { sys::cuLaunchKernelEx(&launch, args.function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .map_err(driver_error(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn hopper_launches_programmatically_unless_told_not_to() {
+        assert!(programmatic_launches((9, 0), None));
+        assert!(programmatic_launches((10, 0), Some(OsStr::new("0"))));
+        assert!(programmatic_launches((9, 0), Some(OsStr::new(""))));
+        assert!(!programmatic_launches((9, 0), Some(OsStr::new("1"))));
+        assert!(!programmatic_launches((8, 9), None), "griddepcontrol needs compute capability 9.0");
     }
 }

@@ -249,7 +249,7 @@ impl CudaBackend {
             timeline: Default::default(),
             previous,
             arrivals,
-            programmatic: launch::programmatic_launches(capability),
+            programmatic: launch::programmatic_launches(capability, std::env::var_os("SHARDLINE_NO_PDL").as_deref()),
             arena: Default::default(),
         })
     }
