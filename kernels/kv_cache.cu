@@ -3,11 +3,14 @@
 // layout: for i < head_dim/2, (x[i], x[i+half]) turn by the angle of
 // (position, i); cos_sin[p] holds the cos of the half angles, then their
 // sin), and its rotated k and its v heads written at its slot
-// (block * block_size + offset). One kernel, so q and k are read once.
+// (block * block_size + offset). The projection's bias (null: none) is
+// added first, so a GEMM's output needs no pass of its own for it. One
+// kernel, so q and k are read once.
 // Cache layout per layer: [num_blocks * block_size, kv_heads, head_dim],
 // keys and values apart.
 extern "C" __global__ void rope_write_kv_bf16(
     float* __restrict__ qkv,                  // [tokens, (heads + 2*kv_heads) * head_dim]
+    const float* __restrict__ bias,           // [(heads + 2*kv_heads) * head_dim] or null
     __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
     const unsigned int* __restrict__ positions, const unsigned int* __restrict__ slots,
     const float* __restrict__ cos_sin,        // [max_positions, head_dim]
@@ -24,7 +27,8 @@ extern "C" __global__ void rope_write_kv_bf16(
         const int head = j / half, i = j % half;
         float* x = row + head * head_dim;
         const float c = cs[i], s = cs[half + i];
-        const float a = x[i], b = x[i + half];
+        const int at = head * head_dim + i;
+        const float a = x[i] + (bias ? bias[at] : 0.0f), b = x[i + half] + (bias ? bias[at + half] : 0.0f);
         const float lo = a * c - b * s, hi = b * c + a * s;
         x[i] = lo;
         x[i + half] = hi;
@@ -34,6 +38,11 @@ extern "C" __global__ void rope_write_kv_bf16(
             k[i + half] = __float2bfloat16(hi);
         }
     }
-    const float* v = row + (heads + kv_heads) * head_dim;
-    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) v_cache[slot + i] = __float2bfloat16(v[i]);
+    const int v_at = (heads + kv_heads) * head_dim;
+    float* v = row + v_at;
+    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
+        const float value = v[i] + (bias ? bias[v_at + i] : 0.0f);
+        if (bias) v[i] = value;
+        v_cache[slot + i] = __float2bfloat16(value);
+    }
 }

@@ -3,6 +3,16 @@
 // weight once. One warp per output feature (or pair of features); the
 // partial sums meet by warp shuffles. Activations and sums are f32.
 //
+// The products that open a sublayer (qkv, gate/up) take the residual
+// stream itself and apply the layer's RMSNorm on the way: RMSNorm(x) · w
+// = scale · (x · (w ⊙ g)) for the norm weight g and the row's scale
+// 1/rms(x), so the weights are scaled by g as they are widened and the
+// sums by the scale at the end, which each block works out first from
+// the few rows of x (rms_scales). The products that close one (o_proj,
+// down_proj) may add into their output, the residual stream, in place.
+// Neither the normalized activations nor the sublayer's output then make
+// a round trip through memory, and a layer is two kernels fewer.
+//
 // A warp steps over the input 256 weights at a time, lane j taking the
 // runs of 4 at 4j and at 128 + 4j (8 bytes of bf16 each, 16 of f32), so
 // that the warp's loads of the matching activations each read 512
@@ -58,14 +68,24 @@ __device__ __forceinline__ void widen(const F32x8& w, float* v) {
     v[4] = w.hi.x; v[5] = w.hi.y; v[6] = w.hi.z; v[7] = w.hi.w;
 }
 
-// acc[r][t] += w_r · x[t] over the runs at i and i + HALF_STRIDE (the
-// second only with `hi`) for each of the ROWS rows.
+// acc[r][t] += (w_r ⊙ g) · x[t] over the runs at i and i + HALF_STRIDE
+// (the second only with `hi`) for each of the ROWS rows, where g (an
+// input norm's weight, or null for none) scales the weights' columns.
 template <int ROWS, typename Raw>
-__device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float* x, int in, int i, bool hi, int tokens,
+__device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float* x, const float* g, int in, int i, bool hi, int tokens,
                                             float (&acc)[ROWS][MAX_TOKENS]) {
     float wv[ROWS][8];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) widen(raw[r], wv[r]);
+    if (g) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(g + i));
+        const float4 b = hi ? __ldg(reinterpret_cast<const float4*>(g + i + HALF_STRIDE)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const float gv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) wv[r][j] *= gv[j];
+    }
     #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
@@ -79,10 +99,12 @@ __device__ __forceinline__ void accumulate8(const Raw (&raw)[ROWS], const float*
     }
 }
 
-// This lane's share of x[t, :] · rows[r] for ROWS weight rows of length `in`
-// (a warp's 32 lanes together cover the rows; sum acc over the warp).
+// This lane's share of x[t, :] · (rows[r] ⊙ g) for ROWS weight rows of
+// length `in` and the norm weight g (null: none); a warp's 32 lanes
+// together cover the rows (sum acc over the warp).
 template <int ROWS, typename W>
-__device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const float* x, int in, int tokens, float (&acc)[ROWS][MAX_TOKENS]) {
+__device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const float* x, const float* g, int in, int tokens,
+                                         float (&acc)[ROWS][MAX_TOKENS]) {
     constexpr int UNROLL = LOADS_IN_FLIGHT / ROWS;
     typedef decltype(load_weights(rows[0], true)) Raw;
     const int lane = threadIdx.x & 31;
@@ -91,7 +113,7 @@ __device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const flo
         for (int i = lane; i < in; i += 32) {
             #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                const float wv = to_float(rows[r][i]);
+                const float wv = to_float(rows[r][i]) * (g ? g[i] : 1.0f);
                 #pragma unroll
                 for (int t = 0; t < MAX_TOKENS; ++t) {
                     if (t >= tokens) break;
@@ -110,7 +132,7 @@ __device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const flo
             #pragma unroll
             for (int r = 0; r < ROWS; ++r) raw[u][r] = load_weights(rows[r] + i + u * LANE_STRIDE, true);
         #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) accumulate8<ROWS>(raw[u], x, in, i + u * LANE_STRIDE, true, tokens, acc);
+        for (int u = 0; u < UNROLL; ++u) accumulate8<ROWS>(raw[u], x, g, in, i + u * LANE_STRIDE, true, tokens, acc);
     }
     for (; i < in; i += LANE_STRIDE) {
         // The last step may be partial: runs past the row's end are left out.
@@ -118,7 +140,7 @@ __device__ __forceinline__ void dot_rows(const W* const (&rows)[ROWS], const flo
         Raw raw[ROWS];
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) raw[r] = load_weights(rows[r] + i, hi);
-        accumulate8<ROWS>(raw, x, in, i, hi, tokens, acc);
+        accumulate8<ROWS>(raw, x, g, in, i, hi, tokens, acc);
     }
 }
 
@@ -137,6 +159,30 @@ __device__ __forceinline__ void prefetch_rows_then_wait(const W* const (&rows)[R
     wait_for_previous_kernels();
 }
 
+// scale[t] = 1/sqrt(mean(x[t]²) + eps) for the `tokens` rows of x [tokens,
+// in], as RMSNorm (kernels/rms_norm.cu) has it, into `scale` (shared,
+// MAX_TOKENS): each warp sums a share of every row, and warp t adds row
+// t's shares up, so a block needs MAX_TOKENS warps. Every thread must call.
+__device__ void rms_scales(float* scale, const float* x, int in, int tokens, float eps) {
+    __shared__ float partial[MAX_TOKENS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int t = 0; t < tokens; ++t) {
+        float squares = 0.0f;
+        for (int i = threadIdx.x; i < in; i += blockDim.x) {
+            const float v = x[(size_t)t * in + i];
+            squares += v * v;
+        }
+        squares = warp_sum(squares);
+        if (lane == 0) partial[t][warp] = squares;
+    }
+    __syncthreads();
+    if (warp < tokens) {
+        const float total = warp_sum(lane < warps ? partial[warp][lane] : 0.0f);
+        if (lane == 0) scale[warp] = rsqrtf(total / in + eps);
+    }
+    __syncthreads();
+}
+
 // The output feature of this thread's warp.
 __device__ __forceinline__ int warp_feature() {
     return (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
@@ -146,7 +192,7 @@ __device__ __forceinline__ int warp_feature() {
 // serves ROWS weight rows (for a few tokens that traffic binds, see the
 // top), for 1/ROWS of the warps and so of the weight bytes in flight.
 template <int ROWS, typename W>
-__device__ void matvec_rows(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens) {
+__device__ void matvec_rows(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens, bool accumulate) {
     const int first = warp_feature() * ROWS;
     if (first >= outs) return;
     // The last warp reads the matrix's last row again for rows past its end.
@@ -155,72 +201,92 @@ __device__ void matvec_rows(float* out, const float* x, const W* w, const float*
     for (int r = 0; r < ROWS; ++r) rows[r] = w + (size_t)min(first + r, outs - 1) * in;
     prefetch_rows_then_wait<ROWS>(rows, in);
     float acc[ROWS][MAX_TOKENS] = {};
-    dot_rows<ROWS>(rows, x, in, tokens, acc);
+    dot_rows<ROWS>(rows, x, nullptr, in, tokens, acc);
     #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const float v = warp_sum(acc[r][t]);
+            const float sum = warp_sum(acc[r][t]);
             const int o = first + r;
-            if ((threadIdx.x & 31) == 0 && o < outs) out[(size_t)t * outs + o] = v + (bias ? bias[o] : 0.0f);
+            if ((threadIdx.x & 31) != 0 || o >= outs) continue;
+            const float v = sum + (bias ? bias[o] : 0.0f);
+            float* at = out + (size_t)t * outs + o;
+            *at = accumulate ? *at + v : v;
         }
     }
 }
 
+// out = x · wᵀ + bias, or out += that with `accumulate`.
 template <typename W>
-__device__ void matvec(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens, int rows_per_warp) {
+__device__ void matvec(float* out, const float* x, const W* w, const float* bias, int in, int outs, int tokens, int rows_per_warp,
+                       int accumulate) {
     if (rows_per_warp == 2) {
-        matvec_rows<2>(out, x, w, bias, in, outs, tokens);
+        matvec_rows<2>(out, x, w, bias, in, outs, tokens, accumulate != 0);
     } else {
-        matvec_rows<1>(out, x, w, bias, in, outs, tokens);
+        matvec_rows<1>(out, x, w, bias, in, outs, tokens, accumulate != 0);
     }
 }
 
-// The MLP's first half for a few tokens: out[t, o] = silu(x[t] · gate[o]) ·
-// (x[t] · up[o]) for a fused w = [gate (inter rows) | up (inter rows)], so
-// the gate and up products never leave registers.
+// Prefetches the warp's first weights and waits (prefetch_rows_then_wait),
+// then puts the RMSNorm scales of x's rows into `scale` (rms_scales).
+// Every thread of the block must call; a warp past the matrix's rows
+// passes its last ones.
+template <int ROWS, typename W>
+__device__ __forceinline__ void open_normed(const W* const (&rows)[ROWS], float* scale, const float* x, int in, int tokens, float eps) {
+    prefetch_rows_then_wait<ROWS>(rows, in);
+    rms_scales(scale, x, in, tokens, eps);
+}
+
+// The MLP's first half for a few tokens: out[t, o] = silu(x̂[t] · gate[o]) ·
+// (x̂[t] · up[o]) for x̂ = RMSNorm(x) by `norm` and a fused w = [gate (inter
+// rows) | up (inter rows)], so the gate and up products never leave
+// registers.
 template <typename W>
-__device__ void matvec_swiglu(float* out, const float* x, const W* w, int in, int inter, int tokens) {
-    const int o = warp_feature();
+__device__ void matvec_swiglu(float* out, const float* x, const W* w, const float* norm, int in, int inter, int tokens, float eps) {
+    const int o = warp_feature(), row = min(o, inter - 1);
+    const W* const rows[2] = {w + (size_t)row * in, w + (size_t)(inter + row) * in};
+    __shared__ float scale[MAX_TOKENS];
+    open_normed<2>(rows, scale, x, in, tokens, eps);
     if (o >= inter) return;
-    const W* const rows[2] = {w + (size_t)o * in, w + (size_t)(inter + o) * in};
-    prefetch_rows_then_wait<2>(rows, in);
     float acc[2][MAX_TOKENS] = {};
-    dot_rows<2>(rows, x, in, tokens, acc);
+    dot_rows<2>(rows, x, norm, in, tokens, acc);
     #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
-        const float g = warp_sum(acc[0][t]), u = warp_sum(acc[1][t]);
+        const float g = warp_sum(acc[0][t]) * scale[t], u = warp_sum(acc[1][t]) * scale[t];
         if ((threadIdx.x & 31) == 0) out[(size_t)t * inter + o] = silu(g) * u;
     }
 }
 
-// The attention's input projection for a few tokens, with RoPE and the
-// KV-cache write (kernels/kv_cache.cu, whose arithmetic this repeats) in
-// its epilogue: a warp takes rows i and i + head_dim/2 of one head of w =
-// [q heads | k heads | v heads], the pair RoPE turns together. The q and k
-// heads are written to `out` turned by the token's position, the k and v
-// heads (k turned) also to the cache at the token's slot, in bf16.
+// The attention's input projection of RMSNorm(x) by `norm` for a few
+// tokens, with RoPE and the KV-cache write (kernels/kv_cache.cu, whose
+// arithmetic this repeats) in its epilogue: a warp takes rows i and i +
+// head_dim/2 of one head of w = [q heads | k heads | v heads], the pair
+// RoPE turns together. The q and k heads are written to `out` turned by
+// the token's position, the k and v heads (k turned) also to the cache at
+// the token's slot, in bf16.
 template <typename W>
-__device__ void matvec_qkv_rope(float* out, const float* x, const W* w, const float* bias, __nv_bfloat16* k_cache,
-                                __nv_bfloat16* v_cache, const unsigned int* positions, const unsigned int* slots,
-                                const float* cos_sin, int in, int heads, int kv_heads, int head_dim, int tokens) {
+__device__ void matvec_qkv_rope(float* out, const float* x, const W* w, const float* bias, const float* norm,
+                                __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const unsigned int* positions,
+                                const unsigned int* slots, const float* cos_sin, int in, int heads, int kv_heads, int head_dim,
+                                int tokens, float eps) {
     const int half = head_dim / 2, all_heads = heads + 2 * kv_heads;
     const int pair = warp_feature();
-    if (pair >= all_heads * half) return;
-    const int head = pair / half, i = pair % half;
+    const int head = min(pair, all_heads * half - 1) / half, i = pair % half;
     const int lo = head * head_dim + i, hi = lo + half;
     const W* const rows[2] = {w + (size_t)lo * in, w + (size_t)hi * in};
-    prefetch_rows_then_wait<2>(rows, in);
+    __shared__ float scale[MAX_TOKENS];
+    open_normed<2>(rows, scale, x, in, tokens, eps);
+    if (pair >= all_heads * half) return;
     float acc[2][MAX_TOKENS] = {};
-    dot_rows<2>(rows, x, in, tokens, acc);
+    dot_rows<2>(rows, x, norm, in, tokens, acc);
     const int outs = all_heads * head_dim, kv_width = kv_heads * head_dim;
     #pragma unroll
     for (int t = 0; t < MAX_TOKENS; ++t) {
         if (t >= tokens) break;
-        float a = warp_sum(acc[0][t]) + (bias ? bias[lo] : 0.0f);
-        float b = warp_sum(acc[1][t]) + (bias ? bias[hi] : 0.0f);
+        float a = warp_sum(acc[0][t]) * scale[t] + (bias ? bias[lo] : 0.0f);
+        float b = warp_sum(acc[1][t]) * scale[t] + (bias ? bias[hi] : 0.0f);
         if ((threadIdx.x & 31) != 0) continue;
         if (head < heads + kv_heads) {
             const float* cs = cos_sin + (size_t)positions[t] * head_dim;
@@ -241,38 +307,45 @@ __device__ void matvec_qkv_rope(float* out, const float* x, const W* w, const fl
     }
 }
 
+// `out` is read back (not only written) with `accumulate`.
 extern "C" __global__ void matvec_bf16(
     float* __restrict__ out, const float* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp) {
-    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp);
+    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp, int accumulate) {
+    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp, accumulate);
 }
 
 extern "C" __global__ void matvec_f32(
     float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
-    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp) {
-    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp);
+    const float* __restrict__ bias, int in, int outs, int tokens, int rows_per_warp, int accumulate) {
+    matvec(out, x, w, bias, in, outs, tokens, rows_per_warp, accumulate);
 }
 
-extern "C" __global__ void matvec_swiglu_bf16(
+// The normed products hold their norm's scales and weights in registers
+// too; bounded to three blocks of eight warps an SM (at most 85 registers
+// a thread, which they meet without spilling), the 7B shape's qkv matrix
+// (288 blocks) still runs in one wave on 132 SMs.
+#define NORMED_BOUNDS __launch_bounds__(256, 3)
+
+extern "C" __global__ void NORMED_BOUNDS matvec_swiglu_bf16(
     float* __restrict__ out, const float* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-    int in, int inter, int tokens) {
-    matvec_swiglu(out, x, w, in, inter, tokens);
+    const float* __restrict__ norm, int in, int inter, int tokens, float eps) {
+    matvec_swiglu(out, x, w, norm, in, inter, tokens, eps);
 }
 
-extern "C" __global__ void matvec_swiglu_f32(
+extern "C" __global__ void NORMED_BOUNDS matvec_swiglu_f32(
     float* __restrict__ out, const float* __restrict__ x, const float* __restrict__ w,
-    int in, int inter, int tokens) {
-    matvec_swiglu(out, x, w, in, inter, tokens);
+    const float* __restrict__ norm, int in, int inter, int tokens, float eps) {
+    matvec_swiglu(out, x, w, norm, in, inter, tokens, eps);
 }
 
 #define MATVEC_QKV_ROPE(name, W)                                                                                         \
-    extern "C" __global__ void name(                                                                                    \
+    extern "C" __global__ void NORMED_BOUNDS name(                                                                      \
         float* __restrict__ out, const float* __restrict__ x, const W* __restrict__ w, const float* __restrict__ bias,  \
-        __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,                                       \
+        const float* __restrict__ norm, __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,       \
         const unsigned int* __restrict__ positions, const unsigned int* __restrict__ slots,                             \
-        const float* __restrict__ cos_sin, int in, int heads, int kv_heads, int head_dim, int tokens) {                 \
-        matvec_qkv_rope(out, x, w, bias, k_cache, v_cache, positions, slots, cos_sin, in, heads, kv_heads, head_dim,   \
-                        tokens);                                                                                        \
+        const float* __restrict__ cos_sin, int in, int heads, int kv_heads, int head_dim, int tokens, float eps) {      \
+        matvec_qkv_rope(out, x, w, bias, norm, k_cache, v_cache, positions, slots, cos_sin, in, heads, kv_heads,       \
+                        head_dim, tokens, eps);                                                                         \
     }
 
 MATVEC_QKV_ROPE(matvec_qkv_rope_bf16, __nv_bfloat16)

@@ -12,7 +12,7 @@ use half::bf16;
 use shardline::backend::cpu::{CpuBackend, CpuTensor};
 use shardline::backend::cuda::{nccl, CudaBackend, CudaTensor};
 use shardline::backend::{
-    AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs, PREVIOUS_SAMPLE,
+    AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, RmsNorm, StepInputs, PREVIOUS_SAMPLE,
 };
 use shardline::model::{ForwardBatch, Sampling};
 use shardline::parallel::Communicator;
@@ -82,6 +82,18 @@ fn assert_close(cpu: &CpuTensor, gpu: &CudaBackend, device: &CudaTensor, toleran
     common::assert_rows_close(&ours, &cpu.data, cpu.cols, tolerance, what);
 }
 
+/// RMSNorm by a random weight of `cols` on both devices.
+fn norm_weights(cpu: &CpuBackend, gpu: &CudaBackend, cols: usize, seed: u64) -> (WeightOf<CpuBackend>, WeightOf<CudaBackend>) {
+    let norm = weight(&[cols], DType::BF16, seed);
+    (cpu.load_weight(norm.clone()).unwrap(), gpu.load_weight(norm).unwrap())
+}
+
+type WeightOf<B> = <B as Backend>::Weight;
+
+fn normed<W>(weight: &W) -> RmsNorm<'_, W> {
+    RmsNorm { weight, eps: 1e-6 }
+}
+
 #[test]
 fn linear_matches_for_every_batch_size_dtype_and_bias() {
     let Some(gpu) = gpu() else { return };
@@ -107,6 +119,12 @@ fn linear_matches_for_every_batch_size_dtype_and_bias() {
                     let what = format!("linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype} bias={bias}");
                     assert_close(&want, &gpu, &got, tolerance, &what);
                 }
+                // Added into a residual stream of about the product's size.
+                let (mut c_res, mut g_res) = activations(&gpu, n, outs, 50 + n as u64);
+                cpu.add_linear(&mut c_res, &cx, &cw).unwrap();
+                gpu.add_linear(&mut g_res, &gx, &gw).unwrap();
+                let what = format!("add_linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype}");
+                assert_close(&c_res, &gpu, &g_res, tolerance, &what);
             }
         }
     }
@@ -122,6 +140,7 @@ fn swiglu_matches_for_every_batch_size_and_dtype() {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[2 * inter, inner], dtype, 13);
             let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+            let (cn, gn) = norm_weights(&cpu, &gpu, inner, 12);
             for n in [1, 3, 8, 9, 37] {
                 let (cx, gx) = activations(&gpu, n, inner, 14 + n as u64);
                 // Above 8 tokens the gate and the up product each carry
@@ -130,9 +149,9 @@ fn swiglu_matches_for_every_batch_size_and_dtype() {
                     (true, DType::BF16) => 2.0 * BF16_ROUNDED,
                     _ => EXACT,
                 };
-                let want = cpu.swiglu(&cx, &cw).unwrap();
+                let want = cpu.swiglu(&cx, normed(&cn), &cw).unwrap();
                 let what = format!("swiglu [{n}, {inner}] with gate_up [{}, {inner}] {dtype}", 2 * inter);
-                assert_close(&want, &gpu, &gpu.swiglu(&gx, &gw).unwrap(), tolerance, &what);
+                assert_close(&want, &gpu, &gpu.swiglu(&gx, normed(&gn), &gw).unwrap(), tolerance, &what);
             }
         }
     }
@@ -155,12 +174,6 @@ fn norms_embedding_and_row_ops_match() {
         "rms_norm",
     );
 
-    let (mut c_res, mut g_res) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
-    let want = cpu.add_rms_norm(&mut c_res, &cy, &cn, 1e-6).unwrap();
-    let got = gpu.add_rms_norm(&mut g_res, &gy, &gn, 1e-6).unwrap();
-    assert_close(&want, &gpu, &got, EXACT, "add_rms_norm output");
-    assert_close(&c_res, &gpu, &g_res, EXACT, "add_rms_norm residual");
-
     let (mut c_sum, mut g_sum) = (cx.clone(), activations(&gpu, rows, cols, 5).1);
     cpu.add_assign(&mut c_sum, &cy).unwrap();
     gpu.add_assign(&mut g_sum, &gy).unwrap();
@@ -169,11 +182,9 @@ fn norms_embedding_and_row_ops_match() {
     let picked = batch_of(&[0; 7], &[6, 0, 3, 3], vec![]);
     let inputs = picked.inputs(&picked.token_ids, true);
     let (c_step, g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
-    for add in [false, true] {
-        let want = cpu.final_norm(&cx, add.then_some(&cy), &c_step, &cn, 1e-6).unwrap();
-        let got = gpu.final_norm(&gx, add.then_some(&gy), &g_step, &gn, 1e-6).unwrap();
-        assert_close(&want, &gpu, &got, EXACT, &format!("final_norm, adding {add}"));
-    }
+    let want = cpu.final_norm(&cx, &c_step, &cn, 1e-6).unwrap();
+    let got = gpu.final_norm(&gx, &g_step, &gn, 1e-6).unwrap();
+    assert_close(&want, &gpu, &got, EXACT, "final_norm");
 
     for dtype in [DType::BF16, DType::F32] {
         let table = weight(&[50, cols], dtype, 8);
@@ -285,6 +296,7 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
     let (c_w, g_w) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
     let (c_b, g_b) = (cpu.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
     let (c_b, g_b) = (bias.then_some(&c_b), bias.then_some(&g_b));
+    let (c_norm, g_norm) = norm_weights(&cpu, gpu, hidden, 11);
     let mut c_cache = cpu.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
     // First the cached prefixes (17, 39 and 300 tokens), then the mixed batch.
@@ -308,8 +320,12 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
         };
         let c_step = cpu.prepare_step(inputs).unwrap();
         let g_step = gpu.prepare_step(inputs).unwrap();
-        let cq = cpu.project_qkv(&cx, &c_w, c_b, &mut c_cache, &c_step, &c_rope, &spec).unwrap();
-        let gq = gpu.project_qkv(&gx, &g_w, g_b, &mut g_cache, &g_step, &g_rope, &spec).unwrap();
+        let cq = cpu
+            .project_qkv(&cx, normed(&c_norm), &c_w, c_b, &mut c_cache, &c_step, &c_rope, &spec)
+            .unwrap();
+        let gq = gpu
+            .project_qkv(&gx, normed(&g_norm), &g_w, g_b, &mut g_cache, &g_step, &g_rope, &spec)
+            .unwrap();
         let what = format!("heads={heads} kv_heads={kv_heads} head_dim={head_dim} hidden={hidden} {dtype} bias={bias} round {round}");
         // Above 8 tokens cuBLAS multiplies bf16 weights by bf16 activations.
         let projected = if positions.len() > 8 && dtype == DType::BF16 {
@@ -343,19 +359,24 @@ fn shape_mismatches_are_errors_not_faults() {
     let w = gpu.load_weight(weight(&[8, 16], DType::BF16, 1)).unwrap();
     let (_, x) = activations(&gpu, 2, 15, 2);
     assert!(gpu.linear(&x, &w, None).is_err());
-    assert!(gpu.swiglu(&x, &w).is_err());
+    let norm = gpu.load_weight(weight(&[15], DType::F32, 3)).unwrap();
+    let short_norm = gpu.load_weight(weight(&[14], DType::F32, 3)).unwrap();
+    assert!(gpu.swiglu(&x, normed(&norm), &w).is_err());
     let odd = gpu.load_weight(weight(&[7, 15], DType::BF16, 1)).unwrap();
-    assert!(gpu.swiglu(&x, &odd).is_err());
+    assert!(gpu.swiglu(&x, normed(&norm), &odd).is_err());
+    let even = gpu.load_weight(weight(&[8, 15], DType::BF16, 1)).unwrap();
+    assert!(gpu.swiglu(&x, normed(&short_norm), &even).is_err());
     let (_, y) = activations(&gpu, 3, 15, 3);
     let (_, mut z) = activations(&gpu, 2, 15, 4);
     assert!(gpu.add_assign(&mut z, &y).is_err());
+    // The residual must be the product's shape: [2, 8] here.
+    assert!(gpu.add_linear(&mut z, &x, &even).is_err());
     let three = batch_of(&[0; 3], &[2], vec![]);
-    let norm = gpu.load_weight(weight(&[15], DType::F32, 3)).unwrap();
     let step = gpu.prepare_step(three.inputs(&three.token_ids, true)).unwrap();
-    assert!(gpu.final_norm(&x, None, &step, &norm, 1e-6).is_err());
+    assert!(gpu.final_norm(&x, &step, &norm, 1e-6).is_err());
     let two = batch_of(&[0; 2], &[1], vec![]);
     let step = gpu.prepare_step(two.inputs(&two.token_ids, true)).unwrap();
-    assert!(gpu.final_norm(&x, Some(&y), &step, &norm, 1e-6).is_err());
+    assert!(gpu.final_norm(&x, &step, &short_norm, 1e-6).is_err());
     assert!(gpu.prepare_step(batch_of(&[0; 2], &[2], vec![]).inputs(&[0; 2], true)).is_err());
     // A head size the attention kernel has no variant for (32, 64 or 128).
     let spec = AttentionSpec {
@@ -379,14 +400,15 @@ fn shape_mismatches_are_errors_not_faults() {
         .err()
         .expect("head_dim 48 is refused");
     assert!(error.to_string().contains("32, 64 or 128"), "{error}");
-    // A qkv projection whose rows are not the heads', or whose input is
-    // not the weight's width.
+    // A qkv projection whose rows are not the heads', whose input is not
+    // the weight's width, or whose norm is not the input's.
     let table = gpu.load_weight(weight(&[4, 48], DType::F32, 6)).unwrap();
     let (_, hidden) = activations(&gpu, 1, 16, 7);
-    for (rows, cols) in [(5 * 48, 16), (4 * 48, 15)] {
+    let norm_16 = gpu.load_weight(weight(&[16], DType::F32, 3)).unwrap();
+    for (rows, cols, norm) in [(5 * 48, 16, &norm_16), (4 * 48, 15, &norm_16), (4 * 48, 16, &norm)] {
         let w = gpu.load_weight(weight(&[rows, cols], DType::BF16, 8)).unwrap();
         let error = gpu
-            .project_qkv(&hidden, &w, None, &mut cache, &step, &table, &spec)
+            .project_qkv(&hidden, normed(norm), &w, None, &mut cache, &step, &table, &spec)
             .err()
             .expect("a mismatched projection is refused");
         assert!(error.to_string().contains("project_qkv"), "{error}");

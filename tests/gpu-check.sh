@@ -200,6 +200,9 @@ except Exception:
 line = f"{label:<34} {report['output_tokens_per_s']:.0f} output tok/s"
 if "device_idle_fraction" in report:
     line += f", device idle between steps {100 * report['device_idle_fraction']:.1f}% ({report['device_mean_gap_us']:.0f} µs a gap)"
+graphs = report.get("decode_graphs")
+if graphs:
+    line += f"; {graphs['recorded']} graphs, {graphs['kernel_nodes']} kernel nodes"
 print(line)
 EOF
 )

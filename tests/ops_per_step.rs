@@ -7,7 +7,7 @@
 mod common;
 
 use shardline::backend::cpu::CpuBackend;
-use shardline::backend::{AttentionSpec, Backend, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
+use shardline::backend::{AttentionSpec, Backend, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity, StepInputs};
 use shardline::config::ModelConfig;
 use shardline::generation::Generator;
 use shardline::loader::SafetensorsCheckpoint;
@@ -66,8 +66,8 @@ impl Backend for Counting {
     fn rms_norm(&self, x: &T, weight: &W, eps: f32) -> Result<T> {
         self.op().rms_norm(x, weight, eps)
     }
-    fn add_rms_norm(&self, residual: &mut T, x: &T, weight: &W, eps: f32) -> Result<T> {
-        self.op().add_rms_norm(residual, x, weight, eps)
+    fn add_linear(&self, residual: &mut T, x: &T, w: &W) -> Result<()> {
+        self.op().add_linear(residual, x, w)
     }
     fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
         self.op().add_assign(x, y)
@@ -78,17 +78,28 @@ impl Backend for Counting {
     fn rope_write_kv(&self, qkv: &mut T, cache: &mut K, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<()> {
         self.op().rope_write_kv(qkv, cache, step, cos_sin, spec)
     }
-    fn project_qkv(&self, x: &T, w: &W, bias: Option<&W>, cache: &mut K, step: &S<'_>, cos_sin: &W, spec: &AttentionSpec) -> Result<T> {
-        self.op().project_qkv(x, w, bias, cache, step, cos_sin, spec)
+    #[allow(clippy::too_many_arguments)]
+    fn project_qkv(
+        &self,
+        x: &T,
+        norm: RmsNorm<'_, W>,
+        w: &W,
+        bias: Option<&W>,
+        cache: &mut K,
+        step: &S<'_>,
+        cos_sin: &W,
+        spec: &AttentionSpec,
+    ) -> Result<T> {
+        self.op().project_qkv(x, norm, w, bias, cache, step, cos_sin, spec)
     }
     fn paged_attention(&self, qkv: &T, cache: &K, step: &S<'_>, spec: &AttentionSpec) -> Result<T> {
         self.op().paged_attention(qkv, cache, step, spec)
     }
-    fn swiglu(&self, x: &T, gate_up: &W) -> Result<T> {
-        self.op().swiglu(x, gate_up)
+    fn swiglu(&self, x: &T, norm: RmsNorm<'_, W>, gate_up: &W) -> Result<T> {
+        self.op().swiglu(x, norm, gate_up)
     }
-    fn final_norm(&self, x: &T, add: Option<&T>, step: &S<'_>, weight: &W, eps: f32) -> Result<T> {
-        self.op().final_norm(x, add, step, weight, eps)
+    fn final_norm(&self, x: &T, step: &S<'_>, weight: &W, eps: f32) -> Result<T> {
+        self.op().final_norm(x, step, weight, eps)
     }
     fn lay_out_vocab(&self, all: &T, ranks: usize, per: usize, vocab: usize) -> Result<T> {
         self.op().lay_out_vocab(all, ranks, per, vocab)
@@ -123,7 +134,7 @@ impl Backend for Counting {
 }
 
 #[test]
-fn a_decode_step_issues_seven_ops_a_layer_and_four_more() {
+fn a_decode_step_issues_five_ops_a_layer_and_four_more() {
     let dir = common::model_dir("tiny-gqa");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let layers = config.num_hidden_layers;
@@ -137,10 +148,10 @@ fn a_decode_step_issues_seven_ops_a_layer_and_four_more() {
         .token_ids[0];
     let before = ops.load(Ordering::Relaxed);
     generator.extend_sampled(&[token], RowSampling::greedy(), false).unwrap();
-    // Per layer: input norm (fused with the previous layer's residual add),
-    // qkv with RoPE and the KV write, attention, o_proj, residual add +
-    // norm, gate/up with SwiGLU, down. Then the embedding, the final norm
-    // of the rows sampled (with the last residual add), the LM head and
-    // sampling.
-    assert_eq!(ops.load(Ordering::Relaxed) - before, 7 * layers + 4);
+    // Per layer: qkv of the input norm with RoPE and the KV write,
+    // attention, o_proj added into the residual stream, gate/up of the
+    // post-attention norm with SwiGLU, down_proj added into the stream.
+    // Then the embedding, the final norm of the rows sampled, the LM head
+    // and sampling.
+    assert_eq!(ops.load(Ordering::Relaxed) - before, 5 * layers + 4);
 }

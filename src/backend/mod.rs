@@ -223,6 +223,20 @@ pub struct StepCapacity {
     pub adjustments: usize,
 }
 
+/// The RMSNorm an op applies to its input first: its weight and epsilon.
+pub struct RmsNorm<'a, W> {
+    pub weight: &'a W,
+    pub eps: f32,
+}
+
+impl<W> Clone for RmsNorm<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for RmsNorm<'_, W> {}
+
 /// The ops of a Qwen2 forward on one device.
 ///
 /// `Tensor` is an activation matrix on the device; `Weight` a parameter
@@ -263,8 +277,12 @@ pub trait Backend {
     /// RMSNorm of each row of `x`, scaled by `weight`.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
 
-    /// `residual += x`, then returns RMSNorm(residual) (the fused residual add).
-    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `residual += x · wᵀ`: a sublayer's output projection added into the
+    /// residual stream, in one pass where the backend can.
+    fn add_linear(&self, residual: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight) -> Result<()> {
+        let out = self.linear(x, w, None)?;
+        self.add_assign(residual, &out)
+    }
 
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
@@ -285,13 +303,14 @@ pub trait Backend {
         spec: &AttentionSpec,
     ) -> Result<()>;
 
-    /// The attention's input: `qkv = linear(x, w, bias)`, then
+    /// The attention's input: `qkv = linear(RMSNorm(x), w, bias)`, then
     /// [`Backend::rope_write_kv`] on it; one op, so that a backend may do
-    /// both in one pass (the CUDA mat-vec does, for a few tokens).
+    /// it all in one pass (the CUDA mat-vec does, for a few tokens).
     #[allow(clippy::too_many_arguments)]
     fn project_qkv(
         &self,
         x: &Self::Tensor,
+        norm: RmsNorm<'_, Self::Weight>,
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
         cache: &mut Self::KvCache,
@@ -299,7 +318,8 @@ pub trait Backend {
         cos_sin: &Self::Weight,
         spec: &AttentionSpec,
     ) -> Result<Self::Tensor> {
-        let mut qkv = self.linear(x, w, bias)?;
+        let normed = self.rms_norm(x, norm.weight, norm.eps)?;
+        let mut qkv = self.linear(&normed, w, bias)?;
         self.rope_write_kv(&mut qkv, cache, step, cos_sin, spec)?;
         Ok(qkv)
     }
@@ -314,21 +334,14 @@ pub trait Backend {
         spec: &AttentionSpec,
     ) -> Result<Self::Tensor>;
 
-    /// The MLP's first half: `silu(x · gateᵀ) · (x · upᵀ)`, `[n, i]`, for a
-    /// fused `gate_up [2·i, hidden]` (the gate rows, then the up rows).
-    fn swiglu(&self, x: &Self::Tensor, gate_up: &Self::Weight) -> Result<Self::Tensor>;
+    /// The MLP's first half: `silu(x̂ · gateᵀ) · (x̂ · upᵀ)`, `[n, i]`, for
+    /// `x̂ = RMSNorm(x)` and a fused `gate_up [2·i, hidden]` (the gate rows,
+    /// then the up rows).
+    fn swiglu(&self, x: &Self::Tensor, norm: RmsNorm<'_, Self::Weight>, gate_up: &Self::Weight) -> Result<Self::Tensor>;
 
-    /// The model's output rows: `RMSNorm(x[r] + add[r])` for each of the
-    /// step's logit rows `r`, in order, where `add` (when given) is the last
-    /// layer's pending residual (its MLP output).
-    fn final_norm(
-        &self,
-        x: &Self::Tensor,
-        add: Option<&Self::Tensor>,
-        step: &Self::Step<'_>,
-        weight: &Self::Weight,
-        eps: f32,
-    ) -> Result<Self::Tensor>;
+    /// The model's output rows: `RMSNorm(x[r])` for each of the step's
+    /// logit rows `r`, in order.
+    fn final_norm(&self, x: &Self::Tensor, step: &Self::Step<'_>, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
 
     /// Logits gathered from `ranks` ranks of a split vocabulary, `all
     /// [ranks · rows, per + 1]` (each rank's `[rows, per + 1]` slice, its

@@ -144,8 +144,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let (prefill, decode) = (median(prefill), median(decode));
     let limit = bandwidth / weight_bytes as f64;
-    // The decode graphs (their first recording fills the arena, the second keeps).
-    let graphs = Some(cuda::recorded_graphs()).filter(|g| device == Device::Cuda && g.graphs > 0);
+    let graphs = decode_graphs(device);
     let layout = args.parallel.layout();
     let report = json!({
         "model": name,
@@ -164,13 +163,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "decode_fraction_of_limit": decode / limit,
         "kernel_launches_per_decode_step": gpu_work.map(|w| w.launches),
         "host_us_per_decode_step": gpu_work.filter(|_| one_rank).map(|w| w.host_us),
-        "decode_graphs": graphs.map(|g| json!({
-            "recorded": g.graphs,
-            "kernel_nodes": g.kernels,
-            "memory_nodes": g.memory,
-            "kernel_to_kernel_edges": g.kernel_edges,
-            "programmatic_edges": g.programmatic_edges,
-        })),
+        "decode_graphs": graphs.map(graphs_json),
     });
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -197,12 +190,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("per decode step    {:.0} kernels queued{host}", w.launches);
     }
     if let Some(g) = graphs {
-        println!(
-            "decode graphs      {} recorded: {} kernel nodes, {} allocation or free nodes; {} of {} kernel-to-kernel edges programmatic",
-            g.graphs, g.kernels, g.memory, g.programmatic_edges, g.kernel_edges
-        );
+        println!("decode graphs      {}", graphs_line(&g));
     }
     Ok(())
+}
+
+/// The census of the decode graphs recorded so far (kept graphs only: a
+/// recording that overflowed the arena is made again), on a GPU.
+fn decode_graphs(device: Device) -> Option<cuda::GraphCensus> {
+    Some(cuda::recorded_graphs()).filter(|g| device == Device::Cuda && g.graphs > 0)
+}
+
+fn graphs_json(g: cuda::GraphCensus) -> serde_json::Value {
+    json!({
+        "recorded": g.graphs,
+        "kernel_nodes": g.kernels,
+        "memory_nodes": g.memory,
+        "kernel_to_kernel_edges": g.kernel_edges,
+        "programmatic_edges": g.programmatic_edges,
+    })
+}
+
+fn graphs_line(g: &cuda::GraphCensus) -> String {
+    format!(
+        "{} recorded: {} kernel nodes, {} allocation or free nodes; {} of {} kernel-to-kernel edges programmatic",
+        g.graphs, g.kernels, g.memory, g.programmatic_edges, g.kernel_edges
+    )
 }
 
 /// What one decode step asked of the GPUs, from the CUDA backends' counters.
@@ -265,6 +278,7 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (tokens_per_s, stage_idle) = runs.swap_remove(runs.len() / 2);
     let device = DeviceIdle::since(device_before);
+    let graphs = decode_graphs(args.parallel.device()?);
     let micro_batching = layout.pp > 1 && !args.parallel.no_micro_batching;
     if args.json {
         let mut report = json!({
@@ -273,6 +287,7 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
             "output_tokens_per_s": tokens_per_s, "stage_idle_fraction": stage_idle,
         });
         device.add_to(&mut report);
+        report["decode_graphs"] = json!(graphs.map(graphs_json));
         println!("{report}");
         return Ok(());
     }
@@ -289,6 +304,9 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
         }
     );
     device.print();
+    if let Some(g) = graphs {
+        println!("decode graphs of every batch size run: {}", graphs_line(&g));
+    }
     Ok(())
 }
 

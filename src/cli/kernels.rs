@@ -10,7 +10,7 @@
 use anyhow::Context;
 use serde_json::json;
 use shardline::backend::cuda::{self, CudaBackend, CudaStep};
-use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, StepInputs};
+use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor, KvCacheShape, PagedAttentionMeta, RmsNorm, StepInputs};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::rng::Rng;
@@ -124,6 +124,15 @@ fn step_of(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize,
     })
 }
 
+/// How the model runs a mat-vec.
+enum Product {
+    /// Of the input's norm, with the SwiGLU in the epilogue.
+    Swiglu,
+    /// Added into the residual stream.
+    Residual,
+    Plain,
+}
+
 /// `tokens` rows of `cols` random activations on the GPU.
 fn activations(gpu: &CudaBackend, tokens: usize, cols: usize, rng: &mut Rng) -> anyhow::Result<<CudaBackend as Backend>::Tensor> {
     let mut x = gpu.zeros(tokens, cols)?;
@@ -132,8 +141,10 @@ fn activations(gpu: &CudaBackend, tokens: usize, cols: usize, rng: &mut Rng) -> 
 }
 
 /// The batch-1 mat-vec of every matrix of one layer and the LM head, each
-/// as the model runs it (qkv with RoPE and the KV write, gate/up with the
-/// SwiGLU); then down_proj's for a few tokens, and through cuBLAS.
+/// as the model runs it (qkv and gate/up of the residual stream's RMSNorm,
+/// qkv with RoPE and the KV write, gate/up with the SwiGLU, o_proj and
+/// down_proj added into the stream); then down_proj's for a few tokens,
+/// and through cuBLAS.
 fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
     let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
@@ -141,6 +152,8 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     // The weights' bytes, and a multiply-add a weight and token.
     let work = |outs: usize, ins: usize, tokens: usize| (outs * ins * 2, 2.0 * (outs * ins * tokens) as f64);
     let mut timings = Vec::new();
+    let norm = gpu.load_weight(HostTensor::from_f32(vec![h], &(0..h).map(|_| rng.next_f32()).collect::<Vec<_>>()))?;
+    let norm = RmsNorm { weight: &norm, eps: 1e-6 };
 
     let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
     let table = HostTensor::from_f32(vec![1, hd], &(0..hd).map(|_| rng.next_f32()).collect::<Vec<_>>());
@@ -148,21 +161,23 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let Step { mut cache, step, spec, .. } = step_of(gpu, config, 1, 0, 1)?;
     let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
     timings.push(time(gpu, what, work(q + 2 * kv, h, 1), || {
-        gpu.project_qkv(&x, &w, None, &mut cache, &step, &table, &spec)
+        gpu.project_qkv(&x, norm, &w, None, &mut cache, &step, &table, &spec)
     })?);
 
+    let mut residual = activations(gpu, 1, h, rng)?;
     let shapes = [
-        ("o_proj", h, q, false),
-        ("gate_up_proj + SwiGLU", 2 * i, h, true),
-        ("down_proj", h, i, false),
-        ("lm_head", config.vocab_size, h, false),
+        ("o_proj + residual", h, q, Product::Residual),
+        ("gate_up_proj + SwiGLU", 2 * i, h, Product::Swiglu),
+        ("down_proj + residual", h, i, Product::Residual),
+        ("lm_head", config.vocab_size, h, Product::Plain),
     ];
-    for (name, outs, ins, swiglu) in shapes {
+    for (name, outs, ins, product) in shapes {
         let (w, x) = (weight(outs, ins, rng)?, activations(gpu, 1, ins, rng)?);
-        let what = format!("mat-vec {name} [{outs}, {ins}]");
-        let timing = match swiglu {
-            true => time(gpu, what, work(outs, ins, 1), || gpu.swiglu(&x, &w))?,
-            false => time(gpu, what, work(outs, ins, 1), || gpu.linear(&x, &w, None))?,
+        let (what, work) = (format!("mat-vec {name} [{outs}, {ins}]"), work(outs, ins, 1));
+        let timing = match product {
+            Product::Swiglu => time(gpu, what, work, || gpu.swiglu(&x, norm, &w))?,
+            Product::Residual => time(gpu, what, work, || gpu.add_linear(&mut residual, &x, &w))?,
+            Product::Plain => time(gpu, what, work, || gpu.linear(&x, &w, None))?,
         };
         timings.push(timing);
     }
@@ -170,9 +185,10 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let w = weight(h, i, rng)?;
     for tokens in [2, 4, 8, 9] {
         let x = activations(gpu, tokens, i, rng)?;
+        let mut residual = activations(gpu, tokens, h, rng)?;
         let how = if tokens > 8 { "cuBLAS" } else { "mat-vec" };
-        let what = format!("{how} down_proj [{h}, {i}], {tokens} tokens");
-        timings.push(time(gpu, what, work(h, i, tokens), || gpu.linear(&x, &w, None))?);
+        let what = format!("{how} down_proj + residual [{h}, {i}], {tokens} tokens");
+        timings.push(time(gpu, what, work(h, i, tokens), || gpu.add_linear(&mut residual, &x, &w))?);
     }
     Ok(timings)
 }

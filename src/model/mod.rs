@@ -354,19 +354,15 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
             }
             (None, None) => unreachable!("a later pipeline stage always has communicators"),
         };
-        let mut pending = None;
         for (layer, cache) in self.layers.iter().zip(kv_caches.iter_mut()) {
-            pending = Some(layer.forward(&mut hidden, pending.as_ref(), cache, &ctx)?);
+            layer.forward(&mut hidden, cache, &ctx)?;
         }
         let (Some(norm), Some(head)) = (&self.norm, self.head()) else {
-            if let Some(mlp) = pending {
-                b.add_assign(&mut hidden, &mlp)?;
-            }
             let c = comms.expect("a split model has communicators");
             c.pp.send(&hidden, c.pp.rank() + 1)?;
             return Ok(None);
         };
-        let normed = b.final_norm(&hidden, pending.as_ref(), step, norm, ctx.rms_norm_eps)?;
+        let normed = b.final_norm(&hidden, step, norm, ctx.rms_norm_eps)?;
         Ok(Some(b.linear(&normed, head, None)?))
     }
 

@@ -2,10 +2,12 @@
 //! RMSNorm → attention (GQA, q/k/v bias, neox RoPE, paged KV cache) →
 //! residual → RMSNorm → SwiGLU MLP → residual. Struct fields mirror the
 //! checkpoint keys (`self_attn.q_proj` …); q/k/v and gate/up are fused into
-//! one matrix each at load so a step makes fewer, larger matmuls.
+//! one matrix each at load so a step makes fewer, larger matmuls. Each
+//! sublayer's norm is part of its first op and its residual add part of
+//! its last, so a backend may run each sublayer in as few passes as it can.
 
 use super::Shard;
-use crate::backend::{AttentionSpec, Backend, HostTensor, Result};
+use crate::backend::{AttentionSpec, Backend, HostTensor, Result, RmsNorm};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
@@ -28,6 +30,32 @@ impl<B: Backend> ForwardCtx<'_, '_, B> {
         match self.tp {
             Some(comm) => comm.all_reduce_sum(x),
             None => Ok(()),
+        }
+    }
+
+    /// `hidden += x · wᵀ` for a row-parallel weight `w`, in one op on one
+    /// rank. Split, the first rank adds its partial product into the
+    /// stream and the others put theirs in its place, so the all-reduce
+    /// that sums the partials sums the new stream (no add of its own).
+    fn add_row_parallel(&self, hidden: &mut B::Tensor, x: &B::Tensor, w: &B::Weight) -> Result<()> {
+        let b = self.backend;
+        match self.tp {
+            None => b.add_linear(hidden, x, w),
+            Some(comm) => {
+                if comm.rank() == 0 {
+                    b.add_linear(hidden, x, w)?;
+                } else {
+                    *hidden = b.linear(x, w, None)?;
+                }
+                comm.all_reduce_sum(hidden)
+            }
+        }
+    }
+
+    fn norm<'w>(&self, weight: &'w B::Weight) -> RmsNorm<'w, B::Weight> {
+        RmsNorm {
+            weight,
+            eps: self.rms_norm_eps,
         }
     }
 }
@@ -109,10 +137,18 @@ impl<B: Backend> Qwen2Attention<B> {
         })
     }
 
-    fn forward(&self, x: &B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
+    /// `hidden += attention(norm(hidden))`.
+    fn forward(
+        &self,
+        hidden: &mut B::Tensor,
+        norm: RmsNorm<'_, B::Weight>,
+        cache: &mut B::KvCache,
+        ctx: &ForwardCtx<'_, '_, B>,
+    ) -> Result<()> {
         let b = ctx.backend;
         let qkv = b.project_qkv(
-            x,
+            hidden,
+            norm,
             &self.qkv_proj,
             Some(&self.qkv_bias),
             cache,
@@ -121,9 +157,7 @@ impl<B: Backend> Qwen2Attention<B> {
             &self.spec,
         )?;
         let attn = b.paged_attention(&qkv, cache, ctx.step, &self.spec)?;
-        let mut out = b.linear(&attn, &self.o_proj, None)?;
-        ctx.all_reduce(&mut out)?;
-        Ok(out)
+        ctx.add_row_parallel(hidden, &attn, &self.o_proj)
     }
 }
 
@@ -155,11 +189,10 @@ impl<B: Backend> Qwen2Mlp<B> {
         })
     }
 
-    fn forward(&self, x: &B::Tensor, ctx: &ForwardCtx<'_, '_, B>) -> Result<B::Tensor> {
-        let b = ctx.backend;
-        let mut out = b.linear(&b.swiglu(x, &self.gate_up_proj)?, &self.down_proj, None)?;
-        ctx.all_reduce(&mut out)?;
-        Ok(out)
+    /// `hidden += mlp(norm(hidden))`.
+    fn forward(&self, hidden: &mut B::Tensor, norm: RmsNorm<'_, B::Weight>, ctx: &ForwardCtx<'_, '_, B>) -> Result<()> {
+        let activations = ctx.backend.swiglu(hidden, norm, &self.gate_up_proj)?;
+        ctx.add_row_parallel(hidden, &activations, &self.down_proj)
     }
 }
 
@@ -205,26 +238,10 @@ impl<B: Backend> Qwen2DecoderLayer<B> {
         .sum()
     }
 
-    /// `hidden [n, hidden_size]` is the residual stream, updated in place,
-    /// less the previous layer's MLP output `pending`: its residual add is
-    /// fused into this layer's input norm, a launch and a pass over the
-    /// stream fewer per layer. Returns this layer's MLP output, to be added
-    /// the same way by the next layer (or by the caller after the last).
-    pub fn forward(
-        &self,
-        hidden: &mut B::Tensor,
-        pending: Option<&B::Tensor>,
-        cache: &mut B::KvCache,
-        ctx: &ForwardCtx<'_, '_, B>,
-    ) -> Result<B::Tensor> {
-        let (b, eps) = (ctx.backend, ctx.rms_norm_eps);
-        let x = match pending {
-            None => b.rms_norm(hidden, &self.input_layernorm, eps)?,
-            Some(mlp) => b.add_rms_norm(hidden, mlp, &self.input_layernorm, eps)?,
-        };
-        let attn = self.self_attn.forward(&x, cache, ctx)?;
-        let x = b.add_rms_norm(hidden, &attn, &self.post_attention_layernorm, eps)?;
-        self.mlp.forward(&x, ctx)
+    /// Runs the layer on the residual stream `hidden [n, hidden_size]`, in place.
+    pub fn forward(&self, hidden: &mut B::Tensor, cache: &mut B::KvCache, ctx: &ForwardCtx<'_, '_, B>) -> Result<()> {
+        self.self_attn.forward(hidden, ctx.norm(&self.input_layernorm), cache, ctx)?;
+        self.mlp.forward(hidden, ctx.norm(&self.post_attention_layernorm), ctx)
     }
 }
 

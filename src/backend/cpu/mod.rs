@@ -12,7 +12,8 @@ mod matmul;
 mod simd;
 
 use super::{
-    AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE,
+    AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity, StepInputs,
+    PREVIOUS_SAMPLE,
 };
 use crate::sampling::choose_rows;
 use buffer::WeightBuffer;
@@ -182,11 +183,6 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
-        self.add_assign(residual, x)?;
-        self.rms_norm(residual, weight, eps)
-    }
-
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add_assign: shapes differ");
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
@@ -217,24 +213,15 @@ impl Backend for CpuBackend {
         Ok(attention::paged_attention(qkv, cache, step.inputs.attn, spec))
     }
 
-    fn swiglu(&self, x: &CpuTensor, gate_up: &CpuWeight) -> Result<CpuTensor> {
-        Ok(silu_mul(&matmul::linear(x, gate_up, None)))
+    fn swiglu(&self, x: &CpuTensor, norm: RmsNorm<'_, CpuWeight>, gate_up: &CpuWeight) -> Result<CpuTensor> {
+        let normed = self.rms_norm(x, norm.weight, norm.eps)?;
+        Ok(silu_mul(&matmul::linear(&normed, gate_up, None)))
     }
 
-    fn final_norm(&self, x: &CpuTensor, add: Option<&CpuTensor>, step: &CpuStep<'_>, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
-        if add.is_some_and(|a| (a.rows, a.cols) != (x.rows, x.cols)) {
-            return Err(BackendError::Device(
-                "final_norm: the residual and its addend differ in shape".into(),
-            ));
-        }
+    fn final_norm(&self, x: &CpuTensor, step: &CpuStep<'_>, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
         let rows = step.inputs.logit_rows;
         let data = rows.iter().flat_map(|&r| x.row(r as usize).iter().copied()).collect();
         let mut out = CpuTensor::new(data, rows.len(), x.cols);
-        if let Some(add) = add {
-            for (row, &r) in out.data.chunks_mut(x.cols).zip(rows) {
-                row.iter_mut().zip(add.row(r as usize)).for_each(|(v, a)| *v += a);
-            }
-        }
         let w = weight.vector();
         out.data.par_chunks_mut(x.cols).for_each(|row| rms_norm_row(row, w, eps));
         Ok(out)
@@ -439,11 +426,10 @@ mod tests {
     }
 
     #[test]
-    fn final_norm_adds_and_normalizes_the_rows_sampled_in_order() {
+    fn final_norm_normalizes_the_rows_sampled_in_order() {
         let cpu = CpuBackend::default();
         let w = weight(vec![4], &[1.0, 2.0, 1.0, 1.0], DType::F32);
-        let x = CpuTensor::new(vec![0.0, 0.0, 0.0, 0.0, 9.0, 9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 0.0], 3, 4);
-        let add = CpuTensor::new(vec![2.0, 0.0, 0.0, 0.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 1.0], 3, 4);
+        let x = CpuTensor::new(vec![2.0, 0.0, 0.0, 0.0, 9.0, 9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 1.0], 3, 4);
         let meta = crate::backend::PagedAttentionMeta::default();
         let inputs = StepInputs {
             token_ids: &[0; 3],
@@ -453,9 +439,25 @@ mod tests {
             sampling: &[],
         };
         let step = cpu.prepare_step(inputs).unwrap();
-        let y = cpu.final_norm(&x, Some(&add), &step, &w, 0.0).unwrap();
+        let y = cpu.final_norm(&x, &step, &w, 0.0).unwrap();
         assert_eq!((y.rows, y.data), (2, vec![1.0, 2.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]));
-        let short = CpuTensor::new(vec![0.0; 8], 2, 4);
-        assert!(cpu.final_norm(&x, Some(&short), &step, &w, 0.0).is_err());
+    }
+
+    #[test]
+    fn norms_before_the_mlp_and_adds_a_projection_into_the_residual() {
+        let cpu = CpuBackend::default();
+        let norm = weight(vec![2], &[1.0, 2.0], DType::F32);
+        let x = CpuTensor::new(vec![3.0, 4.0], 1, 2);
+        // gate = [1, 0], up = [0, 1]: silu(x̂₀) · x̂₁ for x̂ = x / rms(x) · [1, 2].
+        let gate_up = weight(vec![2, 2], &[1.0, 0.0, 0.0, 1.0], DType::F32);
+        let rms = (12.5f32).sqrt();
+        let (g, u) = (3.0 / rms, 8.0 / rms);
+        let norm = RmsNorm { weight: &norm, eps: 0.0 };
+        let y = cpu.swiglu(&x, norm, &gate_up).unwrap();
+        assert!((y.data[0] - g / (1.0 + (-g).exp()) * u).abs() < 1e-5, "{:?}", y.data);
+        let mut residual = CpuTensor::new(vec![1.0, 1.0], 1, 2);
+        let w = weight(vec![2, 2], &[1.0, 1.0, 0.0, 2.0], DType::F32);
+        cpu.add_linear(&mut residual, &x, &w).unwrap();
+        assert_eq!(residual.data, vec![8.0, 9.0]);
     }
 }

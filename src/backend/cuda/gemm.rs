@@ -55,14 +55,23 @@ impl Blas {
         })
     }
 
-    /// `out [n, outs] = x [n, in] · wᵀ` (overwriting `out`).
-    pub fn matmul(&self, operands: Operands<'_>, out: &mut CudaSlice<f32>, n: usize, inner: usize, outs: usize) -> Result<()> {
+    /// `out [n, outs] = x [n, in] · wᵀ`, overwriting `out`, or adding to it
+    /// with `accumulate`.
+    pub fn matmul(
+        &self,
+        operands: Operands<'_>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        inner: usize,
+        outs: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let stream = &self.stream;
         stream
             .context()
             .bind_to_thread()
             .map_err(driver_error("binding the GPU to this thread"))?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let (c, _out_sync) = out.device_ptr_mut(stream);
         let dims = |v: usize, name: &str| {
             i32::try_from(v).map_err(|_| BackendError::Device(format!("GEMM {name} = {v} exceeds cuBLAS's 32-bit sizes")))

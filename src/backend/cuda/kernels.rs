@@ -29,7 +29,7 @@ macro_rules! kernel {
 
 pub const KERNELS: &[KernelSource] = &[
     kernel!("embedding.cu", ["embedding_bf16", "embedding_f32"]),
-    kernel!("rms_norm.cu", ["rms_norm_f32", "add_rms_norm_f32", "add_rms_norm_rows_f32"]),
+    kernel!("rms_norm.cu", ["rms_norm_f32", "rms_norm_bf16", "rms_norm_rows_f32"]),
     kernel!("activation.cu", ["silu_mul_f32"]),
     kernel!("kv_cache.cu", ["rope_write_kv_bf16"]),
     kernel!(

@@ -7,7 +7,8 @@ use super::{
     alloc_error, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight, SampledFetch,
     WeightData,
 };
-use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, StepCapacity, StepInputs};
+use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity, StepInputs};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use std::ops::Range;
 
@@ -90,31 +91,7 @@ impl Backend for CudaBackend {
             check(b.len() == w.rows, || format!("linear: bias of {} for {} outputs", b.len(), w.rows))?;
         }
         let mut out = self.tensor(x.rows, w.rows, "a linear output")?;
-        if x.rows <= MATVEC_MAX_TOKENS {
-            self.matvec(x, w, bias, &mut out)?;
-            return Ok(out);
-        }
-        match &w.data {
-            WeightData::Bf16(weights) => {
-                let n = x.rows * x.cols;
-                let mut rounded = self.scratch::<bf16>(n, "bf16 activations")?;
-                let mut args = self.kernel_args("cast_f32_bf16");
-                args.out(&mut rounded).arg(&x.data).arg(&n);
-                self.launch("cast_f32_bf16", args, elementwise(n))?;
-                let operands = Operands::Bf16 { w: weights, x: &rounded };
-                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows)?;
-            }
-            WeightData::F32(weights) => {
-                let operands = Operands::F32 { w: weights, x: &x.data };
-                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows)?;
-            }
-        }
-        if let Some(b) = bias {
-            let (n, cols) = (out.rows * out.cols, int(out.cols));
-            let mut args = self.kernel_args("add_bias_f32");
-            args.out(&mut out.data).arg(b).arg(&cols).arg(&n);
-            self.launch("add_bias_f32", args, elementwise(n))?;
-        }
+        self.product(x, w, bias, &mut out, false)?;
         Ok(out)
     }
 
@@ -124,36 +101,18 @@ impl Backend for CudaBackend {
             format!("rms_norm: weight of {} for rows of {}", w.len(), x.cols)
         })?;
         let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
-        let cols = int(x.cols);
-        let mut args = self.kernel_args("rms_norm_f32");
-        args.out(&mut out.data).arg(&x.data).arg(w).arg(&cols).arg(&eps);
-        self.launch("rms_norm_f32", args, grid(x.rows, ROW_THREADS, 0))?;
+        self.normalize("rms_norm_f32", &mut out.data, x, RmsNorm { weight: w, eps })?;
         Ok(out)
     }
 
-    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
-        let w = weight.f32("an RMSNorm weight")?;
-        check((residual.rows, residual.cols) == (x.rows, x.cols) && w.len() == x.cols, || {
+    fn add_linear(&self, residual: &mut CudaTensor, x: &CudaTensor, w: &CudaWeight) -> Result<()> {
+        check(x.cols == w.cols && (residual.rows, residual.cols) == (x.rows, w.rows), || {
             format!(
-                "add_rms_norm: residual [{}, {}], x [{}, {}], weight {}",
-                residual.rows,
-                residual.cols,
-                x.rows,
-                x.cols,
-                w.len()
+                "add_linear: input [{}, {}] against weight [{}, {}] into [{}, {}]",
+                x.rows, x.cols, w.rows, w.cols, residual.rows, residual.cols
             )
         })?;
-        let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
-        let cols = int(x.cols);
-        let mut args = self.kernel_args("add_rms_norm_f32");
-        args.out(&mut out.data)
-            .out(&mut residual.data)
-            .arg(&x.data)
-            .arg(w)
-            .arg(&cols)
-            .arg(&eps);
-        self.launch("add_rms_norm_f32", args, grid(x.rows, ROW_THREADS, 0))?;
-        Ok(out)
+        self.product(x, w, None, residual, true)
     }
 
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
@@ -180,24 +139,13 @@ impl Backend for CudaBackend {
         check(qkv.rows == step.tokens() && cos_sin.cols == spec.head_dim, || {
             "rope_write_kv: shapes differ from the step".into()
         })?;
-        let (positions, slots) = (step.positions(), step.slots());
-        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
-        let mut args = self.kernel_args("rope_write_kv_bf16");
-        args.out(&mut qkv.data)
-            .out(&mut cache.k)
-            .out(&mut cache.v)
-            .arg(&positions)
-            .arg(&slots)
-            .arg(table)
-            .arg(&heads)
-            .arg(&kv_heads)
-            .arg(&head_dim);
-        self.launch("rope_write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
+        self.rope_write(qkv, None, cache, step, table, spec)
     }
 
     fn project_qkv(
         &self,
         x: &CudaTensor,
+        norm: RmsNorm<'_, CudaWeight>,
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
         cache: &mut CudaKvCache,
@@ -205,16 +153,13 @@ impl Backend for CudaBackend {
         cos_sin: &CudaWeight,
         spec: &AttentionSpec,
     ) -> Result<CudaTensor> {
-        if x.rows > MATVEC_MAX_TOKENS {
-            let mut qkv = self.linear(x, w, bias)?;
-            self.rope_write_kv(&mut qkv, cache, step, cos_sin, spec)?;
-            return Ok(qkv);
-        }
         let (heads, kv_heads, head_dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let table = cos_sin.f32("the RoPE table")?;
         let bias = bias.map(|b| b.f32("a bias")).transpose()?;
+        let norm_weight = norm.weight.f32("an RMSNorm weight")?;
         check(
             x.cols == w.cols
+                && norm_weight.len() == x.cols
                 && w.rows == (heads + 2 * kv_heads) * head_dim
                 && head_dim % 2 == 0
                 && x.rows == step.tokens()
@@ -222,9 +167,10 @@ impl Backend for CudaBackend {
                 && bias.is_none_or(|b| b.len() == w.rows),
             || {
                 format!(
-                    "project_qkv: input [{}, {}] against weight [{}, {}] for {} tokens of {heads} heads, {kv_heads} KV heads of {head_dim}",
+                    "project_qkv: input [{}, {}] (norm weight {}) against weight [{}, {}] for {} tokens of {heads} heads, {kv_heads} KV heads of {head_dim}",
                     x.rows,
                     x.cols,
+                    norm_weight.len(),
                     w.rows,
                     w.cols,
                     step.tokens()
@@ -232,7 +178,16 @@ impl Backend for CudaBackend {
             },
         )?;
         let mut out = self.tensor(x.rows, w.rows, "qkv")?;
-        self.matvec_qkv_rope(x, w, bias, cache, step, table, spec, &mut out)?;
+        let norm = RmsNorm {
+            weight: norm_weight,
+            eps: norm.eps,
+        };
+        if x.rows <= MATVEC_MAX_TOKENS {
+            self.matvec_qkv_rope(x, norm, w, bias, cache, step, table, spec, &mut out)?;
+        } else {
+            self.normed_gemm(x, norm, w, &mut out)?;
+            self.rope_write(&mut out, bias, cache, step, table, spec)?;
+        }
         Ok(out)
     }
 
@@ -240,20 +195,33 @@ impl Backend for CudaBackend {
         self.attention(qkv, cache, step, spec)
     }
 
-    fn swiglu(&self, x: &CudaTensor, gate_up: &CudaWeight) -> Result<CudaTensor> {
-        check(x.cols == gate_up.cols && gate_up.rows % 2 == 0, || {
-            format!(
-                "swiglu: input [{}, {}] against gate_up [{}, {}]",
-                x.rows, x.cols, gate_up.rows, gate_up.cols
-            )
-        })?;
+    fn swiglu(&self, x: &CudaTensor, norm: RmsNorm<'_, CudaWeight>, gate_up: &CudaWeight) -> Result<CudaTensor> {
+        let norm_weight = norm.weight.f32("an RMSNorm weight")?;
+        check(
+            x.cols == gate_up.cols && gate_up.rows % 2 == 0 && norm_weight.len() == x.cols,
+            || {
+                format!(
+                    "swiglu: input [{}, {}] (norm weight {}) against gate_up [{}, {}]",
+                    x.rows,
+                    x.cols,
+                    norm_weight.len(),
+                    gate_up.rows,
+                    gate_up.cols
+                )
+            },
+        )?;
         let inter = gate_up.rows / 2;
         let mut out = self.tensor(x.rows, inter, "SwiGLU output")?;
+        let norm = RmsNorm {
+            weight: norm_weight,
+            eps: norm.eps,
+        };
         if x.rows <= MATVEC_MAX_TOKENS {
-            self.matvec_swiglu(x, gate_up, &mut out)?;
+            self.matvec_swiglu(x, norm, gate_up, &mut out)?;
             return Ok(out);
         }
-        let products = self.linear(x, gate_up, None)?;
+        let mut products = self.tensor(x.rows, gate_up.rows, "gate and up products")?;
+        self.normed_gemm(x, norm, gate_up, &mut products)?;
         let (inter_i, rows) = (int(inter), int(x.rows));
         let mut args = self.kernel_args("silu_mul_f32");
         args.out(&mut out.data).arg(&products.data).arg(&inter_i).arg(&rows);
@@ -261,31 +229,22 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn final_norm(&self, x: &CudaTensor, add: Option<&CudaTensor>, step: &CudaStep, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+    fn final_norm(&self, x: &CudaTensor, step: &CudaStep, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
         let w = weight.f32("an RMSNorm weight")?;
-        check(
-            x.rows == step.tokens() && w.len() == x.cols && add.is_none_or(|a| (a.rows, a.cols) == (x.rows, x.cols)),
-            || {
-                format!(
-                    "final_norm: [{}, {}] (adding {:?}) for a step of {} tokens, with a weight of {}",
-                    x.rows,
-                    x.cols,
-                    add.map(|a| (a.rows, a.cols)),
-                    step.tokens(),
-                    w.len()
-                )
-            },
-        )?;
+        check(x.rows == step.tokens() && w.len() == x.cols, || {
+            format!(
+                "final_norm: [{}, {}] for a step of {} tokens, with a weight of {}",
+                x.rows,
+                x.cols,
+                step.tokens(),
+                w.len()
+            )
+        })?;
         let mut out = self.tensor(step.rows(), x.cols, "output rows")?;
         let (rows_dev, cols) = (step.logit_rows(), int(x.cols));
-        let mut args = self.kernel_args("add_rms_norm_rows_f32");
-        args.out(&mut out.data).arg(&x.data);
-        match add {
-            Some(a) => args.arg(&a.data),
-            None => args.arg(&NULL),
-        };
-        args.arg(&rows_dev).arg(w).arg(&cols).arg(&eps);
-        self.launch("add_rms_norm_rows_f32", args, grid(step.rows(), ROW_THREADS, 0))?;
+        let mut args = self.kernel_args("rms_norm_rows_f32");
+        args.out(&mut out.data).arg(&x.data).arg(&rows_dev).arg(w).arg(&cols).arg(&eps);
+        self.launch("rms_norm_rows_f32", args, grid(step.rows(), ROW_THREADS, 0))?;
         Ok(out)
     }
 
@@ -348,5 +307,91 @@ impl Backend for CudaBackend {
             .memset_zeros(&mut *zeros.data)
             .map_err(driver_error("zeroing a tensor"))?;
         Ok(zeros)
+    }
+}
+
+impl CudaBackend {
+    /// RMSNorm of `x`'s rows into `out`, in f32 or bf16 as the kernel
+    /// `name` writes (`kernels/rms_norm.cu`). Shapes are the caller's to check.
+    fn normalize<T>(&self, name: &'static str, out: &mut CudaSlice<T>, x: &CudaTensor, norm: RmsNorm<'_, CudaSlice<f32>>) -> Result<()> {
+        let cols = int(x.cols);
+        let mut args = self.kernel_args(name);
+        args.out(out).arg(&x.data).arg(norm.weight).arg(&cols).arg(&norm.eps);
+        self.launch(name, args, grid(x.rows, ROW_THREADS, 0))
+    }
+
+    /// `out = RMSNorm(x) · wᵀ` through cuBLAS. For bf16 weights the norm's
+    /// kernel writes the GEMM's bf16 operand itself, so no cast follows it.
+    fn normed_gemm(&self, x: &CudaTensor, norm: RmsNorm<'_, CudaSlice<f32>>, w: &CudaWeight, out: &mut CudaTensor) -> Result<()> {
+        let WeightData::Bf16(weights) = &w.data else {
+            let mut normed = self.tensor(x.rows, x.cols, "normalized activations")?;
+            self.normalize("rms_norm_f32", &mut normed.data, x, norm)?;
+            return self.product(&normed, w, None, out, false);
+        };
+        let mut rounded = self.scratch::<bf16>(x.rows * x.cols, "normalized bf16 activations")?;
+        self.normalize("rms_norm_bf16", &mut rounded, x, norm)?;
+        let operands = Operands::Bf16 { w: weights, x: &rounded };
+        self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, false)
+    }
+
+    /// [`Backend::rope_write_kv`], adding the projection's `bias` first.
+    fn rope_write(
+        &self,
+        qkv: &mut CudaTensor,
+        bias: Option<&CudaSlice<f32>>,
+        cache: &mut CudaKvCache,
+        step: &CudaStep,
+        cos_sin: &CudaSlice<f32>,
+        spec: &AttentionSpec,
+    ) -> Result<()> {
+        let (positions, slots) = (step.positions(), step.slots());
+        let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
+        let mut args = self.kernel_args("rope_write_kv_bf16");
+        args.out(&mut qkv.data);
+        match bias {
+            Some(b) => args.arg(b),
+            None => args.arg(&NULL),
+        };
+        args.out(&mut cache.k)
+            .out(&mut cache.v)
+            .arg(&positions)
+            .arg(&slots)
+            .arg(cos_sin)
+            .arg(&heads)
+            .arg(&kv_heads)
+            .arg(&head_dim);
+        self.launch("rope_write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
+    }
+
+    /// `out = x · wᵀ + bias`, or `out +=` that with `accumulate`: through
+    /// the mat-vec kernels up to [`MATVEC_MAX_TOKENS`] tokens, else cuBLAS
+    /// (bf16 weights take the activations rounded to bf16). Shapes are the
+    /// caller's to check.
+    fn product(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaSlice<f32>>, out: &mut CudaTensor, accumulate: bool) -> Result<()> {
+        if x.rows <= MATVEC_MAX_TOKENS {
+            return self.matvec(x, w, bias, out, accumulate);
+        }
+        match &w.data {
+            WeightData::Bf16(weights) => {
+                let n = x.rows * x.cols;
+                let mut rounded = self.scratch::<bf16>(n, "bf16 activations")?;
+                let mut args = self.kernel_args("cast_f32_bf16");
+                args.out(&mut rounded).arg(&x.data).arg(&n);
+                self.launch("cast_f32_bf16", args, elementwise(n))?;
+                let operands = Operands::Bf16 { w: weights, x: &rounded };
+                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, accumulate)?;
+            }
+            WeightData::F32(weights) => {
+                let operands = Operands::F32 { w: weights, x: &x.data };
+                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, accumulate)?;
+            }
+        }
+        if let Some(b) = bias {
+            let (n, cols) = (out.rows * out.cols, int(out.cols));
+            let mut args = self.kernel_args("add_bias_f32");
+            args.out(&mut out.data).arg(b).arg(&cols).arg(&n);
+            self.launch("add_bias_f32", args, elementwise(n))?;
+        }
+        Ok(())
     }
 }
