@@ -162,7 +162,9 @@ __device__ __forceinline__ void prefetch_rows_then_wait(const W* const (&rows)[R
 // scale[t] = 1/sqrt(mean(x[t]²) + eps) for the `tokens` rows of x [tokens,
 // in], as RMSNorm (kernels/rms_norm.cu) has it, into `scale` (shared,
 // MAX_TOKENS): each warp sums a share of every row, and warp t adds row
-// t's shares up, so a block needs MAX_TOKENS warps. Every thread must call.
+// t's shares up, so a block needs MAX_TOKENS warps. Two barriers for all
+// the rows, where block_sum (common.cuh) takes three a row, in the
+// prologue every block waits through. Every thread must call.
 __device__ void rms_scales(float* scale, const float* x, int in, int tokens, float eps) {
     __shared__ float partial[MAX_TOKENS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;

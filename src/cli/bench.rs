@@ -144,7 +144,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let (prefill, decode) = (median(prefill), median(decode));
     let limit = bandwidth / weight_bytes as f64;
-    let graphs = decode_graphs(device);
+    let graphs = decode_graphs();
     let layout = args.parallel.layout();
     let report = json!({
         "model": name,
@@ -196,9 +196,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The census of the decode graphs recorded so far (kept graphs only: a
-/// recording that overflowed the arena is made again), on a GPU.
-fn decode_graphs(device: Device) -> Option<cuda::GraphCensus> {
-    Some(cuda::recorded_graphs()).filter(|g| device == Device::Cuda && g.graphs > 0)
+/// recording that overflowed the arena is made again); none off a GPU.
+fn decode_graphs() -> Option<cuda::GraphCensus> {
+    Some(cuda::recorded_graphs()).filter(|g| g.graphs > 0)
 }
 
 fn graphs_json(g: cuda::GraphCensus) -> serde_json::Value {
@@ -278,7 +278,7 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (tokens_per_s, stage_idle) = runs.swap_remove(runs.len() / 2);
     let device = DeviceIdle::since(device_before);
-    let graphs = decode_graphs(args.parallel.device()?);
+    let graphs = decode_graphs();
     let micro_batching = layout.pp > 1 && !args.parallel.no_micro_batching;
     if args.json {
         let mut report = json!({

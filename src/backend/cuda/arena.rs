@@ -14,9 +14,9 @@
 //! bucket first, the buffers sum to under twice the largest step's peak
 //! (stream-ordered graph memory could share pages between graphs instead).
 
-use super::{alloc_error, driver_error, CudaBackend};
+use super::{alloc_error, CudaBackend};
 use crate::backend::Result;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
@@ -149,9 +149,9 @@ impl Arena {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the buffer as large as recordings have shown they need;
-    /// `fill` is its bytes' first value.
-    pub(super) fn begin(&self, stream: &Arc<CudaStream>, fill: u8) -> Result<()> {
+    /// Makes the buffer as large as recordings have shown they need,
+    /// poisoned when `poison` (as the backend's outputs are).
+    pub(super) fn begin(&self, stream: &Arc<CudaStream>, poison: bool) -> Result<()> {
         let mut state = self.state();
         let capacity = state.buffer.as_ref().map_or(0, |b| b.len());
         if state.wanted > capacity {
@@ -159,11 +159,8 @@ impl Arena {
             let mut buffer = stream
                 .alloc_zeros::<u8>(bytes)
                 .map_err(alloc_error("recorded activations", bytes))?;
-            if fill != 0 {
-                let (ptr, _written) = buffer.device_ptr_mut(stream);
-                // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
-                unsafe { cudarc::driver::result::memset_d8_async(ptr, fill, bytes, stream.cu_stream()) }
-                    .map_err(driver_error("filling the arena"))?;
+            if poison {
+                super::poison(stream, &mut buffer)?;
             }
             state.buffer = Some(Arc::new(buffer));
             state.free = BTreeMap::from([(0, bytes)]);

@@ -124,7 +124,7 @@ impl CudaBackend {
         let mut tries = 0;
         loop {
             tries += 1;
-            self.arena.begin(&self.stream, if self.poison { 0xFF } else { 0 })?;
+            self.arena.begin(&self.stream, self.poison)?;
             let graph = self.capture_once(record)?;
             let activations = match self.arena.end() {
                 Fit::Whole(buffer) => Some(buffer),

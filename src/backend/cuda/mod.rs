@@ -276,7 +276,9 @@ impl CudaBackend {
         let bytes = len.max(1) * std::mem::size_of::<T>();
         // SAFETY: every caller's kernel writes all `len` values before any is read.
         let mut slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(alloc_error(what, bytes))?;
-        self.poison_output(&mut slice)?;
+        if self.poison {
+            poison(&self.stream, &mut slice)?;
+        }
         Ok(slice)
     }
 
@@ -289,18 +291,6 @@ impl CudaBackend {
             Some(arena) => arena.scratch(&self.stream, len, || self.alloc_for_kernel(len, what)),
             None => Ok(Scratch::owned(self.alloc_for_kernel(len, what)?)),
         }
-    }
-
-    /// Fills a buffer a kernel is to write with NaN, where tests ask.
-    fn poison_output<T: DeviceRepr>(&self, slice: &mut CudaSlice<T>) -> Result<()> {
-        if !self.poison {
-            return Ok(());
-        }
-        let bytes = slice.len() * std::mem::size_of::<T>();
-        let (ptr, _written) = slice.device_ptr_mut(&self.stream);
-        // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
-            .map_err(driver_error("poisoning an output"))
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
@@ -401,6 +391,16 @@ fn grid(blocks: usize, threads: u32, shared: u32) -> LaunchConfig {
 /// Enough blocks of 256 threads for a grid-strided loop over `n` elements.
 fn elementwise(n: usize) -> LaunchConfig {
     grid(n.div_ceil(256).min(65_535), 256, 0)
+}
+
+/// Fills a buffer kernels are to write with 0xFF bytes (NaN as f32), in
+/// stream order, so that a value no kernel wrote shows (tests ask for it,
+/// [`CudaBackend::poison_outputs`]).
+fn poison<T: DeviceRepr>(stream: &CudaStream, slice: &mut CudaSlice<T>) -> Result<()> {
+    let bytes = slice.len() * std::mem::size_of::<T>();
+    let (ptr, _written) = slice.device_ptr_mut(stream);
+    // SAFETY: `ptr` holds `bytes` bytes, written in stream order.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.map_err(driver_error("poisoning an output"))
 }
 
 fn driver_error(context: &str) -> impl Fn(DriverError) -> BackendError + '_ {

@@ -29,6 +29,14 @@ pub(super) fn int(v: usize) -> i32 {
     v as i32
 }
 
+/// A norm as the kernels take it: its weight's f32 values on the device.
+fn on_device(norm: RmsNorm<'_, CudaWeight>) -> Result<RmsNorm<'_, CudaSlice<f32>>> {
+    Ok(RmsNorm {
+        weight: norm.weight.f32("an RMSNorm weight")?,
+        eps: norm.eps,
+    })
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
@@ -96,12 +104,12 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
-        let w = weight.f32("an RMSNorm weight")?;
-        check(w.len() == x.cols, || {
-            format!("rms_norm: weight of {} for rows of {}", w.len(), x.cols)
+        let norm = on_device(RmsNorm { weight, eps })?;
+        check(norm.weight.len() == x.cols, || {
+            format!("rms_norm: weight of {} for rows of {}", norm.weight.len(), x.cols)
         })?;
         let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
-        self.normalize("rms_norm_f32", &mut out.data, x, RmsNorm { weight: w, eps })?;
+        self.normalize("rms_norm_f32", &mut out.data, x, norm)?;
         Ok(out)
     }
 
@@ -156,10 +164,10 @@ impl Backend for CudaBackend {
         let (heads, kv_heads, head_dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let table = cos_sin.f32("the RoPE table")?;
         let bias = bias.map(|b| b.f32("a bias")).transpose()?;
-        let norm_weight = norm.weight.f32("an RMSNorm weight")?;
+        let norm = on_device(norm)?;
         check(
             x.cols == w.cols
-                && norm_weight.len() == x.cols
+                && norm.weight.len() == x.cols
                 && w.rows == (heads + 2 * kv_heads) * head_dim
                 && head_dim % 2 == 0
                 && x.rows == step.tokens()
@@ -170,7 +178,7 @@ impl Backend for CudaBackend {
                     "project_qkv: input [{}, {}] (norm weight {}) against weight [{}, {}] for {} tokens of {heads} heads, {kv_heads} KV heads of {head_dim}",
                     x.rows,
                     x.cols,
-                    norm_weight.len(),
+                    norm.weight.len(),
                     w.rows,
                     w.cols,
                     step.tokens()
@@ -178,10 +186,6 @@ impl Backend for CudaBackend {
             },
         )?;
         let mut out = self.tensor(x.rows, w.rows, "qkv")?;
-        let norm = RmsNorm {
-            weight: norm_weight,
-            eps: norm.eps,
-        };
         if x.rows <= MATVEC_MAX_TOKENS {
             self.matvec_qkv_rope(x, norm, w, bias, cache, step, table, spec, &mut out)?;
         } else {
@@ -196,15 +200,15 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, x: &CudaTensor, norm: RmsNorm<'_, CudaWeight>, gate_up: &CudaWeight) -> Result<CudaTensor> {
-        let norm_weight = norm.weight.f32("an RMSNorm weight")?;
+        let norm = on_device(norm)?;
         check(
-            x.cols == gate_up.cols && gate_up.rows % 2 == 0 && norm_weight.len() == x.cols,
+            x.cols == gate_up.cols && gate_up.rows % 2 == 0 && norm.weight.len() == x.cols,
             || {
                 format!(
                     "swiglu: input [{}, {}] (norm weight {}) against gate_up [{}, {}]",
                     x.rows,
                     x.cols,
-                    norm_weight.len(),
+                    norm.weight.len(),
                     gate_up.rows,
                     gate_up.cols
                 )
@@ -212,10 +216,6 @@ impl Backend for CudaBackend {
         )?;
         let inter = gate_up.rows / 2;
         let mut out = self.tensor(x.rows, inter, "SwiGLU output")?;
-        let norm = RmsNorm {
-            weight: norm_weight,
-            eps: norm.eps,
-        };
         if x.rows <= MATVEC_MAX_TOKENS {
             self.matvec_swiglu(x, norm, gate_up, &mut out)?;
             return Ok(out);
