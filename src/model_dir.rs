@@ -59,6 +59,13 @@ pub fn open_shard<B: Backend>(backend: B, options: &ModelOptions, shard: Shard) 
     Qwen2ForCausalLM::load_shard(backend, config, source.as_ref(), shard)
 }
 
+/// The dtype of the checkpoint's weight matrices (its embedding's), which
+/// sets the bytes they take on a GPU.
+pub fn weight_dtype(options: &ModelOptions) -> Result<DType, LoadError> {
+    let paths = ModelPaths::resolve(&options.model)?;
+    weight_source(options, &paths)?.dtype("model.embed_tokens.weight")
+}
+
 /// Everything `--model` names except the weights: for a model whose ranks
 /// load their own shards.
 pub struct ModelInfo {

@@ -164,6 +164,16 @@ fn bad_command_lines_fail_with_clear_messages() {
         &["generate", "--model", &chat, "--prompt", "hi", "--inject-worker-panic", "1"],
         "expected RANK:STEP",
     );
+    let serve = ["serve", "--model", &chat, "--port", "0", "--device", "cpu"];
+    assert_fails_with(
+        &[&serve[..], &["--gpu-memory-utilization", "0"]].concat(),
+        "--gpu-memory-utilization must be within (0, 1], got 0",
+    );
+    // tiny-chat's f32 KV cache on the CPU: 4 layers × K and V × 2 heads × 32 × 4 bytes a token.
+    assert_fails_with(
+        &[&serve[..], &["--kv-cache-memory", "16KiB"]].concat(),
+        "--kv-cache-memory 16384 bytes holds no 16-token block of KV cache (32768 bytes each",
+    );
     let two_nodes = ["generate", "--model", &chat, "--prompt", "hi", "--tp", "2", "--nnodes", "2"];
     assert_fails_with(
         &[&two_nodes[..], &["--device", "cpu"]].concat(),

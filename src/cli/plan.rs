@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Args;
 use shardline::config::ModelConfig;
-use shardline::parallel::plan::{plan, recommend, PlanOptions, PlanRow};
+use shardline::parallel::plan::{plan, recommend, PlanOptions, PlanRow, Workload};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -50,8 +50,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         gpus: args.gpus,
         gpu_memory_bytes: (args.gpu_memory_gib * (1u64 << 30) as f64) as u64,
         gpu_memory_utilization: args.gpu_memory_utilization,
-        max_num_batched_tokens: args.max_num_batched_tokens,
-        max_num_seqs: args.max_num_seqs,
+        workload: Workload {
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_num_seqs: args.max_num_seqs,
+        },
         min_kv_tokens: args.min_kv_tokens,
     };
     let rows = plan(&config, &options);
@@ -112,4 +114,5 @@ fn print_table(config: &ModelConfig, args: &PlanArgs, rows: &[PlanRow]) {
             if r.fits { "yes" } else { "no" }
         );
     }
+    println!("(the KV cache is bf16; an f16 checkpoint's weights are held in f32, as shardline's kernels read bf16 or f32)");
 }

@@ -4,7 +4,9 @@
 //! requests, lets those in flight finish within `--shutdown-timeout`, and
 //! exits 0.
 
-use super::{follow, start_executor, ModelArgs, ParallelArgs};
+mod kv_cache;
+
+use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
 use clap::Args;
@@ -13,7 +15,6 @@ use shardline::engine::request::{Event, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::generation::BLOCK_SIZE;
 use shardline::model_dir;
-use shardline::parallel::layout::ShardSizes;
 use shardline::sampling::SamplingParams;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,9 +41,16 @@ pub struct ServeArgs {
     /// Most tokens (prefill chunks plus decodes) in one step.
     #[arg(long, default_value_t = 2048, env = "SHARDLINE_MAX_NUM_BATCHED_TOKENS")]
     max_num_batched_tokens: usize,
-    /// KV-cache size, e.g. 2GiB or 512MiB (default: a fifth of available memory, at most what max-num-seqs full contexts need).
+    /// KV-cache size a rank, e.g. 2GiB or 512MiB (default: on GPUs, what
+    /// --gpu-memory-utilization leaves beside the weights and workspace; on
+    /// the CPU, a fifth of available memory; at most what max-num-seqs full
+    /// contexts need).
     #[arg(long, value_parser = parse_bytes, env = "SHARDLINE_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<usize>,
+    /// Fraction of each GPU's memory for the weights, workspace and KV
+    /// cache; what other processes hold counts against it.
+    #[arg(long, default_value_t = 0.9, env = "SHARDLINE_GPU_MEMORY_UTILIZATION")]
+    gpu_memory_utilization: f64,
     /// Requests that may wait for a batch slot; more get 429.
     #[arg(long, default_value_t = 1024, env = "SHARDLINE_MAX_WAITING")]
     max_waiting: usize,
@@ -76,13 +84,6 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
     Ok((number * scale) as usize)
 }
 
-/// `MemAvailable` from /proc/meminfo, if readable.
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kib| kib * 1024)
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.parallel.follower() {
         return follow(&args.model.options(args.seed), &args.parallel);
@@ -90,6 +91,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.max_num_seqs > 0 && args.max_num_batched_tokens > 0,
         "--max-num-seqs and --max-num-batched-tokens must be positive"
+    );
+    anyhow::ensure!(
+        args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0,
+        "--gpu-memory-utilization must be within (0, 1], got {}",
+        args.gpu_memory_utilization
     );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(args))
@@ -170,19 +176,8 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
     let layout = args.parallel.layout();
     layout.validate(&config)?;
     let stages = layout.stage_layers(&config, args.parallel.pp_layers.as_deref())?;
-    // KV bytes per token on the rank with the most layers (f32 on the CPU).
-    let fullest = stages.iter().map(|s| s.len()).max().unwrap_or(0);
-    let per_token = fullest * 2 * ShardSizes::new(&config, layout.tp).kv_heads * config.head_dim() * 4;
-    let wanted = args.max_num_seqs * config.max_position_embeddings * per_token;
-    let budget = args
-        .kv_cache_memory
-        .unwrap_or_else(|| (available_memory().unwrap_or(4 << 30) / (5 * layout.world_size())).min(wanted));
-    let num_kv_blocks = budget / (BLOCK_SIZE * per_token);
-    anyhow::ensure!(
-        num_kv_blocks > 0,
-        "--kv-cache-memory {budget} bytes holds no {BLOCK_SIZE}-token block ({} bytes each)",
-        BLOCK_SIZE * per_token
-    );
+    let device = args.parallel.device()?;
+    let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, device)?;
     let engine_config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -192,11 +187,14 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
     let (executor, _) = start_executor(&options, &config, &args.parallel, num_kv_blocks)?;
     let engine = EngineHandle::spawn(Engine::new(executor, Some(tokenizer.clone()), engine_config));
     eprintln!(
-        "shardline: KV cache of {} tokens ({:.1} MiB)",
+        "shardline: KV cache of {} tokens ({:.1} MiB a rank)",
         num_kv_blocks * BLOCK_SIZE,
         (num_kv_blocks * BLOCK_SIZE * per_token) as f64 / (1 << 20) as f64
     );
     warm_up(&engine)?;
+    if device == Device::Cuda {
+        kv_cache::report_gpu_memory(&args.parallel);
+    }
     let limits = Limits {
         context_len: config.max_position_embeddings,
         kv_cache_tokens: num_kv_blocks * BLOCK_SIZE,

@@ -28,6 +28,10 @@ impl DummyWeights {
 }
 
 impl WeightSource for DummyWeights {
+    fn dtype(&self, _name: &str) -> Result<DType, LoadError> {
+        Ok(self.dtype)
+    }
+
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
         let numel: usize = shape.iter().product();
         let (lo, hi) = Self::value_range(name);

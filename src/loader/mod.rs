@@ -70,6 +70,9 @@ pub trait WeightSource {
     /// Whether the source holds `name` (for optional tensors such as an untied LM head).
     fn contains(&self, name: &str) -> bool;
 
+    /// The dtype tensor `name` is stored in.
+    fn dtype(&self, name: &str) -> Result<DType, LoadError>;
+
     /// Rows `rows` of tensor `name` (which must have `shape`) and, for a
     /// matrix, only columns `cols`: one tensor-parallel rank's slice.
     /// Sources that can read a slice alone (memory-mapped files) override

@@ -5,7 +5,7 @@
 
 use super::{dtype_from_safetensors, LoadError, WeightSource};
 use crate::backend::{DType, HostTensor};
-use ::safetensors::tensor::{Metadata, SafeTensors};
+use ::safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::File;
@@ -93,8 +93,8 @@ fn map_file(path: &Path) -> Result<MappedFile, LoadError> {
 }
 
 impl SafetensorsCheckpoint {
-    /// The dtype and the mapped bytes of tensor `name`, checked against `shape`.
-    fn locate(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8]), LoadError> {
+    /// The file holding tensor `name`, its header entry, and its dtype.
+    fn info(&self, name: &str) -> Result<(&MappedFile, &TensorInfo, DType), LoadError> {
         let Some(&index) = self.location.get(name) else {
             return Err(LoadError::MissingTensor {
                 path: self.primary_path().into(),
@@ -108,6 +108,12 @@ impl SafetensorsCheckpoint {
             name: name.into(),
             dtype: format!("{:?}", info.dtype),
         })?;
+        Ok((file, info, dtype))
+    }
+
+    /// The dtype and the mapped bytes of tensor `name`, checked against `shape`.
+    fn locate(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8]), LoadError> {
+        let (file, info, dtype) = self.info(name)?;
         if info.shape != shape {
             return Err(LoadError::ShapeMismatch {
                 path: file.path.clone(),
@@ -161,5 +167,9 @@ impl WeightSource for SafetensorsCheckpoint {
 
     fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
+    }
+
+    fn dtype(&self, name: &str) -> Result<DType, LoadError> {
+        Ok(self.info(name)?.2)
     }
 }

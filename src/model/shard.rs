@@ -128,6 +128,7 @@ impl HostTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::DType;
 
     /// One tensor, served whatever its name.
     struct Table(HostTensor);
@@ -140,6 +141,10 @@ mod tests {
 
         fn contains(&self, _name: &str) -> bool {
             true
+        }
+
+        fn dtype(&self, _name: &str) -> Result<DType, LoadError> {
+            Ok(self.0.dtype)
         }
     }
 

@@ -1,11 +1,14 @@
 //! "Do the math" before buying GPUs: for every `tp × pp` layout on up to N
 //! GPUs and every weight dtype, the bytes each GPU holds, the KV cache each
 //! token takes on it, how many tokens of KV cache fit in what is left, and
-//! whether that is enough to serve.
+//! whether that is enough to serve. `serve` sizes its KV cache on the GPUs
+//! it finds with the same arithmetic ([`kv_tokens_on`]).
 
 use super::layout::{valid_tp, Layout, ShardSizes};
+use crate::backend::cuda;
 use crate::backend::DType;
 use crate::config::ModelConfig;
+use std::ops::Range;
 
 /// What a plan assumes beyond the model and the GPUs.
 #[derive(Clone, Copy, Debug)]
@@ -15,19 +18,26 @@ pub struct PlanOptions {
     /// Fraction of each GPU's memory shardline may use (vLLM's default 0.9
     /// leaves the rest to the CUDA context, NCCL and fragmentation).
     pub gpu_memory_utilization: f64,
-    /// Tokens per step, which sizes the activation workspace.
-    pub max_num_batched_tokens: usize,
-    /// Sequences per step, which sizes the logits buffer.
-    pub max_num_seqs: usize,
+    pub workload: Workload,
     /// A layout fits when, after weights and workspace, this many tokens of
     /// KV cache fit (one request of this length, or several shorter).
     pub min_kv_tokens: usize,
+}
+
+/// The most one step asks, which sizes the activation workspace.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    /// Tokens per step (prefill chunks plus decodes).
+    pub max_num_batched_tokens: usize,
+    /// Sequences per step, which sizes the logits buffer.
+    pub max_num_seqs: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct PlanRow {
     pub tp: usize,
     pub pp: usize,
+    /// The checkpoint's weight dtype (an f16 checkpoint is held in f32).
     pub dtype: String,
     /// On the GPU that holds the most (the heaviest pipeline stage).
     pub weight_bytes_per_gpu: u64,
@@ -46,8 +56,46 @@ impl PlanRow {
     }
 }
 
-/// Every valid layout on up to `options.gpus` GPUs, for each weight dtype
-/// shardline runs (KV cache in the same width: bf16/f16 → 2 bytes, f32 → 4).
+/// What one rank of a pipeline stage needs on its GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankMemory {
+    /// Its weights as the GPU holds them.
+    pub weights: u64,
+    /// Peak activations of one step, and the logits.
+    pub workspace: u64,
+    /// The KV cache of one token (its layers, its KV heads, bf16).
+    pub kv_per_token: u64,
+}
+
+/// One GPU's memory as its driver reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuMemory {
+    pub free: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FitError {
+    #[error(
+        "{gpu} has {total:.2} GiB, {in_use:.2} GiB of it in use before loading; --gpu-memory-utilization {utilization} leaves {usable:.2} GiB, \
+         but its {ranks} rank(s) need {weights:.2} GiB of weights and {workspace:.2} GiB of workspace before any KV cache: \
+         use more GPUs (--tp, --pp), a higher --gpu-memory-utilization, or a lower --max-num-seqs or --max-num-batched-tokens"
+    )]
+    NoRoom {
+        gpu: String,
+        ranks: usize,
+        total: f64,
+        in_use: f64,
+        utilization: f64,
+        usable: f64,
+        weights: f64,
+        workspace: f64,
+    },
+}
+
+/// Every valid layout on up to `options.gpus` GPUs, for each checkpoint
+/// dtype shardline reads. Weights take what the CUDA backend holds them in
+/// (bf16 as is; f16 and f32 in f32) and the KV cache is bf16.
 pub fn plan(config: &ModelConfig, options: &PlanOptions) -> Vec<PlanRow> {
     let mut rows = Vec::new();
     for dtype in [DType::BF16, DType::F16, DType::F32] {
@@ -70,13 +118,33 @@ pub fn recommend(rows: &[PlanRow]) -> Option<&PlanRow> {
 }
 
 fn row(config: &ModelConfig, layout: Layout, dtype: DType, options: &PlanOptions) -> PlanRow {
-    let shard = ShardSizes::new(config, layout.tp);
     let stages = layout.stage_layers(config, None).expect("plan only builds valid layouts");
-    let bytes = dtype.size_in_bytes() as u64;
-    let workspace = workspace_bytes(config, layout.tp, options);
+    let per_stage = stage_memory(config, layout.tp, &stages, dtype, options.workload);
     let usable = (options.gpu_memory_bytes as f64 * options.gpu_memory_utilization) as u64;
-    // Per stage: its weights, its KV bytes per token, the tokens it can cache.
-    let per_stage: Vec<(u64, u64, u64)> = stages
+    let tokens = |m: &RankMemory| usable.saturating_sub(m.weights + m.workspace) / m.kv_per_token.max(1);
+    let weight_bytes_per_gpu = per_stage.iter().map(|m| m.weights).max().expect("at least one stage");
+    // Every stage caches every token: the tightest stage sets the capacity.
+    let tightest = per_stage.iter().min_by_key(|m| tokens(m)).expect("at least one stage");
+    let max_kv_tokens = tokens(tightest);
+    PlanRow {
+        tp: layout.tp,
+        pp: layout.pp,
+        dtype: dtype.to_string(),
+        weight_bytes_per_gpu,
+        workspace_bytes_per_gpu: tightest.workspace,
+        kv_bytes_per_token: tightest.kv_per_token,
+        max_kv_tokens,
+        fits: max_kv_tokens >= options.min_kv_tokens as u64,
+    }
+}
+
+/// What each rank of each stage (`stages`, tensor-parallel over `tp`)
+/// needs on its GPU for a checkpoint of `dtype` under `workload`.
+pub fn stage_memory(config: &ModelConfig, tp: usize, stages: &[Range<usize>], dtype: DType, workload: Workload) -> Vec<RankMemory> {
+    let shard = ShardSizes::new(config, tp);
+    let bytes = cuda::weight_element_bytes(dtype) as u64;
+    let workspace = workspace_bytes(config, tp, workload);
+    stages
         .iter()
         .enumerate()
         .map(|(i, range)| {
@@ -92,36 +160,77 @@ fn row(config: &ModelConfig, layout: Layout, dtype: DType, options: &PlanOptions
                 }
                 params += shard.norm;
             }
-            let weights = params as u64 * bytes;
-            let kv = (range.len() * 2 * shard.kv_heads * config.head_dim()) as u64 * bytes;
-            (weights, kv, usable.saturating_sub(weights + workspace) / kv.max(1))
+            let kv_values = range.len() * 2 * shard.kv_heads * config.head_dim();
+            RankMemory {
+                weights: params as u64 * bytes,
+                workspace,
+                kv_per_token: (kv_values * cuda::KV_CACHE_BYTES) as u64,
+            }
         })
-        .collect();
-    let weight_bytes_per_gpu = per_stage.iter().map(|s| s.0).max().expect("at least one stage");
-    // Every stage caches every token: the tightest stage sets the capacity.
-    let (_, kv_bytes_per_token, max_kv_tokens) = *per_stage.iter().min_by_key(|s| s.2).expect("at least one stage");
-    PlanRow {
-        tp: layout.tp,
-        pp: layout.pp,
-        dtype: dtype.to_string(),
-        weight_bytes_per_gpu,
-        workspace_bytes_per_gpu: workspace,
-        kv_bytes_per_token,
-        max_kv_tokens,
-        fits: max_kv_tokens >= options.min_kv_tokens as u64,
+        .collect()
+}
+
+/// Tokens of KV cache every rank can hold, with rank `r` of a `tp`-wide
+/// layout (stage `r / tp`, needing `stages[r / tp]`) on GPU `r % gpus.len()`
+/// of its node, `ranks_per_node` ranks a node, every node's GPUs like these.
+/// A GPU lends its ranks `utilization` of its memory, less what is in use
+/// before they load, less their weights and workspaces; its ranks' KV
+/// bytes a token share the rest. The tightest GPU sets the capacity.
+pub fn kv_tokens_on(
+    stages: &[RankMemory],
+    tp: usize,
+    gpus: &[GpuMemory],
+    ranks_per_node: usize,
+    utilization: f64,
+) -> Result<u64, FitError> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let nodes = (stages.len() * tp / ranks_per_node.max(1)).max(1);
+    let mut least = u64::MAX;
+    for node in 0..nodes {
+        for (gpu, memory) in gpus.iter().enumerate() {
+            let on_gpu: Vec<RankMemory> = (node * ranks_per_node..(node + 1) * ranks_per_node)
+                .filter(|r| r % gpus.len() == gpu)
+                .map(|r| stages[r / tp])
+                .collect();
+            if on_gpu.is_empty() {
+                continue;
+            }
+            let weights: u64 = on_gpu.iter().map(|m| m.weights).sum();
+            let workspace: u64 = on_gpu.iter().map(|m| m.workspace).sum();
+            let kv: u64 = on_gpu.iter().map(|m| m.kv_per_token).sum();
+            let in_use = memory.total.saturating_sub(memory.free);
+            let usable = ((memory.total as f64 * utilization) as u64).saturating_sub(in_use);
+            if usable <= weights + workspace {
+                return Err(FitError::NoRoom {
+                    gpu: match nodes {
+                        1 => format!("GPU {gpu}"),
+                        _ => format!("node {node}'s GPU {gpu}"),
+                    },
+                    ranks: on_gpu.len(),
+                    total: gib(memory.total),
+                    in_use: gib(in_use),
+                    utilization,
+                    usable: gib(usable),
+                    weights: gib(weights),
+                    workspace: gib(workspace),
+                });
+            }
+            least = least.min((usable - weights - workspace) / kv.max(1));
+        }
     }
+    Ok(least)
 }
 
 /// Peak activations of one step, in f32: the residual stream and norms
 /// (4 × hidden), this rank's q/k/v and gate/up outputs, and the logits of
 /// every sequence over this rank's vocabulary slice.
-fn workspace_bytes(config: &ModelConfig, tp: usize, options: &PlanOptions) -> u64 {
+fn workspace_bytes(config: &ModelConfig, tp: usize, workload: Workload) -> u64 {
     let shard = ShardSizes::new(config, tp);
     let hd = config.head_dim();
     let qkv = (config.num_attention_heads / tp + 2 * shard.kv_heads) * hd;
     let per_token = 4 * config.hidden_size + qkv + 2 * config.intermediate_size / tp;
-    let logits = options.max_num_seqs * config.vocab_size.div_ceil(tp);
-    4 * (options.max_num_batched_tokens * per_token + logits) as u64
+    let logits = workload.max_num_seqs * config.vocab_size.div_ceil(tp);
+    4 * (workload.max_num_batched_tokens * per_token + logits) as u64
 }
 
 #[cfg(test)]
@@ -135,8 +244,10 @@ mod tests {
             gpus,
             gpu_memory_bytes: 80 * GIB,
             gpu_memory_utilization: 0.9,
-            max_num_batched_tokens: 2048,
-            max_num_seqs: 256,
+            workload: Workload {
+                max_num_batched_tokens: 2048,
+                max_num_seqs: 256,
+            },
             min_kv_tokens: 4096,
         }
     }
@@ -175,5 +286,90 @@ mod tests {
         assert!(rows.iter().all(|r| ![3, 5, 6].contains(&r.tp)));
         assert!(rows.iter().any(|r| r.tp == 4 && r.pp == 1));
         assert!(recommend(&plan(&c, &options(1))).is_none());
+    }
+
+    #[test]
+    fn f16_weights_are_held_in_f32_and_the_kv_cache_is_bf16_whatever_the_weights() {
+        let c = qwen_72b();
+        let rows = plan(&c, &options(8));
+        let find = |dtype: &str| rows.iter().find(|r| r.tp == 4 && r.pp == 1 && r.dtype == dtype).unwrap();
+        let (bf16, f16, f32) = (find("bf16"), find("f16"), find("f32"));
+        assert_eq!(f16.weight_bytes_per_gpu, 2 * bf16.weight_bytes_per_gpu);
+        assert_eq!(f16.weight_bytes_per_gpu, f32.weight_bytes_per_gpu);
+        assert_eq!(f32.kv_bytes_per_token, bf16.kv_bytes_per_token);
+    }
+
+    #[test]
+    fn stage_memory_counts_the_7b_shape_in_bf16() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/qwen2.5-7b.json");
+        let c = ModelConfig::from_file(&path).unwrap();
+        let workload = options(1).workload;
+        let one_stage = Layout { tp: 1, pp: 1 }.stage_layers(&c, None).unwrap();
+        let [whole] = stage_memory(&c, 1, &one_stage, DType::BF16, workload)[..] else {
+            panic!("one stage")
+        };
+        assert_eq!(whole.weights, 2 * c.num_parameters() as u64);
+        // 28 layers × K and V × 4 KV heads × 128 × 2 bytes.
+        assert_eq!(whole.kv_per_token, 28 * 2 * 4 * 128 * 2);
+        // Two stages (the 7B's embedding is untied): the weights split, each
+        // caches its own layers.
+        let halves = stage_memory(&c, 1, &[0..14, 14..28], DType::BF16, workload);
+        assert_eq!(halves.iter().map(|m| m.weights).sum::<u64>(), whole.weights);
+        assert_eq!(halves[1].kv_per_token, whole.kv_per_token / 2);
+    }
+
+    const RANK: RankMemory = RankMemory {
+        weights: 10 * GIB,
+        workspace: GIB,
+        kv_per_token: 1 << 20,
+    };
+
+    fn gpu(total_gib: u64, free_gib: u64) -> GpuMemory {
+        GpuMemory {
+            free: free_gib * GIB,
+            total: total_gib * GIB,
+        }
+    }
+
+    #[test]
+    fn kv_tokens_fill_the_share_of_each_gpu_left_after_weights_and_workspace() {
+        // Half of 40 GiB, less the 1 GiB in use, less 11 GiB: 8 GiB at 1 MiB a token.
+        assert_eq!(kv_tokens_on(&[RANK], 1, &[gpu(40, 39)], 1, 0.5), Ok(8192));
+        // Two ranks on one GPU share it: 39 - 22 GiB at 2 MiB a token.
+        assert_eq!(kv_tokens_on(&[RANK], 2, &[gpu(40, 39)], 2, 1.0), Ok(8704));
+        // A rank a GPU, the busier GPU sets the capacity: 36 - 10 - 11 GiB.
+        assert_eq!(kv_tokens_on(&[RANK], 2, &[gpu(40, 39), gpu(40, 30)], 2, 0.9), Ok(15 * 1024));
+        // Pipeline stages differ: the heavier one sets it (36 - 1 - 15 GiB).
+        let heavy = RankMemory { weights: 14 * GIB, ..RANK };
+        assert_eq!(kv_tokens_on(&[RANK, heavy], 1, &[gpu(40, 39), gpu(40, 39)], 2, 0.9), Ok(20 * 1024));
+    }
+
+    #[test]
+    fn ranks_on_other_nodes_use_their_own_gpus() {
+        // tp=4 over two nodes of two GPUs: one rank a GPU, as on one node.
+        let alone = kv_tokens_on(&[RANK], 1, &[gpu(40, 39)], 1, 0.9);
+        assert_eq!(kv_tokens_on(&[RANK], 4, &[gpu(40, 39), gpu(40, 39)], 2, 0.9), alone);
+        // pp=2 × tp=2 over two nodes: node 1 holds the stage that does not fit.
+        let heavy = RankMemory { weights: 40 * GIB, ..RANK };
+        let Err(FitError::NoRoom { gpu: which, ranks, .. }) = kv_tokens_on(&[RANK, heavy], 2, &[gpu(40, 39), gpu(40, 39)], 2, 0.9) else {
+            panic!("the heavy stage does not fit")
+        };
+        assert_eq!((which.as_str(), ranks), ("node 1's GPU 0", 1));
+    }
+
+    #[test]
+    fn a_gpu_without_room_for_its_ranks_says_what_they_need() {
+        let err = kv_tokens_on(&[RANK], 2, &[gpu(40, 39)], 2, 0.5).unwrap_err();
+        let text = err.to_string();
+        for part in [
+            "GPU 0 has 40.00 GiB, 1.00 GiB of it in use before loading",
+            "--gpu-memory-utilization 0.5 leaves 19.00 GiB",
+            "its 2 rank(s) need 20.00 GiB of weights and 2.00 GiB of workspace",
+            "use more GPUs (--tp, --pp)",
+        ] {
+            assert!(text.contains(part), "{part:?} not in {text:?}");
+        }
+        // Memory other processes hold counts against the share.
+        assert!(kv_tokens_on(&[RANK], 1, &[gpu(40, 10)], 1, 0.9).is_err());
     }
 }

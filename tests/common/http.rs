@@ -11,6 +11,8 @@ use std::time::Duration;
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// What it wrote to stderr until it was ready.
+    pub startup: Vec<String>,
 }
 
 pub struct HttpResponse {
@@ -44,10 +46,16 @@ impl HttpResponse {
 impl Server {
     /// Serves tiny-chat with `args` added; returns once it is ready.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, &[])
+    }
+
+    /// [`Server::start`] with `env` added to the server's environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let model = super::model_dir("tiny-chat");
         let mut child = Command::new(super::shardline_bin())
             .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,6 +65,7 @@ impl Server {
         let mut server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            startup: Vec::new(),
         };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -73,6 +82,7 @@ impl Server {
                 return server;
             }
             assert!(!line.starts_with("error"), "the server failed to start: {line}");
+            server.startup.push(line);
         }
     }
 

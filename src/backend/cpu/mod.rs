@@ -117,6 +117,9 @@ fn resolve(id: u32, previous: &[u32], vocab: &Range<u32>, rows: usize) -> Result
     }
 }
 
+/// Bytes a cached key or value takes: the CPU caches f32.
+pub const KV_CACHE_BYTES: usize = std::mem::size_of::<f32>();
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;

@@ -92,6 +92,26 @@ pub fn gpu_count() -> usize {
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
+/// Free and total bytes of GPU `ordinal`'s memory, as its driver reports
+/// them now (in its primary context, which counts among what is in use).
+pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
+    let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
+    ctx.mem_get_info().map_err(driver_error("reading the GPU's free memory"))
+}
+
+/// Bytes a cached key or value takes: the KV cache is bf16.
+pub const KV_CACHE_BYTES: usize = 2;
+
+/// Bytes an element of a weight matrix of checkpoint dtype `dtype` takes
+/// on the GPU: bf16 as it is, anything else widened to f32 (vectors, such
+/// as norms and biases, are always f32).
+pub fn weight_element_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::BF16 => 2,
+        DType::F16 | DType::F32 => 4,
+    }
+}
+
 /// A row-major `[rows, cols]` f32 matrix in device memory.
 pub struct CudaTensor {
     data: Scratch<f32>,

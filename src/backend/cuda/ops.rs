@@ -5,7 +5,7 @@ use super::gemm::Operands;
 use super::matvec::MATVEC_MAX_TOKENS;
 use super::{
     alloc_error, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight, SampledFetch,
-    WeightData,
+    WeightData, KV_CACHE_BYTES,
 };
 use crate::backend::{AttentionSpec, Backend, BackendError, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity, StepInputs};
 use cudarc::driver::CudaSlice;
@@ -68,7 +68,11 @@ impl Backend for CudaBackend {
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
         let n = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
-        let zeros = || self.stream.alloc_zeros::<bf16>(n).map_err(alloc_error("the KV cache", n * 2));
+        let zeros = || {
+            self.stream
+                .alloc_zeros::<bf16>(n)
+                .map_err(alloc_error("the KV cache", n * KV_CACHE_BYTES))
+        };
         Ok(CudaKvCache { k: zeros()?, v: zeros()? })
     }
 

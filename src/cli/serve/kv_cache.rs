@@ -1,0 +1,102 @@
+//! How big `serve` makes the KV cache: what the user asks, else what the
+//! GPUs' memory leaves beside the weights and workspace (as `shardline
+//! plan` works it out, on the memory the driver reports), else a share of
+//! the host's memory.
+
+use super::ServeArgs;
+use crate::cli::{Device, ParallelArgs};
+use anyhow::{bail, Context};
+use shardline::backend::{cpu, cuda, BackendError};
+use shardline::config::ModelConfig;
+use shardline::generation::BLOCK_SIZE;
+use shardline::model_dir::{self, ModelOptions};
+use shardline::parallel::layout::ShardSizes;
+use shardline::parallel::plan::{self, GpuMemory, Workload};
+use std::ops::Range;
+
+/// The KV cache's blocks, and the bytes a token takes on the rank with the
+/// most layers: `--kv-cache-memory` a rank if given; else, on GPUs, what
+/// `--gpu-memory-utilization` of each leaves beside its ranks' weights and
+/// workspace (the arithmetic of `shardline plan`, on the memory the driver
+/// reports), and on the CPU a fifth of the available memory; never more
+/// than `--max-num-seqs` full contexts.
+pub(super) fn kv_cache_blocks(
+    args: &ServeArgs,
+    options: &ModelOptions,
+    config: &ModelConfig,
+    stages: &[Range<usize>],
+    device: Device,
+) -> anyhow::Result<(usize, usize)> {
+    let layout = args.parallel.layout();
+    let value_bytes = match device {
+        Device::Cuda => cuda::KV_CACHE_BYTES,
+        _ => cpu::KV_CACHE_BYTES,
+    };
+    let fullest = stages.iter().map(|s| s.len()).max().unwrap_or(0);
+    let per_token = fullest * 2 * ShardSizes::new(config, layout.tp).kv_heads * config.head_dim() * value_bytes;
+    let tokens = match (args.kv_cache_memory, device) {
+        (Some(bytes), _) => bytes / per_token,
+        (None, Device::Cuda) => gpu_kv_tokens(args, options, config, stages)?,
+        (None, _) => available_memory().unwrap_or(4 << 30) / (5 * layout.world_size()) / per_token,
+    };
+    let tokens = tokens.min(args.max_num_seqs * config.max_position_embeddings);
+    // A GPU's decode graphs keep one more block, for their padding rows.
+    let spare = usize::from(device == Device::Cuda);
+    let blocks = (tokens / BLOCK_SIZE).saturating_sub(spare);
+    if blocks == 0 {
+        let why = match args.kv_cache_memory {
+            Some(bytes) => format!("--kv-cache-memory {bytes} bytes"),
+            None => "the memory left".into(),
+        };
+        bail!(
+            "{why} holds no {BLOCK_SIZE}-token block of KV cache ({} bytes each, {spare} more for the decode graphs)",
+            BLOCK_SIZE * per_token
+        );
+    }
+    Ok((blocks, per_token))
+}
+
+/// KV-cache tokens the GPUs hold beside the weights and workspace.
+fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig, stages: &[Range<usize>]) -> anyhow::Result<usize> {
+    let layout = args.parallel.layout();
+    let dtype = model_dir::weight_dtype(options).context("reading the weights' dtype")?;
+    let workload = Workload {
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+    };
+    let needs = plan::stage_memory(config, layout.tp, stages, dtype, workload);
+    let ranks_per_node = layout.world_size() / args.parallel.nnodes.max(1);
+    let gpus = (0..cuda::gpu_count().min(ranks_per_node))
+        .map(|g| {
+            let (free, total) = cuda::memory_info(g)?;
+            Ok(GpuMemory {
+                free: free as u64,
+                total: total as u64,
+            })
+        })
+        .collect::<Result<Vec<_>, BackendError>>()?;
+    let tokens = plan::kv_tokens_on(&needs, layout.tp, &gpus, ranks_per_node, args.gpu_memory_utilization)?;
+    Ok(usize::try_from(tokens).unwrap_or(usize::MAX))
+}
+
+/// What the loaded model left free on each GPU this node uses.
+pub(super) fn report_gpu_memory(parallel: &ParallelArgs) {
+    let ranks = parallel.layout().world_size() / parallel.nnodes.max(1);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    for g in 0..cuda::gpu_count().min(ranks) {
+        if let Ok((free, total)) = cuda::memory_info(g) {
+            eprintln!(
+                "shardline: GPU {g}: {:.2} GiB of {:.2} GiB free after loading",
+                gib(free),
+                gib(total)
+            );
+        }
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, if readable.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kib| kib * 1024)
+}

@@ -1,0 +1,89 @@
+//! `shardline serve` on a GPU sizes its KV cache from the memory the driver
+//! reports: what `--gpu-memory-utilization` of the GPU leaves beside the
+//! weights and workspace (and what is in use already), and refuses to start
+//! where that leaves nothing. Skips, saying so, where no GPU is visible.
+
+mod common;
+
+use common::http::Server;
+use shardline::backend::cuda;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// A `--gpu-memory-utilization` that lets shardline have `mib` MiB of GPU 0
+/// beyond what is in use now (this process's own context among it).
+fn utilization_for(mib: usize) -> String {
+    let (free, total) = cuda::memory_info(0).unwrap();
+    ((total - free + mib * MIB) as f64 / total as f64).to_string()
+}
+
+/// The tokens of KV cache a server started with `utilization` reports.
+fn kv_tokens(utilization: &str) -> usize {
+    let server = Server::start(&["--device", "cuda", "--gpu-memory-utilization", utilization]);
+    let line = server
+        .startup
+        .iter()
+        .find_map(|l| l.strip_prefix("shardline: KV cache of "))
+        .unwrap_or_else(|| panic!("no KV cache line in {:?}", server.startup));
+    assert!(
+        server
+            .startup
+            .iter()
+            .any(|l| l.starts_with("shardline: GPU 0: ") && l.ends_with("free after loading")),
+        "no report of the memory left: {:?}",
+        server.startup
+    );
+    line.split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn serve_gives_the_kv_cache_what_the_gpu_memory_utilization_leaves() {
+    if !common::gpu_visible() {
+        return;
+    }
+    let small = kv_tokens(&utilization_for(400));
+    let large = kv_tokens(&utilization_for(464));
+    // tiny-chat's bf16 KV cache takes 4 layers × K and V × 2 heads × 32 × 2
+    // bytes = 1 KiB a token: the 64 MiB more all go to it (to a 16-token block).
+    assert!(large.abs_diff(small + 64 * 1024) <= 16, "{small} tokens, then {large}");
+    let weights = std::fs::metadata(common::model_dir("tiny-chat").join("model.safetensors"))
+        .unwrap()
+        .len() as usize;
+    assert!(
+        small * 1024 + weights < 400 * MIB,
+        "{small} tokens and {weights} bytes of weights in 400 MiB"
+    );
+}
+
+#[test]
+fn serve_refuses_a_gpu_without_room_for_the_weights_and_workspace() {
+    if !common::gpu_visible() {
+        return;
+    }
+    let model = common::model_dir("tiny-chat");
+    let utilization = utilization_for(100);
+    let mut child = Command::new(common::shardline_bin())
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--device", "cuda"])
+        .args(["--gpu-memory-utilization", &utilization])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server that starts serves until stopped: give it a minute to refuse.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started on {utilization} of the GPU instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for part in ["GPU 0 has", "before any KV cache", "a lower --max-num-seqs"] {
+        assert!(stderr.contains(part), "{part:?} not in {stderr}");
+    }
+}
