@@ -169,6 +169,10 @@ fn bad_command_lines_fail_with_clear_messages() {
         &[&serve[..], &["--gpu-memory-utilization", "0"]].concat(),
         "--gpu-memory-utilization must be within (0, 1], got 0",
     );
+    assert_fails_with(
+        &[&serve[..], &["--max-model-len", "5000"]].concat(),
+        "--max-model-len 5000 must be within 1..=4096, the model's max_position_embeddings",
+    );
     // tiny-chat's f32 KV cache on the CPU: 4 layers × K and V × 2 heads × 32 × 4 bytes a token.
     assert_fails_with(
         &[&serve[..], &["--kv-cache-memory", "16KiB"]].concat(),

@@ -117,6 +117,36 @@ fn completions_tokenize_detokenize_and_models() {
 }
 
 #[test]
+fn max_model_len_caps_every_request_and_is_what_the_server_reports() {
+    let server = Server::start(&["--kv-cache-memory", "64MiB", "--max-model-len", "128"]);
+    let models = server.get("/v1/models").json();
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+    let tokenized = server.post("/tokenize", &json!({"prompt": "Hello world"})).json();
+    assert_eq!(tokenized["max_model_len"], 128);
+    let case = &cases()[2];
+    let prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+    let too_long = server.post(
+        "/v1/completions",
+        &json!({"model": "tiny-chat", "prompt": prompt, "max_tokens": 120}),
+    );
+    let message = format!(
+        "max_tokens 120 + prompt {} tokens exceeds the model's 128-token context",
+        prompt.len()
+    );
+    assert_error(&too_long, 400, &message);
+    assert_eq!(too_long.json()["error"]["code"], "context_length_exceeded");
+    // Without max_tokens a request may run to the end of the context.
+    let out = server
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny-chat", "prompt": prompt, "temperature": 0}),
+        )
+        .json();
+    assert_eq!(out["choices"][0]["text"], case["completion_text"]);
+    assert!(out["usage"]["total_tokens"].as_u64().unwrap() <= 128, "{out}");
+}
+
+#[test]
 fn sixty_four_concurrent_mixed_requests_match_their_alone_runs() {
     let server = Server::start(&["--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "256"]);
     let cases = cases();

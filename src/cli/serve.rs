@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// Most sequences in one batch.
     #[arg(long, default_value_t = 256, env = "SHARDLINE_MAX_NUM_SEQS")]
     max_num_seqs: usize,
+    /// Longest context (prompt plus output) a request may have (default:
+    /// the model's max_position_embeddings); also caps the KV cache at
+    /// --max-num-seqs contexts this long.
+    #[arg(long, env = "SHARDLINE_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
     /// Most tokens (prefill chunks plus decodes) in one step.
     #[arg(long, default_value_t = 2048, env = "SHARDLINE_MAX_NUM_BATCHED_TOKENS")]
     max_num_batched_tokens: usize,
@@ -176,8 +181,16 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
     let layout = args.parallel.layout();
     layout.validate(&config)?;
     let stages = layout.stage_layers(&config, args.parallel.pp_layers.as_deref())?;
+    let context_len = match args.max_model_len {
+        None => config.max_position_embeddings,
+        Some(n) if n > 0 && n <= config.max_position_embeddings => n,
+        Some(n) => bail!(
+            "--max-model-len {n} must be within 1..={}, the model's max_position_embeddings",
+            config.max_position_embeddings
+        ),
+    };
     let device = args.parallel.device()?;
-    let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, device)?;
+    let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, device, context_len)?;
     let engine_config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -191,12 +204,18 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         num_kv_blocks * BLOCK_SIZE,
         (num_kv_blocks * BLOCK_SIZE * per_token) as f64 / (1 << 20) as f64
     );
+    if num_kv_blocks * BLOCK_SIZE < context_len {
+        eprintln!(
+            "shardline: the KV cache holds fewer tokens than one {context_len}-token context; \
+             a request needing more is refused (--max-model-len caps the context)"
+        );
+    }
     warm_up(&engine)?;
     if device == Device::Cuda {
         kv_cache::report_gpu_memory(&args.parallel);
     }
     let limits = Limits {
-        context_len: config.max_position_embeddings,
+        context_len,
         kv_cache_tokens: num_kv_blocks * BLOCK_SIZE,
         vocab_size: config.vocab_size,
         eos_token_ids: info.eos_token_ids,

@@ -19,13 +19,14 @@ use std::ops::Range;
 /// `--gpu-memory-utilization` of each leaves beside its ranks' weights and
 /// workspace (the arithmetic of `shardline plan`, on the memory the driver
 /// reports), and on the CPU a fifth of the available memory; never more
-/// than `--max-num-seqs` full contexts.
+/// than `--max-num-seqs` full contexts of `context_len` tokens.
 pub(super) fn kv_cache_blocks(
     args: &ServeArgs,
     options: &ModelOptions,
     config: &ModelConfig,
     stages: &[Range<usize>],
     device: Device,
+    context_len: usize,
 ) -> anyhow::Result<(usize, usize)> {
     let layout = args.parallel.layout();
     let value_bytes = match device {
@@ -39,7 +40,7 @@ pub(super) fn kv_cache_blocks(
         (None, Device::Cuda) => gpu_kv_tokens(args, options, config, stages)?,
         (None, _) => available_memory().unwrap_or(4 << 30) / (5 * layout.world_size()) / per_token,
     };
-    let tokens = tokens.min(args.max_num_seqs * config.max_position_embeddings);
+    let tokens = tokens.min(args.max_num_seqs * context_len);
     // A GPU's decode graphs keep one more block, for their padding rows.
     let spare = usize::from(device == Device::Cuda);
     let blocks = (tokens / BLOCK_SIZE).saturating_sub(spare);
