@@ -122,6 +122,15 @@ impl ParallelArgs {
         NodeSpec::new(self.nnodes, self.node_rank, &self.master_addr, self.master_port, timeout)
     }
 
+    /// Rows of the largest decode graph the ranks record (graphs need one
+    /// pipeline stage), 0 where they record none.
+    fn decode_graph_rows(&self, max_num_seqs: usize) -> usize {
+        match self.enforce_eager || self.pp > 1 {
+            true => 0,
+            false => shardline::model::largest_graph(max_num_seqs),
+        }
+    }
+
     /// On a node other than 0: the command's job is to run this node's
     /// ranks for node 0, so it does that (until node 0 hangs up) instead.
     fn follower(&self) -> bool {

@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Args;
 use shardline::config::ModelConfig;
+use shardline::model::largest_graph;
 use shardline::parallel::plan::{plan, recommend, PlanOptions, PlanRow, Workload};
 use std::path::PathBuf;
 
@@ -53,6 +54,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         workload: Workload {
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_num_seqs: args.max_num_seqs,
+            graph_tokens: largest_graph(args.max_num_seqs),
         },
         min_kv_tokens: args.min_kv_tokens,
     };

@@ -23,6 +23,13 @@ use crate::sampling::RowSampling;
 /// that holds it. Past the last, decode steps run as usual.
 pub const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
+/// Rows of the largest decode graph batches of up to `max_num_seqs`
+/// sequences record: what the graphs' activations are sized by.
+pub fn largest_graph(max_num_seqs: usize) -> usize {
+    let last = *BUCKETS.last().expect("buckets");
+    BUCKETS.iter().copied().find(|&b| b >= max_num_seqs).unwrap_or(last)
+}
+
 /// Logit adjustments (penalized and biased tokens) a row's first capture
 /// makes room for; a step that needs more records its bucket again, larger.
 const ADJUSTMENTS_PER_ROW: usize = 64;
@@ -212,5 +219,18 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::largest_graph;
+
+    #[test]
+    fn the_largest_graph_is_the_bucket_holding_every_sequence_up_to_the_last() {
+        assert_eq!(largest_graph(1), 1);
+        assert_eq!(largest_graph(100), 128);
+        assert_eq!(largest_graph(256), 256);
+        assert_eq!(largest_graph(1000), 256);
     }
 }

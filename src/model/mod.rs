@@ -6,7 +6,7 @@ mod graphs;
 mod qwen2;
 mod shard;
 
-pub use graphs::{DecodeGraphs, BUCKETS};
+pub use graphs::{largest_graph, DecodeGraphs, BUCKETS};
 pub use shard::Shard;
 
 use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs, PREVIOUS_SAMPLE};

@@ -31,6 +31,10 @@ pub struct Workload {
     pub max_num_batched_tokens: usize,
     /// Sequences per step, which sizes the logits buffer.
     pub max_num_seqs: usize,
+    /// Rows of the largest decode graph (0 without graphs): the recorded
+    /// graphs keep their activations and logits, in buffers that sum to
+    /// under twice the largest graph's.
+    pub graph_tokens: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -223,14 +227,17 @@ pub fn kv_tokens_on(
 
 /// Peak activations of one step, in f32: the residual stream and norms
 /// (4 × hidden), this rank's q/k/v and gate/up outputs, and the logits of
-/// every sequence over this rank's vocabulary slice.
+/// every sequence over this rank's vocabulary slice; and beside them what
+/// the decode graphs hold of the same (twice the largest graph's rows).
 fn workspace_bytes(config: &ModelConfig, tp: usize, workload: Workload) -> u64 {
     let shard = ShardSizes::new(config, tp);
     let hd = config.head_dim();
     let qkv = (config.num_attention_heads / tp + 2 * shard.kv_heads) * hd;
     let per_token = 4 * config.hidden_size + qkv + 2 * config.intermediate_size / tp;
-    let logits = workload.max_num_seqs * config.vocab_size.div_ceil(tp);
-    4 * (workload.max_num_batched_tokens * per_token + logits) as u64
+    let graphs = 2 * workload.graph_tokens;
+    let activations = (workload.max_num_batched_tokens + graphs) * per_token;
+    let logits = (workload.max_num_seqs + graphs) * config.vocab_size.div_ceil(tp);
+    4 * (activations + logits) as u64
 }
 
 #[cfg(test)]
@@ -247,6 +254,7 @@ mod tests {
             workload: Workload {
                 max_num_batched_tokens: 2048,
                 max_num_seqs: 256,
+                graph_tokens: 256,
             },
             min_kv_tokens: 4096,
         }
@@ -371,5 +379,18 @@ mod tests {
         }
         // Memory other processes hold counts against the share.
         assert!(kv_tokens_on(&[RANK], 1, &[gpu(40, 10)], 1, 0.9).is_err());
+    }
+
+    #[test]
+    fn the_decode_graphs_reserve_twice_their_largest_rows_of_activations_and_logits() {
+        let c = qwen_72b();
+        let with = options(1).workload;
+        let without = Workload { graph_tokens: 0, ..with };
+        // Per row at tp=2: 4 × hidden, q/k/v (32 + 2 × 4 heads of 128), gate and up, and the vocabulary slice.
+        let row = 4 * 8192 + 40 * 128 + 29568 + 152064 / 2;
+        assert_eq!(
+            workspace_bytes(&c, 2, with) - workspace_bytes(&c, 2, without),
+            4 * 2 * 256 * row as u64
+        );
     }
 }

@@ -64,6 +64,7 @@ fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig,
     let workload = Workload {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_num_seqs: args.max_num_seqs,
+        graph_tokens: args.parallel.decode_graph_rows(args.max_num_seqs),
     };
     let needs = plan::stage_memory(config, layout.tp, stages, dtype, workload);
     let ranks_per_node = layout.world_size() / args.parallel.nnodes.max(1);
