@@ -117,8 +117,16 @@ fn completions_tokenize_detokenize_and_models() {
 }
 
 #[test]
-fn max_model_len_caps_every_request_and_is_what_the_server_reports() {
+fn the_server_reports_its_limits_and_max_model_len_caps_every_request() {
     let server = Server::start(&["--kv-cache-memory", "64MiB", "--max-model-len", "128"]);
+    // The capacity the server logged, in 16-token blocks.
+    let logged = server
+        .startup
+        .iter()
+        .find_map(|l| l.strip_prefix("shardline: KV cache of "))
+        .unwrap();
+    let tokens: f64 = logged.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(server.metric("shardline_kv_cache_blocks") * 16.0, tokens);
     let models = server.get("/v1/models").json();
     assert_eq!(models["data"][0]["max_model_len"], 128);
     let tokenized = server.post("/tokenize", &json!({"prompt": "Hello world"})).json();

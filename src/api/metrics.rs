@@ -118,6 +118,12 @@ impl Metrics {
                     s.waiting.load(Ordering::Relaxed) as f64,
                 ),
                 (
+                    "shardline_kv_cache_blocks",
+                    "gauge",
+                    "KV-cache blocks the server holds (its capacity).",
+                    s.total_blocks.load(Ordering::Relaxed) as f64,
+                ),
+                (
                     "shardline_kv_cache_usage_ratio",
                     "gauge",
                     "Fraction of KV-cache blocks held by requests.",
