@@ -41,16 +41,17 @@ pub(super) fn kv_cache_blocks(
         (None, _) => available_memory().unwrap_or(4 << 30) / (5 * layout.world_size()) / per_token,
     };
     let tokens = tokens.min(args.max_num_seqs * context_len);
-    // A GPU's decode graphs keep one more block, for their padding rows.
-    let spare = usize::from(device == Device::Cuda);
-    let blocks = (tokens / BLOCK_SIZE).saturating_sub(spare);
+    // Decode graphs keep one more block, for their padding rows.
+    let graphs = device == Device::Cuda && args.parallel.decode_graph_rows(args.max_num_seqs) > 0;
+    let blocks = (tokens / BLOCK_SIZE).saturating_sub(usize::from(graphs));
     if blocks == 0 {
         let why = match args.kv_cache_memory {
             Some(bytes) => format!("--kv-cache-memory {bytes} bytes"),
             None => "the memory left".into(),
         };
+        let padding = if graphs { ", and one more for the decode graphs" } else { "" };
         bail!(
-            "{why} holds no {BLOCK_SIZE}-token block of KV cache ({} bytes each, {spare} more for the decode graphs)",
+            "{why} holds no {BLOCK_SIZE}-token block of KV cache ({} bytes each{padding})",
             BLOCK_SIZE * per_token
         );
     }
