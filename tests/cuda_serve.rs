@@ -1,7 +1,8 @@
 //! `shardline serve` on a GPU sizes its KV cache from the memory the driver
 //! reports: what `--gpu-memory-utilization` of the GPU leaves beside the
 //! weights and workspace (and what is in use already), and refuses to start
-//! where that leaves nothing. Skips, saying so, where no GPU is visible.
+//! where that leaves nothing; and what a run holds stays within what that
+//! arithmetic reserves. Skips, saying so, where no GPU is visible.
 
 mod common;
 
@@ -86,5 +87,35 @@ fn refuses_a_gpu_without_room_for_the_weights_and_workspace() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     for part in ["GPU 0 has", "before any KV cache", "a lower --max-num-seqs"] {
         assert!(stderr.contains(part), "{part:?} not in {stderr}");
+    }
+}
+
+/// What the KV-cache sizing reserves beside the cache must cover what a
+/// run leaves held: bench's load run on GPU 0 holds no more than plan
+/// expects of weights, workspace and cache (beyond a CUDA context, which
+/// this process measures with its own, and 16 MiB for the kernels' modules).
+#[test]
+fn a_load_run_holds_no_more_than_plan_expects() {
+    if !common::gpu_visible() {
+        return;
+    }
+    let (free, total) = cuda::memory_info(0).unwrap();
+    let context = (total - free) as u64;
+    let model = common::model_dir("tiny-chat");
+    for concurrency in ["1", "16"] {
+        let out = Command::new(common::shardline_bin())
+            .args(["bench", "--model", model.to_str().unwrap(), "--device", "cuda", "--json"])
+            .args("--prompt-len 16 --decode-tokens 4 --repeats 1 --concurrency".split(' '))
+            .arg(concurrency)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let held = report["gpu_memory_in_use_bytes"][0].as_u64().unwrap();
+        let predicted = report["gpu_memory_predicted_bytes"].as_u64().unwrap();
+        assert!(
+            held <= context + predicted + 16 * MIB as u64,
+            "{concurrency} at once: {held} bytes held; plan expects {predicted} beside a {context}-byte context"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! every weight once per token, so the limit is
 //! `measured memory bandwidth ÷ weight bytes per token`.
 
+use super::gpu_memory::MemoryHeld;
 use super::kernels;
 use super::throughput::{self, LenRange};
 use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
@@ -18,6 +19,7 @@ use shardline::executor::BusyTimes;
 use shardline::generation::{blocks_for, GenerateRequest, Generator, BLOCK_SIZE};
 use shardline::model_dir;
 use shardline::model_dir::ModelOptions;
+use shardline::parallel::plan::Workload;
 use shardline::rng::Rng;
 use shardline::sampling::SamplingParams;
 use std::sync::atomic::Ordering;
@@ -238,13 +240,16 @@ impl GpuWork {
     }
 }
 
+/// Tokens a step of the load benchmark may batch.
+const LOAD_BATCHED_TOKENS: usize = 2048;
+
 /// `concurrency` requests through the engine at once, `--repeats` times;
 /// output tokens/s and each stage's idle share (median run).
 fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, concurrency: usize) -> anyhow::Result<()> {
     anyhow::ensure!(concurrency > 0, "--concurrency must be positive");
     let per_request = blocks_for(args.prompt_len + args.decode_tokens);
     let num_kv_blocks = per_request * concurrency + 1;
-    let (engine, busy) = start_engine(options, config, &args.parallel, concurrency, 2048, num_kv_blocks)?;
+    let (engine, busy) = start_engine(options, config, &args.parallel, concurrency, LOAD_BATCHED_TOKENS, num_kv_blocks)?;
     let layout = args.parallel.layout();
     let mut rng = Rng::seeded(args.seed);
     let mut runs = Vec::new();
@@ -279,6 +284,17 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     let (tokens_per_s, stage_idle) = runs.swap_remove(runs.len() / 2);
     let device = DeviceIdle::since(device_before);
     let graphs = decode_graphs();
+    let memory = match args.parallel.device()? {
+        Device::Cuda => {
+            let workload = Workload {
+                max_num_batched_tokens: LOAD_BATCHED_TOKENS,
+                max_num_seqs: concurrency,
+                graph_tokens: args.parallel.decode_graph_rows(concurrency),
+            };
+            Some(MemoryHeld::now(&args.parallel, options, config, workload, num_kv_blocks)?)
+        }
+        _ => None,
+    };
     let micro_batching = layout.pp > 1 && !args.parallel.no_micro_batching;
     if args.json {
         let mut report = json!({
@@ -288,6 +304,10 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
         });
         device.add_to(&mut report);
         report["decode_graphs"] = json!(graphs.map(graphs_json));
+        if let Some(m) = &memory {
+            report["gpu_memory_in_use_bytes"] = json!(m.in_use);
+            report["gpu_memory_predicted_bytes"] = json!(m.predicted);
+        }
         println!("{report}");
         return Ok(());
     }
@@ -306,6 +326,9 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     device.print();
     if let Some(g) = graphs {
         println!("decode graphs of every batch size run: {}", graphs_line(&g));
+    }
+    if let Some(m) = memory {
+        m.print();
     }
     Ok(())
 }

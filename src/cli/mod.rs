@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod gpu_memory;
 mod kernels;
 mod plan;
 mod serve;

@@ -6,7 +6,7 @@
 
 mod kv_cache;
 
-use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
+use super::{follow, gpu_memory, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use axum::serve::ListenerExt;
 use clap::Args;
@@ -212,7 +212,7 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
     }
     warm_up(&engine)?;
     if device == Device::Cuda {
-        kv_cache::report_gpu_memory(&args.parallel);
+        gpu_memory::report(&args.parallel, "after loading");
     }
     let limits = Limits {
         context_len,

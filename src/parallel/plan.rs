@@ -227,8 +227,9 @@ pub fn kv_tokens_on(
 
 /// Peak activations of one step, in f32: the residual stream and norms
 /// (4 × hidden), this rank's q/k/v and gate/up outputs, and the logits of
-/// every sequence over this rank's vocabulary slice; and beside them what
-/// the decode graphs hold of the same (twice the largest graph's rows).
+/// every sequence over this rank's vocabulary slice; beside them what the
+/// decode graphs hold of the same (twice the largest graph's rows), and
+/// cuBLAS's workspace.
 fn workspace_bytes(config: &ModelConfig, tp: usize, workload: Workload) -> u64 {
     let shard = ShardSizes::new(config, tp);
     let hd = config.head_dim();
@@ -237,7 +238,7 @@ fn workspace_bytes(config: &ModelConfig, tp: usize, workload: Workload) -> u64 {
     let graphs = 2 * workload.graph_tokens;
     let activations = (workload.max_num_batched_tokens + graphs) * per_token;
     let logits = (workload.max_num_seqs + graphs) * config.vocab_size.div_ceil(tp);
-    4 * (activations + logits) as u64
+    4 * (activations + logits) as u64 + cuda::CUBLAS_WORKSPACE_BYTES as u64
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// cuBLAS's workspace, owned here and set once: a GEMM recorded into a
 /// CUDA graph then uses this buffer at replay instead of allocating one
 /// inside the capture (32 MiB is what cuBLAS asks for on Hopper).
-const WORKSPACE_BYTES: usize = 32 << 20;
+pub const WORKSPACE_BYTES: usize = 32 << 20;
 
 pub struct Blas {
     handle: CudaBlas,

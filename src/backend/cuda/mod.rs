@@ -24,6 +24,7 @@ mod step;
 mod timeline;
 
 pub use arena::Scratch;
+pub use gemm::WORKSPACE_BYTES as CUBLAS_WORKSPACE_BYTES;
 pub use graph::{recorded_graphs, CudaGraph, GraphCensus};
 pub use sampling::SampledFetch;
 pub use step::CudaStep;

@@ -4,14 +4,15 @@
 //! the host's memory.
 
 use super::ServeArgs;
-use crate::cli::{Device, ParallelArgs};
+use crate::cli::gpu_memory;
+use crate::cli::Device;
 use anyhow::{bail, Context};
-use shardline::backend::{cpu, cuda, BackendError};
+use shardline::backend::{cpu, cuda};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::model_dir::{self, ModelOptions};
 use shardline::parallel::layout::ShardSizes;
-use shardline::parallel::plan::{self, GpuMemory, Workload};
+use shardline::parallel::plan::{self, Workload};
 use std::ops::Range;
 
 /// The KV cache's blocks, and the bytes a token takes on the rank with the
@@ -68,33 +69,10 @@ fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig,
         graph_tokens: args.parallel.decode_graph_rows(args.max_num_seqs),
     };
     let needs = plan::stage_memory(config, layout.tp, stages, dtype, workload);
+    let gpus = gpu_memory::on_this_node(&args.parallel)?;
     let ranks_per_node = layout.world_size() / args.parallel.nnodes.max(1);
-    let gpus = (0..cuda::gpu_count().min(ranks_per_node))
-        .map(|g| {
-            let (free, total) = cuda::memory_info(g)?;
-            Ok(GpuMemory {
-                free: free as u64,
-                total: total as u64,
-            })
-        })
-        .collect::<Result<Vec<_>, BackendError>>()?;
     let tokens = plan::kv_tokens_on(&needs, layout.tp, &gpus, ranks_per_node, args.gpu_memory_utilization)?;
     Ok(usize::try_from(tokens).unwrap_or(usize::MAX))
-}
-
-/// What the loaded model left free on each GPU this node uses.
-pub(super) fn report_gpu_memory(parallel: &ParallelArgs) {
-    let ranks = parallel.layout().world_size() / parallel.nnodes.max(1);
-    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-    for g in 0..cuda::gpu_count().min(ranks) {
-        if let Ok((free, total)) = cuda::memory_info(g) {
-            eprintln!(
-                "shardline: GPU {g}: {:.2} GiB of {:.2} GiB free after loading",
-                gib(free),
-                gib(total)
-            );
-        }
-    }
 }
 
 /// `MemAvailable` from /proc/meminfo, if readable.
