@@ -203,6 +203,9 @@ if "device_idle_fraction" in report:
 graphs = report.get("decode_graphs")
 if graphs:
     line += f"; {graphs['recorded']} graphs, {graphs['kernel_nodes']} kernel nodes"
+held, planned = report.get("gpu_memory_in_use_bytes"), report.get("gpu_memory_predicted_bytes")
+if held and planned:
+    line += f"; GPU holds {held[0] / 2**30:.2f} GiB, plan {planned / 2**30:.2f} GiB + context"
 print(line)
 EOF
 )
