@@ -200,7 +200,8 @@ fn sixty_four_concurrent_mixed_requests_match_their_alone_runs() {
 
 #[test]
 fn a_tiny_kv_cache_preempts_and_every_request_completes() {
-    // 2 KiB per token: 384 KiB is 12 blocks of 16 tokens, far below 30 answers at once.
+    // 2 KiB a token on the CPU (f32; 1 KiB in bf16 on a GPU): 384 KiB is 12
+    // blocks of 16 tokens (23 on a GPU), far below 30 answers at once.
     let server = std::sync::Arc::new(Server::start(&["--kv-cache-memory", "384KiB"]));
     let threads: Vec<_> = cases()
         .into_iter()
