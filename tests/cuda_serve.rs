@@ -9,9 +9,18 @@ mod common;
 use common::http::Server;
 use shardline::backend::cuda;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
+
+/// Held by each test for its whole run: on a real GPU another test's
+/// process would change the memory in use under its measurements.
+static GPU_0: Mutex<()> = Mutex::new(());
+
+fn gpu_0() -> MutexGuard<'static, ()> {
+    GPU_0.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A `--gpu-memory-utilization` that lets shardline have `mib` MiB of GPU 0
 /// beyond what is in use now (this process's own context among it; the
@@ -46,6 +55,7 @@ fn serve_gives_the_kv_cache_what_the_gpu_memory_utilization_leaves_and_refuses_t
     if !common::gpu_visible() {
         return;
     }
+    let _gpu = gpu_0();
     let small = kv_tokens(&utilization_for(1400));
     let large = kv_tokens(&utilization_for(1464));
     // tiny-chat's bf16 KV cache takes 4 layers × K and V × 2 heads × 32 × 2
@@ -61,8 +71,7 @@ fn serve_gives_the_kv_cache_what_the_gpu_memory_utilization_leaves_and_refuses_t
     refuses_a_gpu_without_room_for_the_weights_and_workspace();
 }
 
-/// One test with the one above: on a real GPU, a server starting alongside
-/// would change the memory in use between its two measurements.
+/// Part of the test above, under its hold on the GPU.
 fn refuses_a_gpu_without_room_for_the_weights_and_workspace() {
     let model = common::model_dir("tiny-chat");
     let utilization = utilization_for(100);
@@ -99,6 +108,7 @@ fn a_load_run_holds_no_more_than_plan_expects() {
     if !common::gpu_visible() {
         return;
     }
+    let _gpu = gpu_0();
     let (free, total) = cuda::memory_info(0).unwrap();
     let context = (total - free) as u64;
     let model = common::model_dir("tiny-chat");
