@@ -158,6 +158,35 @@ fn swiglu_matches_for_every_batch_size_and_dtype() {
 }
 
 #[test]
+fn the_down_projection_reads_swiglus_bf16_output_and_never_a_stale_one() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
+    // Past 8 tokens with bf16 weights the SwiGLU kernel also writes its
+    // output rounded to bf16, which the down projection's GEMM reads.
+    let (inner, inter, n) = (256, 48, 37);
+    let load = |w: HostTensor| (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
+    let (c_gate_up, g_gate_up) = load(weight(&[2 * inter, inner], DType::BF16, 13));
+    let (c_down, g_down) = load(weight(&[inner, inter], DType::BF16, 15));
+    let (cn, gn) = norm_weights(&cpu, &gpu, inner, 12);
+    let (cx, gx) = activations(&gpu, n, inner, 16);
+    let mut c_act = cpu.swiglu(&cx, normed(&cn), &c_gate_up).unwrap();
+    let mut g_act = gpu.swiglu(&gx, normed(&gn), &g_gate_up).unwrap();
+    let down = |c: &CpuTensor, g: &CudaTensor, what: &str| {
+        let want = cpu.linear(c, &c_down, None).unwrap();
+        assert_close(&want, &gpu, &gpu.linear(g, &g_down, None).unwrap(), 4.0 * BF16_ROUNDED, what);
+    };
+    down(&c_act, &g_act, "the down projection of SwiGLU's output");
+    // Changed in place, the activations are what the product reads: no
+    // rounded copy of the old values.
+    let shift: Vec<f32> = random(n * inter, 17).iter().map(|v| 1000.0 * v).collect();
+    let mut g_shift = gpu.zeros(n, inter).unwrap();
+    g_shift.copy_from_host(&shift).unwrap();
+    cpu.add_assign(&mut c_act, &CpuTensor::new(shift, n, inter)).unwrap();
+    gpu.add_assign(&mut g_act, &g_shift).unwrap();
+    down(&c_act, &g_act, "the down projection after an add into SwiGLU's output");
+}
+
+#[test]
 fn norms_embedding_and_row_ops_match() {
     let Some(gpu) = gpu() else { return };
     let cpu = CpuBackend::default();

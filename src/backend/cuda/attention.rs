@@ -119,7 +119,7 @@ impl CudaBackend {
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
         let mut args = self.kernel_args(name);
-        args.out(&mut out.data).out(&mut partial).arg(&self.arrivals);
+        args.out(out.data_mut()).out(&mut partial).arg(&self.arrivals);
         args.arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);
         args.arg(&tokens)

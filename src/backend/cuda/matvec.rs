@@ -50,7 +50,7 @@ impl CudaBackend {
         let (inner, inter_i, tokens) = (int(x.cols), int(inter), int(x.rows));
         let name = gate_up.data.kernel("matvec_swiglu_bf16", "matvec_swiglu_f32");
         let mut args = self.kernel_args(name);
-        args.out(&mut out.data).arg(&x.data);
+        args.out(out.data_mut()).arg(&x.data);
         gate_up.data.push_arg(&mut args);
         args.arg(norm.weight).arg(&inner).arg(&inter_i).arg(&tokens).arg(&norm.eps);
         self.launch(name, args, grid(inter.div_ceil(8), 256, 0))
@@ -99,7 +99,7 @@ impl CudaBackend {
         bias: Option<&'a CudaSlice<f32>>,
     ) -> KernelArgs<'a> {
         let mut args = self.kernel_args(name);
-        args.out(&mut out.data).arg(&x.data);
+        args.out(out.data_mut()).arg(&x.data);
         w.data.push_arg(&mut args);
         match bias {
             Some(b) => args.arg(b),

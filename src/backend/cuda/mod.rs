@@ -118,9 +118,19 @@ pub struct CudaTensor {
     data: Scratch<f32>,
     rows: usize,
     cols: usize,
+    /// The same values rounded to bf16, where the kernel that wrote them
+    /// wrote these too: a bf16 GEMM reads them instead of casting. Writing
+    /// `data` through [`CudaTensor::data_mut`] drops them.
+    rounded: Option<Scratch<bf16>>,
 }
 
 impl CudaTensor {
+    /// The values, to write: any bf16 copy of them no longer holds.
+    fn data_mut(&mut self) -> &mut Scratch<f32> {
+        self.rounded = None;
+        &mut self.data
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -319,6 +329,7 @@ impl CudaBackend {
             data: self.scratch(rows * cols, what)?,
             rows,
             cols,
+            rounded: None,
         })
     }
 
@@ -375,7 +386,7 @@ impl HostStaging for CudaTensor {
         }
         let stream = self.data.stream().clone();
         stream
-            .memcpy_htod(values, &mut *self.data)
+            .memcpy_htod(values, &mut **self.data_mut())
             .map_err(driver_error("copying from the host"))
     }
 }

@@ -78,7 +78,7 @@ impl Communicator<CudaTensor> for NcclComm {
 
     fn all_reduce_sum(&self, buf: &mut CudaTensor) -> Result<()> {
         self.comm()?
-            .all_reduce_in_place(&mut *buf.data, &ReduceOp::Sum)
+            .all_reduce_in_place(&mut **buf.data_mut(), &ReduceOp::Sum)
             .map(|_| ())
             .map_err(nccl_error("all_reduce"))
     }
@@ -93,7 +93,7 @@ impl Communicator<CudaTensor> for NcclComm {
             )));
         }
         self.comm()?
-            .all_gather(&*input.data, &mut *output.data)
+            .all_gather(&*input.data, &mut **output.data_mut())
             .map(|_| ())
             .map_err(nccl_error("all_gather"))
     }
@@ -104,7 +104,7 @@ impl Communicator<CudaTensor> for NcclComm {
 
     fn recv(&self, buf: &mut CudaTensor, from: usize) -> Result<()> {
         self.comm()?
-            .recv(&mut *buf.data, from as i32)
+            .recv(&mut **buf.data_mut(), from as i32)
             .map(|_| ())
             .map_err(nccl_error("recv"))
     }

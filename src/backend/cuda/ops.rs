@@ -86,7 +86,7 @@ impl Backend for CudaBackend {
         let config = grid(out.rows, ROW_THREADS, 0);
         let name = table.data.kernel("embedding_bf16", "embedding_f32");
         let mut args = self.kernel_args(name);
-        args.out(&mut out.data);
+        args.out(out.data_mut());
         table.data.push_arg(&mut args);
         let (first, end) = (vocab.start, vocab.end);
         args.arg(&ids).arg(&self.previous).arg(&first).arg(&end).arg(&rows).arg(&hidden);
@@ -113,7 +113,7 @@ impl Backend for CudaBackend {
             format!("rms_norm: weight of {} for rows of {}", norm.weight.len(), x.cols)
         })?;
         let mut out = self.tensor(x.rows, x.cols, "normalized activations")?;
-        self.normalize("rms_norm_f32", &mut out.data, x, norm)?;
+        self.normalize("rms_norm_f32", out.data_mut(), x, norm)?;
         Ok(out)
     }
 
@@ -131,7 +131,7 @@ impl Backend for CudaBackend {
         check((x.rows, x.cols) == (y.rows, y.cols), || "add_assign: shapes differ".into())?;
         let n = x.rows * x.cols;
         let mut args = self.kernel_args("add_f32");
-        args.out(&mut x.data).arg(&y.data).arg(&n);
+        args.out(x.data_mut()).arg(&y.data).arg(&n);
         self.launch("add_f32", args, elementwise(n))
     }
 
@@ -226,10 +226,22 @@ impl Backend for CudaBackend {
         }
         let mut products = self.tensor(x.rows, gate_up.rows, "gate and up products")?;
         self.normed_gemm(x, norm, gate_up, &mut products)?;
+        // With bf16 weights the down projection multiplies the activations
+        // in bf16: they are rounded here, so it casts nothing.
+        let mut rounded = match gate_up.data {
+            WeightData::Bf16(_) => Some(self.scratch::<bf16>(x.rows * inter, "bf16 SwiGLU output")?),
+            WeightData::F32(_) => None,
+        };
         let (inter_i, rows) = (int(inter), int(x.rows));
         let mut args = self.kernel_args("silu_mul_f32");
-        args.out(&mut out.data).arg(&products.data).arg(&inter_i).arg(&rows);
+        args.out(out.data_mut());
+        match &mut rounded {
+            Some(r) => args.out(r),
+            None => args.arg(&NULL),
+        };
+        args.arg(&products.data).arg(&inter_i).arg(&rows);
         self.launch("silu_mul_f32", args, elementwise(x.rows * inter))?;
+        out.rounded = rounded;
         Ok(out)
     }
 
@@ -247,7 +259,7 @@ impl Backend for CudaBackend {
         let mut out = self.tensor(step.rows(), x.cols, "output rows")?;
         let (rows_dev, cols) = (step.logit_rows(), int(x.cols));
         let mut args = self.kernel_args("rms_norm_rows_f32");
-        args.out(&mut out.data).arg(&x.data).arg(&rows_dev).arg(w).arg(&cols).arg(&eps);
+        args.out(out.data_mut()).arg(&x.data).arg(&rows_dev).arg(w).arg(&cols).arg(&eps);
         self.launch("rms_norm_rows_f32", args, grid(step.rows(), ROW_THREADS, 0))?;
         Ok(out)
     }
@@ -263,7 +275,7 @@ impl Backend for CudaBackend {
         let mut out = self.tensor(rows, vocab, "laid-out logits")?;
         let (rows_i, per_i, vocab_i, n) = (int(rows), int(per), int(vocab), rows * vocab);
         let mut args = self.kernel_args("lay_out_vocab_f32");
-        args.out(&mut out.data)
+        args.out(out.data_mut())
             .arg(&all.data)
             .arg(&rows_i)
             .arg(&per_i)
@@ -308,7 +320,7 @@ impl Backend for CudaBackend {
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         let mut zeros = self.tensor(rows, cols, "a zero tensor")?;
         self.stream
-            .memset_zeros(&mut *zeros.data)
+            .memset_zeros(&mut **zeros.data_mut())
             .map_err(driver_error("zeroing a tensor"))?;
         Ok(zeros)
     }
@@ -329,13 +341,13 @@ impl CudaBackend {
     fn normed_gemm(&self, x: &CudaTensor, norm: RmsNorm<'_, CudaSlice<f32>>, w: &CudaWeight, out: &mut CudaTensor) -> Result<()> {
         let WeightData::Bf16(weights) = &w.data else {
             let mut normed = self.tensor(x.rows, x.cols, "normalized activations")?;
-            self.normalize("rms_norm_f32", &mut normed.data, x, norm)?;
+            self.normalize("rms_norm_f32", normed.data_mut(), x, norm)?;
             return self.product(&normed, w, None, out, false);
         };
         let mut rounded = self.scratch::<bf16>(x.rows * x.cols, "normalized bf16 activations")?;
         self.normalize("rms_norm_bf16", &mut rounded, x, norm)?;
         let operands = Operands::Bf16 { w: weights, x: &rounded };
-        self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, false)
+        self.blas.matmul(operands, out.data_mut(), x.rows, x.cols, w.rows, false)
     }
 
     /// [`Backend::rope_write_kv`], adding the projection's `bias` first.
@@ -350,8 +362,9 @@ impl CudaBackend {
     ) -> Result<()> {
         let (positions, slots) = (step.positions(), step.slots());
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
+        let rows = qkv.rows;
         let mut args = self.kernel_args("rope_write_kv_bf16");
-        args.out(&mut qkv.data);
+        args.out(qkv.data_mut());
         match bias {
             Some(b) => args.arg(b),
             None => args.arg(&NULL),
@@ -364,36 +377,45 @@ impl CudaBackend {
             .arg(&heads)
             .arg(&kv_heads)
             .arg(&head_dim);
-        self.launch("rope_write_kv_bf16", args, grid(qkv.rows, ROW_THREADS, 0))
+        self.launch("rope_write_kv_bf16", args, grid(rows, ROW_THREADS, 0))
     }
 
     /// `out = x · wᵀ + bias`, or `out +=` that with `accumulate`: through
     /// the mat-vec kernels up to [`MATVEC_MAX_TOKENS`] tokens, else cuBLAS
-    /// (bf16 weights take the activations rounded to bf16). Shapes are the
-    /// caller's to check.
+    /// (bf16 weights take the activations rounded to bf16: `x`'s own
+    /// rounded copy where it has one, else a cast). Shapes are the caller's
+    /// to check.
     fn product(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaSlice<f32>>, out: &mut CudaTensor, accumulate: bool) -> Result<()> {
         if x.rows <= MATVEC_MAX_TOKENS {
             return self.matvec(x, w, bias, out, accumulate);
         }
         match &w.data {
             WeightData::Bf16(weights) => {
-                let n = x.rows * x.cols;
-                let mut rounded = self.scratch::<bf16>(n, "bf16 activations")?;
-                let mut args = self.kernel_args("cast_f32_bf16");
-                args.out(&mut rounded).arg(&x.data).arg(&n);
-                self.launch("cast_f32_bf16", args, elementwise(n))?;
-                let operands = Operands::Bf16 { w: weights, x: &rounded };
-                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, accumulate)?;
+                let cast;
+                let rounded = match &x.rounded {
+                    Some(rounded) => rounded,
+                    None => {
+                        let n = x.rows * x.cols;
+                        let mut values = self.scratch::<bf16>(n, "bf16 activations")?;
+                        let mut args = self.kernel_args("cast_f32_bf16");
+                        args.out(&mut values).arg(&x.data).arg(&n);
+                        self.launch("cast_f32_bf16", args, elementwise(n))?;
+                        cast = values;
+                        &cast
+                    }
+                };
+                let operands = Operands::Bf16 { w: weights, x: rounded };
+                self.blas.matmul(operands, out.data_mut(), x.rows, x.cols, w.rows, accumulate)?;
             }
             WeightData::F32(weights) => {
                 let operands = Operands::F32 { w: weights, x: &x.data };
-                self.blas.matmul(operands, &mut out.data, x.rows, x.cols, w.rows, accumulate)?;
+                self.blas.matmul(operands, out.data_mut(), x.rows, x.cols, w.rows, accumulate)?;
             }
         }
         if let Some(b) = bias {
             let (n, cols) = (out.rows * out.cols, int(out.cols));
             let mut args = self.kernel_args("add_bias_f32");
-            args.out(&mut out.data).arg(b).arg(&cols).arg(&n);
+            args.out(out.data_mut()).arg(b).arg(&cols).arg(&n);
             self.launch("add_bias_f32", args, elementwise(n))?;
         }
         Ok(())

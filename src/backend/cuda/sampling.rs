@@ -59,7 +59,7 @@ impl CudaBackend {
         let (params, adjustments, out) = step.sampling_args();
         let mut args = self.kernel_args("sample_f32");
         args.arg(out).arg(&self.previous).arg(&kept);
-        args.out(&mut logits.data).arg(&params).arg(&adjustments).arg(&vocab);
+        args.out(logits.data_mut()).arg(&params).arg(&adjustments).arg(&vocab);
         self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
     }
 
