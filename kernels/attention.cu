@@ -76,8 +76,8 @@ struct Layout {
 // none of a row's keys has m_s = −∞ and adds nothing). A warp takes a row,
 // each lane one split's state (there are at most 32) and four columns.
 template <int HEAD_DIM, typename OutRow>
-__device__ void merge_splits(float* __restrict__ out, const float* __restrict__ partial, unsigned int* __restrict__ arrivals,
-                             int block_rows, int first_row, size_t all_rows, OutRow out_row) {
+__device__ void merge_splits(float* __restrict__ out, __nv_bfloat16* __restrict__ rounded, const float* __restrict__ partial,
+                             unsigned int* __restrict__ arrivals, int block_rows, int first_row, size_t all_rows, OutRow out_row) {
     __shared__ bool merges;
     __shared__ float weights[MAX_WARPS][32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -115,7 +115,13 @@ __device__ void merge_splits(float* __restrict__ out, const float* __restrict__ 
                 sum.z += w * a.z;
                 sum.w += w * a.w;
             }
-            *reinterpret_cast<float4*>(out + row * HEAD_DIM + d) = make_float4(sum.x / total, sum.y / total, sum.z / total, sum.w / total);
+            const float4 value = make_float4(sum.x / total, sum.y / total, sum.z / total, sum.w / total);
+            *reinterpret_cast<float4*>(out + row * HEAD_DIM + d) = value;
+            if (rounded) {
+                __nv_bfloat162* pair = reinterpret_cast<__nv_bfloat162*>(rounded + row * HEAD_DIM + d);
+                pair[0] = __floats2bfloat162_rn(value.x, value.y);
+                pair[1] = __floats2bfloat162_rn(value.z, value.w);
+            }
         }
         // The next row's weights are written after its warp_sum, which no
         // lane reaches before every lane is done with these.
@@ -125,6 +131,7 @@ __device__ void merge_splits(float* __restrict__ out, const float* __restrict__ 
 template <int HEAD_DIM>
 __device__ void paged_attention(
     float* __restrict__ out,                       // [tokens, heads * head_dim]: written with one split
+    __nv_bfloat16* __restrict__ rounded,           // where given, `out` rounded to bf16 too
     float* __restrict__ partial,                   // with more splits: their state (merge_splits)
     unsigned int* __restrict__ arrivals,           // with more splits: a zero a block group, counting finished splits
     const float* __restrict__ qkv,                 // [tokens, (heads + 2*kv_heads) * head_dim]
@@ -316,7 +323,9 @@ __device__ void paged_attention(
             const size_t row = out_row(warp_first + r);
             const float acc = o_rows[r * L::o_stride + d];
             if (gridDim.z == 1) {
-                out[row * HEAD_DIM + d] = acc / sums[r];
+                const float value = acc / sums[r];
+                out[row * HEAD_DIM + d] = value;
+                if (rounded) rounded[row * HEAD_DIM + d] = __float2bfloat16(value);
             } else {
                 split_acc[row * HEAD_DIM + d] = acc;
                 if (d == 0) {
@@ -326,17 +335,18 @@ __device__ void paged_attention(
             }
         }
     }
-    if (gridDim.z > 1) merge_splits<HEAD_DIM>(out, partial, arrivals, block_rows, first_row, all_rows, out_row);
+    if (gridDim.z > 1) merge_splits<HEAD_DIM>(out, rounded, partial, arrivals, block_rows, first_row, all_rows, out_row);
 }
 #define PAGED_ATTENTION(dims)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS) paged_attention_bf16_d##dims(                         \
-        float* __restrict__ out, float* __restrict__ partial, unsigned int* __restrict__ arrivals,                      \
+        float* __restrict__ out, __nv_bfloat16* __restrict__ rounded, float* __restrict__ partial,                      \
+        unsigned int* __restrict__ arrivals,                                                                              \
         const float* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                                       \
         const __nv_bfloat16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,                        \
         const unsigned int* __restrict__ tiles, const unsigned int* __restrict__ token_pos, int tokens, int seqs,        \
         int heads, int kv_heads, int passes, int block_size, float scale) {                                              \
         begin_after_previous_kernels();                                                                                 \
-        paged_attention<dims>(out, partial, arrivals, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,    \
+        paged_attention<dims>(out, rounded, partial, arrivals, qkv, k_cache, v_cache, block_tables, tiles, token_pos, tokens,    \
                               seqs, heads, kv_heads, passes, block_size, scale);                                         \
     }
 

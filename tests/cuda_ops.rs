@@ -295,7 +295,7 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
         head_dim,
     };
     let long: Vec<u32> = (12..31).chain([31]).rev().collect();
-    let tables = [vec![7], vec![2, 9], vec![11, 0, 5], long];
+    let tables = [vec![7, 3], vec![2, 9], vec![11, 0, 5], long];
     let meta_for = |spans: &[(usize, usize)]| {
         let mut meta = PagedAttentionMeta {
             block_size,
@@ -326,13 +326,17 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
     let (c_b, g_b) = (cpu.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
     let (c_b, g_b) = (bias.then_some(&c_b), bias.then_some(&g_b));
     let (c_norm, g_norm) = norm_weights(&cpu, gpu, hidden, 11);
+    let o = scaled_weight(&[hidden, heads * head_dim], dtype, 12, 1.0 / 16.0);
+    let (c_o, g_o) = (cpu.load_weight(o.clone()).unwrap(), gpu.load_weight(o).unwrap());
     let mut c_cache = cpu.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
-    // First the cached prefixes (17, 39 and 300 tokens), then the mixed batch.
+    // A short prompt alone (one split of its keys), the cached prefixes
+    // (17, 39 and 300 tokens), then the mixed batch (split keys) and decode.
     for (round, spans) in [
-        vec![(0, 0), (0, 17), (0, 39), (0, 300)],
-        vec![(0, 5), (17, 20), (39, 40), (300, 301)],
-        vec![(5, 6), (20, 21), (40, 41), (301, 302)],
+        vec![(0, 12)],
+        vec![(12, 12), (0, 17), (0, 39), (0, 300)],
+        vec![(12, 16), (17, 20), (39, 40), (300, 301)],
+        vec![(16, 17), (20, 21), (40, 41), (301, 302)],
     ]
     .iter()
     .enumerate()
@@ -366,6 +370,11 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
         let want = cpu.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
         let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
         assert_close(&want, gpu, &got, BF16_ROUNDED, &format!("paged_attention {what}"));
+        // Past 8 tokens the attention kernel also writes its output rounded
+        // to bf16, which o_proj's GEMM reads.
+        let o_want = cpu.linear(&want, &c_o, None).unwrap();
+        let o_got = gpu.linear(&got, &g_o, None).unwrap();
+        assert_close(&o_want, gpu, &o_got, 4.0 * BF16_ROUNDED, &format!("o_proj of the attention {what}"));
     }
 }
 

@@ -6,11 +6,13 @@
 //! longest context has 32-key tiles; the last split of a block group to
 //! finish merges the group's rows, counting in the backend's `arrivals`.
 
-use super::ops::check;
+use super::matvec::MATVEC_MAX_TOKENS;
+use super::ops::{check, NULL};
 use super::{driver_error, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, LaunchConfig};
+use half::bf16;
 use std::collections::HashMap;
 
 /// `KEY_TILE`, `STAGES`, `WARP_ROWS` and `MAX_WARPS` of the kernel.
@@ -118,8 +120,19 @@ impl CudaBackend {
         let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
+        // Past the mat-vec's tokens o_proj multiplies through cuBLAS, which
+        // takes the output rounded to bf16 (for bf16 weights): written here.
+        let mut rounded = match step.tokens() > MATVEC_MAX_TOKENS {
+            true => Some(self.scratch::<bf16>(out.rows * out.cols, "bf16 attention output")?),
+            false => None,
+        };
         let mut args = self.kernel_args(name);
-        args.out(out.data_mut()).out(&mut partial).arg(&self.arrivals);
+        args.out(out.data_mut());
+        match &mut rounded {
+            Some(r) => args.out(r),
+            None => args.arg(&NULL),
+        };
+        args.out(&mut partial).arg(&self.arrivals);
         args.arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);
         args.arg(&tokens)
@@ -135,6 +148,7 @@ impl CudaBackend {
             shared_mem_bytes: shared_bytes(head_dim, warps) as u32,
         };
         self.launch(name, args, config)?;
+        out.rounded = rounded;
         Ok(out)
     }
 }
