@@ -13,8 +13,7 @@ use shardline::parallel::Layout;
 /// GPUs 0.. that this node's ranks run on (rank `r` on GPU `r` mod the GPUs
 /// visible), each's free and total bytes now.
 pub(super) fn on_this_node(parallel: &ParallelArgs) -> Result<Vec<GpuMemory>, BackendError> {
-    let ranks = parallel.layout().world_size() / parallel.nnodes.max(1);
-    (0..cuda::gpu_count().min(ranks))
+    (0..cuda::gpu_count().min(parallel.ranks_per_node()))
         .map(|g| {
             let (free, total) = cuda::memory_info(g)?;
             Ok(GpuMemory {

@@ -123,6 +123,11 @@ impl ParallelArgs {
         NodeSpec::new(self.nnodes, self.node_rank, &self.master_addr, self.master_port, timeout)
     }
 
+    /// How many of the ranks this machine runs (`--nnodes` split them evenly).
+    fn ranks_per_node(&self) -> usize {
+        self.nodes().ranks_of(self.node_rank, self.layout()).len()
+    }
+
     /// Rows of the largest decode graph the ranks record (graphs need one
     /// pipeline stage), 0 where they record none.
     fn decode_graph_rows(&self, max_num_seqs: usize) -> usize {

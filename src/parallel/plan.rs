@@ -164,14 +164,19 @@ pub fn stage_memory(config: &ModelConfig, tp: usize, stages: &[Range<usize>], dt
                 }
                 params += shard.norm;
             }
-            let kv_values = range.len() * 2 * shard.kv_heads * config.head_dim();
             RankMemory {
                 weights: params as u64 * bytes,
                 workspace,
-                kv_per_token: (kv_values * cuda::KV_CACHE_BYTES) as u64,
+                kv_per_token: kv_bytes_per_token(config, tp, range.len(), cuda::KV_CACHE_BYTES) as u64,
             }
         })
         .collect()
+}
+
+/// Bytes one token's keys and values take on a rank of a `tp`-wide split
+/// that caches `layers` layers, at `value_bytes` a value.
+pub fn kv_bytes_per_token(config: &ModelConfig, tp: usize, layers: usize, value_bytes: usize) -> usize {
+    layers * 2 * ShardSizes::new(config, tp).kv_heads * config.head_dim() * value_bytes
 }
 
 /// Tokens of KV cache every rank can hold, with rank `r` of a `tp`-wide

@@ -7,7 +7,7 @@
 //! finish merges the group's rows, counting in the backend's `arrivals`.
 
 use super::matvec::MATVEC_MAX_TOKENS;
-use super::ops::{check, NULL};
+use super::ops::check;
 use super::{driver_error, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -127,11 +127,7 @@ impl CudaBackend {
             false => None,
         };
         let mut args = self.kernel_args(name);
-        args.out(out.data_mut());
-        match &mut rounded {
-            Some(r) => args.out(r),
-            None => args.arg(&NULL),
-        };
+        args.out(out.data_mut()).out_or_null(rounded.as_mut());
         args.out(&mut partial).arg(&self.arrivals);
         args.arg(&qkv.data).arg(&cache.k).arg(&cache.v);
         args.arg(&tables).arg(&tiles).arg(&token_pos);

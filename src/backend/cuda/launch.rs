@@ -89,6 +89,27 @@ impl<'a> KernelArgs<'a> {
         self
     }
 
+    /// An optional buffer the kernel reads: a null pointer where absent.
+    pub(super) fn arg_or_null<A: KernelArg + ?Sized>(&mut self, value: Option<&'a A>) -> &mut Self {
+        match value {
+            Some(v) => self.arg(v),
+            None => self.null(),
+        }
+    }
+
+    /// An optional buffer the kernel writes: a null pointer where absent.
+    pub(super) fn out_or_null<A: KernelArg + ?Sized>(&mut self, buffer: Option<&'a mut A>) -> &mut Self {
+        match buffer {
+            Some(b) => self.out(b),
+            None => self.null(),
+        }
+    }
+
+    fn null(&mut self) -> &mut Self {
+        self.push_pointer(0);
+        self
+    }
+
     fn push_pointer(&mut self, address: sys::CUdeviceptr) {
         self.params.push(Param::Address(address));
     }

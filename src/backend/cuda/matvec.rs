@@ -6,7 +6,7 @@
 //! token); the callers (`ops.rs`) check the shapes.
 
 use super::launch::KernelArgs;
-use super::ops::{int, NULL};
+use super::ops::int;
 use super::{grid, CudaBackend, CudaKvCache, CudaStep, CudaTensor, CudaWeight};
 use crate::backend::{AttentionSpec, Result, RmsNorm};
 use cudarc::driver::CudaSlice;
@@ -101,10 +101,7 @@ impl CudaBackend {
         let mut args = self.kernel_args(name);
         args.out(out.data_mut()).arg(&x.data);
         w.data.push_arg(&mut args);
-        match bias {
-            Some(b) => args.arg(b),
-            None => args.arg(&NULL),
-        };
+        args.arg_or_null(bias);
         args
     }
 }

@@ -22,9 +22,6 @@ pub(super) fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-/// A null device pointer, for a kernel's optional buffer.
-pub(super) static NULL: u64 = 0;
-
 pub(super) fn int(v: usize) -> i32 {
     v as i32
 }
@@ -234,11 +231,7 @@ impl Backend for CudaBackend {
         };
         let (inter_i, rows) = (int(inter), int(x.rows));
         let mut args = self.kernel_args("silu_mul_f32");
-        args.out(out.data_mut());
-        match &mut rounded {
-            Some(r) => args.out(r),
-            None => args.arg(&NULL),
-        };
+        args.out(out.data_mut()).out_or_null(rounded.as_mut());
         args.arg(&products.data).arg(&inter_i).arg(&rows);
         self.launch("silu_mul_f32", args, elementwise(x.rows * inter))?;
         out.rounded = rounded;
@@ -364,11 +357,7 @@ impl CudaBackend {
         let (heads, kv_heads, head_dim) = (int(spec.num_heads), int(spec.num_kv_heads), int(spec.head_dim));
         let rows = qkv.rows;
         let mut args = self.kernel_args("rope_write_kv_bf16");
-        args.out(qkv.data_mut());
-        match bias {
-            Some(b) => args.arg(b),
-            None => args.arg(&NULL),
-        };
+        args.out(qkv.data_mut()).arg_or_null(bias);
         args.out(&mut cache.k)
             .out(&mut cache.v)
             .arg(&positions)

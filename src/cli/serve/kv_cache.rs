@@ -11,7 +11,6 @@ use shardline::backend::{cpu, cuda};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::model_dir::{self, ModelOptions};
-use shardline::parallel::layout::ShardSizes;
 use shardline::parallel::plan::{self, Workload};
 use std::ops::Range;
 
@@ -35,7 +34,7 @@ pub(super) fn kv_cache_blocks(
         _ => cpu::KV_CACHE_BYTES,
     };
     let fullest = stages.iter().map(|s| s.len()).max().unwrap_or(0);
-    let per_token = fullest * 2 * ShardSizes::new(config, layout.tp).kv_heads * config.head_dim() * value_bytes;
+    let per_token = plan::kv_bytes_per_token(config, layout.tp, fullest, value_bytes);
     let tokens = match (args.kv_cache_memory, device) {
         (Some(bytes), _) => bytes / per_token,
         (None, Device::Cuda) => gpu_kv_tokens(args, options, config, stages)?,
@@ -70,8 +69,13 @@ fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig,
     };
     let needs = plan::stage_memory(config, layout.tp, stages, dtype, workload);
     let gpus = gpu_memory::on_this_node(&args.parallel)?;
-    let ranks_per_node = layout.world_size() / args.parallel.nnodes.max(1);
-    let tokens = plan::kv_tokens_on(&needs, layout.tp, &gpus, ranks_per_node, args.gpu_memory_utilization)?;
+    let tokens = plan::kv_tokens_on(
+        &needs,
+        layout.tp,
+        &gpus,
+        args.parallel.ranks_per_node(),
+        args.gpu_memory_utilization,
+    )?;
     Ok(usize::try_from(tokens).unwrap_or(usize::MAX))
 }
 
