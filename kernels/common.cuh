@@ -79,6 +79,27 @@ __device__ float block_sum(float v) {
     return block_reduce(v, 0.0f, [](float x) { return warp_sum(x); });
 }
 
+// This thread's share of the sum of x[i]² over x[0..n): i = threadIdx.x,
+// then blockDim.x on, summed in that order. SQUARE_LOADS loads are issued
+// before any is used: x is an activation, read from L2, and one load at a
+// time would wait n / blockDim.x round trips (14 for a 3,584-wide row on
+// 256 threads) in the prologue every block of a normed mat-vec runs.
+#define SQUARE_LOADS 16
+__device__ __forceinline__ float thread_squares(const float* x, int n) {
+    float squares = 0.0f;
+    for (int base = threadIdx.x; base < n; base += SQUARE_LOADS * blockDim.x) {
+        float v[SQUARE_LOADS];
+#pragma unroll
+        for (int u = 0; u < SQUARE_LOADS; ++u) {
+            const int i = base + u * (int)blockDim.x;
+            v[u] = i < n ? x[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SQUARE_LOADS; ++u) squares += v[u] * v[u];
+    }
+    return squares;
+}
+
 __device__ float block_max(float v) {
     return block_reduce(v, NEG_INF, [](float x) { return warp_max(x); });
 }

@@ -169,12 +169,7 @@ __device__ void rms_scales(float* scale, const float* x, int in, int tokens, flo
     __shared__ float partial[MAX_TOKENS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int t = 0; t < tokens; ++t) {
-        float squares = 0.0f;
-        for (int i = threadIdx.x; i < in; i += blockDim.x) {
-            const float v = x[(size_t)t * in + i];
-            squares += v * v;
-        }
-        squares = warp_sum(squares);
+        const float squares = warp_sum(thread_squares(x + (size_t)t * in, in));
         if (lane == 0) partial[t][warp] = squares;
     }
     __syncthreads();

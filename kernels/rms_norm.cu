@@ -9,9 +9,7 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 
 template <typename T>
 __device__ void normalize_row(T* out, const float* x, const float* weight, int cols, float eps) {
-    float squares = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) squares += x[i] * x[i];
-    const float scale = rsqrtf(block_sum(squares) / cols + eps);
+    const float scale = rsqrtf(block_sum(thread_squares(x, cols)) / cols + eps);
     for (int i = threadIdx.x; i < cols; i += blockDim.x) store(out + i, x[i] * scale * weight[i]);
 }
 

@@ -3,10 +3,17 @@
 // the argmax (greedy) or draws a token from the kept set that
 // src/sampling/choose.rs defines (its host reference). Where the host sorts,
 // this finds each cut as a threshold by radix selection over the keys
-// (four passes of 256-bin histograms), and the ties at a threshold by a scan
-// in id order; the draw is a scan in id order. Sums are in double, as on the
-// host, so the two agree except where a draw lands within rounding of a
-// boundary.
+// (four passes of 256-bin histograms), and the ties at a threshold and the
+// draw by a search in id order. Sums are in double, as on the host, so the
+// two agree except where a draw lands within rounding of a boundary.
+//
+// Each pass over a row gives each warp a contiguous segment of it, read
+// 32 ids a load and several loads a lane at a time: a decode step
+// of few rows has one block on each of few SMs, and a lane that waited
+// for each logit before loading the next would keep 2 KB of the row in
+// flight an SM (≈ 15 GB/s from L2; 40 µs for a 151,936-id row). The
+// search in id order sums each warp's segment, then each warp's share of
+// the segment it passes in, and one warp scans from there, 8 ids a lane.
 
 // One row's parameters, packed by src/backend/cuda/sampling.rs (8 words).
 struct RowParams {
@@ -37,59 +44,181 @@ __device__ __forceinline__ unsigned int order_key(float x) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Inclusive prefix sum over the block in thread order; `total` gets the
-// block's sum. blockDim.x must be a multiple of 32. Every thread must call.
-__device__ double block_scan(double v, double& total) {
-    __shared__ double warp_sums[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const double n = __shfl_up_sync(0xffffffff, v, offset);
-        if (lane >= offset) v += n;
-    }
-    if (lane == 31) warp_sums[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double s = lane < warps ? warp_sums[lane] : 0.0;
-        for (int offset = 1; offset < 32; offset <<= 1) {
-            const double n = __shfl_up_sync(0xffffffff, s, offset);
-            if (lane >= offset) s += n;
-        }
-        if (lane < warps) warp_sums[lane] = s;
-    }
-    __syncthreads();
-    if (warp > 0) v += warp_sums[warp - 1];
-    total = warp_sums[warps - 1];
-    __syncthreads();
+// Loads a lane has in flight in a pass: many where each logit costs a
+// compare, fewer where it costs an exp (the arithmetic binds first there,
+// and each one is another inlined copy of the pass's work).
+#define CHEAP_LOADS 16
+#define COSTLY_LOADS 4
+#define SCAN_RUN 8
+
+// Sum over a warp in double; every lane gets the same value.
+__device__ __forceinline__ double warp_sum_double(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
     return v;
 }
 
-// Sum of `amount(i)` over the row; every thread gets it.
-template <typename Amount>
-__device__ double row_sum(Amount amount, int vocab) {
-    double partial = 0.0, total;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) partial += amount(i);
-    block_scan(partial, total);
+// Sum over the block in double; every thread gets it. Every thread must call.
+__device__ double block_sum_double(double v) {
+    __shared__ double warp_sums[32];
+    v = warp_sum_double(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < warps; ++w) total += warp_sums[w];
+    __syncthreads();
     return total;
 }
 
-// The lowest id whose running sum of `amount` in id order exceeds `target`,
-// or NOT_FOUND. Amounts are non-negative, so the running sum only grows.
-template <typename Amount>
-__device__ int first_above(Amount amount, int vocab, double target) {
-    __shared__ int found;
-    if (threadIdx.x == 0) found = NOT_FOUND;
-    __syncthreads();
-    double running = 0.0;
-    for (int base = 0; base < vocab; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const double a = i < vocab ? amount(i) : 0.0;
-        double total;
-        const double inclusive = running + block_scan(a, total);
-        if (a > 0.0 && inclusive > target) atomicMin(&found, i);
-        __syncthreads();
-        if (found != NOT_FOUND) break;
-        running += total;
+// Calls f(i, row[i]) for every i in [begin, end), the warp's lanes taking
+// consecutive ids, with LOADS loads a lane issued before any is used (all
+// of them checked against `end` only on the last trip). A lane meets its
+// ids in increasing order.
+template <int LOADS, typename F>
+__device__ __forceinline__ void warp_for_each(const float* row, int begin, int end, F f) {
+    const int lane = threadIdx.x & 31;
+    int base = begin;
+    for (; base + 32 * LOADS <= end; base += 32 * LOADS) {
+        float x[LOADS];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) x[u] = row[base + 32 * u + lane];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) f(base + 32 * u + lane, x[u]);
     }
+    if (base >= end) return;
+    float x[LOADS];
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+        const int i = base + 32 * u + lane;
+        x[u] = i < end ? row[i] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) {
+        const int i = base + 32 * u + lane;
+        if (i < end) f(i, x[u]);
+    }
+}
+
+// Ids [begin, end) of a row.
+struct Span {
+    int begin, end;
+};
+
+// Warp `warp`'s segment of `s` when the block's warps split it into
+// contiguous parts of whole 32-id loads.
+__device__ __forceinline__ Span segment(Span s, int warp) {
+    const int warps = blockDim.x >> 5;
+    const int length = ((s.end - s.begin + warps - 1) / warps + 31) & ~31;
+    const int first = min(s.end, s.begin + warp * length);
+    return Span{first, min(s.end, first + length)};
+}
+
+// Calls f(i, row[i]) for every id of the row, each warp taking its segment.
+template <int LOADS, typename F>
+__device__ __forceinline__ void for_each_logit(const float* row, int vocab, F f) {
+    const Span s = segment(Span{0, vocab}, threadIdx.x >> 5);
+    warp_for_each<LOADS>(row, s.begin, s.end, f);
+}
+
+// Sum of `amount(i, row[i])` over the row; every thread gets it.
+template <typename Amount>
+__device__ double row_sum(const float* row, Amount amount, int vocab) {
+    double partial = 0.0;
+    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) { partial += amount(i, x); });
+    return block_sum_double(partial);
+}
+
+// The lowest id whose running sum of `amount` (non-negative) in id order,
+// from `before` at `begin`, exceeds `target`, or NOT_FOUND: one warp scans
+// runs of SCAN_RUN ids a lane. The lane whose run passes the target finds
+// the id in it, summing its run in the order that decided it passes, so
+// it always does. Called by one whole warp; every lane gets the id.
+template <typename Amount>
+__device__ int scan_from(const float* row, Amount amount, int begin, int vocab, double before, double target) {
+    const int lane = threadIdx.x & 31;
+    for (int base = begin; base < vocab; base += 32 * SCAN_RUN) {
+        const int first = base + lane * SCAN_RUN;
+        float x[SCAN_RUN];
+#pragma unroll
+        for (int j = 0; j < SCAN_RUN; ++j) x[j] = first + j < vocab ? row[first + j] : 0.0f;
+        double a[SCAN_RUN], mine = 0.0;
+#pragma unroll
+        for (int j = 0; j < SCAN_RUN; ++j) {
+            a[j] = first + j < vocab ? amount(first + j, x[j]) : 0.0;
+            mine += a[j];
+        }
+        double inclusive = mine;
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const double n = __shfl_up_sync(0xffffffff, inclusive, offset);
+            if (lane >= offset) inclusive += n;
+        }
+        double start = __shfl_up_sync(0xffffffff, inclusive, 1);
+        start = before + (lane == 0 ? 0.0 : start);
+        const unsigned int passes = __ballot_sync(0xffffffff, mine > 0.0 && start + mine > target);
+        if (passes) {
+            const int decider = __ffs(passes) - 1;
+            int id = NOT_FOUND;
+            if (lane == decider) {
+                double sum = 0.0;
+#pragma unroll
+                for (int j = 0; j < SCAN_RUN; ++j) {
+                    sum += a[j];
+                    if (id == NOT_FOUND && a[j] > 0.0 && start + sum > target) id = first + j;
+                }
+            }
+            return __shfl_sync(0xffffffff, id, decider);
+        }
+        before += __shfl_sync(0xffffffff, inclusive, 31);
+    }
+    return NOT_FOUND;
+}
+
+// The lowest id whose running sum of `amount` (non-negative) in id order
+// exceeds share × the row's total + extra, or NOT_FOUND; `total` gets the
+// row's total. Two rounds narrow the search: the warps sum their segments
+// of the row, then their parts of the segment where the sum passes the
+// target; one warp then scans from the part where it does. A rounding
+// that leaves a round without a passing part sends the scan past it.
+template <typename Amount>
+__device__ int first_past(const float* row, Amount amount, int vocab, double share, double extra, double& total) {
+    __shared__ double sums[32];
+    __shared__ double before_at;
+    __shared__ Span passing;
+    __shared__ int found;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    Span range{0, vocab};
+    double before = 0.0, target = 0.0;
+    for (int round = 0; round < 2; ++round) {
+        const Span mine = segment(range, warp);
+        double partial = 0.0;
+        warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += amount(i, x); });
+        partial = warp_sum_double(partial);
+        if (lane == 0) sums[warp] = partial;
+        __syncthreads();
+        if (round == 0) {
+            total = 0.0;
+            for (int w = 0; w < warps; ++w) total += sums[w];
+            target = share * total + extra;
+        }
+        if (threadIdx.x == 0) {
+            double running = before;
+            int w = 0;
+            while (w < warps && !(sums[w] > 0.0 && running + sums[w] > target)) running += sums[w++];
+            // With no part passing, nothing in the row does (first round) or
+            // rounding hid it (second): the scan starts after the range.
+            passing = w < warps ? segment(range, w) : Span{range.end, range.end};
+            before_at = running;
+        }
+        __syncthreads();
+        range = passing;
+        before = before_at;
+        __syncthreads();
+    }
+    if (warp == 0) {
+        const int id = scan_from(row, amount, range.begin, vocab, before, target);
+        if (lane == 0) found = id;
+    }
+    __syncthreads();
     const int result = found;
     __syncthreads();
     return result;
@@ -100,7 +229,7 @@ __device__ int first_above(Amount amount, int vocab, double target) {
 // return `need` holds what the elements at exactly that key must still add.
 // If rounding leaves `need` above everything, the smallest key is taken.
 template <typename Key, typename Amount>
-__device__ unsigned int select_from_top(Key key, Amount amount, int vocab, double& need) {
+__device__ unsigned int select_from_top(const float* row, Key key, Amount amount, int vocab, double& need) {
     __shared__ double histogram[256];
     __shared__ unsigned int chosen;
     __shared__ double left;
@@ -108,12 +237,12 @@ __device__ unsigned int select_from_top(Key key, Amount amount, int vocab, doubl
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) histogram[b] = 0.0;
         __syncthreads();
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            const double a = amount(i);
-            if (a <= 0.0) continue;
-            const unsigned int k = key(i);
+        for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
+            const double a = amount(i, x);
+            if (a <= 0.0) return;
+            const unsigned int k = key(x);
             if ((k & mask) == prefix) atomicAdd(&histogram[(k >> shift) & 255u], a);
-        }
+        });
         __syncthreads();
         if (threadIdx.x == 0) {
             double above = 0.0;
@@ -146,9 +275,10 @@ __device__ unsigned int select_from_top(Key key, Amount amount, int vocab, doubl
 // The id of the `count`-th element (from 1, in id order) at `pivot` among
 // those `in_set`; elements at the pivot up to it are kept. NOT_FOUND keeps them all.
 template <typename Key, typename InSet>
-__device__ int tie_cutoff(Key key, InSet in_set, unsigned int pivot, double count, int vocab) {
-    auto at_pivot = [&](int i) { return in_set(i) && key(i) == pivot ? 1.0 : 0.0; };
-    return first_above(at_pivot, vocab, count - 0.5);
+__device__ int tie_cutoff(const float* row, Key key, InSet in_set, unsigned int pivot, double count, int vocab) {
+    auto at_pivot = [&](int i, float x) { return in_set(i, x) && key(x) == pivot ? 1.0 : 0.0; };
+    double total;
+    return first_past(row, at_pivot, vocab, 0.0, count - 0.5, total);
 }
 
 // The first index of the row's maximum; every thread gets it.
@@ -157,7 +287,14 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     __shared__ unsigned int best_index[32];
     float value = NEG_INF;
     unsigned int index = 0xffffffffu;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) max_with_index(value, index, row[i], i);
+    // A lane meets its ids in increasing order, so its first maximum is the
+    // one a strict comparison keeps; lanes and warps merge ties by index.
+    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int i, float x) {
+        if (x > value) {
+            value = x;
+            index = i;
+        }
+    });
     warp_argmax(value, index);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
@@ -210,55 +347,56 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         return;
     }
     float best = NEG_INF;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) best = fmaxf(best, row[i]);
+    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
     const float t = p.temperature;
     const float max = block_max(best) / t;
-    auto scaled = [&](int i) { return row[i] / t; };
-    auto weight = [&](int i) { return expf(scaled(i) - max); };
-    auto above_floor = [&](int i) { return scaled(i) >= max - NEGLIGIBLE; };
+    auto scaled = [&](float x) { return x / t; };
+    auto weight = [&](float x) { return expf(scaled(x) - max); };
+    auto above_floor = [&](float x) { return scaled(x) >= max - NEGLIGIBLE; };
 
     // top-k over the whole row: when k is below the number above the
     // floor, the k best all lie above it; otherwise the floor decides.
-    auto score_key = [&](int i) { return order_key(scaled(i)); };
-    auto everyone = [&](int i) { return true; };
+    auto score_key = [&](float x) { return order_key(scaled(x)); };
+    auto everyone = [&](int, float) { return true; };
     unsigned int k_pivot = 0;
     int k_cutoff = NOT_FOUND;
     if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
         double need = (double)p.top_k;
-        k_pivot = select_from_top(score_key, [&](int i) { return 1.0; }, vocab, need);
-        k_cutoff = tie_cutoff(score_key, everyone, k_pivot, need, vocab);
+        k_pivot = select_from_top(row, score_key, [&](int, float) { return 1.0; }, vocab, need);
+        k_cutoff = tie_cutoff(row, score_key, everyone, k_pivot, need, vocab);
     }
-    auto in_top_k = [&](int i) {
-        const unsigned int k = score_key(i);
+    auto in_top_k = [&](int i, float x) {
+        const unsigned int k = score_key(x);
         return k > k_pivot || (k == k_pivot && i <= k_cutoff);
     };
-    auto before_top_p = [&](int i) { return above_floor(i) && in_top_k(i) && weight(i) >= p.min_p; };
+    auto before_top_p = [&](int i, float x) { return above_floor(x) && in_top_k(i, x) && weight(x) >= p.min_p; };
 
-    auto weight_key = [&](int i) { return __float_as_uint(weight(i)); };
+    auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
     unsigned int p_pivot = 0;
     int p_cutoff = NOT_FOUND;
     if (p.top_p < 1.0f) {
-        auto mass = [&](int i) { return before_top_p(i) ? (double)weight(i) : 0.0; };
-        double need = (double)p.top_p * row_sum(mass, vocab);
-        p_pivot = select_from_top(weight_key, mass, vocab, need);
+        auto mass = [&](int i, float x) { return before_top_p(i, x) ? (double)weight(x) : 0.0; };
+        double need = (double)p.top_p * row_sum(row, mass, vocab);
+        p_pivot = select_from_top(row, weight_key, mass, vocab, need);
         const double tie = (double)__uint_as_float(p_pivot);
-        p_cutoff = tie_cutoff(weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
+        p_cutoff = tie_cutoff(row, weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
     }
-    auto kept = [&](int i) {
-        if (!before_top_p(i)) return false;
-        const unsigned int k = weight_key(i);
+    auto kept = [&](int i, float x) {
+        if (!before_top_p(i, x)) return false;
+        const unsigned int k = weight_key(x);
         return k > p_pivot || (k == p_pivot && i <= p_cutoff);
     };
-    auto kept_mass = [&](int i) { return kept(i) ? (double)weight(i) : 0.0; };
-    const double target = (double)p.uniform * row_sum(kept_mass, vocab);
-    int token = first_above(kept_mass, vocab, target);
+    auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
+    double kept_total;
+    int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0, kept_total);
     if (token == NOT_FOUND) {
         // Rounding put the draw past the last kept token: take that one.
         __shared__ int last;
         if (threadIdx.x == 0) last = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-            if (kept(i)) atomicMax(&last, i);
+        for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
+            if (kept(i, x)) atomicMax(&last, i);
+        });
         __syncthreads();
         token = last;
     }

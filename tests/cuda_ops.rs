@@ -472,16 +472,18 @@ fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
 }
 
 /// Rows of every kind the sampler meets: greedy with and without penalties,
-/// each cut alone and together, ties at the cuts (coarse logits), a
-/// Qwen2-sized vocabulary and a small one. The device must pick the host's
-/// token and leave the same adjusted logits.
+/// each cut alone and together, ties at the cuts (coarse logits), rows
+/// whose last id stands out (the end of the last warp's part of a row), a
+/// Qwen2-sized vocabulary and small ones (1,025 ids: 16 warps' parts of
+/// whole 32-id loads must round up to cover it). The device must pick the
+/// host's token and leave the same adjusted logits.
 #[test]
 fn sampling_picks_the_tokens_the_host_picks() {
     let Some(gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
     let mut rng = Rng::seeded(21);
     let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
-    for vocab in [151_936, 1000] {
+    for vocab in [151_936, 1000, 1025] {
         let mut rows = Vec::new();
         for case in 0..48 {
             let (temperature, top_k, top_p, min_p) = [
@@ -511,9 +513,12 @@ fn sampling_picks_the_tokens_the_host_picks() {
         let n = rows.len();
         let mut values = random(n * vocab, 22);
         for (r, row) in values.chunks_mut(vocab).enumerate() {
-            let coarse = r % 2 == 1;
+            let coarse = (r / 8) % 2 == 1;
             row.iter_mut()
                 .for_each(|v| *v = if coarse { (*v * 12.0).floor() } else { *v * 9.0 });
+            if r % 5 == 4 {
+                row[vocab - 1] = 30.0;
+            }
         }
         let mut cpu_logits = CpuTensor::new(values.clone(), n, vocab);
         let mut gpu_logits = gpu.zeros(n, vocab).unwrap();

@@ -11,9 +11,21 @@ use shardline::parallel::plan::{self, GpuMemory, Workload};
 use shardline::parallel::Layout;
 
 /// GPUs 0.. that this node's ranks run on (rank `r` on GPU `r` mod the GPUs
-/// visible), each's free and total bytes now.
+/// visible).
+fn this_nodes_gpus(parallel: &ParallelArgs) -> std::ops::Range<usize> {
+    0..cuda::gpu_count().min(parallel.ranks_per_node())
+}
+
+/// This node's GPUs, each's primary context held open until the result is
+/// dropped: `serve` holds them from reading their memory until its workers
+/// have opened theirs, so each context is made once.
+pub(super) fn hold(parallel: &ParallelArgs) -> Result<Vec<cuda::HeldGpu>, BackendError> {
+    this_nodes_gpus(parallel).map(cuda::HeldGpu::open).collect()
+}
+
+/// This node's GPUs, each's free and total bytes now.
 pub(super) fn on_this_node(parallel: &ParallelArgs) -> Result<Vec<GpuMemory>, BackendError> {
-    (0..cuda::gpu_count().min(parallel.ranks_per_node()))
+    this_nodes_gpus(parallel)
         .map(|g| {
             let (free, total) = cuda::memory_info(g)?;
             Ok(GpuMemory {

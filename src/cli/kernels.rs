@@ -3,9 +3,11 @@
 //! device's copy bandwidth: the batch-1 mat-vec of each weight matrix of a
 //! layer and of the LM head, and down_proj's for 2 to 8 tokens and through
 //! cuBLAS at 9 (bytes: the weights); and decode attention over `--context`
-//! cached tokens at batch 1 and 64 (bytes: the keys and values). Also the
-//! attention of a `--context`-token prompt's prefill, which computes more
-//! than it reads: its multiply-adds a second.
+//! cached tokens at batch 1 and 64 (bytes: the keys and values); and the
+//! sampling kernel on 1 and 64 rows of the vocabulary, greedy and drawn at
+//! temperature 1 (bytes: the logits, once). Also the attention of a
+//! `--context`-token prompt's prefill, which computes more than it reads:
+//! its multiply-adds a second.
 
 use anyhow::Context;
 use serde_json::json;
@@ -14,6 +16,7 @@ use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor,
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::rng::Rng;
+use shardline::sampling::RowSampling;
 use std::time::Instant;
 
 /// Calls of each kernel per timing, after as many untimed.
@@ -74,7 +77,14 @@ struct Step {
     tokens: usize,
 }
 
-fn step_of(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Step> {
+/// The last token of each sequence is sampled as `sampling` says (one
+/// each), or none is.
+fn step_of(
+    gpu: &CudaBackend,
+    config: &ModelConfig,
+    (batch, cached, new): (usize, usize, usize),
+    sampling: &[RowSampling],
+) -> anyhow::Result<Step> {
     let (heads, kv_heads, head_dim) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
     let context = cached + new;
     let blocks_each = context.div_ceil(BLOCK_SIZE);
@@ -103,12 +113,13 @@ fn step_of(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize,
     };
     let positions: Vec<u32> = (0..batch).flat_map(|_| news.clone().map(|p| p as u32)).collect();
     let ids = vec![0; positions.len()];
+    let logit_rows: Vec<u32> = (0..sampling.len()).map(|s| ((s + 1) * new - 1) as u32).collect();
     let step = gpu.prepare_step(StepInputs {
         token_ids: &ids,
         positions: &positions,
         attn: &meta,
-        logit_rows: &[],
-        sampling: &[],
+        logit_rows: &logit_rows,
+        sampling,
     })?;
     let spec = AttentionSpec {
         num_heads: heads,
@@ -158,7 +169,7 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
     let table = HostTensor::from_f32(vec![1, hd], &(0..hd).map(|_| rng.next_f32()).collect::<Vec<_>>());
     let table = gpu.load_weight(table)?;
-    let Step { mut cache, step, spec, .. } = step_of(gpu, config, 1, 0, 1)?;
+    let Step { mut cache, step, spec, .. } = step_of(gpu, config, (1, 0, 1), &[])?;
     let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
     timings.push(time(gpu, what, work(q + 2 * kv, h, 1), || {
         gpu.project_qkv(&x, norm, &w, None, &mut cache, &step, &table, &spec)
@@ -196,7 +207,7 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
 /// Attention of `batch` sequences of `cached` tokens and `new` more each:
 /// decode with `new` 1, a prompt's prefill with `cached` 0.
 fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usize, new: usize) -> anyhow::Result<Timing> {
-    let Step { cache, step, spec, tokens } = step_of(gpu, config, batch, cached, new)?;
+    let Step { cache, step, spec, tokens } = step_of(gpu, config, (batch, cached, new), &[])?;
     let (heads, kv_heads, head_dim) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
     let qkv = gpu.zeros(tokens, (heads + 2 * kv_heads) * head_dim)?;
     let context = cached + new;
@@ -211,6 +222,27 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
     time(gpu, what, (bytes, flops), || gpu.paged_attention(&qkv, &cache, &step, &spec))
 }
 
+/// The sampling kernel on `rows` rows of random logits: greedy, or drawn
+/// at temperature 1 with no cut (the OpenAI API's default).
+fn sampling(gpu: &CudaBackend, config: &ModelConfig, rows: usize, greedy: bool, rng: &mut Rng) -> anyhow::Result<Timing> {
+    let vocab = config.vocab_size;
+    let row = match greedy {
+        true => RowSampling::greedy(),
+        false => RowSampling {
+            temperature: 1.0,
+            uniform: 0.5,
+            ..RowSampling::greedy()
+        },
+    };
+    let Step { mut step, .. } = step_of(gpu, config, (rows, 0, 1), &vec![row; rows])?;
+    let mut logits = gpu.zeros(rows, vocab)?;
+    let values: Vec<f32> = (0..rows * vocab).map(|_| 9.0 * rng.next_f32()).collect();
+    logits.copy_from_host(&values)?;
+    let how = if greedy { "greedy" } else { "temperature 1" };
+    let what = format!("sampling {how}, {rows} row{} of {vocab}", if rows == 1 { "" } else { "s" });
+    time(gpu, what, (rows * vocab * 4, 0.0), || gpu.sample(&mut logits, &mut step))
+}
+
 pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(cuda::gpu_count() > 0, "--kernels times CUDA kernels: no CUDA GPU found");
     let gpu = CudaBackend::new(0).context("opening GPU 0")?;
@@ -221,6 +253,11 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
         timings.push(attention(&gpu, config, batch, context, 1)?);
     }
     timings.push(attention(&gpu, config, 1, 0, context)?);
+    for rows in [1, 64] {
+        for greedy in [true, false] {
+            timings.push(sampling(&gpu, config, rows, greedy, &mut rng)?);
+        }
+    }
     let rate = |t: &Timing| t.bytes as f64 / t.seconds;
     if as_json {
         let rows: Vec<_> = timings

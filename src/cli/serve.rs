@@ -190,6 +190,11 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         ),
     };
     let device = args.parallel.device()?;
+    // Held until loaded: the workers then open the contexts read here.
+    let _gpus = match device {
+        Device::Cuda => gpu_memory::hold(&args.parallel)?,
+        _ => Vec::new(),
+    };
     let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, device, context_len)?;
     let engine_config = EngineConfig {
         max_num_seqs: args.max_num_seqs,

@@ -157,6 +157,7 @@ inline T __shfl_down_sync(unsigned int mask, T v, unsigned int delta, int width 
 }
 
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) { return emu::warp_ballot(mask, predicate != 0); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __any_sync(unsigned int mask, int predicate) { return emu::warp_ballot(mask, predicate != 0) != 0; }
 inline int __all_sync(unsigned int mask, int predicate) { return emu::warp_ballot(mask, predicate != 0) == (mask & emu::warp_ballot(mask, true)); }
 

@@ -96,8 +96,24 @@ pub fn gpu_count() -> usize {
 /// Free and total bytes of GPU `ordinal`'s memory, as its driver reports
 /// them now (in its primary context, which counts among what is in use).
 pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
-    let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the GPU"))?;
-    ctx.mem_get_info().map_err(driver_error("reading the GPU's free memory"))
+    HeldGpu::open(ordinal)?.memory_info()
+}
+
+/// A GPU's primary context, held open while this lives. The driver makes
+/// a primary context on its first opening and tears it down at its last
+/// closing; holding it keeps those who open the GPU meanwhile (a backend,
+/// [`memory_info`]) from making it again.
+pub struct HeldGpu(Arc<CudaContext>);
+
+impl HeldGpu {
+    pub fn open(ordinal: usize) -> Result<Self> {
+        CudaContext::new(ordinal).map(HeldGpu).map_err(driver_error("opening the GPU"))
+    }
+
+    /// Free and total bytes of its memory now.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.0.mem_get_info().map_err(driver_error("reading the GPU's free memory"))
+    }
 }
 
 /// Bytes a cached key or value takes: the KV cache is bf16.
