@@ -289,20 +289,22 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
     };
     let block_size = 16;
     let shape = KvCacheShape {
-        num_blocks: 32,
+        num_blocks: 70,
         block_size,
         num_kv_heads: kv_heads,
         head_dim,
     };
     let long: Vec<u32> = (12..31).chain([31]).rev().collect();
-    let tables = [vec![7, 3], vec![2, 9], vec![11, 0, 5], long];
-    let meta_for = |spans: &[(usize, usize)]| {
+    let longer: Vec<u32> = (32..70).collect();
+    let tables = [vec![7, 3], vec![2, 9], vec![11, 0, 5], long, longer];
+    // Each span: (sequence, first new position, context after the step).
+    let meta_for = |spans: &[(usize, usize, usize)]| {
         let mut meta = PagedAttentionMeta {
             block_size,
             ..Default::default()
         };
         let mut positions = Vec::new();
-        for (s, &(start, end)) in spans.iter().enumerate() {
+        for &(s, start, end) in spans {
             for p in start..end {
                 positions.push(p as u32);
                 meta.slot_mapping
@@ -315,7 +317,7 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
         (positions, meta)
     };
     let width = (heads + 2 * kv_heads) * head_dim;
-    let table = weight(&[320, head_dim], DType::F32, 9);
+    let table = weight(&[640, head_dim], DType::F32, 9);
     let (c_rope, g_rope) = (cpu.load_weight(table.clone()).unwrap(), gpu.load_weight(table).unwrap());
     // q, k and v of about the size of ±1 activations, as a trained model's.
     let (w, b) = (
@@ -331,12 +333,16 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
     let mut c_cache = cpu.alloc_kv_cache(shape).unwrap();
     let mut g_cache = gpu.alloc_kv_cache(shape).unwrap();
     // A short prompt alone (one split of its keys), the cached prefixes
-    // (17, 39 and 300 tokens), then the mixed batch (split keys) and decode.
+    // (17, 39 and 300 tokens), then the mixed batch (split keys) and
+    // decode; then one sequence's decode at 601 tokens, whose keys split
+    // more ways than a lane of the merge loads at once.
     for (round, spans) in [
-        vec![(0, 12)],
-        vec![(12, 12), (0, 17), (0, 39), (0, 300)],
-        vec![(12, 16), (17, 20), (39, 40), (300, 301)],
-        vec![(16, 17), (20, 21), (40, 41), (301, 302)],
+        vec![(0, 0, 12)],
+        vec![(0, 12, 12), (1, 0, 17), (2, 0, 39), (3, 0, 300)],
+        vec![(0, 12, 16), (1, 17, 20), (2, 39, 40), (3, 300, 301)],
+        vec![(0, 16, 17), (1, 20, 21), (2, 40, 41), (3, 301, 302)],
+        vec![(4, 0, 600)],
+        vec![(4, 600, 601)],
     ]
     .iter()
     .enumerate()
