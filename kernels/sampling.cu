@@ -174,13 +174,13 @@ __device__ int scan_from(const float* row, Amount amount, int begin, int vocab, 
 }
 
 // The lowest id whose running sum of `amount` (non-negative) in id order
-// exceeds share × the row's total + extra, or NOT_FOUND; `total` gets the
-// row's total. Two rounds narrow the search: the warps sum their segments
-// of the row, then their parts of the segment where the sum passes the
-// target; one warp then scans from the part where it does. A rounding
-// that leaves a round without a passing part sends the scan past it.
+// exceeds share × the row's total + extra, or NOT_FOUND. Two rounds
+// narrow the search: the warps sum their segments of the row, then their
+// parts of the segment where the sum passes the target; one warp then
+// scans from the part where it does. A rounding that leaves a round
+// without a passing part sends the scan past it.
 template <typename Amount>
-__device__ int first_past(const float* row, Amount amount, int vocab, double share, double extra, double& total) {
+__device__ int first_past(const float* row, Amount amount, int vocab, double share, double extra) {
     __shared__ double sums[32];
     __shared__ double before_at;
     __shared__ Span passing;
@@ -196,7 +196,7 @@ __device__ int first_past(const float* row, Amount amount, int vocab, double sha
         if (lane == 0) sums[warp] = partial;
         __syncthreads();
         if (round == 0) {
-            total = 0.0;
+            double total = 0.0;
             for (int w = 0; w < warps; ++w) total += sums[w];
             target = share * total + extra;
         }
@@ -277,8 +277,7 @@ __device__ unsigned int select_from_top(const float* row, Key key, Amount amount
 template <typename Key, typename InSet>
 __device__ int tie_cutoff(const float* row, Key key, InSet in_set, unsigned int pivot, double count, int vocab) {
     auto at_pivot = [&](int i, float x) { return in_set(i, x) && key(x) == pivot ? 1.0 : 0.0; };
-    double total;
-    return first_past(row, at_pivot, vocab, 0.0, count - 0.5, total);
+    return first_past(row, at_pivot, vocab, 0.0, count - 0.5);
 }
 
 // The first index of the row's maximum; every thread gets it.
@@ -387,8 +386,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         return k > p_pivot || (k == p_pivot && i <= p_cutoff);
     };
     auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
-    double kept_total;
-    int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0, kept_total);
+    int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
     if (token == NOT_FOUND) {
         // Rounding put the draw past the last kept token: take that one.
         __shared__ int last;
