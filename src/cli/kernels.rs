@@ -77,8 +77,9 @@ struct Step {
     tokens: usize,
 }
 
-/// The last token of each sequence is sampled as `sampling` says (one
-/// each), or none is.
+/// A [`Step`] of `batch` sequences of `cached` tokens and `new` more each,
+/// the last token of each sampled as `sampling` says (one a sequence), or
+/// none where it is empty.
 fn step_of(
     gpu: &CudaBackend,
     config: &ModelConfig,
