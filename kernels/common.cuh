@@ -79,24 +79,33 @@ __device__ float block_sum(float v) {
     return block_reduce(v, 0.0f, [](float x) { return warp_sum(x); });
 }
 
-// This thread's share of the sum of x[i]² over x[0..n): i = threadIdx.x,
-// then blockDim.x on, summed in that order. SQUARE_LOADS loads are issued
-// before any is used: x is an activation, read from L2, and one load at a
-// time would wait n / blockDim.x round trips (14 for a 3,584-wide row on
-// 256 threads) in the prologue every block of a normed mat-vec runs.
-#define SQUARE_LOADS 16
-__device__ __forceinline__ float thread_squares(const float* x, int n) {
-    float squares = 0.0f;
-    for (int base = threadIdx.x; base < n; base += SQUARE_LOADS * blockDim.x) {
-        float v[SQUARE_LOADS];
+// Calls use(i, v) for this thread's i (threadIdx.x, then blockDim.x on)
+// in that order, v = load(i) below n and zero past it, to the end of the
+// last group of LOADS: use checks i where a slot past n matters. The
+// LOADS loads of a group are issued before any is used: where a kernel
+// has few blocks (a decode step's one token) and reads from L2 or
+// memory, one load at a time would wait n / blockDim.x round trips.
+template <int LOADS, typename Load, typename Use>
+__device__ __forceinline__ void strided_in_flight(int n, Load load, Use use) {
+    for (int base = threadIdx.x; base < n; base += LOADS * blockDim.x) {
+        decltype(load(0)) v[LOADS];
 #pragma unroll
-        for (int u = 0; u < SQUARE_LOADS; ++u) {
+        for (int u = 0; u < LOADS; ++u) {
             const int i = base + u * (int)blockDim.x;
-            v[u] = i < n ? x[i] : 0.0f;
+            v[u] = i < n ? load(i) : decltype(load(0)){};
         }
 #pragma unroll
-        for (int u = 0; u < SQUARE_LOADS; ++u) squares += v[u] * v[u];
+        for (int u = 0; u < LOADS; ++u) use(base + u * (int)blockDim.x, v[u]);
     }
+}
+
+// This thread's share of the sum of x[i]² over x[0..n), in index order
+// (slots past n add 0): the RMSNorm of a normed mat-vec's prologue, which
+// every one of its blocks runs (14 round trips for a 3,584-wide row on
+// 256 threads, one at a time), and of the RMSNorm kernels.
+__device__ __forceinline__ float thread_squares(const float* x, int n) {
+    float squares = 0.0f;
+    strided_in_flight<16>(n, [&](int i) { return x[i]; }, [&](int, float v) { squares += v * v; });
     return squares;
 }
 

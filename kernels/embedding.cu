@@ -4,7 +4,9 @@
 // bit set (PREVIOUS_SAMPLE in src/backend/mod.rs) is not known on the
 // host yet: it names a row of the previous sampling step, whose token sits
 // in `previous`, and is mapped here: row token - first of a table whose
-// rows stand for ids [first, end), else that zero row. One block per token.
+// rows stand for ids [first, end), else that zero row. One block per token,
+// so a decode step of one sequence is one block: each thread has its
+// share of the row's loads in flight at once.
 #define PREVIOUS_SAMPLE 0x80000000u
 
 template <typename W>
@@ -19,7 +21,9 @@ __device__ void embedding(float* out, const W* table, const unsigned int* ids, c
     }
     const W* row = table + (size_t)id * hidden;
     float* dst = out + (size_t)t * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = to_float(row[i]);
+    strided_in_flight<16>(hidden, [&](int i) { return row[i]; }, [&](int i, W v) {
+        if (i < hidden) dst[i] = to_float(v);
+    });
 }
 
 extern "C" __global__ void embedding_bf16(float* __restrict__ out, const __nv_bfloat16* __restrict__ table,

@@ -190,7 +190,7 @@ fn the_down_projection_reads_swiglus_bf16_output_and_never_a_stale_one() {
 fn norms_embedding_and_row_ops_match() {
     let Some(gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
-    let (rows, cols) = (7, 200);
+    let (rows, cols) = (7, 300);
     let norm = weight(&[cols], DType::BF16, 4);
     let (cn, gn) = (cpu.load_weight(norm.clone()).unwrap(), gpu.load_weight(norm).unwrap());
     let (cx, gx) = activations(&gpu, rows, cols, 5);
