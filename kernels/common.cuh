@@ -43,8 +43,11 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 // SiLU: x · sigmoid(x).
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
 
-// Sum and maximum of `v` over a warp; every lane gets it. Every lane must call.
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum (f32, or double for the sampler) and maximum of `v` over a warp;
+// every lane gets the same bits, as each adds the same pairs. Every lane
+// must call.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
     return v;
 }
@@ -56,9 +59,9 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // `v` reduced over the block by `warp_reduce` (warp_sum, warp_max), whose
 // neutral value is `identity`; every thread gets it. Every thread must call.
-template <typename WarpReduce>
-__device__ float block_reduce(float v, float identity, WarpReduce warp_reduce) {
-    __shared__ float partial[32];
+template <typename T, typename WarpReduce>
+__device__ T block_reduce(T v, T identity, WarpReduce warp_reduce) {
+    __shared__ T partial[32];
     v = warp_reduce(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) partial[warp] = v;
@@ -70,13 +73,14 @@ __device__ float block_reduce(float v, float identity, WarpReduce warp_reduce) {
         if (lane == 0) partial[0] = v;
     }
     __syncthreads();
-    const float total = partial[0];
+    const T total = partial[0];
     __syncthreads();
     return total;
 }
 
-__device__ float block_sum(float v) {
-    return block_reduce(v, 0.0f, [](float x) { return warp_sum(x); });
+template <typename T>
+__device__ T block_sum(T v) {
+    return block_reduce(v, T(0), [](T x) { return warp_sum(x); });
 }
 
 // Calls use(i, v) for this thread's i (threadIdx.x, then blockDim.x on)

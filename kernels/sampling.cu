@@ -51,25 +51,6 @@ __device__ __forceinline__ unsigned int order_key(float x) {
 #define COSTLY_LOADS 4
 #define SCAN_RUN 8
 
-// Sum over a warp in double; every lane gets the same value.
-__device__ __forceinline__ double warp_sum_double(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
-}
-
-// Sum over the block in double; every thread gets it. Every thread must call.
-__device__ double block_sum_double(double v) {
-    __shared__ double warp_sums[32];
-    v = warp_sum_double(v);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    double total = 0.0;
-    for (int w = 0; w < warps; ++w) total += warp_sums[w];
-    __syncthreads();
-    return total;
-}
-
 // Calls f(i, row[i]) for every i in [begin, end), the warp's lanes taking
 // consecutive ids, with LOADS loads a lane issued before any is used (all
 // of them checked against `end` only on the last trip). A lane meets its
@@ -125,7 +106,7 @@ template <typename Amount>
 __device__ double row_sum(const float* row, Amount amount, int vocab) {
     double partial = 0.0;
     for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) { partial += amount(i, x); });
-    return block_sum_double(partial);
+    return block_sum(partial);
 }
 
 // The lowest id whose running sum of `amount` (non-negative) in id order,
@@ -192,7 +173,7 @@ __device__ int first_past(const float* row, Amount amount, int vocab, double sha
         const Span mine = segment(range, warp);
         double partial = 0.0;
         warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += amount(i, x); });
-        partial = warp_sum_double(partial);
+        partial = warp_sum(partial);
         if (lane == 0) sums[warp] = partial;
         __syncthreads();
         if (round == 0) {

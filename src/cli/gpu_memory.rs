@@ -7,7 +7,7 @@ use shardline::backend::{cuda, BackendError};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::model_dir::{self, ModelOptions};
-use shardline::parallel::plan::{self, GpuMemory, Workload};
+use shardline::parallel::plan::{self, gib, GpuMemory, Workload};
 use shardline::parallel::Layout;
 
 /// GPUs 0.. that this node's ranks run on (rank `r` on GPU `r` mod the GPUs
@@ -23,11 +23,11 @@ pub(super) fn hold(parallel: &ParallelArgs) -> Result<Vec<cuda::HeldGpu>, Backen
     this_nodes_gpus(parallel).map(cuda::HeldGpu::open).collect()
 }
 
-/// This node's GPUs, each's free and total bytes now.
-pub(super) fn on_this_node(parallel: &ParallelArgs) -> Result<Vec<GpuMemory>, BackendError> {
-    this_nodes_gpus(parallel)
+/// Each of `gpus`' free and total bytes now.
+pub(super) fn memory_of(gpus: &[cuda::HeldGpu]) -> Result<Vec<GpuMemory>, BackendError> {
+    gpus.iter()
         .map(|g| {
-            let (free, total) = cuda::memory_info(g)?;
+            let (free, total) = g.memory_info()?;
             Ok(GpuMemory {
                 free: free as u64,
                 total: total as u64,
@@ -36,13 +36,9 @@ pub(super) fn on_this_node(parallel: &ParallelArgs) -> Result<Vec<GpuMemory>, Ba
         .collect()
 }
 
-pub(super) fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
-/// Prints what each of this node's GPUs holds now, after `when`.
-pub(super) fn report(parallel: &ParallelArgs, when: &str) {
-    for (g, m) in on_this_node(parallel).unwrap_or_default().iter().enumerate() {
+/// Prints what each of `gpus` holds now, after `when`.
+pub(super) fn report(gpus: &[cuda::HeldGpu], when: &str) {
+    for (g, m) in memory_of(gpus).unwrap_or_default().iter().enumerate() {
         eprintln!("shardline: GPU {g}: {:.2} GiB of {:.2} GiB free {when}", gib(m.free), gib(m.total));
     }
 }
@@ -75,7 +71,7 @@ impl MemoryHeld {
         workload: Workload,
         kv_blocks: usize,
     ) -> anyhow::Result<Self> {
-        let in_use = on_this_node(parallel)?.iter().map(|m| m.total - m.free).collect();
+        let in_use = memory_of(&hold(parallel)?)?.iter().map(|m| m.total - m.free).collect();
         // Decode graphs keep a padding block beside the cache.
         let blocks = kv_blocks + usize::from(workload.graph_tokens > 0);
         let predicted = match parallel.layout().world_size() {

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use shardline::config::ModelConfig;
 use shardline::model::largest_graph;
-use shardline::parallel::plan::{plan, recommend, PlanOptions, PlanRow, Workload};
+use shardline::parallel::plan::{gib, plan, recommend, PlanOptions, PlanRow, Workload};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -89,7 +89,6 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 }
 
 fn print_table(config: &ModelConfig, args: &PlanArgs, rows: &[PlanRow]) {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
         "{:.1}B parameters, {} layers; {} GPU(s) of {} GiB at {:.0}% use; fits = room for {} KV tokens",
         config.num_parameters() as f64 / 1e9,

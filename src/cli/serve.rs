@@ -191,11 +191,12 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
     };
     let device = args.parallel.device()?;
     // Held until loaded: the workers then open the contexts read here.
-    let _gpus = match device {
-        Device::Cuda => gpu_memory::hold(&args.parallel)?,
-        _ => Vec::new(),
+    let gpus = match device {
+        Device::Cuda => Some(gpu_memory::hold(&args.parallel)?),
+        _ => None,
     };
-    let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, device, context_len)?;
+    let memory = gpus.as_deref().map(gpu_memory::memory_of).transpose()?;
+    let (num_kv_blocks, per_token) = kv_cache::kv_cache_blocks(args, &options, &config, &stages, memory.as_deref(), context_len)?;
     let engine_config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -216,8 +217,8 @@ fn load(args: &ServeArgs, state: &AppState) -> anyhow::Result<()> {
         );
     }
     warm_up(&engine)?;
-    if device == Device::Cuda {
-        gpu_memory::report(&args.parallel, "after loading");
+    if let Some(gpus) = &gpus {
+        gpu_memory::report(gpus, "after loading");
     }
     let limits = Limits {
         context_len,

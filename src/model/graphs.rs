@@ -23,11 +23,15 @@ use crate::sampling::RowSampling;
 /// that holds it. Past the last, decode steps run as usual.
 pub const BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256];
 
+/// The smallest bucket that holds a batch of `n`, if one does.
+fn bucket_holding(n: usize) -> Option<usize> {
+    BUCKETS.iter().copied().find(|&b| b >= n)
+}
+
 /// Rows of the largest decode graph batches of up to `max_num_seqs`
 /// sequences record: what the graphs' activations are sized by.
 pub fn largest_graph(max_num_seqs: usize) -> usize {
-    let last = *BUCKETS.last().expect("buckets");
-    BUCKETS.iter().copied().find(|&b| b >= max_num_seqs).unwrap_or(last)
+    bucket_holding(max_num_seqs).unwrap_or(*BUCKETS.last().expect("buckets"))
 }
 
 /// Logit adjustments (penalized and biased tokens) a row's first capture
@@ -76,7 +80,7 @@ impl<B: Backend> DecodeGraphs<B> {
         let sampled_only = matches!(&batch.sampling, Sampling::Model { logits: false, .. });
         let fits = attn.max_blocks() <= self.max_blocks;
         (!self.off && decode && rows_are_tokens && sampled_only && fits)
-            .then(|| BUCKETS.iter().copied().find(|&b| b >= n))
+            .then(|| bucket_holding(n))
             .flatten()
     }
 }

@@ -173,6 +173,11 @@ pub fn stage_memory(config: &ModelConfig, tp: usize, stages: &[Range<usize>], dt
         .collect()
 }
 
+/// `bytes` in GiB, for messages and tables.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Bytes one token's keys and values take on a rank of a `tp`-wide split
 /// that caches `layers` layers, at `value_bytes` a value.
 pub fn kv_bytes_per_token(config: &ModelConfig, tp: usize, layers: usize, value_bytes: usize) -> usize {
@@ -192,7 +197,6 @@ pub fn kv_tokens_on(
     ranks_per_node: usize,
     utilization: f64,
 ) -> Result<u64, FitError> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let nodes = (stages.len() * tp / ranks_per_node.max(1)).max(1);
     let mut least = u64::MAX;
     for node in 0..nodes {

@@ -46,16 +46,10 @@ impl HttpResponse {
 impl Server {
     /// Serves tiny-chat with `args` added; returns once it is ready.
     pub fn start(args: &[&str]) -> Server {
-        Server::start_with(args, &[])
-    }
-
-    /// [`Server::start`] with `env` added to the server's environment.
-    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let model = super::model_dir("tiny-chat");
         let mut child = Command::new(super::shardline_bin())
             .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
             .args(args)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

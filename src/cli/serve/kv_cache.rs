@@ -4,18 +4,17 @@
 //! the host's memory.
 
 use super::ServeArgs;
-use crate::cli::gpu_memory;
-use crate::cli::Device;
 use anyhow::{bail, Context};
 use shardline::backend::{cpu, cuda};
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::model_dir::{self, ModelOptions};
-use shardline::parallel::plan::{self, Workload};
+use shardline::parallel::plan::{self, GpuMemory, Workload};
 use std::ops::Range;
 
 /// The KV cache's blocks, and the bytes a token takes on the rank with the
-/// most layers: `--kv-cache-memory` a rank if given; else, on GPUs, what
+/// most layers, on this node's `gpus` (their memory now) or, without them,
+/// on the CPU: `--kv-cache-memory` a rank if given; else, on GPUs, what
 /// `--gpu-memory-utilization` of each leaves beside its ranks' weights and
 /// workspace (the arithmetic of `shardline plan`, on the memory the driver
 /// reports), and on the CPU a fifth of the available memory; never more
@@ -25,24 +24,24 @@ pub(super) fn kv_cache_blocks(
     options: &ModelOptions,
     config: &ModelConfig,
     stages: &[Range<usize>],
-    device: Device,
+    gpus: Option<&[GpuMemory]>,
     context_len: usize,
 ) -> anyhow::Result<(usize, usize)> {
     let layout = args.parallel.layout();
-    let value_bytes = match device {
-        Device::Cuda => cuda::KV_CACHE_BYTES,
-        _ => cpu::KV_CACHE_BYTES,
+    let value_bytes = match gpus {
+        Some(_) => cuda::KV_CACHE_BYTES,
+        None => cpu::KV_CACHE_BYTES,
     };
     let fullest = stages.iter().map(|s| s.len()).max().unwrap_or(0);
     let per_token = plan::kv_bytes_per_token(config, layout.tp, fullest, value_bytes);
-    let tokens = match (args.kv_cache_memory, device) {
+    let tokens = match (args.kv_cache_memory, gpus) {
         (Some(bytes), _) => bytes / per_token,
-        (None, Device::Cuda) => gpu_kv_tokens(args, options, config, stages)?,
-        (None, _) => available_memory().unwrap_or(4 << 30) / (5 * layout.world_size()) / per_token,
+        (None, Some(gpus)) => gpu_kv_tokens(args, options, config, stages, gpus)?,
+        (None, None) => available_memory().unwrap_or(4 << 30) / (5 * layout.world_size()) / per_token,
     };
     let tokens = tokens.min(args.max_num_seqs * context_len);
     // Decode graphs keep one more block, for their padding rows.
-    let graphs = device == Device::Cuda && args.parallel.decode_graph_rows(args.max_num_seqs) > 0;
+    let graphs = gpus.is_some() && args.parallel.decode_graph_rows(args.max_num_seqs) > 0;
     let blocks = (tokens / BLOCK_SIZE).saturating_sub(usize::from(graphs));
     if blocks == 0 {
         let why = match args.kv_cache_memory {
@@ -58,8 +57,14 @@ pub(super) fn kv_cache_blocks(
     Ok((blocks, per_token))
 }
 
-/// KV-cache tokens the GPUs hold beside the weights and workspace.
-fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig, stages: &[Range<usize>]) -> anyhow::Result<usize> {
+/// KV-cache tokens `gpus` hold beside the weights and workspace.
+fn gpu_kv_tokens(
+    args: &ServeArgs,
+    options: &ModelOptions,
+    config: &ModelConfig,
+    stages: &[Range<usize>],
+    gpus: &[GpuMemory],
+) -> anyhow::Result<usize> {
     let layout = args.parallel.layout();
     let dtype = model_dir::weight_dtype(options).context("reading the weights' dtype")?;
     let workload = Workload {
@@ -68,14 +73,7 @@ fn gpu_kv_tokens(args: &ServeArgs, options: &ModelOptions, config: &ModelConfig,
         graph_tokens: args.parallel.decode_graph_rows(args.max_num_seqs),
     };
     let needs = plan::stage_memory(config, layout.tp, stages, dtype, workload);
-    let gpus = gpu_memory::on_this_node(&args.parallel)?;
-    let tokens = plan::kv_tokens_on(
-        &needs,
-        layout.tp,
-        &gpus,
-        args.parallel.ranks_per_node(),
-        args.gpu_memory_utilization,
-    )?;
+    let tokens = plan::kv_tokens_on(&needs, layout.tp, gpus, args.parallel.ranks_per_node(), args.gpu_memory_utilization)?;
     Ok(usize::try_from(tokens).unwrap_or(usize::MAX))
 }
 
