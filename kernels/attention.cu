@@ -40,7 +40,7 @@ using namespace nvcuda;
 #define WARP_ROWS 16
 #define MAX_WARPS 4
 #define LOG2_E 1.4426950408889634f
-#define MERGE_LOADS 16
+#define MERGE_BATCH 8
 
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Accumulator;
 
@@ -74,69 +74,98 @@ struct Layout {
 // then [splits, rows, 2] base-2 maxima and sums): the split of the block's
 // group that finishes last merges the group's rows, out = Σ 2^(m_s − M)
 // acc_s / Σ 2^(m_s − M) l_s with M the largest m_s (a split that held
-// none of a row's keys has m_s = −∞ and adds nothing). A warp takes a row,
-// each lane one split's state (there are at most 32) and four columns.
-// A decode block is one warp with all of a KV head's query rows, so the
-// rows go one after another: a lane loads MERGE_LOADS splits' columns
-// before it adds any, or each split would cost a round trip to L2 (32
-// splits × 7 rows for Qwen2.5-7B at batch 1).
+// none of a row's keys has m_s = −∞ and adds nothing).
+//
+// A decode block is one warp with all of a KV head's query rows, and
+// their columns from every split (16 KB a row for Qwen2.5-7B at 32
+// splits) are more than a warp's registers can have in flight. So they go
+// into the stages (free once the rows are written) by cp.async, as many
+// rows ahead as fit: the block waits a round trip to L2 for each
+// stage-full of rows, not for each 16 splits of each row. The block takes
+// a row at a time: warp 0 weighs its splits (a lane a split, its state
+// loaded a row ahead) while its columns land, then each thread sums four
+// columns over the splits in split order, reading MERGE_BATCH splits'
+// weights and columns before it adds any.
 template <int HEAD_DIM, typename OutRow>
 __device__ void merge_splits(float* __restrict__ out, __nv_bfloat16* __restrict__ rounded, const float* __restrict__ partial,
-                             unsigned int* __restrict__ arrivals, int block_rows, int first_row, size_t all_rows, OutRow out_row) {
+                             unsigned int* __restrict__ arrivals, float* __restrict__ staged, int block_rows, int first_row,
+                             size_t all_rows, OutRow out_row) {
+    // Rows of every split's columns the stages hold (at least two at 32 splits).
+    constexpr int capacity = Layout<HEAD_DIM>::row_numbers / 4;
+    static_assert(capacity >= 2 * 32 * HEAD_DIM, "the stages hold two rows of 32 splits");
     __shared__ bool merges;
-    __shared__ float weights[MAX_WARPS][32];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    __shared__ float weights[32];
+    __shared__ float total;
+    const int lane = threadIdx.x & 31, splits = gridDim.z;
     __threadfence();  // this thread's partial rows are visible to every block before the count moves
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned int* count = arrivals + blockIdx.y * gridDim.x + blockIdx.x;
-        merges = atomicAdd(count, 1u) == gridDim.z - 1;
+        merges = atomicAdd(count, 1u) == splits - 1;
         if (merges) *count = 0;  // for the next launch
     }
     __syncthreads();
     if (!merges) return;
     __threadfence();
-    const float* state = partial + gridDim.z * all_rows * HEAD_DIM;
-    // Each row's softmax state (this lane's split's), loaded a row ahead.
+    const float* state = partial + splits * all_rows * HEAD_DIM;
+    const int row_floats = splits * HEAD_DIM, slots = min(block_rows, capacity / row_floats);
+    // Queues row r's columns of every split into its slot, and closes a
+    // copy group either way, so that waits count rows.
+    auto fetch = [&](int r) {
+        if (r < block_rows) {
+            const size_t row = out_row(first_row + r);
+            float* to = staged + (r % slots) * row_floats;
+            for (int i = threadIdx.x; i < row_floats / 4; i += blockDim.x) {
+                const int split = i / (HEAD_DIM / 4), d = 4 * (i % (HEAD_DIM / 4));
+                __pipeline_memcpy_async(to + split * HEAD_DIM + d, partial + (split * all_rows + row) * HEAD_DIM + d, 16);
+            }
+        }
+        __pipeline_commit();
+    };
+    // Row r's softmax state of this lane's split.
     auto state_of = [&](int r, float& m, float& l) {
         m = NEG_INF;
         l = 0.0f;
-        if (r >= block_rows || lane >= (int)gridDim.z) return;
+        if (r >= block_rows || lane >= splits) return;
         const size_t row = out_row(first_row + r);
         m = __ldcg(state + (lane * all_rows + row) * 2);
         l = __ldcg(state + (lane * all_rows + row) * 2 + 1);
     };
     float next_m, next_l;
-    state_of(warp, next_m, next_l);
-    for (int r = warp; r < block_rows; r += warps) {
+    if (threadIdx.x < 32) state_of(0, next_m, next_l);
+    for (int r = 0; r < slots; ++r) fetch(r);
+    for (int r = 0; r < block_rows; ++r) {
+        if (threadIdx.x < 32) {
+            const float m = next_m, l = next_l;
+            state_of(r + 1, next_m, next_l);
+            const float best = warp_max(m);
+            const float weight = m == NEG_INF ? 0.0f : exp2f(m - best);
+            const float sum = warp_sum(weight * l);
+            weights[lane] = weight;
+            if (lane == 0) total = sum;
+        }
+        __pipeline_wait_prior(slots - 1);  // this thread's copies of row r have landed
+        __syncthreads();                    // and every thread's, and the row's weights are written
+        const float* columns = staged + (r % slots) * row_floats;
         const size_t row = out_row(first_row + r);
-        const float m = next_m, l = next_l;
-        state_of(r + warps, next_m, next_l);
-        const float best = warp_max(m);
-        const float weight = m == NEG_INF ? 0.0f : exp2f(m - best);
-        const float total = warp_sum(weight * l);
-        weights[warp][lane] = weight;
-        __syncwarp();
-        for (int d = 4 * lane; d < HEAD_DIM; d += 128) {
+        for (int d = 4 * threadIdx.x; d < HEAD_DIM; d += 4 * blockDim.x) {
             float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            for (int first = 0; first < (int)gridDim.z; first += MERGE_LOADS) {
-                float4 a[MERGE_LOADS];
+            for (int first = 0; first < splits; first += MERGE_BATCH) {
+                float w[MERGE_BATCH];
+                float4 a[MERGE_BATCH];
 #pragma unroll
-                for (int k = 0; k < MERGE_LOADS; ++k) {
-                    const int split = first + k;
-                    const bool used = split < (int)gridDim.z && weights[warp][split] != 0.0f;
-                    a[k] = used ? __ldcg(reinterpret_cast<const float4*>(partial + (split * all_rows + row) * HEAD_DIM + d))
-                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                for (int k = 0; k < MERGE_BATCH; ++k) {
+                    const int split = min(first + k, splits - 1);
+                    w[k] = first + k < splits ? weights[split] : 0.0f;
+                    a[k] = *reinterpret_cast<const float4*>(columns + split * HEAD_DIM + d);
                 }
 #pragma unroll
-                for (int k = 0; k < MERGE_LOADS; ++k) {
-                    const int split = first + k;
-                    const float w = split < (int)gridDim.z ? weights[warp][split] : 0.0f;
-                    if (w == 0.0f) continue;
-                    sum.x += w * a[k].x;
-                    sum.y += w * a[k].y;
-                    sum.z += w * a[k].z;
-                    sum.w += w * a[k].w;
+                for (int k = 0; k < MERGE_BATCH; ++k) {
+                    if (w[k] == 0.0f) continue;
+                    sum.x += w[k] * a[k].x;
+                    sum.y += w[k] * a[k].y;
+                    sum.z += w[k] * a[k].z;
+                    sum.w += w[k] * a[k].w;
                 }
             }
             const float4 value = make_float4(sum.x / total, sum.y / total, sum.z / total, sum.w / total);
@@ -147,8 +176,8 @@ __device__ void merge_splits(float* __restrict__ out, __nv_bfloat16* __restrict_
                 pair[1] = __floats2bfloat162_rn(value.z, value.w);
             }
         }
-        // The next row's weights are written after its warp_sum, which no
-        // lane reaches before every lane is done with these.
+        __syncthreads();  // every thread is done with the slot and the weights before they are refilled
+        fetch(r + slots);
     }
 }
 
@@ -359,7 +388,10 @@ __device__ void paged_attention(
             }
         }
     }
-    if (gridDim.z > 1) merge_splits<HEAD_DIM>(out, rounded, partial, arrivals, block_rows, first_row, all_rows, out_row);
+    if (gridDim.z > 1) {
+        float* staged = reinterpret_cast<float*>(shared);
+        merge_splits<HEAD_DIM>(out, rounded, partial, arrivals, staged, block_rows, first_row, all_rows, out_row);
+    }
 }
 #define PAGED_ATTENTION(dims)                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * MAX_WARPS) paged_attention_bf16_d##dims(                         \
