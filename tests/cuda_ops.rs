@@ -483,10 +483,44 @@ fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
 /// Qwen2-sized vocabulary and small ones (1,025 ids: 16 warps' parts of
 /// whole 32-id loads must round up to cover it). The device must pick the
 /// host's token and leave the same adjusted logits.
+/// Samples `rows` of `values` ([rows, vocab]) on both devices: the GPU
+/// must pick the host's token for every row and leave the same adjusted logits.
+fn assert_host_picks(gpu: &CudaBackend, rows: &[RowSampling], values: &[f32], vocab: usize, what: &str) {
+    let cpu = CpuBackend::default();
+    let n = rows.len();
+    let mut cpu_logits = CpuTensor::new(values.to_vec(), n, vocab);
+    let mut gpu_logits = gpu.zeros(n, vocab).unwrap();
+    gpu_logits.copy_from_host(values).unwrap();
+    let batch = batch_of(&vec![0; n], &(0..n as u32).collect::<Vec<_>>(), rows.to_vec());
+    let inputs = batch.inputs(&batch.token_ids, true);
+    let (mut c_step, mut g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+    cpu.sample(&mut cpu_logits, &mut c_step).unwrap();
+    gpu.sample(&mut gpu_logits, &mut g_step).unwrap();
+    let want = cpu.fetched(cpu.fetch_sampled(&c_step).unwrap(), n).unwrap();
+    let got = gpu.fetched(gpu.fetch_sampled(&g_step).unwrap(), n).unwrap();
+    for (r, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            w,
+            g,
+            "{what}, vocab {vocab}, row {r}: {:?}",
+            RowSampling {
+                adjustments: vec![],
+                ..rows[r].clone()
+            }
+        );
+    }
+    assert_close(
+        &cpu_logits,
+        gpu,
+        &gpu_logits,
+        EXACT,
+        &format!("adjusted logits, {what}, vocab {vocab}"),
+    );
+}
+
 #[test]
 fn sampling_picks_the_tokens_the_host_picks() {
     let Some(gpu) = gpu() else { return };
-    let cpu = CpuBackend::default();
     let mut rng = Rng::seeded(21);
     let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
     for vocab in [151_936, 1000, 1025] {
@@ -516,8 +550,7 @@ fn sampling_picks_the_tokens_the_host_picks() {
                 uniform: rng.next_f32(),
             });
         }
-        let n = rows.len();
-        let mut values = random(n * vocab, 22);
+        let mut values = random(rows.len() * vocab, 22);
         for (r, row) in values.chunks_mut(vocab).enumerate() {
             let coarse = (r / 8) % 2 == 1;
             row.iter_mut()
@@ -526,27 +559,58 @@ fn sampling_picks_the_tokens_the_host_picks() {
                 row[vocab - 1] = 30.0;
             }
         }
-        let mut cpu_logits = CpuTensor::new(values.clone(), n, vocab);
-        let mut gpu_logits = gpu.zeros(n, vocab).unwrap();
-        gpu_logits.copy_from_host(&values).unwrap();
-        let batch = batch_of(&vec![0; n], &(0..n as u32).collect::<Vec<_>>(), rows.clone());
-        let inputs = batch.inputs(&batch.token_ids, true);
-        let (mut c_step, mut g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
-        cpu.sample(&mut cpu_logits, &mut c_step).unwrap();
-        gpu.sample(&mut gpu_logits, &mut g_step).unwrap();
-        let want = cpu.fetched(cpu.fetch_sampled(&c_step).unwrap(), n).unwrap();
-        let got = gpu.fetched(gpu.fetch_sampled(&g_step).unwrap(), n).unwrap();
-        for (r, (w, g)) in want.iter().zip(&got).enumerate() {
-            assert_eq!(
-                w,
-                g,
-                "vocab {vocab}, row {r}: {:?}",
-                RowSampling {
-                    adjustments: vec![],
-                    ..rows[r].clone()
-                }
-            );
-        }
-        assert_close(&cpu_logits, &gpu, &gpu_logits, EXACT, &format!("adjusted logits, vocab {vocab}"));
+        assert_host_picks(&gpu, &rows, &values, vocab, "random rows");
     }
+}
+
+/// The scaled distances below the best logit that a top-k or top-p cut
+/// first narrows its search to (kernels/sampling.cu): 40 × 2^(j − 7).
+const BAND_EDGES: [f32; 8] = [0.3125, 0.625, 1.25, 2.5, 5.0, 10.0, 20.0, 40.0];
+
+#[test]
+fn sampling_cuts_match_the_host_whichever_band_holds_what_they_keep() {
+    let Some(gpu) = gpu() else { return };
+    // One token at 10; a cluster at `distance` below it in scaled logits
+    // (jittered within its band, or all tied), and the rest of the row
+    // either past the floor or spread over every band beyond the cluster.
+    // A distance past the floor leaves fewer tokens above it than k.
+    let mut distances: Vec<f32> = BAND_EDGES.iter().map(|edge| edge * 0.8).collect();
+    distances.push(45.0);
+    let vocab = 151_936;
+    let (mut rows, mut values) = (Vec::new(), Vec::new());
+    let mut rng = Rng::seeded(23);
+    for (case, &distance) in distances.iter().enumerate() {
+        for (cut, (temperature, top_k, top_p)) in [(0.7, 20, 1.0), (1.0, 0, 0.8), (0.7, 20, 0.8)].into_iter().enumerate() {
+            for shape in 0..2 {
+                let tied = (case + cut) % 2 == 0;
+                let mut row: Vec<f32> = (0..vocab)
+                    .map(|_| match shape {
+                        0 => 10.0 - temperature * (50.0 + 10.0 * rng.next_f32()),
+                        _ => 10.0 - temperature * (distance + 0.5 + 60.0 * rng.next_f32()),
+                    })
+                    .collect();
+                let best = (case * 7919 + cut * 104_729) % vocab;
+                row[best] = 10.0;
+                for j in 1..=40 {
+                    let id = (best + j * 3001) % vocab;
+                    let jitter = if tied { 0.0 } else { 0.1 * distance * rng.next_f32() };
+                    row[id] = 10.0 - temperature * (distance + jitter);
+                }
+                // A draw of 0 takes the kept token of the lowest id, however light.
+                for uniform in [0.0, 0.5, 0.97] {
+                    rows.push(RowSampling {
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p: 0.0,
+                        repetition_penalty: 1.0,
+                        adjustments: vec![],
+                        uniform,
+                    });
+                    values.extend_from_slice(&row);
+                }
+            }
+        }
+    }
+    assert_host_picks(&gpu, &rows, &values, vocab, "banded rows");
 }

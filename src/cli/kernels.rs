@@ -4,10 +4,10 @@
 //! layer and of the LM head, and down_proj's for 2 to 8 tokens and through
 //! cuBLAS at 9 (bytes: the weights); and decode attention over `--context`
 //! cached tokens at batch 1 and 64 (bytes: the keys and values); and the
-//! sampling kernel on 1 and 64 rows of the vocabulary, greedy and drawn at
-//! temperature 1 (bytes: the logits, once). Also the attention of a
-//! `--context`-token prompt's prefill, which computes more than it reads:
-//! its multiply-adds a second.
+//! sampling kernel on 1 and 64 rows of the vocabulary, greedy, drawn at
+//! temperature 1 and drawn with Qwen2.5's cuts (bytes: the logits, once).
+//! Also the attention of a `--context`-token prompt's prefill, which
+//! computes more than it reads: its multiply-adds a second.
 
 use anyhow::Context;
 use serde_json::json;
@@ -223,23 +223,37 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
     time(gpu, what, (bytes, flops), || gpu.paged_attention(&qkv, &cache, &step, &spec))
 }
 
-/// The sampling kernel on `rows` rows of random logits: greedy, or drawn
-/// at temperature 1 with no cut (the OpenAI API's default).
-fn sampling(gpu: &CudaBackend, config: &ModelConfig, rows: usize, greedy: bool, rng: &mut Rng) -> anyhow::Result<Timing> {
-    let vocab = config.vocab_size;
-    let row = match greedy {
-        true => RowSampling::greedy(),
-        false => RowSampling {
-            temperature: 1.0,
-            uniform: 0.5,
-            ..RowSampling::greedy()
-        },
+/// The rows `bench --kernels` samples: greedy; drawn at temperature 1 with
+/// no cut (the OpenAI API's default); and Qwen2.5-Instruct's
+/// generation_config.json (what serve applies to a request that sets none).
+fn sampling_kinds() -> [(&'static str, RowSampling); 3] {
+    let drawn = |temperature, top_k, top_p| RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        uniform: 0.5,
+        ..RowSampling::greedy()
     };
-    let Step { mut step, .. } = step_of(gpu, config, (rows, 0, 1), &vec![row; rows])?;
+    [
+        ("greedy", RowSampling::greedy()),
+        ("temperature 1", drawn(1.0, 0, 1.0)),
+        ("top-k 20, top-p 0.8", drawn(0.7, 20, 0.8)),
+    ]
+}
+
+/// The sampling kernel on `rows` rows of random logits, each sampled as `row` says.
+fn sampling(
+    gpu: &CudaBackend,
+    config: &ModelConfig,
+    rows: usize,
+    (how, row): &(&str, RowSampling),
+    rng: &mut Rng,
+) -> anyhow::Result<Timing> {
+    let vocab = config.vocab_size;
+    let Step { mut step, .. } = step_of(gpu, config, (rows, 0, 1), &vec![row.clone(); rows])?;
     let mut logits = gpu.zeros(rows, vocab)?;
     let values: Vec<f32> = (0..rows * vocab).map(|_| 9.0 * rng.next_f32()).collect();
     logits.copy_from_host(&values)?;
-    let how = if greedy { "greedy" } else { "temperature 1" };
     let what = format!("sampling {how}, {rows} row{} of {vocab}", if rows == 1 { "" } else { "s" });
     time(gpu, what, (rows * vocab * 4, 0.0), || gpu.sample(&mut logits, &mut step))
 }
@@ -255,8 +269,8 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     }
     timings.push(attention(&gpu, config, 1, 0, context)?);
     for rows in [1, 64] {
-        for greedy in [true, false] {
-            timings.push(sampling(&gpu, config, rows, greedy, &mut rng)?);
+        for kind in &sampling_kinds() {
+            timings.push(sampling(&gpu, config, rows, kind, &mut rng)?);
         }
     }
     let rate = |t: &Timing| t.bytes as f64 / t.seconds;
