@@ -12,13 +12,14 @@
 //! the logits picks the token from it (a GPU without copying them out).
 
 mod choose;
+mod seen;
 
 pub use choose::{argmax, choose, choose_rows, LogitAdjustment, RowSampling, GREEDY_BELOW};
 
 use choose::by_score_desc;
+use seen::Seen;
 
 use crate::rng::Rng;
-use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -83,12 +84,15 @@ pub struct TokenLogprobs {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
+    /// The bias and penalties over the sequence's tokens so far.
+    seen: Seen,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = params.seed.map_or_else(Rng::from_entropy, Rng::seeded);
-        Sampler { params, rng }
+        let seen = Seen::new(&params);
+        Sampler { params, rng, seen }
     }
 
     /// Whether [`Sampler::finish`] needs the step's logits (for logprobs).
@@ -114,7 +118,7 @@ impl Sampler {
             top_p: p.top_p,
             min_p: p.min_p,
             repetition_penalty: p.repetition_penalty,
-            adjustments: adjustments(p, tokens, prompt_len),
+            adjustments: self.seen.adjustments(p, tokens, prompt_len),
             uniform: if p.is_greedy() { 0.0 } else { self.rng.next_f32() },
         }
     }
@@ -132,36 +136,6 @@ impl Sampler {
         let token_id = choose(&mut logits.to_vec(), &row);
         self.finish(token_id, Some(logits))
     }
-}
-
-/// One adjustment per token the request biases or whose logit a penalty
-/// changes, in id order: logit bias plus OpenAI's presence and frequency
-/// penalties (`presence` once if generated, `frequency` per time, over
-/// generated tokens only) as one shift; HF's repetition penalty over the
-/// prompt and the output as a flag.
-fn adjustments(p: &SamplingParams, tokens: &[u32], prompt_len: usize) -> Vec<LogitAdjustment> {
-    let mut by_token: BTreeMap<u32, (f32, bool)> = BTreeMap::new();
-    for &(id, bias) in &p.logit_bias {
-        by_token.entry(id).or_default().0 += bias;
-    }
-    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &id in &tokens[prompt_len..] {
-            *counts.entry(id).or_default() += 1;
-        }
-        for (id, count) in counts {
-            by_token.entry(id).or_default().0 -= p.presence_penalty + p.frequency_penalty * count as f32;
-        }
-    }
-    if p.repetition_penalty != 1.0 {
-        for &id in tokens {
-            by_token.entry(id).or_default().1 = true;
-        }
-    }
-    by_token
-        .into_iter()
-        .map(|(token, (shift, repeated))| LogitAdjustment { token, shift, repeated })
-        .collect()
 }
 
 /// The log-probability of `token` and the `k` most likely tokens under
