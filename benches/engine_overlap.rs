@@ -9,8 +9,12 @@
 //! without (each step waits for the tokens of the one before).
 //!
 //! ```sh
-//! cargo bench --bench engine_overlap -- [--requests 64] [--step-ms 6] [--tokens 256]
+//! cargo bench --bench engine_overlap -- [--requests 64] [--step-ms 6] [--prompt 128] [--tokens 256] [--qwen-sampling]
 //! ```
+//!
+//! `--qwen-sampling` gives every request Qwen2.5-Instruct's generation
+//! defaults (temperature 0.7, top-k 20, top-p 0.8, repetition penalty
+//! 1.05) instead of greedy decoding.
 //!
 //! Prints each setting's idle share: idle ÷ (idle + busy) of the device.
 
@@ -104,7 +108,24 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (requests, tokens) = (arg(&args, "--requests", 64), arg(&args, "--tokens", 256));
+    let (requests, tokens, prompt) = (
+        arg(&args, "--requests", 64),
+        arg(&args, "--tokens", 256),
+        arg(&args, "--prompt", 128),
+    );
+    // Qwen2.5-Instruct's generation_config.json, which serve applies to a
+    // request that sets none: its repetition penalty makes every row carry
+    // the sequence's distinct tokens, and each step wait for the last one's.
+    let sampling = match args.iter().any(|a| a == "--qwen-sampling") {
+        true => SamplingParams {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.8,
+            repetition_penalty: 1.05,
+            ..SamplingParams::greedy()
+        },
+        false => SamplingParams::greedy(),
+    };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-chat");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
@@ -124,15 +145,15 @@ fn main() {
         let engine_config = EngineConfig {
             max_num_seqs: requests,
             max_num_batched_tokens: 2048,
-            num_kv_blocks: requests * (128 + tokens).div_ceil(16) + 1,
+            num_kv_blocks: requests * (prompt + tokens).div_ceil(16) + 1,
             block_size: 16,
         };
         let engine = EngineHandle::spawn(Engine::new(Box::new(device), Some(tokenizer.clone()), engine_config));
         let receivers: Vec<_> = (0..requests)
             .map(|i| {
                 let request = Request {
-                    prompt_ids: (0..128).map(|j| 1000 + ((i * 131 + j * 7) % 20_000) as u32).collect(),
-                    sampling: SamplingParams::greedy(),
+                    prompt_ids: (0..prompt).map(|j| 1000 + ((i * 131 + j * 7) % 20_000) as u32).collect(),
+                    sampling: sampling.clone(),
                     max_tokens: tokens,
                     stop: StopConditions {
                         ignore_eos: true,
@@ -153,7 +174,7 @@ fn main() {
         let t = timeline.lock().unwrap();
         let share = t.idle.as_secs_f64() / (t.idle + t.busy).as_secs_f64();
         println!(
-            "{requests} requests × {tokens} tokens, {ms} ms a step, {}: device idle {:.2}% ({:.1} µs a step)",
+            "{requests} requests × {prompt} + {tokens} tokens, {ms} ms a step, {}: device idle {:.2}% ({:.1} µs a step)",
             match lookahead {
                 true => "planned ahead",
                 false => "each step after the last one's tokens",
