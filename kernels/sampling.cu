@@ -15,6 +15,9 @@
 // the floor's 40) that holds what it keeps, in one pass with a lane's
 // sums in registers, and the histograms count only the keys in that band:
 // a top-k of 20 (Qwen2.5's default) counts a few dozen keys, not 151,936.
+// Where top-k's band holds at most CANDIDATES keys, they are gathered into
+// shared memory instead, and both cuts are found there by ranking them:
+// what top-p weighs lies within top-k.
 //
 // Each pass over a row gives each warp a contiguous segment of it, read
 // 32 ids a load and several loads a lane at a time: a decode step
@@ -46,6 +49,7 @@ struct Adjustment {
 #define GREEDY_BELOW 1e-5f
 #define NEGLIGIBLE 40.0f
 #define BANDS 8
+#define CANDIDATES 512
 #define NOT_FOUND 0x7fffffff
 
 // A key whose unsigned order is the float order (negatives flipped).
@@ -278,12 +282,12 @@ __device__ __forceinline__ bool in_band(float scaled, float max, int band) {
     return scaled >= max - ldexpf(NEGLIGIBLE, band - (BANDS - 1));
 }
 
-// The narrowest band whose sum of `amount(i, x)` reaches `need`,
-// or BANDS where not even the floor's does; every thread gets it. A lane
-// sums each band in f32 registers (exact for counts below 2^24; a caller
-// that sums masses allows for their rounding).
+// The narrowest band whose sum of `amount(i, x)` reaches `need`, with
+// that sum in `held`, or BANDS where not even the floor's does; every
+// thread gets them. A lane sums each band in f32 registers (exact for
+// counts below 2^24; a caller that sums masses allows for their rounding).
 template <typename Scaled, typename Amount>
-__device__ int narrowest_band(const float* row, int vocab, Scaled scaled, float max, Amount amount, float need) {
+__device__ int narrowest_band(const float* row, int vocab, Scaled scaled, float max, Amount amount, float need, float& held) {
     float sums[BANDS] = {};
     for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
         const float s = scaled(x);
@@ -294,10 +298,65 @@ __device__ int narrowest_band(const float* row, int vocab, Scaled scaled, float 
             if (in_band(s, max, band)) sums[band] += a;
     });
     int narrowest = BANDS;
+    held = 0.0f;
 #pragma unroll
-    for (int band = BANDS - 1; band >= 0; --band)
-        if (block_sum(sums[band]) >= need) narrowest = band;
+    for (int band = BANDS - 1; band >= 0; --band) {
+        const float sum = block_sum(sums[band]);
+        if (sum >= need) {
+            narrowest = band;
+            held = sum;
+        }
+    }
     return narrowest;
+}
+
+// A row's keys in one band, gathered into shared memory in no particular
+// order, where a top-k cut's band holds at most CANDIDATES of them: the
+// top-k and top-p thresholds are then found there, where otherwise each
+// takes a radix selection of four passes over the row and a search for
+// its ties. `key` holds what the cut at hand orders them by.
+struct Candidates {
+    int count;
+    unsigned int id[CANDIDATES];
+    float x[CANDIDATES];
+    unsigned int key[CANDIDATES];
+    unsigned short order[CANDIDATES];
+};
+
+// Gathers the logits `in(x)` admits; `c.count` of them, which the caller
+// knows to be at most CANDIDATES.
+template <typename In>
+__device__ void gather(const float* row, int vocab, In in, Candidates& c) {
+    if (threadIdx.x == 0) c.count = 0;
+    __syncthreads();
+    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
+        if (!in(x)) return;
+        const int slot = atomicAdd(&c.count, 1);
+        c.id[slot] = i;
+        c.x[slot] = x;
+    });
+    __syncthreads();
+}
+
+// Writes into c.order the candidates whose c.key is not 0, by key
+// descending and ties by id (a candidate's place is the number before
+// it); returns how many there are. Every thread gets it.
+__device__ int order_candidates(Candidates& c) {
+    __shared__ int members;
+    if (threadIdx.x == 0) members = 0;
+    __syncthreads();
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) {
+        const unsigned int key = c.key[a], id = c.id[a];
+        if (key == 0) continue;
+        int before = 0;
+        for (int b = 0; b < c.count; ++b) before += c.key[b] > key || (c.key[b] == key && c.id[b] < id);
+        c.order[before] = (unsigned short)a;
+        atomicAdd(&members, 1);
+    }
+    __syncthreads();
+    const int result = members;
+    __syncthreads();
+    return result;
 }
 
 // The first index of the row's maximum; every thread gets it.
@@ -380,9 +439,22 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     auto everyone = [&](int, float) { return true; };
     unsigned int k_pivot = 0;
     int k_cutoff = NOT_FOUND;
+    __shared__ Candidates candidates;
+    bool gathered = false;
     if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
-        const int band = narrowest_band(row, vocab, scaled, max, [](int, float) { return 1.0f; }, (float)p.top_k);
-        if (band < BANDS) {
+        float held;
+        const int band = narrowest_band(row, vocab, scaled, max, [](int, float) { return 1.0f; }, (float)p.top_k, held);
+        gathered = band < BANDS && held <= (float)CANDIDATES;
+        if (gathered) {
+            // The k-th of the band's keys, best first (ties to the lower id).
+            gather(row, vocab, [&](float x) { return in_band(scaled(x), max, band); }, candidates);
+            for (int a = threadIdx.x; a < candidates.count; a += blockDim.x) candidates.key[a] = score_key(candidates.x[a]);
+            order_candidates(candidates);
+            const int kth = candidates.order[p.top_k - 1];
+            k_pivot = candidates.key[kth];
+            k_cutoff = (int)candidates.id[kth];
+            __syncthreads();
+        } else if (band < BANDS) {
             double need = (double)p.top_k;
             auto counted = [&](int, float x) { return in_band(scaled(x), max, band) ? 1.0 : 0.0; };
             k_pivot = select_from_top(row, score_key, counted, vocab, need);
@@ -398,13 +470,36 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
     unsigned int p_pivot = 0;
     int p_cutoff = NOT_FOUND;
-    if (p.top_p < 1.0f) {
+    if (p.top_p < 1.0f && gathered) {
+        // What top-p weighs lies within top-k, so among the candidates: the
+        // most likely (ties to the lower id) until their mass reaches top_p
+        // of the total, both summed in that order.
+        for (int a = threadIdx.x; a < candidates.count; a += blockDim.x) {
+            const float x = candidates.x[a];
+            candidates.key[a] = before_top_p((int)candidates.id[a], x) ? weight_key(x) : 0u;
+        }
+        const int members = order_candidates(candidates);
+        __shared__ int last;
+        if (threadIdx.x == 0) {
+            double total = 0.0, running = 0.0;
+            for (int m = 0; m < members; ++m) total += (double)__uint_as_float(candidates.key[candidates.order[m]]);
+            const double need = (double)p.top_p * total;
+            int m = 0;
+            while (m < members - 1 && (running += (double)__uint_as_float(candidates.key[candidates.order[m]])) < need) ++m;
+            last = candidates.order[m];
+        }
+        __syncthreads();
+        p_pivot = candidates.key[last];
+        p_cutoff = (int)candidates.id[last];
+        __syncthreads();
+    } else if (p.top_p < 1.0f) {
         auto mass = [&](int i, float x) { return before_top_p(i, x) ? (double)weight(x) : 0.0; };
         double need = (double)p.top_p * row_sum(row, mass, vocab);
         // A band's f32 sums may fall short of its mass by their rounding:
         // asking a thousandth more keeps every band chosen a true bound.
         auto band_mass = [&](int i, float x) { return (float)mass(i, x); };
-        const int band = narrowest_band(row, vocab, scaled, max, band_mass, (float)(need * 1.001));
+        float held;
+        const int band = narrowest_band(row, vocab, scaled, max, band_mass, (float)(need * 1.001), held);
         auto counted = [&](int i, float x) { return in_band(scaled(x), max, band) ? mass(i, x) : 0.0; };
         p_pivot = select_from_top(row, weight_key, counted, vocab, need);
         const double tie = (double)__uint_as_float(p_pivot);

@@ -573,14 +573,19 @@ fn sampling_cuts_match_the_host_whichever_band_holds_what_they_keep() {
     // One token at 10; a cluster at `distance` below it in scaled logits
     // (jittered within its band, or all tied), and the rest of the row
     // either past the floor or spread over every band beyond the cluster.
-    // A distance past the floor leaves fewer tokens above it than k.
+    // A distance past the floor leaves fewer tokens above it than k. Top-k
+    // 2 then top-p 0.95 keeps both where they are close: the nucleus runs
+    // to the last token top-k leaves.
     let mut distances: Vec<f32> = BAND_EDGES.iter().map(|edge| edge * 0.8).collect();
     distances.push(45.0);
     let vocab = 151_936;
     let (mut rows, mut values) = (Vec::new(), Vec::new());
     let mut rng = Rng::seeded(23);
     for (case, &distance) in distances.iter().enumerate() {
-        for (cut, (temperature, top_k, top_p)) in [(0.7, 20, 1.0), (1.0, 0, 0.8), (0.7, 20, 0.8)].into_iter().enumerate() {
+        for (cut, (temperature, top_k, top_p)) in [(0.7, 20, 1.0), (1.0, 0, 0.8), (0.7, 20, 0.8), (1.0, 2, 0.95)]
+            .into_iter()
+            .enumerate()
+        {
             for shape in 0..2 {
                 let tied = (case + cut) % 2 == 0;
                 let mut row: Vec<f32> = (0..vocab)

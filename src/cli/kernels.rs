@@ -252,7 +252,9 @@ fn sampling(
     let vocab = config.vocab_size;
     let Step { mut step, .. } = step_of(gpu, config, (rows, 0, 1), &vec![row.clone(); rows])?;
     let mut logits = gpu.zeros(rows, vocab)?;
-    let values: Vec<f32> = (0..rows * vocab).map(|_| 9.0 * rng.next_f32()).collect();
+    // Gumbel-distributed, a tail like a language model's: top-k 20's band
+    // holds a few dozen ids, so the cuts take the gathered path.
+    let values: Vec<f32> = (0..rows * vocab).map(|_| -2.0 * (-rng.next_f32().max(1e-9).ln()).ln()).collect();
     logits.copy_from_host(&values)?;
     let what = format!("sampling {how}, {rows} row{} of {vocab}", if rows == 1 { "" } else { "s" });
     time(gpu, what, (rows * vocab * 4, 0.0), || gpu.sample(&mut logits, &mut step))
