@@ -86,21 +86,27 @@ impl Seen {
     /// tokens only) as one shift; HF's repetition penalty over the prompt
     /// and the output as a flag.
     pub(super) fn adjustments(&mut self, p: &SamplingParams, tokens: &[u32], prompt_len: usize) -> Vec<LogitAdjustment> {
-        let grown = tokens.len() >= self.len && prompt_len == self.prompt_len && self.len.checked_sub(1).map(|i| tokens[i]) == self.last;
-        if !grown {
-            *self = Seen::new(p);
-            self.prompt_len = prompt_len;
+        let counts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let repeats = p.repetition_penalty != 1.0;
+        // Without a penalty the tokens change nothing (and a step planned
+        // ahead ends them with a placeholder, which would restart the count).
+        if counts || repeats {
+            let grown =
+                tokens.len() >= self.len && prompt_len == self.prompt_len && self.len.checked_sub(1).map(|i| tokens[i]) == self.last;
+            if !grown {
+                *self = Seen::new(p);
+                self.prompt_len = prompt_len;
+            }
+            self.take_in(tokens, counts, repeats);
         }
-        self.take_in(p, tokens);
         self.entries.iter().map(|e| e.adjustment(p)).collect()
     }
 
-    /// Merges `tokens[self.len..]` into the entries: a step's few one by
-    /// one in place, a prompt's many by sorting them and merging the two
-    /// lists (one at a time, each would move the entries after it).
-    fn take_in(&mut self, p: &SamplingParams, tokens: &[u32]) {
-        let counts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
-        let repeats = p.repetition_penalty != 1.0;
+    /// Merges `tokens[self.len..]` into the entries, counting generated
+    /// ones where `counts` and marking all where `repeats`: a step's few
+    /// one by one in place, a prompt's many by sorting them and merging the
+    /// two lists (one at a time, each would move the entries after it).
+    fn take_in(&mut self, tokens: &[u32], counts: bool, repeats: bool) {
         let mut fresh: Vec<(u32, bool)> = (self.len..tokens.len())
             .map(|i| (tokens[i], counts && i >= self.prompt_len))
             .filter(|&(_, generated)| generated || repeats)
