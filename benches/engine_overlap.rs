@@ -18,6 +18,9 @@
 //!
 //! Prints each setting's idle share: idle ÷ (idle + busy) of the device.
 
+mod common;
+
+use common::{arg, qwen25_sampling};
 use shardline::backend::BackendError;
 use shardline::config::ModelConfig;
 use shardline::engine::request::{Event, Request, StopConditions};
@@ -99,13 +102,6 @@ impl Executor for SimulatedDevice {
     }
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (requests, tokens, prompt) = (
@@ -117,13 +113,7 @@ fn main() {
     // request that sets none: its repetition penalty makes every row carry
     // the sequence's distinct tokens, and each step wait for the last one's.
     let sampling = match args.iter().any(|a| a == "--qwen-sampling") {
-        true => SamplingParams {
-            temperature: 0.7,
-            top_k: 20,
-            top_p: 0.8,
-            repetition_penalty: 1.05,
-            ..SamplingParams::greedy()
-        },
+        true => qwen25_sampling(),
         false => SamplingParams::greedy(),
     };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-chat");

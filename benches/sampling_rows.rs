@@ -13,17 +13,12 @@
 //! holds ≈ 1,800 distinct ones). Prints the time a row takes, and a step
 //! of `--sequences` rows.
 
+mod common;
+
+use common::{arg, qwen25_sampling};
 use shardline::rng::Rng;
 use shardline::sampling::{Sampler, SamplingParams};
 use std::time::Instant;
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number, got {v}")))
-        .unwrap_or(default)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,12 +28,8 @@ fn main() {
         arg(&args, "--sequences", 64),
     );
     let params = SamplingParams {
-        temperature: 0.7,
-        top_k: 20,
-        top_p: 0.8,
-        repetition_penalty: 1.05,
         seed: Some(0),
-        ..SamplingParams::greedy()
+        ..qwen25_sampling()
     };
     let mut rng = Rng::seeded(1);
     let mut id = move || (rng.next_u64() % 8192) as u32;
