@@ -40,7 +40,7 @@ fn main() {
         let mut sampler = Sampler::new(params.clone());
         for _ in 0..tokens {
             let start = Instant::now();
-            let row = sampler.next_row(&sequence, prompt);
+            let row = sampler.next_row(&sequence, prompt, None);
             seconds += start.elapsed().as_secs_f64();
             adjustments += row.adjustments.len();
             sequence.push(id());

@@ -27,25 +27,31 @@
 // search in id order sums each warp's segment, then each warp's share of
 // the segment it passes in, and one warp scans from there, 8 ids a lane.
 
-// One row's parameters, packed by src/backend/cuda/sampling.rs (8 words).
+// One row's parameters, packed by src/backend/cuda/sampling.rs (11 words).
 struct RowParams {
     float temperature;
     unsigned int top_k;
     float top_p;
     float min_p;
     float repetition_penalty;
+    float presence_penalty;
+    float frequency_penalty;
     float uniform;
     unsigned int adjust_begin;  // this row's adjustments: [adjust_begin, adjust_end)
     unsigned int adjust_end;
+    unsigned int coming;  // the row of `coming` whose token joins the sequence first, or NO_COMING
 };
 
-// logit += shift; then, if repeated, HF's repetition penalty (3 words).
+// A token's bias, the times it was generated, and (the REPEATED bit of
+// `counts`) whether HF's repetition penalty applies to it (3 words).
 struct Adjustment {
     unsigned int token;
-    float shift;
-    unsigned int repeated;
+    float bias;
+    unsigned int counts;
 };
 
+#define NO_COMING 0xffffffffu
+#define REPEATED 0x80000000u
 #define GREEDY_BELOW 1e-5f
 #define NEGLIGIBLE 40.0f
 #define BANDS 8
@@ -393,6 +399,41 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     return result;
 }
 
+// logit += bias, less presence + frequency × generated where generated;
+// then, if repeated, HF's repetition penalty. Rounded at each operation
+// as src/sampling/choose.rs computes it (no multiply-add).
+__device__ __forceinline__ void adjust(float* row, const RowParams& p, unsigned int token, float bias,
+                                       unsigned int generated, bool repeated) {
+    const float penalty = __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, (float)generated));
+    float s = row[token] + (generated == 0 ? bias : bias - penalty);
+    if (repeated) s = s > 0.0f ? s / p.repetition_penalty : s * p.repetition_penalty;
+    row[token] = s;
+}
+
+// Applies a row's adjustments in place. The token joining the sequence
+// first (a step planned before it reached the host) counts as generated
+// once more, and as repeated: its own adjustment where the row lists it,
+// else a new one.
+__device__ void adjust_row(float* row, const RowParams& p, const Adjustment* adjustments, const unsigned int* coming,
+                           int vocab) {
+    const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
+    __shared__ int joining_listed;
+    if (threadIdx.x == 0) joining_listed = 0;
+    __syncthreads();
+    for (unsigned int j = p.adjust_begin + threadIdx.x; j < p.adjust_end; j += blockDim.x) {
+        const Adjustment a = adjustments[j];
+        if (a.token >= (unsigned int)vocab) continue;
+        const bool now = a.token == joining;
+        if (now) joining_listed = 1;
+        adjust(row, p, a.token, a.bias, (a.counts & ~REPEATED) + now, (a.counts & REPEATED) || now);
+    }
+    __syncthreads();
+    if (joining < (unsigned int)vocab && !joining_listed) {
+        if (threadIdx.x == 0) adjust(row, p, joining, 0.0f, 1, true);
+        __syncthreads();
+    }
+}
+
 // Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
 // has room for, to `previous`.
 __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previous, int previous_rows, unsigned int token) {
@@ -402,24 +443,18 @@ __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previo
 }
 
 // out [rows]: the picked token ids, also kept in previous [previous_rows]
-// for the next step's embedding (rows past it are not kept). logits [rows,
-// vocab]: overwritten with the adjusted scores. params [rows]; adjustments
-// [total], each row's ids distinct.
+// for the next step's embedding (rows past it are not kept). coming
+// [previous_rows]: the previous sample's tokens as this step's embedding
+// read them. logits [rows, vocab]: overwritten with the adjusted scores.
+// params [rows]; adjustments [total], each row's ids distinct.
 extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
-                                      int previous_rows, float* __restrict__ logits,
-                                      const RowParams* __restrict__ params,
+                                      const unsigned int* __restrict__ coming, int previous_rows,
+                                      float* __restrict__ logits, const RowParams* __restrict__ params,
                                       const Adjustment* __restrict__ adjustments, int vocab) {
     begin_after_previous_kernels();
     const RowParams p = params[blockIdx.x];
     float* row = logits + (size_t)blockIdx.x * vocab;
-    for (unsigned int j = p.adjust_begin + threadIdx.x; j < p.adjust_end; j += blockDim.x) {
-        const Adjustment a = adjustments[j];
-        if (a.token >= (unsigned int)vocab) continue;
-        float s = row[a.token] + a.shift;
-        if (a.repeated) s = s > 0.0f ? s / p.repetition_penalty : s * p.repetition_penalty;
-        row[a.token] = s;
-    }
-    __syncthreads();
+    adjust_row(row, p, adjustments, coming, vocab);
     if (p.temperature < GREEDY_BELOW) {
         put_pick(out, previous, previous_rows, row_argmax(row, vocab));
         return;

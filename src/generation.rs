@@ -206,13 +206,16 @@ impl Generator {
         let vocab = self.executor.config().vocab_size;
         let start = Instant::now();
         let mut sampler = Sampler::new(req.sampling.clone());
-        let ahead = self.executor.lookahead() && !sampler.reads_history();
+        let ahead = self.executor.lookahead();
         let mut history = req.prompt_ids.clone();
         let mut tokens = Vec::new();
         let mut time_to_first_token = Duration::ZERO;
         self.reset();
+        // A step planned ahead takes row 0 of its predecessor's sample,
+        // which its row's penalties count as coming.
         let step = |generator: &mut Self, sampler: &mut Sampler, ids: &[u32], history: &[u32]| {
-            let rows = vec![sampler.next_row(history, req.prompt_ids.len())];
+            let coming = (ids == [PREVIOUS_SAMPLE]).then_some(0);
+            let rows = vec![sampler.next_row(history, req.prompt_ids.len(), coming)];
             let logits = sampler.wants_logits();
             generator.submit(ids, false, Sampling::Model { rows, logits })
         };

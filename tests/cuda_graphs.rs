@@ -117,18 +117,21 @@ fn graphed_tokens_are_the_eager_ones(replays: u64, start: impl Fn(usize, bool) -
             );
             continue;
         }
-        // Planned ahead (greedy; a penalty needs each token first), a
-        // step goes to the device before the token before it arrives: the
-        // last token's step was queued before the one before it came.
-        let ahead = looks_ahead && request.sampling.repetition_penalty == 1.0;
-        let (graphed_steps, last) = graphed_steps.split_at(request.max_tokens - 1 - ahead as usize);
-        assert_eq!(last, if ahead { &[0][..] } else { &[] }, "launches after the last step: {last:?}");
+        // Planned ahead (penalties too, which count the coming token on the
+        // device), a step goes to the device before the token before it
+        // arrives: the last token's step was queued before the one before it came.
+        let (graphed_steps, last) = graphed_steps.split_at(request.max_tokens - 1 - looks_ahead as usize);
+        assert_eq!(
+            last,
+            if looks_ahead { &[0][..] } else { &[] },
+            "launches after the last step: {last:?}"
+        );
         assert!(
             graphed_steps.iter().all(|&n| n == replays),
             "launches per graphed decode step: {graphed_steps:?}"
         );
         // At least one rank's 5 ops for each of tiny-gqa's 4 layers and 4 more.
-        let eager_steps = &eager_steps[..request.max_tokens - 1 - ahead as usize];
+        let eager_steps = &eager_steps[..request.max_tokens - 1 - looks_ahead as usize];
         assert!(
             eager_steps.iter().all(|&n| n >= 5 * 4 + 4),
             "launches per eager decode step: {eager_steps:?}"

@@ -477,23 +477,28 @@ fn nccl_with_one_rank_reduces_and_gathers_to_the_input() {
     comm.barrier().unwrap();
 }
 
-/// Rows of every kind the sampler meets: greedy with and without penalties,
-/// each cut alone and together, ties at the cuts (coarse logits), rows
-/// whose last id stands out (the end of the last warp's part of a row), a
-/// Qwen2-sized vocabulary and small ones (1,025 ids: 16 warps' parts of
-/// whole 32-id loads must round up to cover it). The device must pick the
-/// host's token and leave the same adjusted logits.
-/// Samples `rows` of `values` ([rows, vocab]) on both devices: the GPU
-/// must pick the host's token for every row and leave the same adjusted logits.
-fn assert_host_picks(gpu: &CudaBackend, rows: &[RowSampling], values: &[f32], vocab: usize, what: &str) {
-    let cpu = CpuBackend::default();
+/// Samples `rows` of `values` ([rows, vocab]) on both devices after an
+/// embedding of `ids` (which resolves the rows' coming tokens on the GPU):
+/// the GPU must pick the host's token for every row and leave the same
+/// adjusted logits.
+fn assert_host_picks_after(
+    cpu: &CpuBackend,
+    gpu: &CudaBackend,
+    ids: &[u32],
+    rows: &[RowSampling],
+    values: &[f32],
+    vocab: usize,
+    what: &str,
+) {
     let n = rows.len();
     let mut cpu_logits = CpuTensor::new(values.to_vec(), n, vocab);
     let mut gpu_logits = gpu.zeros(n, vocab).unwrap();
     gpu_logits.copy_from_host(values).unwrap();
-    let batch = batch_of(&vec![0; n], &(0..n as u32).collect::<Vec<_>>(), rows.to_vec());
+    let batch = batch_of(ids, &(0..n as u32).collect::<Vec<_>>(), rows.to_vec());
     let inputs = batch.inputs(&batch.token_ids, true);
     let (mut c_step, mut g_step) = (cpu.prepare_step(inputs).unwrap(), gpu.prepare_step(inputs).unwrap());
+    let table = gpu.load_weight(weight(&[1, 8], DType::F32, 3)).unwrap();
+    gpu.embedding(&table, &g_step, 0..1).unwrap();
     cpu.sample(&mut cpu_logits, &mut c_step).unwrap();
     gpu.sample(&mut gpu_logits, &mut g_step).unwrap();
     let want = cpu.fetched(cpu.fetch_sampled(&c_step).unwrap(), n).unwrap();
@@ -518,11 +523,30 @@ fn assert_host_picks(gpu: &CudaBackend, rows: &[RowSampling], values: &[f32], vo
     );
 }
 
+/// [`assert_host_picks_after`] a step of known tokens.
+fn assert_host_picks(gpu: &CudaBackend, rows: &[RowSampling], values: &[f32], vocab: usize, what: &str) {
+    assert_host_picks_after(&CpuBackend::default(), gpu, &vec![0; rows.len()], rows, values, vocab, what);
+}
+
+fn adjustment(token: u32, bias: f32, generated: u32, repeated: bool) -> LogitAdjustment {
+    LogitAdjustment {
+        token,
+        bias,
+        generated,
+        repeated,
+    }
+}
+
+/// Rows of every kind the sampler meets: greedy with and without penalties,
+/// each cut alone and together, ties at the cuts (coarse logits), rows
+/// whose last id stands out (the end of the last warp's part of a row), a
+/// Qwen2-sized vocabulary and small ones (1,025 ids: 16 warps' parts of
+/// whole 32-id loads must round up to cover it). The device must pick the
+/// host's token and leave the same adjusted logits.
 #[test]
 fn sampling_picks_the_tokens_the_host_picks() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::seeded(21);
-    let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
     for vocab in [151_936, 1000, 1025] {
         let mut rows = Vec::new();
         for case in 0..48 {
@@ -538,15 +562,23 @@ fn sampling_picks_the_tokens_the_host_picks() {
             ][case % 8];
             let adjustments = match case % 3 {
                 0 => Vec::new(),
-                _ => vec![adjust(3, 2.5, false), adjust(17, -1.0, true), adjust(vocab as u32 - 1, 0.0, true)],
+                _ => vec![
+                    adjustment(3, 2.5, 0, false),
+                    adjustment(17, -1.0, 2, true),
+                    adjustment(vocab as u32 - 1, 0.0, 1, true),
+                ],
             };
+            let (presence_penalty, frequency_penalty) = [(0.0, 0.0), (0.4, 0.3)][case % 2];
             rows.push(RowSampling {
                 temperature,
                 top_k,
                 top_p,
                 min_p,
                 repetition_penalty: 1.3,
+                presence_penalty,
+                frequency_penalty,
                 adjustments,
+                coming: None,
                 uniform: rng.next_f32(),
             });
         }
@@ -607,10 +639,8 @@ fn sampling_cuts_match_the_host_whichever_band_holds_what_they_keep() {
                         temperature,
                         top_k,
                         top_p,
-                        min_p: 0.0,
-                        repetition_penalty: 1.0,
-                        adjustments: vec![],
                         uniform,
+                        ..RowSampling::greedy()
                     });
                     values.extend_from_slice(&row);
                 }
@@ -618,4 +648,40 @@ fn sampling_cuts_match_the_host_whichever_band_holds_what_they_keep() {
         }
     }
     assert_host_picks(&gpu, &rows, &values, vocab, "banded rows");
+}
+
+#[test]
+fn penalties_count_the_coming_token_the_embedding_resolves() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = CpuBackend::default();
+    let vocab = 1000;
+    // The previous sample picks these (greedy over one-hot rows).
+    let picked = [7u32, 3, 500, 999, 3, 42];
+    let n = picked.len();
+    let mut one_hot = vec![0.0; n * vocab];
+    picked.iter().enumerate().for_each(|(r, &t)| one_hot[r * vocab + t as usize] = 5.0);
+    let greedy = vec![RowSampling::greedy(); n];
+    assert_host_picks_after(&cpu, &gpu, &vec![0; n], &greedy, &one_hot, vocab, "the previous sample");
+    // Each row takes its sequence's coming token from the row after it
+    // (the previous sample's rows in another order), and lists token 3 as
+    // generated twice, token 500 as in the prompt: rows 0, 1 and 3 count a
+    // listed token once more, the others a new one. The logits are flat
+    // near the coming tokens so the penalties decide the picks.
+    let ids: Vec<u32> = (0..n as u32).map(|r| PREVIOUS_SAMPLE | ((r + 1) % n as u32)).collect();
+    let mut rng = Rng::seeded(31);
+    let rows: Vec<RowSampling> = (0..n)
+        .map(|r| RowSampling {
+            temperature: [0.0, 0.8][r % 2],
+            top_k: [0, 20][r % 2],
+            repetition_penalty: 1.3,
+            presence_penalty: 0.4,
+            frequency_penalty: [0.3, 0.0][r / 3],
+            adjustments: vec![adjustment(3, 0.5, 2, true), adjustment(500, 0.0, 0, true)],
+            coming: Some((r as u32 + 1) % n as u32),
+            uniform: rng.next_f32(),
+            ..RowSampling::greedy()
+        })
+        .collect();
+    let values: Vec<f32> = random(n * vocab, 32).iter().map(|v| v * 0.2 + 2.0).collect();
+    assert_host_picks_after(&cpu, &gpu, &ids, &rows, &values, vocab, "coming tokens");
 }

@@ -3,18 +3,19 @@
 //! alone or under a KV cache so small that sequences are preempted and
 //! recomputed; seeded samples do not depend on their batch; stop strings,
 //! aborts, refusals and prefix-cache hits behave; each decode step is
-//! submitted before the last one's tokens are back, except where a
-//! sequence's sampling needs them.
+//! submitted before the last one's tokens are back, and the penalties of
+//! its rows count the tokens it has not seen on the device.
 
 mod common;
 
 use common::engine::{assert_all_cases_exact, cases, collect, ids, request, spawn, Handed, Recording};
+use common::sampled;
 use shardline::backend::PREVIOUS_SAMPLE;
 use shardline::engine::request::{Event, FinishReason, StopReason};
 use shardline::engine::EngineHandle;
 use shardline::executor::{Executor, LocalExecutor};
-use shardline::model::ForwardBatch;
-use shardline::sampling::SamplingParams;
+use shardline::model::{ForwardBatch, Sampling};
+use shardline::sampling::{RowSampling, SamplingParams};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -178,16 +179,22 @@ fn a_length_stop_is_known_ahead_and_wastes_no_step() {
 }
 
 #[test]
-fn a_penalized_request_waits_for_each_token_on_the_host() {
-    let penalized = SamplingParams {
-        repetition_penalty: 1.3,
-        ..SamplingParams::greedy()
-    };
+fn a_penalized_request_is_planned_ahead_and_picks_what_the_host_picks() {
+    let prompt = ids(&cases()[0]["prompt_ids"]);
+    let mut generate = sampled::request(&prompt, 12);
+    // Tokens generated so far are favoured, the one still on the device too.
+    generate.sampling.frequency_penalty = -50.0;
+    let want: Vec<u32> = sampled::by_host(common::generator("tiny-chat", 512 * 16), &generate)
+        .iter()
+        .map(|t| t.token_id)
+        .collect();
     let (handle, handed) = recorded();
-    let out = collect(handle.submit(request(ids(&cases()[0]["prompt_ids"]), penalized, 6)).1).unwrap();
-    assert_eq!(out.ids.len(), 6);
+    let mut req = request(prompt, generate.sampling, 12);
+    req.stop.ignore_eos = true;
+    let out = collect(handle.submit(req).1).unwrap();
+    assert_eq!(out.ids, want);
     let handed = handed.lock().unwrap();
-    assert_eq!((handed.batches.len(), handed.ahead(), handed.most_in_flight), (6, 0, 1));
+    assert_eq!((handed.batches.len(), handed.ahead(), handed.most_in_flight), (12, 11, 2));
 }
 
 #[test]
@@ -200,6 +207,21 @@ fn a_step_naming_a_token_no_step_sampled_is_refused() {
     assert!(
         err.to_string()
             .contains("takes row 3 of the previous step's tokens, which sampled 0"),
+        "{err}"
+    );
+    // A row whose penalties count a coming token its step does not take.
+    let mut counted = ForwardBatch::single(&[5], 0, &[0], 16, false);
+    counted.sampling = Sampling::Model {
+        rows: vec![RowSampling {
+            coming: Some(0),
+            ..RowSampling::greedy()
+        }],
+        logits: false,
+    };
+    let err = executor.submit(counted).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("a row counts row 0 of the previous step's tokens, which no token of its step takes"),
         "{err}"
     );
 }

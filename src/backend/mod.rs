@@ -210,6 +210,27 @@ pub struct StepInputs<'a> {
     pub sampling: &'a [RowSampling],
 }
 
+impl StepInputs<'_> {
+    /// A sampling row's [`RowSampling::coming`] that no token of the step
+    /// takes: a device learns a coming token only where the step's
+    /// embedding resolves it.
+    pub fn unresolved_coming(&self) -> Option<u32> {
+        if self.sampling.iter().all(|r| r.coming.is_none()) {
+            return None;
+        }
+        let placeholders = self.token_ids.iter().filter(|&&id| id & PREVIOUS_SAMPLE != 0);
+        let mut taken = Vec::new();
+        for at in placeholders.map(|&id| (id & !PREVIOUS_SAMPLE) as usize) {
+            if at >= taken.len() {
+                taken.resize(at + 1, false);
+            }
+            taken[at] = true;
+        }
+        let taken = |at: u32| taken.get(at as usize).copied().unwrap_or(false);
+        self.sampling.iter().filter_map(|r| r.coming).find(|&at| !taken(at))
+    }
+}
+
 /// The largest step a step buffer of fixed size holds (see
 /// [`Backend::static_step`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

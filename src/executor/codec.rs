@@ -144,11 +144,15 @@ impl Encoder {
         self.f32(r.top_p);
         self.f32(r.min_p);
         self.f32(r.repetition_penalty);
+        self.f32(r.presence_penalty);
+        self.f32(r.frequency_penalty);
         self.f32(r.uniform);
+        self.option(r.coming.as_ref(), |e, &at| e.u32(at));
         self.usize(r.adjustments.len());
         for a in &r.adjustments {
             self.u32(a.token);
-            self.f32(a.shift);
+            self.f32(a.bias);
+            self.u32(a.generated);
             self.u8(a.repeated as u8);
         }
     }
@@ -313,12 +317,16 @@ impl<'a> Decoder<'a> {
             top_p: self.f32()?,
             min_p: self.f32()?,
             repetition_penalty: self.f32()?,
+            presence_penalty: self.f32()?,
+            frequency_penalty: self.f32()?,
             uniform: self.f32()?,
-            adjustments: (0..self.len(9)?)
+            coming: self.option(Self::u32)?,
+            adjustments: (0..self.len(ADJUSTMENT_BYTES)?)
                 .map(|_| {
                     Ok(LogitAdjustment {
                         token: self.u32()?,
-                        shift: self.f32()?,
+                        bias: self.f32()?,
+                        generated: self.u32()?,
                         repeated: self.flag()?,
                     })
                 })
@@ -334,8 +342,10 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// The fewest bytes an encoded [`RowSampling`] takes (no adjustments).
-const ROW_BYTES: usize = 6 * 4 + 8;
+/// The fewest bytes an encoded [`RowSampling`] takes (no coming token,
+/// no adjustments), and the bytes of one adjustment.
+const ROW_BYTES: usize = 8 * 4 + 1 + 8;
+const ADJUSTMENT_BYTES: usize = 3 * 4 + 1;
 
 #[cfg(test)]
 mod tests {
@@ -348,11 +358,15 @@ mod tests {
             top_p: 0.95,
             min_p: 0.05,
             repetition_penalty: 1.1,
+            presence_penalty: 0.25,
+            frequency_penalty: -0.125,
             adjustments: vec![LogitAdjustment {
                 token: 12,
-                shift: -0.5,
+                bias: -0.5,
+                generated: 3,
                 repeated: true,
             }],
+            coming: Some(1),
             uniform: 0.375,
         };
         ForwardBatch {

@@ -47,14 +47,20 @@ pub trait Executor: Send {
 }
 
 /// Checks that `batch` takes tokens only from the rows the step before it
-/// sampled on the device (`sampled` of them), and returns how many `batch`
-/// samples there, for the step after it.
+/// sampled on the device (`sampled` of them), and counts for its rows'
+/// penalties only coming tokens it takes; returns how many `batch` samples
+/// there, for the step after it.
 fn rows_sampled_after(batch: &ForwardBatch, sampled: usize) -> Result<usize, BackendError> {
     let previous = batch.previous_sample_rows();
     if previous > sampled {
         return Err(BackendError::Device(format!(
             "a step takes row {} of the previous step's tokens, which sampled {sampled}",
             previous - 1
+        )));
+    }
+    if let Some(at) = batch.inputs(&batch.token_ids, true).unresolved_coming() {
+        return Err(BackendError::Device(format!(
+            "a row counts row {at} of the previous step's tokens, which no token of its step takes"
         )));
     }
     Ok(match batch.sampling {

@@ -21,9 +21,18 @@ pub struct RowSampling {
     pub top_p: f32,
     pub min_p: f32,
     pub repetition_penalty: f32,
+    /// OpenAI's penalties, by which each adjustment's `generated` count
+    /// lowers its logit ([`LogitAdjustment::shift`]).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// Logit changes for the tokens the request biases or has seen, one per
-    /// id; ids outside the vocabulary are ignored.
+    /// id, in id order; ids outside the vocabulary are ignored.
     pub adjustments: Vec<LogitAdjustment>,
+    /// The row of the previous step's sample whose token joins the
+    /// sequence just before this row: a step planned before that token
+    /// reached the host. The backend that holds it counts it as generated
+    /// once more (and as repeated), as the host would have.
+    pub coming: Option<u32>,
     /// The draw in `[0, 1)` that picks among the kept tokens.
     pub uniform: f32,
 }
@@ -33,8 +42,32 @@ pub struct RowSampling {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LogitAdjustment {
     pub token: u32,
-    pub shift: f32,
+    /// The sum of the request's biases for it.
+    pub bias: f32,
+    /// Times it was generated (counted where a presence or frequency penalty applies).
+    pub generated: u32,
+    /// In the sequence (marked where a repetition penalty applies).
     pub repeated: bool,
+}
+
+impl LogitAdjustment {
+    pub fn new(token: u32) -> Self {
+        LogitAdjustment {
+            token,
+            bias: 0.0,
+            generated: 0,
+            repeated: false,
+        }
+    }
+
+    /// Bias, then OpenAI's presence and frequency penalties, as one shift
+    /// (`kernels/sampling.cu` rounds each operation alike).
+    pub fn shift(&self, presence: f32, frequency: f32) -> f32 {
+        match self.generated {
+            0 => self.bias,
+            n => self.bias - (presence + frequency * n as f32),
+        }
+    }
 }
 
 /// Temperatures below this are greedy.
@@ -52,7 +85,10 @@ impl RowSampling {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             adjustments: Vec::new(),
+            coming: None,
             uniform: 0.0,
         }
     }
@@ -62,19 +98,27 @@ impl RowSampling {
     }
 }
 
-/// Applies the row's adjustments to `scores` in place and picks its token.
-pub fn choose(scores: &mut [f32], row: &RowSampling) -> u32 {
+/// Applies the row's adjustments to `scores` in place and picks its token;
+/// `coming` is the token the row's [`RowSampling::coming`] names.
+pub fn choose(scores: &mut [f32], row: &RowSampling, coming: Option<u32>) -> u32 {
+    let mut listed = false;
     for a in &row.adjustments {
-        if let Some(s) = scores.get_mut(a.token as usize) {
-            *s += a.shift;
-            if a.repeated {
-                *s = if *s > 0.0 {
-                    *s / row.repetition_penalty
-                } else {
-                    *s * row.repetition_penalty
-                };
-            }
-        }
+        let now = Some(a.token) == coming;
+        listed |= now;
+        let a = LogitAdjustment {
+            generated: a.generated + now as u32,
+            repeated: a.repeated || now,
+            ..*a
+        };
+        adjust(scores, row, &a);
+    }
+    if let Some(token) = coming.filter(|_| !listed) {
+        let first = LogitAdjustment {
+            generated: 1,
+            repeated: true,
+            ..LogitAdjustment::new(token)
+        };
+        adjust(scores, row, &first);
     }
     match row.is_greedy() {
         true => argmax(scores),
@@ -82,8 +126,25 @@ pub fn choose(scores: &mut [f32], row: &RowSampling) -> u32 {
     }
 }
 
-/// [`choose`] for each row of `scores [rows.len(), vocab]`, on all cores.
-pub fn choose_rows(scores: &mut [f32], vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
+/// One adjustment to its token's score (a penalty of 1 changes nothing,
+/// so a coming token is marked repeated whatever the request's).
+fn adjust(scores: &mut [f32], row: &RowSampling, a: &LogitAdjustment) {
+    if let Some(s) = scores.get_mut(a.token as usize) {
+        *s += a.shift(row.presence_penalty, row.frequency_penalty);
+        if a.repeated {
+            *s = if *s > 0.0 {
+                *s / row.repetition_penalty
+            } else {
+                *s * row.repetition_penalty
+            };
+        }
+    }
+}
+
+/// [`choose`] for each row of `scores [rows.len(), vocab]`, on all cores,
+/// with the tokens of `previous` (the last step's sample) for rows whose
+/// [`RowSampling::coming`] names one.
+pub fn choose_rows(scores: &mut [f32], vocab: usize, rows: &[RowSampling], previous: &[u32]) -> Result<Vec<u32>, String> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -94,7 +155,22 @@ pub fn choose_rows(scores: &mut [f32], vocab: usize, rows: &[RowSampling]) -> Re
             scores.len()
         ));
     }
-    Ok(scores.par_chunks_mut(vocab).zip(rows).map(|(s, row)| choose(s, row)).collect())
+    let coming: Vec<Option<u32>> = rows
+        .iter()
+        .map(|r| match r.coming {
+            None => Ok(None),
+            Some(at) => previous
+                .get(at as usize)
+                .map(|&t| Some(t))
+                .ok_or_else(|| format!("a row counts row {at} of the previous sample, which picked {}", previous.len())),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(scores
+        .par_chunks_mut(vocab)
+        .zip(rows)
+        .zip(coming)
+        .map(|((s, row), coming)| choose(s, row, coming))
+        .collect())
 }
 
 /// Draws from `softmax(scores / temperature)` over the kept set. Skipping
@@ -253,42 +329,103 @@ mod tests {
                 rng.next_f32(),
             );
             let expected = by_definition(&scores, &r);
-            assert_eq!(choose(&mut scores.clone(), &r), expected, "case {case}: {r:?}");
+            assert_eq!(choose(&mut scores.clone(), &r, None), expected, "case {case}: {r:?}");
+        }
+    }
+
+    fn adjustment(token: u32, bias: f32, generated: u32, repeated: bool) -> LogitAdjustment {
+        LogitAdjustment {
+            token,
+            bias,
+            generated,
+            repeated,
         }
     }
 
     #[test]
     fn adjustments_apply_the_shift_then_the_repetition_penalty() {
-        let mut scores = vec![2.0, -2.0, 1.0, 1.5];
-        let adjust = |token, shift, repeated| LogitAdjustment { token, shift, repeated };
+        let mut scores = vec![2.0, -2.0, 1.0, 1.5, 0.5];
         let r = RowSampling {
             repetition_penalty: 2.0,
+            presence_penalty: 0.25,
+            frequency_penalty: 0.5,
             adjustments: vec![
-                adjust(0, 0.0, true),
-                adjust(1, 0.0, true),
-                adjust(2, -1.5, true),
-                adjust(9, 5.0, false),
+                adjustment(0, 0.0, 0, true),
+                adjustment(1, 0.0, 0, true),
+                adjustment(2, -1.5, 0, true),
+                adjustment(4, 1.0, 2, false),
+                adjustment(9, 5.0, 0, false),
             ],
             ..RowSampling::greedy()
         };
-        assert_eq!(choose(&mut scores, &r), 3);
-        assert_eq!(scores, vec![1.0, -4.0, -1.0, 1.5]);
+        assert_eq!(choose(&mut scores, &r, None), 3);
+        // Token 4: 0.5 + 1.0 - (0.25 + 2 × 0.5).
+        assert_eq!(scores, vec![1.0, -4.0, -1.0, 1.5, 0.25]);
+    }
+
+    #[test]
+    fn a_coming_token_counts_as_generated_once_more_and_repeated() {
+        let r = RowSampling {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.25,
+            frequency_penalty: 0.5,
+            adjustments: vec![adjustment(1, 0.5, 1, false), adjustment(2, 0.0, 0, true)],
+            coming: Some(0),
+            ..RowSampling::greedy()
+        };
+        let scores = [3.0, 3.0, 3.0, 0.0];
+        // Listed, and generated once before: 3 + 0.5 - (0.25 + 2 × 0.5), halved.
+        let mut listed = scores.to_vec();
+        choose(&mut listed, &r, Some(1));
+        assert_eq!(listed, [3.0, 1.125, 1.5, 0.0]);
+        // Not listed: 3 - (0.25 + 0.5), halved; the list applies as it is.
+        let mut new = scores.to_vec();
+        choose(&mut new, &r, Some(3));
+        assert_eq!(new, [3.0, 2.75, 1.5, -1.5]);
+        // The same as the host's row once the token is known.
+        let known = RowSampling {
+            adjustments: vec![
+                adjustment(1, 0.5, 1, false),
+                adjustment(2, 0.0, 0, true),
+                adjustment(3, 0.0, 1, true),
+            ],
+            coming: None,
+            ..r.clone()
+        };
+        let mut after = scores.to_vec();
+        choose(&mut after, &known, None);
+        assert_eq!(after, new);
     }
 
     #[test]
     fn rows_are_chosen_each_by_its_own_rule_and_a_miscount_is_an_error() {
         let mut scores = vec![0.0, 5.0, 1.0, 3.0, 2.0, 0.0];
         let banned = RowSampling {
-            adjustments: vec![LogitAdjustment {
-                token: 0,
-                shift: -10.0,
-                repeated: false,
-            }],
+            adjustments: vec![adjustment(0, -10.0, 0, false)],
             ..RowSampling::greedy()
         };
-        assert_eq!(choose_rows(&mut scores, 3, &[RowSampling::greedy(), banned]).unwrap(), vec![1, 1]);
-        let err = choose_rows(&mut scores, 3, &[RowSampling::greedy()]).unwrap_err();
+        assert_eq!(
+            choose_rows(&mut scores, 3, &[RowSampling::greedy(), banned], &[]).unwrap(),
+            vec![1, 1]
+        );
+        let err = choose_rows(&mut scores, 3, &[RowSampling::greedy()], &[]).unwrap_err();
         assert!(err.contains("1 rows of sampling for 6 logits of a 3-token vocabulary"), "{err}");
+    }
+
+    #[test]
+    fn a_row_takes_its_coming_token_from_the_previous_sample() {
+        // Row 1 is greedy with a repetition penalty; the previous sample's
+        // row 0 picked token 1, which the penalty then makes lose to token 2.
+        let penalized = RowSampling {
+            repetition_penalty: 2.0,
+            coming: Some(0),
+            ..RowSampling::greedy()
+        };
+        let scores = [0.0, 4.0, 3.0];
+        let rows = [RowSampling::greedy(), penalized];
+        assert_eq!(choose_rows(&mut [scores, scores].concat(), 3, &rows, &[1]).unwrap(), vec![1, 2]);
+        let err = choose_rows(&mut [scores, scores].concat(), 3, &rows, &[]).unwrap_err();
+        assert!(err.contains("counts row 0 of the previous sample, which picked 0"), "{err}");
     }
 
     #[test]

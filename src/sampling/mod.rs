@@ -100,17 +100,19 @@ impl Sampler {
         self.params.logprobs.is_some()
     }
 
-    /// Whether a row depends on the tokens so far (the penalties), so the
-    /// next one needs the last token on the host.
-    pub fn reads_history(&self) -> bool {
+    /// Whether a row depends on the tokens so far (the penalties), so a row
+    /// planned before the last token reached the host names it as coming.
+    fn reads_history(&self) -> bool {
         let p = &self.params;
         p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
     }
 
     /// How the next token is picked, for a sequence whose `tokens` hold the
-    /// prompt and then the `tokens.len() - prompt_len` generated so far.
+    /// prompt and then the `tokens.len() - prompt_len` generated so far,
+    /// followed by the token the previous step's sample picks at its row
+    /// `coming`, if any (a step planned before that token reached the host).
     /// Each call for a non-greedy request takes one draw from its generator.
-    pub fn next_row(&mut self, tokens: &[u32], prompt_len: usize) -> RowSampling {
+    pub fn next_row(&mut self, tokens: &[u32], prompt_len: usize, coming: Option<u32>) -> RowSampling {
         let p = &self.params;
         RowSampling {
             temperature: p.temperature,
@@ -118,7 +120,10 @@ impl Sampler {
             top_p: p.top_p,
             min_p: p.min_p,
             repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
             adjustments: self.seen.adjustments(p, tokens, prompt_len),
+            coming: coming.filter(|_| self.reads_history()),
             uniform: if p.is_greedy() { 0.0 } else { self.rng.next_f32() },
         }
     }
@@ -132,8 +137,8 @@ impl Sampler {
 
     /// Picks a token from `logits [vocab]` on the host.
     pub fn sample(&mut self, logits: &[f32], tokens: &[u32], prompt_len: usize) -> SampledToken {
-        let row = self.next_row(tokens, prompt_len);
-        let token_id = choose(&mut logits.to_vec(), &row);
+        let row = self.next_row(tokens, prompt_len, None);
+        let token_id = choose(&mut logits.to_vec(), &row, None);
         self.finish(token_id, Some(logits))
     }
 }
@@ -180,9 +185,9 @@ mod tests {
             repetition_penalty: 2.0,
             ..SamplingParams::greedy()
         };
-        let row = Sampler::new(params).next_row(&[0, 1, 1], 1);
+        let row = Sampler::new(params).next_row(&[0, 1, 1], 1, None);
         let mut scores = vec![2.0, -2.0, 1.5];
-        assert_eq!(choose(&mut scores, &row), 2);
+        assert_eq!(choose(&mut scores, &row, None), 2);
         assert_eq!(scores, vec![1.0, -4.0, 1.5]);
     }
 

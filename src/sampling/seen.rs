@@ -11,42 +11,6 @@ use super::{LogitAdjustment, SamplingParams};
 /// New tokens up to this many go into the entries one at a time.
 const FEW: usize = 8;
 
-/// A token the request biases or penalizes.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    token: u32,
-    /// The sum of the request's biases for it.
-    bias: f32,
-    /// Times it was generated (counted where a presence or frequency penalty applies).
-    generated: u32,
-    /// In the sequence (marked where a repetition penalty applies).
-    repeated: bool,
-}
-
-impl Entry {
-    fn new(token: u32) -> Self {
-        Entry {
-            token,
-            bias: 0.0,
-            generated: 0,
-            repeated: false,
-        }
-    }
-
-    /// Bias, then OpenAI's presence and frequency penalties, as one shift.
-    fn adjustment(&self, p: &SamplingParams) -> LogitAdjustment {
-        let shift = match self.generated {
-            0 => self.bias,
-            n => self.bias - (p.presence_penalty + p.frequency_penalty * n as f32),
-        };
-        LogitAdjustment {
-            token: self.token,
-            shift,
-            repeated: self.repeated,
-        }
-    }
-}
-
 /// What the tokens taken in so far make of the request's adjustments.
 #[derive(Clone, Debug)]
 pub(super) struct Seen {
@@ -58,17 +22,23 @@ pub(super) struct Seen {
     prompt_len: usize,
     last: Option<u32>,
     /// In id order, one per token.
-    entries: Vec<Entry>,
+    entries: Vec<LogitAdjustment>,
 }
 
 impl Seen {
     /// The request's biases alone (duplicates summed in order).
     pub(super) fn new(p: &SamplingParams) -> Self {
-        let mut entries: Vec<Entry> = Vec::new();
+        let mut entries: Vec<LogitAdjustment> = Vec::new();
         for &(token, bias) in &p.logit_bias {
             match entries.binary_search_by_key(&token, |e| e.token) {
                 Ok(i) => entries[i].bias += bias,
-                Err(i) => entries.insert(i, Entry { bias, ..Entry::new(token) }),
+                Err(i) => entries.insert(
+                    i,
+                    LogitAdjustment {
+                        bias,
+                        ..LogitAdjustment::new(token)
+                    },
+                ),
             }
         }
         Seen {
@@ -82,14 +52,13 @@ impl Seen {
     /// One adjustment per token the request biases or whose logit a
     /// penalty changes, in id order, for a sequence whose `tokens` hold the
     /// prompt and then the `tokens.len() - prompt_len` generated so far:
-    /// logit bias plus presence and frequency penalties (over generated
-    /// tokens only) as one shift; HF's repetition penalty over the prompt
-    /// and the output as a flag.
+    /// its logit biases summed, the times it was generated (where a
+    /// presence or frequency penalty counts them), and whether it is in the
+    /// prompt or the output (where HF's repetition penalty marks them).
     pub(super) fn adjustments(&mut self, p: &SamplingParams, tokens: &[u32], prompt_len: usize) -> Vec<LogitAdjustment> {
         let counts = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         let repeats = p.repetition_penalty != 1.0;
-        // Without a penalty the tokens change nothing (and a step planned
-        // ahead ends them with a placeholder, which would restart the count).
+        // Without a penalty the tokens change nothing.
         if counts || repeats {
             let grown =
                 tokens.len() >= self.len && prompt_len == self.prompt_len && self.len.checked_sub(1).map(|i| tokens[i]) == self.last;
@@ -99,7 +68,7 @@ impl Seen {
             }
             self.take_in(tokens, counts, repeats);
         }
-        self.entries.iter().map(|e| e.adjustment(p)).collect()
+        self.entries.clone()
     }
 
     /// Merges `tokens[self.len..]` into the entries, counting generated
@@ -120,7 +89,7 @@ impl Seen {
                 let i = match self.entries.binary_search_by_key(&token, |e| e.token) {
                     Ok(i) => i,
                     Err(i) => {
-                        self.entries.insert(i, Entry::new(token));
+                        self.entries.insert(i, LogitAdjustment::new(token));
                         i
                     }
                 };
@@ -134,8 +103,8 @@ impl Seen {
         let mut merged = Vec::with_capacity(old.len() + fresh.len());
         for (token, generated) in fresh {
             merged.extend(std::iter::from_fn(|| old.next_if(|e| e.token < token)));
-            if merged.last().is_none_or(|e: &Entry| e.token != token) {
-                merged.push(old.next_if(|e| e.token == token).unwrap_or(Entry::new(token)));
+            if merged.last().is_none_or(|e: &LogitAdjustment| e.token != token) {
+                merged.push(old.next_if(|e| e.token == token).unwrap_or(LogitAdjustment::new(token)));
             }
             let entry = merged.last_mut().expect("pushed above");
             entry.generated += generated as u32;
@@ -169,18 +138,12 @@ mod tests {
                 by_token.entry(id).or_default().2 = true;
             }
         }
-        let shift = |bias: f32, n: u32| {
-            if n == 0 {
-                bias
-            } else {
-                bias - (p.presence_penalty + p.frequency_penalty * n as f32)
-            }
-        };
         by_token
             .into_iter()
-            .map(|(token, (bias, n, repeated))| LogitAdjustment {
+            .map(|(token, (bias, generated, repeated))| LogitAdjustment {
                 token,
-                shift: shift(bias, n),
+                bias,
+                generated,
                 repeated,
             })
             .collect()

@@ -249,12 +249,10 @@ impl Backend for CpuBackend {
     }
 
     fn sample(&self, logits: &mut CpuTensor, step: &mut CpuStep<'_>) -> Result<()> {
-        step.sampled =
-            choose_rows(&mut logits.data, logits.cols, step.inputs.sampling).map_err(|e| BackendError::Device(format!("sample: {e}")))?;
-        self.previous
-            .lock()
-            .expect("the previous sample is not poisoned")
-            .clone_from(&step.sampled);
+        let mut previous = self.previous.lock().expect("the previous sample is not poisoned");
+        step.sampled = choose_rows(&mut logits.data, logits.cols, step.inputs.sampling, &previous)
+            .map_err(|e| BackendError::Device(format!("sample: {e}")))?;
+        previous.clone_from(&step.sampled);
         Ok(())
     }
 

@@ -223,6 +223,11 @@ pub struct CudaBackend {
     /// `[PREVIOUS_ROWS]`: the tokens the last sample picked, where the next
     /// step's embedding finds its `PREVIOUS_SAMPLE` ids.
     previous: CudaSlice<u32>,
+    /// `[PREVIOUS_ROWS]`: the tokens of `previous` as the last step's
+    /// embedding read them, at the rows its `PREVIOUS_SAMPLE` ids name:
+    /// where the step's sampling rows find their coming tokens (`previous`
+    /// itself is being rewritten by the other rows meanwhile).
+    coming: CudaSlice<u32>,
     /// Zeros, one a block group of a split attention launch: each counts
     /// the group's finished splits, and the last sets it back to zero.
     arrivals: CudaSlice<u32>,
@@ -282,6 +287,9 @@ impl CudaBackend {
         let previous = stream
             .alloc_zeros(PREVIOUS_ROWS)
             .map_err(alloc_error("the previous sample's tokens", PREVIOUS_ROWS * 4))?;
+        let coming = stream
+            .alloc_zeros(PREVIOUS_ROWS)
+            .map_err(alloc_error("the step's coming tokens", PREVIOUS_ROWS * 4))?;
         let counters = attention::split_counters(multiprocessors);
         let arrivals = stream
             .alloc_zeros(counters)
@@ -295,6 +303,7 @@ impl CudaBackend {
             poison: false,
             timeline: Default::default(),
             previous,
+            coming,
             arrivals,
             programmatic: launch::programmatic_launches(capability, std::env::var_os("SHARDLINE_NO_PDL").as_deref()),
             arena: Default::default(),

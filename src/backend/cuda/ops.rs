@@ -86,7 +86,8 @@ impl Backend for CudaBackend {
         args.out(out.data_mut());
         table.data.push_arg(&mut args);
         let (first, end) = (vocab.start, vocab.end);
-        args.arg(&ids).arg(&self.previous).arg(&first).arg(&end).arg(&rows).arg(&hidden);
+        args.arg(&ids).arg(&self.previous).arg(&self.coming);
+        args.arg(&first).arg(&end).arg(&rows).arg(&hidden);
         self.launch(name, args, config)?;
         Ok(out)
     }

@@ -12,8 +12,13 @@ use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
 /// Words of a `RowParams` and of an `Adjustment` in the kernel.
-pub const PARAM_WORDS: usize = 8;
+pub const PARAM_WORDS: usize = 11;
 pub const ADJUSTMENT_WORDS: usize = 3;
+/// A row's `coming` when it has none (`NO_COMING` in the kernel).
+const NO_COMING: u32 = u32::MAX;
+/// The bit of an adjustment's third word that marks it repeated; the
+/// others hold its generated count.
+const REPEATED: u32 = 1 << 31;
 
 /// Appends the parameters of `rows` (`[capacity, PARAM_WORDS]`, zeros where
 /// there are no rows), then all their adjustments `[total,
@@ -32,14 +37,18 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
             r.top_p.to_bits(),
             r.min_p.to_bits(),
             r.repetition_penalty.to_bits(),
+            r.presence_penalty.to_bits(),
+            r.frequency_penalty.to_bits(),
             r.uniform.to_bits(),
             begin,
             end,
+            r.coming.unwrap_or(NO_COMING),
         ]);
         begin = end;
     }
     for a in rows.iter().flat_map(|r| &r.adjustments) {
-        words.extend([a.token, a.shift.to_bits(), a.repeated as u32]);
+        let counts = a.generated.min(REPEATED - 1) | if a.repeated { REPEATED } else { 0 };
+        words.extend([a.token, a.bias.to_bits(), counts]);
     }
 }
 
@@ -58,7 +67,7 @@ impl CudaBackend {
         let (rows, vocab, kept) = (step.rows(), logits.cols as i32, PREVIOUS_ROWS as i32);
         let (params, adjustments, out) = step.sampling_args();
         let mut args = self.kernel_args("sample_f32");
-        args.arg(out).arg(&self.previous).arg(&kept);
+        args.arg(out).arg(&self.previous).arg(&self.coming).arg(&kept);
         args.out(logits.data_mut()).arg(&params).arg(&adjustments).arg(&vocab);
         self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
     }
@@ -123,21 +132,25 @@ mod tests {
 
     #[test]
     fn rows_name_their_ranges_of_the_packed_adjustments() {
-        let adjust = |token| LogitAdjustment {
+        let adjust = |token, generated| LogitAdjustment {
             token,
-            shift: -1.0,
+            bias: -1.0,
+            generated,
             repeated: true,
         };
         let rows = [
             RowSampling {
-                adjustments: vec![adjust(3), adjust(9)],
+                adjustments: vec![adjust(3, 0), adjust(9, 2)],
                 ..RowSampling::greedy()
             },
             RowSampling {
                 temperature: 0.7,
                 top_k: 5,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25,
                 uniform: 0.25,
-                adjustments: vec![adjust(4)],
+                adjustments: vec![adjust(4, 1)],
+                coming: Some(6),
                 ..RowSampling::greedy()
             },
         ];
@@ -145,12 +158,27 @@ mod tests {
         pack_rows(&rows, rows.len(), &mut words);
         let words = &words[1..];
         assert_eq!(words.len(), 2 * PARAM_WORDS + 3 * ADJUSTMENT_WORDS);
-        assert_eq!(words[6..8], [0, 2]);
+        assert_eq!(words[8..11], [0, 2, NO_COMING]);
         assert_eq!(
-            words[PARAM_WORDS..PARAM_WORDS + 8],
-            [0.7f32.to_bits(), 5, 1f32.to_bits(), 0, 1f32.to_bits(), 0.25f32.to_bits(), 2, 3]
+            words[PARAM_WORDS..2 * PARAM_WORDS],
+            [
+                0.7f32.to_bits(),
+                5,
+                1f32.to_bits(),
+                0,
+                1f32.to_bits(),
+                0.5f32.to_bits(),
+                0.25f32.to_bits(),
+                0.25f32.to_bits(),
+                2,
+                3,
+                6
+            ]
         );
-        let third = 2 * PARAM_WORDS + 2 * ADJUSTMENT_WORDS;
-        assert_eq!(words[third..], [4, (-1f32).to_bits(), 1]);
+        let second = 2 * PARAM_WORDS + ADJUSTMENT_WORDS;
+        assert_eq!(
+            words[second..],
+            [9, (-1f32).to_bits(), REPEATED | 2, 4, (-1f32).to_bits(), REPEATED | 1]
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use super::ops::check;
 use super::{alloc_error, driver_error, sampling, wait_for, CudaBackend, PREVIOUS_ROWS};
-use crate::backend::{Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE};
+use crate::backend::{BackendError, Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
 use std::ops::Range;
 
@@ -261,6 +261,11 @@ fn pack(inputs: &StepInputs<'_>, capacity: &StepCapacity) -> Result<(Vec<u32>, u
         inputs.sampling.is_empty() || inputs.sampling.len() == inputs.logit_rows.len(),
         || format!("{} sampling rows for {} logit rows", inputs.sampling.len(), inputs.logit_rows.len()),
     )?;
+    if let Some(at) = inputs.unresolved_coming() {
+        return Err(BackendError::Device(format!(
+            "a sampling row counts row {at} of the previous sample, which no token of the step takes"
+        )));
+    }
     let mut words = Vec::with_capacity(words(capacity));
     words.extend_from_slice(inputs.positions);
     words.extend_from_slice(&meta.slot_mapping);

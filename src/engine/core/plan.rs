@@ -36,16 +36,12 @@ impl Engine {
     /// Plans and submits the step after `step` while `step` is still on
     /// the device: `step`'s plan counts as computed, and each sequence
     /// that samples there and may go on takes its coming token as the
-    /// [`PREVIOUS_SAMPLE`] of its row. Not while a sequence's next row
-    /// needs that token on the host (penalties): then the step after waits
-    /// for the tokens, as without lookahead. Returns the time spent submitting.
+    /// [`PREVIOUS_SAMPLE`] of its row (which its next row's penalties
+    /// count on the device). Returns the time spent submitting.
     pub(super) fn plan_ahead(&mut self, step: &mut InFlightStep) -> Result<Duration, BackendError> {
         let (mut ahead, mut last) = (Vec::with_capacity(step.sampled.len()), self.busy.clone());
         for (row, &id) in step.sampled.iter().enumerate() {
             let Some(active) = self.active.get(&id) else { continue };
-            if active.sampler.reads_history() {
-                return Ok(Duration::ZERO);
-            }
             let seq = self.scheduler.get(id).expect("active sequences are scheduled");
             match ends_by_length(&active.request, self.context_len, seq.prompt_len, seq.tokens.len() + 1) {
                 // Its coming token is its last: nothing more to plan.
@@ -123,7 +119,11 @@ impl Engine {
                 batch.logit_rows.push(batch.token_ids.len() as u32 - 1);
                 sampled.push(step.id);
                 let sampler = &mut self.active.get_mut(&step.id).expect("planned sequences are active").sampler;
-                rows.push(sampler.next_row(&seq.tokens, seq.prompt_len));
+                let (known, coming) = match seq.tokens.split_last() {
+                    Some((&last, known)) if last & PREVIOUS_SAMPLE != 0 => (known, Some(last & !PREVIOUS_SAMPLE)),
+                    _ => (&seq.tokens[..], None),
+                };
+                rows.push(sampler.next_row(known, seq.prompt_len, coming));
                 logits |= sampler.wants_logits();
             }
         }
