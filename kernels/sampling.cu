@@ -27,7 +27,7 @@
 // search in id order sums each warp's segment, then each warp's share of
 // the segment it passes in, and one warp scans from there, 8 ids a lane.
 
-// One row's parameters, packed by src/backend/cuda/sampling.rs (11 words).
+// One row's parameters, packed by src/backend/cuda/sampling.rs (12 words).
 struct RowParams {
     float temperature;
     unsigned int top_k;
@@ -37,18 +37,19 @@ struct RowParams {
     float presence_penalty;
     float frequency_penalty;
     float uniform;
-    unsigned int adjust_begin;  // this row's adjustments: [adjust_begin, adjust_end)
+    unsigned int adjust_begin;  // this row's adjustment words: [adjust_begin, adjust_end)
     unsigned int adjust_end;
-    unsigned int coming;  // the row of `coming` whose token joins the sequence first, or NO_COMING
+    unsigned int adjust_width;  // words an adjustment: ADJUSTMENT_WORDS, or 1 (REPEATED_IDS)
+    unsigned int coming;        // the row of `coming` whose token joins the sequence first, or NO_COMING
 };
 
-// A token's bias, the times it was generated, and (the REPEATED bit of
-// `counts`) whether HF's repetition penalty applies to it (3 words).
-struct Adjustment {
-    unsigned int token;
-    float bias;
-    unsigned int counts;
-};
+// An adjustment's words: a token, its bias, and its counts: the times it
+// was generated, and (the REPEATED bit) whether HF's repetition penalty
+// applies to it. A row whose adjustments all have no bias, no count and
+// the repetition penalty (Qwen2.5's default sampling) sends their tokens
+// alone, a word each.
+#define ADJUSTMENT_WORDS 3
+#define REPEATED_IDS 1
 
 #define NO_COMING 0xffffffffu
 #define REPEATED 0x80000000u
@@ -414,18 +415,22 @@ __device__ __forceinline__ void adjust(float* row, const RowParams& p, unsigned 
 // first (a step planned before it reached the host) counts as generated
 // once more, and as repeated: its own adjustment where the row lists it,
 // else a new one.
-__device__ void adjust_row(float* row, const RowParams& p, const Adjustment* adjustments, const unsigned int* coming,
+__device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
                            int vocab) {
     const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
     __shared__ int joining_listed;
     if (threadIdx.x == 0) joining_listed = 0;
     __syncthreads();
-    for (unsigned int j = p.adjust_begin + threadIdx.x; j < p.adjust_end; j += blockDim.x) {
-        const Adjustment a = adjustments[j];
-        if (a.token >= (unsigned int)vocab) continue;
-        const bool now = a.token == joining;
+    const unsigned int width = p.adjust_width;
+    for (unsigned int j = p.adjust_begin + threadIdx.x * width; j < p.adjust_end; j += blockDim.x * width) {
+        const unsigned int token = adjustments[j];
+        if (token >= (unsigned int)vocab) continue;
+        const bool ids = width == REPEATED_IDS;
+        const float bias = ids ? 0.0f : __uint_as_float(adjustments[j + 1]);
+        const unsigned int counts = ids ? REPEATED : adjustments[j + 2];
+        const bool now = token == joining;
         if (now) joining_listed = 1;
-        adjust(row, p, a.token, a.bias, (a.counts & ~REPEATED) + now, (a.counts & REPEATED) || now);
+        adjust(row, p, token, bias, (counts & ~REPEATED) + now, (counts & REPEATED) || now);
     }
     __syncthreads();
     if (joining < (unsigned int)vocab && !joining_listed) {
@@ -446,11 +451,11 @@ __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previo
 // for the next step's embedding (rows past it are not kept). coming
 // [previous_rows]: the previous sample's tokens as this step's embedding
 // read them. logits [rows, vocab]: overwritten with the adjusted scores.
-// params [rows]; adjustments [total], each row's ids distinct.
+// params [rows]; adjustments: the rows' words, each row's ids distinct.
 extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
                                       const unsigned int* __restrict__ coming, int previous_rows,
                                       float* __restrict__ logits, const RowParams* __restrict__ params,
-                                      const Adjustment* __restrict__ adjustments, int vocab) {
+                                      const unsigned int* __restrict__ adjustments, int vocab) {
     begin_after_previous_kernels();
     const RowParams p = params[blockIdx.x];
     float* row = logits + (size_t)blockIdx.x * vocab;

@@ -560,8 +560,11 @@ fn sampling_picks_the_tokens_the_host_picks() {
                 (1.0, 1, 1.0, 0.0),
                 (2.0, 0, 0.3, 0.0),
             ][case % 8];
+            // None; a token alone each (a repetition penalty alone); or
+            // bias and counts too.
             let adjustments = match case % 3 {
                 0 => Vec::new(),
+                1 => [3, 17, vocab as u32 - 1].map(|t| adjustment(t, 0.0, 0, true)).to_vec(),
                 _ => vec![
                     adjustment(3, 2.5, 0, false),
                     adjustment(17, -1.0, 2, true),
@@ -663,10 +666,11 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
     let greedy = vec![RowSampling::greedy(); n];
     assert_host_picks_after(&cpu, &gpu, &vec![0; n], &greedy, &one_hot, vocab, "the previous sample");
     // Each row takes its sequence's coming token from the row after it
-    // (the previous sample's rows in another order), and lists token 3 as
-    // generated twice, token 500 as in the prompt: rows 0, 1 and 3 count a
-    // listed token once more, the others a new one. The logits are flat
-    // near the coming tokens so the penalties decide the picks.
+    // (the previous sample's rows in another order), and lists tokens 3
+    // and 500: rows 0, 1 and 3 count a listed token once more, the others
+    // a new one. Rows 0–2 have every penalty, and token 3 generated twice;
+    // rows 3–5 a repetition penalty alone (their tokens sent alone). The
+    // logits are flat near the coming tokens so the penalties decide the picks.
     let ids: Vec<u32> = (0..n as u32).map(|r| PREVIOUS_SAMPLE | ((r + 1) % n as u32)).collect();
     let mut rng = Rng::seeded(31);
     let rows: Vec<RowSampling> = (0..n)
@@ -674,9 +678,12 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
             temperature: [0.0, 0.8][r % 2],
             top_k: [0, 20][r % 2],
             repetition_penalty: 1.3,
-            presence_penalty: 0.4,
+            presence_penalty: [0.4, 0.0][r / 3],
             frequency_penalty: [0.3, 0.0][r / 3],
-            adjustments: vec![adjustment(3, 0.5, 2, true), adjustment(500, 0.0, 0, true)],
+            adjustments: match r / 3 {
+                0 => vec![adjustment(3, 0.5, 2, true), adjustment(500, 0.0, 0, true)],
+                _ => vec![adjustment(3, 0.0, 0, true), adjustment(500, 0.0, 0, true)],
+            },
             coming: Some((r as u32 + 1) % n as u32),
             uniform: rng.next_f32(),
             ..RowSampling::greedy()

@@ -6,13 +6,14 @@ use super::ops::check;
 use super::timeline::StepSpan;
 use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor, PREVIOUS_ROWS};
 use crate::backend::Result;
-use crate::sampling::RowSampling;
+use crate::sampling::{LogitAdjustment, RowSampling};
 use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
 
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
-/// Words of a `RowParams` and of an `Adjustment` in the kernel.
-pub const PARAM_WORDS: usize = 11;
+/// Words of a `RowParams` and of an adjustment in the kernel (at most:
+/// see [`adjustment_width`]).
+pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
 const NO_COMING: u32 = u32::MAX;
@@ -20,9 +21,20 @@ const NO_COMING: u32 = u32::MAX;
 /// others hold its generated count.
 const REPEATED: u32 = 1 << 31;
 
+/// The words each of a row's adjustments takes: its token alone where
+/// every one is just repeated (no bias, no count: HF's repetition penalty
+/// alone, Qwen2.5's default), else token, bias and counts.
+fn adjustment_width(row: &RowSampling) -> u32 {
+    let plain = |a: &LogitAdjustment| a.repeated && a.generated == 0 && a.bias.to_bits() == 0;
+    match row.adjustments.iter().all(plain) {
+        true => 1,
+        false => ADJUSTMENT_WORDS as u32,
+    }
+}
+
 /// Appends the parameters of `rows` (`[capacity, PARAM_WORDS]`, zeros where
-/// there are no rows), then all their adjustments `[total,
-/// ADJUSTMENT_WORDS]`, each row naming its range of them.
+/// there are no rows), then all their adjustments, each row naming its
+/// range of words and how many words an adjustment takes.
 pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
     if rows.is_empty() {
         words.resize(words.len() + capacity * PARAM_WORDS, 0);
@@ -30,7 +42,8 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
     }
     let mut begin = 0;
     for r in rows {
-        let end = begin + r.adjustments.len() as u32;
+        let width = adjustment_width(r);
+        let end = begin + r.adjustments.len() as u32 * width;
         words.extend([
             r.temperature.to_bits(),
             r.top_k,
@@ -42,13 +55,21 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
             r.uniform.to_bits(),
             begin,
             end,
+            width,
             r.coming.unwrap_or(NO_COMING),
         ]);
         begin = end;
     }
-    for a in rows.iter().flat_map(|r| &r.adjustments) {
-        let counts = a.generated.min(REPEATED - 1) | if a.repeated { REPEATED } else { 0 };
-        words.extend([a.token, a.bias.to_bits(), counts]);
+    for r in rows {
+        match adjustment_width(r) {
+            1 => words.extend(r.adjustments.iter().map(|a| a.token)),
+            _ => {
+                for a in &r.adjustments {
+                    let counts = a.generated.min(REPEATED - 1) | if a.repeated { REPEATED } else { 0 };
+                    words.extend([a.token, a.bias.to_bits(), counts]);
+                }
+            }
+        }
     }
 }
 
@@ -128,7 +149,6 @@ pub struct SampledFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::LogitAdjustment;
 
     #[test]
     fn rows_name_their_ranges_of_the_packed_adjustments() {
@@ -137,6 +157,10 @@ mod tests {
             bias: -1.0,
             generated,
             repeated: true,
+        };
+        let repeated = |token| LogitAdjustment {
+            repeated: true,
+            ..LogitAdjustment::new(token)
         };
         let rows = [
             RowSampling {
@@ -153,12 +177,17 @@ mod tests {
                 coming: Some(6),
                 ..RowSampling::greedy()
             },
+            RowSampling {
+                repetition_penalty: 1.05,
+                adjustments: vec![repeated(2), repeated(8)],
+                ..RowSampling::greedy()
+            },
         ];
         let mut words = vec![7];
         pack_rows(&rows, rows.len(), &mut words);
         let words = &words[1..];
-        assert_eq!(words.len(), 2 * PARAM_WORDS + 3 * ADJUSTMENT_WORDS);
-        assert_eq!(words[8..11], [0, 2, NO_COMING]);
+        assert_eq!(words.len(), 3 * PARAM_WORDS + 3 * ADJUSTMENT_WORDS + 2);
+        assert_eq!(words[8..12], [0, 6, 3, NO_COMING]);
         assert_eq!(
             words[PARAM_WORDS..2 * PARAM_WORDS],
             [
@@ -170,15 +199,17 @@ mod tests {
                 0.5f32.to_bits(),
                 0.25f32.to_bits(),
                 0.25f32.to_bits(),
-                2,
+                6,
+                9,
                 3,
                 6
             ]
         );
-        let second = 2 * PARAM_WORDS + ADJUSTMENT_WORDS;
+        assert_eq!(words[2 * PARAM_WORDS + 8..3 * PARAM_WORDS], [9, 11, 1, NO_COMING]);
+        let second = 3 * PARAM_WORDS + ADJUSTMENT_WORDS;
         assert_eq!(
             words[second..],
-            [9, (-1f32).to_bits(), REPEATED | 2, 4, (-1f32).to_bits(), REPEATED | 1]
+            [9, (-1f32).to_bits(), REPEATED | 2, 4, (-1f32).to_bits(), REPEATED | 1, 2, 8]
         );
     }
 }

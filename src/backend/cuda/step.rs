@@ -22,8 +22,9 @@ pub const TILE_TOKENS: usize = 8;
 /// positions `[t]`, slots `[t]`, each token's sequence `[t]` and position
 /// in it `[t]`, attention tiles `[t, 3]` (first token, tokens, sequence;
 /// the used ones first), token ids `[t]`, logit rows `[r]`, sampling
-/// parameters `[r, PARAM_WORDS]`, adjustments `[a, ADJUSTMENT_WORDS]`
-/// (the used ones first), then the block tables `[b, s]`, block by block
+/// parameters `[r, PARAM_WORDS]`, adjustments (room for `[a,
+/// ADJUSTMENT_WORDS]`; the used words first, a row's a word each where it
+/// can), then the block tables `[b, s]`, block by block
 /// (word `j·s + i` is block `j` of sequence `i`; 0 past its blocks), so
 /// that the blocks in use are a prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
