@@ -16,8 +16,9 @@
 // sums in registers, and the histograms count only the keys in that band:
 // a top-k of 20 (Qwen2.5's default) counts a few dozen keys, not 151,936.
 // Where top-k's band holds at most CANDIDATES keys, they are gathered into
-// shared memory instead, and both cuts are found there by ranking them:
-// what top-p weighs lies within top-k.
+// shared memory instead, and both cuts are found there by ranking them
+// (what top-p weighs lies within top-k), and the draw walks the kept ones
+// there in id order.
 //
 // Each pass over a row gives each warp a contiguous segment of it, read
 // 32 ids a load and several loads a lane at a time: a decode step
@@ -439,6 +440,27 @@ __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* a
     }
 }
 
+// The draw where the gathered candidates hold every kept token (they hold
+// top-k's): the kept ones ranked by id, then summed and walked by one
+// thread in that order, as the host does, instead of another pass over
+// the row. NOT_FOUND where none is kept.
+template <typename Kept, typename Weight>
+__device__ int draw_gathered(Candidates& c, Kept kept, Weight weight, float uniform) {
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) c.key[a] = kept((int)c.id[a], c.x[a]) ? 1u : 0u;
+    const int members = order_candidates(c);
+    __shared__ int token;
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int m = 0; m < members; ++m) total += (double)weight(c.x[c.order[m]]);
+        double target = (double)uniform * total;
+        int m = 0;
+        while (m < members - 1 && (target -= (double)weight(c.x[c.order[m]])) >= 0.0) ++m;
+        token = members > 0 ? (int)c.id[c.order[m]] : NOT_FOUND;
+    }
+    __syncthreads();
+    return token;
+}
+
 // Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
 // has room for, to `previous`.
 __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previous, int previous_rows, unsigned int token) {
@@ -551,7 +573,8 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         return k > p_pivot || (k == p_pivot && i <= p_cutoff);
     };
     auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
-    int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
+    int token = gathered ? draw_gathered(candidates, kept, weight, p.uniform)
+                         : first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
     if (token == NOT_FOUND) {
         // Rounding put the draw past the last kept token: take that one.
         __shared__ int last;
