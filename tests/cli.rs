@@ -206,6 +206,10 @@ fn bad_command_lines_fail_with_clear_messages() {
         );
     }
     assert_fails_with(&["bench", "--model", &chat, "--kernels", "--requests", "4"], "cannot be used with");
+    assert_fails_with(
+        &["bench", "--model", &chat, "--concurrency", "2", "--repetition-penalty", "0"],
+        "--repetition-penalty must be positive, got 0",
+    );
     for zero in ["--context", "--decode-tokens"] {
         assert_fails_with(
             &["bench", "--model", &chat, "--kernels", zero, "0"],
@@ -248,6 +252,7 @@ fn bench_reports_speeds_and_the_bandwidth_fraction() {
     }
     // tiny-chat streams its tied 151,936 × 64 bf16 embedding as the LM head each step.
     assert!(report["weight_bytes_per_token"].as_u64().unwrap() > 151_936 * 64 * 2);
+    assert_eq!(report["sampling"]["temperature"], 0.0, "greedy unless asked: {report}");
 }
 
 /// `bench --requests` runs the workload the transformers peer computes
@@ -256,9 +261,25 @@ fn bench_reports_speeds_and_the_bandwidth_fraction() {
 fn bench_requests_reports_throughput_over_the_peers_workload() {
     let chat = tiny_chat();
     let lens = ["--prompt-lens", "3-40", "--output-lens", "2-9", "--seed", "5"];
-    let out = shardline(&[&["bench", "--model", &chat, "--requests", "6", "--json"][..], &lens].concat());
+    // Qwen2.5-Instruct's sampling, which `serve` applies by default.
+    let qwen = [
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.8",
+        "--repetition-penalty",
+        "1.05",
+    ];
+    let out = shardline(&[&["bench", "--model", &chat, "--requests", "6", "--json"][..], &lens, &qwen].concat());
     let report = json_of(&out);
     assert!(report["output_tokens_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    let sampling = &report["sampling"];
+    assert_eq!(
+        (sampling["top_k"].as_u64(), sampling["repetition_penalty"].as_f64()),
+        (Some(20), Some(1.05f32 as f64))
+    );
     let peer = Command::new("python3")
         .current_dir(common::repo().join("benches"))
         .args(["-c", "import hf_gpu_peer as h; w = h.workload(5, 6, h.lengths('3-40'), h.lengths('2-9')); print(sum(p for p, _ in w), sum(o for _, o in w))"])

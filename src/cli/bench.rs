@@ -5,6 +5,7 @@
 
 use super::gpu_memory::MemoryHeld;
 use super::kernels;
+use super::sampling_args::SamplingArgs;
 use super::throughput::{self, LenRange};
 use super::{follow, start_executor, Device, ModelArgs, ParallelArgs};
 use anyhow::Context;
@@ -12,7 +13,7 @@ use clap::Args;
 use serde_json::json;
 use shardline::backend::cpu;
 use shardline::backend::cuda;
-use shardline::config::ModelConfig;
+use shardline::config::{GenerationConfig, ModelConfig};
 use shardline::engine::request::{Event, Request, StopConditions};
 use shardline::engine::{Engine, EngineConfig, EngineHandle};
 use shardline::executor::BusyTimes;
@@ -71,6 +72,29 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Greedy unless these say otherwise (Qwen2.5-Instruct's defaults:
+    /// `--temperature 0.7 --top-k 20 --top-p 0.8 --repetition-penalty 1.05`).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+impl BenchArgs {
+    /// Every request's sampling: greedy where no flag says otherwise.
+    pub fn sampling(&self) -> anyhow::Result<SamplingParams> {
+        let greedy = GenerationConfig {
+            do_sample: Some(false),
+            ..Default::default()
+        };
+        self.sampling.params(&greedy, self.seed)
+    }
+}
+
+/// The sampling a report ran with.
+pub(super) fn sampling_json(p: &SamplingParams) -> serde_json::Value {
+    json!({
+        "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+        "repetition_penalty": p.repetition_penalty,
+    })
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -94,6 +118,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.kernels {
         return kernels::run(&config, &name, args.context, args.json);
     }
+    let sampling = args.sampling()?;
     let num_blocks = blocks_for(args.prompt_len + args.decode_tokens + 1);
     let (executor, _) = start_executor(&options, &config, &args.parallel, num_blocks)?;
     let mut generator = Generator::with_executor(executor, num_blocks);
@@ -106,13 +131,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut gpu_work = None;
-    // Greedy, sampled where the logits are, as a server decodes: the
-    // prompt, then `decode_tokens` more, each step planned ahead where the
-    // executor allows.
+    // Sampled where the logits are, as a server decodes: the prompt, then
+    // `decode_tokens` more, each step planned ahead where the executor allows.
     let request = GenerateRequest {
         prompt_ids: prompt,
         max_tokens: args.decode_tokens + 1,
-        sampling: SamplingParams::greedy(),
+        sampling: sampling.clone(),
         eos_token_ids: Vec::new(),
         ignore_eos: true,
     };
@@ -166,6 +190,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "kernel_launches_per_decode_step": gpu_work.map(|w| w.launches),
         "host_us_per_decode_step": gpu_work.filter(|_| one_rank).map(|w| w.host_us),
         "decode_graphs": graphs.map(graphs_json),
+        "sampling": sampling_json(&sampling),
     });
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -247,6 +272,7 @@ const LOAD_BATCHED_TOKENS: usize = 2048;
 /// output tokens/s and each stage's idle share (median run).
 fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, concurrency: usize) -> anyhow::Result<()> {
     anyhow::ensure!(concurrency > 0, "--concurrency must be positive");
+    let sampling = args.sampling()?;
     let per_request = blocks_for(args.prompt_len + args.decode_tokens);
     let num_kv_blocks = per_request * concurrency + 1;
     let (engine, busy) = start_engine(options, config, &args.parallel, concurrency, LOAD_BATCHED_TOKENS, num_kv_blocks)?;
@@ -256,7 +282,7 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
     let mut device_before = cuda::device_time();
     for run in 0..args.repeats + 1 {
         let requests: Vec<Request> = (0..concurrency)
-            .map(|_| random_request(&mut rng, config, args.prompt_len, args.decode_tokens))
+            .map(|_| random_request(&mut rng, config, &sampling, args.prompt_len, args.decode_tokens))
             .collect();
         let busy_before = busy_snapshot(busy.as_ref());
         // Each run timed on its own: no gap across the pause between runs.
@@ -301,6 +327,7 @@ fn engine_load(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, c
             "tp": layout.tp, "pp": layout.pp, "micro_batching": micro_batching, "concurrency": concurrency,
             "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
             "output_tokens_per_s": tokens_per_s, "stage_idle_fraction": stage_idle,
+            "sampling": sampling_json(&sampling),
         });
         device.add_to(&mut report);
         report["decode_graphs"] = json!(graphs.map(graphs_json));
@@ -390,11 +417,11 @@ pub(super) fn start_engine(
     Ok((EngineHandle::spawn(Engine::new(executor, None, engine_config)), busy))
 }
 
-/// A greedy request of `prompt` random ids for exactly `output` tokens.
-pub(super) fn random_request(rng: &mut Rng, config: &ModelConfig, prompt: usize, output: usize) -> Request {
+/// A request of `prompt` random ids for exactly `output` tokens.
+pub(super) fn random_request(rng: &mut Rng, config: &ModelConfig, sampling: &SamplingParams, prompt: usize, output: usize) -> Request {
     Request {
         prompt_ids: (0..prompt).map(|_| (rng.next_u64() % config.vocab_size as u64) as u32).collect(),
-        sampling: SamplingParams::greedy(),
+        sampling: sampling.clone(),
         max_tokens: output,
         stop: StopConditions {
             ignore_eos: true,

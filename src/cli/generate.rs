@@ -2,6 +2,7 @@
 //! streamed to stdout as it is produced, with time to first token and decode
 //! speed at the end; or one JSON object with `--json`.
 
+use super::sampling_args::SamplingArgs;
 use super::{follow, start_executor, ModelArgs, ParallelArgs};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -34,18 +35,8 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256, env = "SHARDLINE_MAX_TOKENS")]
     max_tokens: usize,
-    /// 0 is greedy. Default: generation_config.json's, else 1.
-    #[arg(long, allow_negative_numbers = true)]
-    temperature: Option<f32>,
-    /// Default: generation_config.json's, else 1.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    /// 0 keeps every token. Default: generation_config.json's, else 0.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Default: generation_config.json's, else 1.
-    #[arg(long, allow_negative_numbers = true)]
-    repetition_penalty: Option<f32>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seeds sampling (and dummy weights).
     #[arg(long, default_value_t = 0, env = "SHARDLINE_SEED")]
     seed: u64,
@@ -62,29 +53,10 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     fn sampling(&self, defaults: &GenerationConfig) -> anyhow::Result<SamplingParams> {
-        let default_temperature = match defaults.do_sample {
-            Some(false) => 0.0,
-            _ => defaults.temperature.unwrap_or(1.0),
-        };
-        let params = SamplingParams {
-            temperature: self.temperature.unwrap_or(default_temperature),
-            top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
-            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
-            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
-            seed: Some(self.seed),
+        Ok(SamplingParams {
             logprobs: self.logprobs,
-            ..SamplingParams::greedy()
-        };
-        if params.temperature < 0.0 || !params.temperature.is_finite() {
-            bail!("--temperature must be 0 (greedy) or positive, got {}", params.temperature);
-        }
-        if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1], got {}", params.top_p);
-        }
-        if !(params.repetition_penalty > 0.0 && params.repetition_penalty.is_finite()) {
-            bail!("--repetition-penalty must be positive, got {}", params.repetition_penalty);
-        }
-        Ok(params)
+            ..self.sampling.params(defaults, self.seed)?
+        })
     }
 
     fn prompt_ids(&self, tokenizer: Option<&Tokenizer>) -> anyhow::Result<Vec<u32>> {

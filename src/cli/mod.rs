@@ -6,6 +6,7 @@ mod generate;
 mod gpu_memory;
 mod kernels;
 mod plan;
+mod sampling_args;
 mod serve;
 mod throughput;
 

@@ -4,7 +4,7 @@
 //! `benches/hf_gpu_peer.py --requests` repeats, so a peer runs the same
 //! workload.
 
-use super::bench::{random_request, run_requests, start_engine, BenchArgs, DeviceIdle};
+use super::bench::{random_request, run_requests, sampling_json, start_engine, BenchArgs, DeviceIdle};
 use anyhow::Context;
 use serde_json::json;
 use shardline::backend::cuda;
@@ -59,7 +59,8 @@ pub fn run(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, reque
     let num_kv_blocks = lengths.iter().map(|&(p, o)| blocks_for(p + o)).sum::<usize>() + 1;
     let (engine, _) = start_engine(options, config, &args.parallel, requests, 8192, num_kv_blocks)?;
     let mut rng = Rng::seeded(args.seed);
-    let mut request = |prompt, output| random_request(&mut rng, config, prompt, output);
+    let sampling = args.sampling()?;
+    let mut request = |prompt, output| random_request(&mut rng, config, &sampling, prompt, output);
     // A short untimed run first: kernel loading, handles and allocator pools.
     let warm_up = (0..requests.min(4)).map(|_| request(args.prompt_lens.min, 2)).collect();
     run_requests(&engine, warm_up).context("warming up")?;
@@ -79,6 +80,7 @@ pub fn run(args: &BenchArgs, options: &ModelOptions, config: &ModelConfig, reque
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "seconds": wall,
             "output_tokens_per_s": output_tokens as f64 / wall,
             "total_tokens_per_s": (prompt_tokens + output_tokens) as f64 / wall,
+            "sampling": sampling_json(&sampling),
         });
         device.add_to(&mut report);
         println!("{report}");
