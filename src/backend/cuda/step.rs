@@ -432,5 +432,30 @@ mod tests {
         assert_eq!(max_token(inputs.token_ids).unwrap(), 5);
         let too_far = [PREVIOUS_SAMPLE | PREVIOUS_ROWS as u32];
         assert!(max_token(&too_far).unwrap_err().to_string().contains("which keeps"));
+        // A row may count the coming token of row 1, which token 1 takes,
+        // but not of row 0, which no token takes.
+        for (coming, ok) in [(1, true), (0, false)] {
+            let sampling = [
+                RowSampling::greedy(),
+                RowSampling {
+                    coming: Some(coming),
+                    ..RowSampling::greedy()
+                },
+            ];
+            let packed = pack(
+                &StepInputs {
+                    sampling: &sampling,
+                    ..inputs
+                },
+                &capacity,
+            );
+            match ok {
+                true => assert_eq!(
+                    packed.unwrap().0[offset(&capacity, Section::Params) + 2 * sampling::PARAM_WORDS - 1],
+                    1
+                ),
+                false => assert!(packed.unwrap_err().to_string().contains("counts row 0 of the previous sample")),
+            }
+        }
     }
 }
