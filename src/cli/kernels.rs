@@ -16,7 +16,7 @@ use shardline::backend::{AttentionSpec, Backend, DType, HostStaging, HostTensor,
 use shardline::config::ModelConfig;
 use shardline::generation::BLOCK_SIZE;
 use shardline::rng::Rng;
-use shardline::sampling::RowSampling;
+use shardline::sampling::{LogitAdjustment, RowSampling};
 use std::time::Instant;
 
 /// Calls of each kernel per timing, after as many untimed.
@@ -225,8 +225,10 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
 
 /// The rows `bench --kernels` samples: greedy; drawn at temperature 1 with
 /// no cut (the OpenAI API's default); and Qwen2.5-Instruct's
-/// generation_config.json (what serve applies to a request that sets none).
-fn sampling_kinds() -> [(&'static str, RowSampling); 3] {
+/// generation_config.json (what serve applies to a request that sets none),
+/// without and with its repetition penalty over a 2,048-token sequence's
+/// distinct ids (sent a word each).
+fn sampling_kinds() -> [(&'static str, RowSampling); 4] {
     let drawn = |temperature, top_k, top_p| RowSampling {
         temperature,
         top_k,
@@ -234,10 +236,20 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 3] {
         uniform: 0.5,
         ..RowSampling::greedy()
     };
+    let seen = (0..2048).map(|i| LogitAdjustment {
+        repeated: true,
+        ..LogitAdjustment::new(i * 73)
+    });
+    let penalized = RowSampling {
+        repetition_penalty: 1.05,
+        adjustments: seen.collect(),
+        ..drawn(0.7, 20, 0.8)
+    };
     [
         ("greedy", RowSampling::greedy()),
         ("temperature 1", drawn(1.0, 0, 1.0)),
         ("top-k 20, top-p 0.8", drawn(0.7, 20, 0.8)),
+        ("top-k 20, top-p 0.8, 2,048 penalized ids", penalized),
     ]
 }
 
