@@ -303,9 +303,10 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
         return Ok(());
     }
     println!("{name}: copy bandwidth {:.0} GB/s (read + write)", bandwidth / 1e9);
+    let width = timings.iter().map(|t| t.what.chars().count()).max().unwrap_or(0);
     for t in &timings {
         println!(
-            "{:<48} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth {:>8.1} TFLOP/s",
+            "{:<width$} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth {:>8.1} TFLOP/s",
             t.what,
             t.seconds * 1e6,
             rate(t) / 1e9,
