@@ -401,21 +401,36 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     return result;
 }
 
-// logit += bias, less presence + frequency × generated where generated;
+// logit + bias, less presence + frequency × generated where generated;
 // then, if repeated, HF's repetition penalty. Rounded at each operation
 // as src/sampling/choose.rs computes it (no multiply-add).
-__device__ __forceinline__ void adjust(float* row, const RowParams& p, unsigned int token, float bias,
-                                       unsigned int generated, bool repeated) {
+__device__ __forceinline__ float adjusted(const RowParams& p, float logit, float bias, unsigned int generated,
+                                          bool repeated) {
     const float penalty = __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, (float)generated));
-    float s = row[token] + (generated == 0 ? bias : bias - penalty);
+    float s = logit + (generated == 0 ? bias : bias - penalty);
     if (repeated) s = s > 0.0f ? s / p.repetition_penalty : s * p.repetition_penalty;
-    row[token] = s;
+    return s;
 }
+
+// One adjustment's words, with its token's logit (a token of NO_COMING
+// for a slot past the row's adjustments).
+struct Listed {
+    unsigned int token;
+    float bias;
+    unsigned int counts;
+    float logit;
+};
+
+// Adjustments a thread has in flight.
+#define ADJUSTING 4
 
 // Applies a row's adjustments in place. The token joining the sequence
 // first (a step planned before it reached the host) counts as generated
 // once more, and as repeated: its own adjustment where the row lists it,
-// else a new one.
+// else a new one. A thread loads ADJUSTING adjustments' words, then their
+// logits, then stores (a row's ids are distinct, so no load reads what
+// another's store writes): one at a time, 2,048 adjustments on 512
+// threads were 4 pairs of dependent round trips to L2.
 __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
                            int vocab) {
     const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
@@ -423,19 +438,35 @@ __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* a
     if (threadIdx.x == 0) joining_listed = 0;
     __syncthreads();
     const unsigned int width = p.adjust_width;
-    for (unsigned int j = p.adjust_begin + threadIdx.x * width; j < p.adjust_end; j += blockDim.x * width) {
-        const unsigned int token = adjustments[j];
-        if (token >= (unsigned int)vocab) continue;
-        const bool ids = width == REPEATED_IDS;
-        const float bias = ids ? 0.0f : __uint_as_float(adjustments[j + 1]);
-        const unsigned int counts = ids ? REPEATED : adjustments[j + 2];
-        const bool now = token == joining;
-        if (now) joining_listed = 1;
-        adjust(row, p, token, bias, (counts & ~REPEATED) + now, (counts & REPEATED) || now);
+    const bool ids = width == REPEATED_IDS;
+    const int count = (int)((p.adjust_end - p.adjust_begin) / width);
+    for (int base = threadIdx.x; base < count; base += ADJUSTING * blockDim.x) {
+        Listed a[ADJUSTING];
+#pragma unroll
+        for (int u = 0; u < ADJUSTING; ++u) {
+            const int e = base + u * (int)blockDim.x;
+            const unsigned int j = p.adjust_begin + (unsigned int)e * width;
+            a[u] = {NO_COMING, 0.0f, REPEATED, 0.0f};
+            if (e < count) a[u].token = adjustments[j];
+            if (e < count && !ids) a[u].bias = __uint_as_float(adjustments[j + 1]);
+            if (e < count && !ids) a[u].counts = adjustments[j + 2];
+        }
+#pragma unroll
+        for (int u = 0; u < ADJUSTING; ++u) {
+            if (a[u].token < (unsigned int)vocab) a[u].logit = row[a[u].token];
+        }
+#pragma unroll
+        for (int u = 0; u < ADJUSTING; ++u) {
+            if (a[u].token >= (unsigned int)vocab) continue;
+            const bool now = a[u].token == joining;
+            if (now) joining_listed = 1;
+            const unsigned int generated = (a[u].counts & ~REPEATED) + now;
+            row[a[u].token] = adjusted(p, a[u].logit, a[u].bias, generated, (a[u].counts & REPEATED) || now);
+        }
     }
     __syncthreads();
     if (joining < (unsigned int)vocab && !joining_listed) {
-        if (threadIdx.x == 0) adjust(row, p, joining, 0.0f, 1, true);
+        if (threadIdx.x == 0) row[joining] = adjusted(p, row[joining], 0.0f, 1, true);
         __syncthreads();
     }
 }

@@ -547,7 +547,7 @@ fn adjustment(token: u32, bias: f32, generated: u32, repeated: bool) -> LogitAdj
 fn sampling_picks_the_tokens_the_host_picks() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::seeded(21);
-    for vocab in [151_936, 1000, 1025] {
+    for vocab in [151_936usize, 1000, 1025] {
         let mut rows = Vec::new();
         for case in 0..48 {
             let (temperature, top_k, top_p, min_p) = [
@@ -560,11 +560,15 @@ fn sampling_picks_the_tokens_the_host_picks() {
                 (1.0, 1, 1.0, 0.0),
                 (2.0, 0, 0.3, 0.0),
             ][case % 8];
-            // None; a token alone each (a repetition penalty alone); or
-            // bias and counts too.
+            // None; a token alone each (a repetition penalty alone, over
+            // more ids than 512 threads take 4 at a time); or bias and
+            // counts too.
             let adjustments = match case % 3 {
                 0 => Vec::new(),
-                1 => [3, 17, vocab as u32 - 1].map(|t| adjustment(t, 0.0, 0, true)).to_vec(),
+                1 => (0..vocab as u32)
+                    .step_by(vocab.div_ceil(3000))
+                    .map(|t| adjustment(t, 0.0, 0, true))
+                    .collect(),
                 _ => vec![
                     adjustment(3, 2.5, 0, false),
                     adjustment(17, -1.0, 2, true),
