@@ -193,6 +193,12 @@ impl PagedAttentionMeta {
 /// step whose token it extends, so the device never waits for the host.
 pub const PREVIOUS_SAMPLE: u32 = 1 << 31;
 
+/// The row of the previous sample that a [`PREVIOUS_SAMPLE`] id names;
+/// `None` for a token known on the host.
+pub fn previous_row(id: u32) -> Option<u32> {
+    (id & PREVIOUS_SAMPLE != 0).then_some(id & !PREVIOUS_SAMPLE)
+}
+
 /// Everything one forward reads from the host, handed to the device in one
 /// [`Backend::prepare_step`] so no op uploads on its own (and a recorded
 /// graph can replay the ops on a step refilled in place).
@@ -218,9 +224,8 @@ impl StepInputs<'_> {
         if self.sampling.iter().all(|r| r.coming.is_none()) {
             return None;
         }
-        let placeholders = self.token_ids.iter().filter(|&&id| id & PREVIOUS_SAMPLE != 0);
         let mut taken = Vec::new();
-        for at in placeholders.map(|&id| (id & !PREVIOUS_SAMPLE) as usize) {
+        for at in self.token_ids.iter().filter_map(|&id| previous_row(id)).map(|at| at as usize) {
             if at >= taken.len() {
                 taken.resize(at + 1, false);
             }

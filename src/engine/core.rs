@@ -2,8 +2,8 @@
 //! each sequence's next token), detokenize, check stops, and queue each
 //! request's events. Where the executor looks ahead, the next step is
 //! planned and submitted before the last one's tokens are back, each
-//! sequence's coming token named as the device's [`PREVIOUS_SAMPLE`] of
-//! its row: the device goes from step to step while the host takes the
+//! sequence's coming token named as the device's
+//! [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) of its row: the device goes from step to step while the host takes the
 //! tokens in, and a sequence that stops on that token wastes one step's
 //! row. Otherwise a step's tokens are taken in first (with the stops that
 //! need no text), the next step is submitted, and only then is the text
@@ -21,7 +21,7 @@ use super::request::{Event, FinishReason, Finished, Request, StopReason};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig, SeqId, Sequence};
 use super::stats::EngineStats;
 use super::stop::StopStrings;
-use crate::backend::{BackendError, PREVIOUS_SAMPLE};
+use crate::backend::{previous_row, BackendError};
 use crate::executor::Executor;
 use crate::model::StepOutput;
 use crate::sampling::Sampler;
@@ -293,7 +293,7 @@ impl Engine {
     fn take_token(&mut self, id: SeqId, row: usize, token_id: u32) -> Arrival {
         let seq = self.scheduler.get(id).expect("sampled sequences exist");
         // The step after this one was planned with a placeholder for this token.
-        let placeholder = seq.tokens.last().is_some_and(|&t| t & PREVIOUS_SAMPLE != 0);
+        let placeholder = seq.tokens.last().is_some_and(|&t| previous_row(t).is_some());
         let (tokens_before, prompt_len) = (seq.tokens.len() - placeholder as usize, seq.prompt_len);
         match placeholder {
             true => self.scheduler.replace_last_token(id, token_id),

@@ -9,7 +9,7 @@ mod shard;
 pub use graphs::{largest_graph, DecodeGraphs, BUCKETS};
 pub use shard::Shard;
 
-use crate::backend::{Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs, PREVIOUS_SAMPLE};
+use crate::backend::{previous_row, Backend, BackendError, KvCacheShape, PagedAttentionMeta, StepInputs};
 use crate::config::ModelConfig;
 use crate::loader::{LoadError, WeightSource};
 use crate::parallel::Communicator;
@@ -22,8 +22,9 @@ use std::borrow::Cow;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ForwardBatch {
     /// `[n]` new tokens, sequence after sequence; a token the previous
-    /// step samples and has not returned yet is a [`PREVIOUS_SAMPLE`] id
-    /// (on an executor with [`crate::executor::Executor::lookahead`]).
+    /// step samples and has not returned yet is a
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) id (on an executor with
+    /// [`crate::executor::Executor::lookahead`]).
     pub token_ids: Vec<u32>,
     /// `[n]` position of each new token in its sequence.
     pub positions: Vec<u32>,
@@ -99,10 +100,11 @@ impl ForwardBatch {
     }
 
     /// One past the largest row of the previous step whose token a
-    /// [`PREVIOUS_SAMPLE`] id of this batch names; 0 where none does.
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) id of this batch names; 0
+    /// where none does.
     pub fn previous_sample_rows(&self) -> usize {
-        let previous = self.token_ids.iter().filter(|&&id| id & PREVIOUS_SAMPLE != 0);
-        previous.map(|&id| (id & !PREVIOUS_SAMPLE) as usize + 1).max().unwrap_or(0)
+        let rows = self.token_ids.iter().filter_map(|&id| previous_row(id));
+        rows.map(|at| at as usize + 1).max().unwrap_or(0)
     }
 
     fn returns_logits(&self) -> bool {
@@ -316,7 +318,8 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
 
     /// Whether this rank reports the step's tokens: the last stage's first
     /// TP rank (each of the stage's ranks picks them, the same ones, and
-    /// keeps them for the next step's [`PREVIOUS_SAMPLE`] ids).
+    /// keeps them for the next step's
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids).
     fn reports(&self) -> bool {
         self.shard.last_stage && self.shard.tp_rank == 0
     }
@@ -408,8 +411,9 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
     }
 
     /// Token ids as rows of this rank's embedding: ids of other ranks'
-    /// vocabulary read the final zero row; [`PREVIOUS_SAMPLE`] ids stay as
-    /// they are (the embedding maps their tokens).
+    /// vocabulary read the final zero row;
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids stay as they are (the
+    /// embedding maps their tokens).
     fn local_ids<'a>(&self, ids: &'a [u32]) -> Cow<'a, [u32]> {
         if self.shard.tp == 1 {
             return Cow::Borrowed(ids);
@@ -418,7 +422,7 @@ impl<B: Backend> Qwen2ForCausalLM<B> {
         let zero_row = self.shard.vocab_per_rank(&self.config) as u32;
         let local = ids
             .iter()
-            .map(|&id| match (id & PREVIOUS_SAMPLE != 0, mine.contains(&(id as usize))) {
+            .map(|&id| match (previous_row(id).is_some(), mine.contains(&(id as usize))) {
                 // Mapped on the device, where the token is.
                 (true, _) => id,
                 (false, true) => id - mine.start as u32,

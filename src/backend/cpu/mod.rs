@@ -12,8 +12,8 @@ mod matmul;
 mod simd;
 
 use super::{
-    AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity, StepInputs,
-    PREVIOUS_SAMPLE,
+    previous_row, AttentionSpec, Backend, BackendError, DType, HostStaging, HostTensor, KvCacheShape, Result, RmsNorm, StepCapacity,
+    StepInputs,
 };
 use crate::sampling::choose_rows;
 use buffer::WeightBuffer;
@@ -85,18 +85,20 @@ fn no_graphs() -> BackendError {
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend {
     /// The tokens the last [`Backend::sample`] picked, for the next step's
-    /// [`PREVIOUS_SAMPLE`] ids (shared by clones: one device).
+    /// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) ids (shared by clones: one
+    /// device).
     previous: Arc<Mutex<Vec<u32>>>,
 }
 
 /// A step's token id as a row of the embedding table: a
-/// [`PREVIOUS_SAMPLE`] id is the token the previous sample picked for its
-/// row, at its row of the `vocab` slice (or the last row, outside it).
+/// [`PREVIOUS_SAMPLE`](crate::backend::PREVIOUS_SAMPLE) id is the token the previous
+/// sample picked for its row, at its row of the `vocab` slice (or the last
+/// row, outside it).
 fn resolve(id: u32, previous: &[u32], vocab: &Range<u32>, rows: usize) -> Result<usize> {
-    let row = match id & PREVIOUS_SAMPLE {
-        0 => id as usize,
-        _ => {
-            let at = (id & !PREVIOUS_SAMPLE) as usize;
+    let row = match previous_row(id) {
+        None => id as usize,
+        Some(at) => {
+            let at = at as usize;
             let token = *previous.get(at).ok_or_else(|| {
                 BackendError::Device(format!(
                     "embedding: row {at} of the previous sample, which picked {}",

@@ -9,7 +9,7 @@
 
 use super::ops::check;
 use super::{alloc_error, driver_error, sampling, wait_for, CudaBackend, PREVIOUS_ROWS};
-use crate::backend::{BackendError, Result, StepCapacity, StepInputs, PREVIOUS_SAMPLE};
+use crate::backend::{previous_row, BackendError, Result, StepCapacity, StepInputs};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
 use std::ops::Range;
 
@@ -221,9 +221,9 @@ fn tile_tokens(query_lens: &[usize]) -> usize {
 /// previous sample that the others name are checked to be among the
 /// [`PREVIOUS_ROWS`] the device keeps.
 fn max_token(ids: &[u32]) -> Result<u32> {
-    let (token, rows) = ids.iter().fold((0, 0), |(token, rows), &id| match id & PREVIOUS_SAMPLE {
-        0 => (token.max(id), rows),
-        _ => (token, rows.max((id & !PREVIOUS_SAMPLE) + 1)),
+    let (token, rows) = ids.iter().fold((0, 0), |(token, rows), &id| match previous_row(id) {
+        None => (token.max(id), rows),
+        Some(at) => (token, rows.max(at + 1)),
     });
     check(rows as usize <= PREVIOUS_ROWS, || {
         format!("a token of row {} of the previous sample, which keeps {PREVIOUS_ROWS}", rows - 1)
@@ -389,7 +389,7 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::PagedAttentionMeta;
+    use crate::backend::{PagedAttentionMeta, PREVIOUS_SAMPLE};
     use crate::sampling::RowSampling;
 
     #[test]

@@ -3,7 +3,7 @@
 //! step after the one in flight, before its tokens are back.
 
 use super::{ends_by_length, Engine, InFlightStep};
-use crate::backend::{BackendError, PagedAttentionMeta, PREVIOUS_SAMPLE};
+use crate::backend::{previous_row, BackendError, PagedAttentionMeta, PREVIOUS_SAMPLE};
 use crate::engine::scheduler::{Scheduled, SeqId};
 use crate::model::{ForwardBatch, Sampling};
 use std::sync::atomic::Ordering;
@@ -119,10 +119,8 @@ impl Engine {
                 batch.logit_rows.push(batch.token_ids.len() as u32 - 1);
                 sampled.push(step.id);
                 let sampler = &mut self.active.get_mut(&step.id).expect("planned sequences are active").sampler;
-                let (known, coming) = match seq.tokens.split_last() {
-                    Some((&last, known)) if last & PREVIOUS_SAMPLE != 0 => (known, Some(last & !PREVIOUS_SAMPLE)),
-                    _ => (&seq.tokens[..], None),
-                };
+                let coming = seq.tokens.last().and_then(|&t| previous_row(t));
+                let known = &seq.tokens[..seq.tokens.len() - coming.is_some() as usize];
                 rows.push(sampler.next_row(known, seq.prompt_len, coming));
                 logits |= sampler.wants_logits();
             }
