@@ -434,9 +434,14 @@ struct Listed {
 __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
                            int vocab) {
     const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
+    // Every thread read the same word, so all of them wait here or none:
+    // a row without a joining token skips the barrier.
+    const bool joins = joining < (unsigned int)vocab;
     __shared__ int joining_listed;
-    if (threadIdx.x == 0) joining_listed = 0;
-    __syncthreads();
+    if (joins) {
+        if (threadIdx.x == 0) joining_listed = 0;
+        __syncthreads();
+    }
     const unsigned int width = p.adjust_width;
     const bool ids = width == REPEATED_IDS;
     const int count = (int)((p.adjust_end - p.adjust_begin) / width);
@@ -465,7 +470,7 @@ __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* a
         }
     }
     __syncthreads();
-    if (joining < (unsigned int)vocab && !joining_listed) {
+    if (joins && !joining_listed) {
         if (threadIdx.x == 0) row[joining] = adjusted(p, row[joining], 0.0f, 1, true);
         __syncthreads();
     }
