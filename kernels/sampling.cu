@@ -15,6 +15,9 @@
 // the floor's 40) that holds what it keeps, in one pass with a lane's
 // sums in registers, and the histograms count only the keys in that band:
 // a top-k of 20 (Qwen2.5's default) counts a few dozen keys, not 151,936.
+// A band's test, and the floor's, is made on the logits themselves,
+// against the least logit whose scaled value passes it (found once a row),
+// so these passes divide nothing.
 // Where top-k's band holds at most CANDIDATES keys, they are gathered into
 // shared memory instead, and both cuts are found there by ranking them
 // (what top-p weighs lies within top-k), and the draw walks the kept ones
@@ -64,6 +67,30 @@ struct RowParams {
 __device__ __forceinline__ unsigned int order_key(float x) {
     const unsigned int u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The float whose order_key is k.
+__device__ __forceinline__ float from_key(unsigned int k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The least logit x with x / t >= s, or NaN (which no comparison admits)
+// where none has. x / t rounds monotonically in x, so the logits whose
+// scaled value reaches s are those from this one up: a pass tests
+// x >= it, dividing nothing, exactly where the host tests x / t >= s (ties
+// of scaled values included). A binary search over the floats in order.
+__device__ float least_scaling_to(float s, float t) {
+    unsigned int lo = order_key(NEG_INF), hi = order_key(-NEG_INF);
+    if (!(from_key(hi) / t >= s)) return __int_as_float(0x7fffffff);
+    while (lo < hi) {
+        const unsigned int mid = lo + (hi - lo) / 2;
+        if (from_key(mid) / t >= s) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    return from_key(lo);
 }
 
 // Loads a lane has in flight in a pass: many where each logit costs a
@@ -283,27 +310,30 @@ __device__ int tie_cutoff(const float* row, Key key, InSet in_set, unsigned int 
     return first_past(row, at_pivot, vocab, 0.0, count - 0.5);
 }
 
-// Whether a scaled logit lies in band j below the best one `max`: within
-// 40 × 2^(j − 7) of it (band 7 is the floor's; band 8, "none", takes in
-// everything above the floor too).
-__device__ __forceinline__ bool in_band(float scaled, float max, int band) {
-    return scaled >= max - ldexpf(NEGLIGIBLE, band - (BANDS - 1));
+// Fills from[0..BANDS] with each band's least logit: band j holds the
+// logits whose scaled value lies within 40 × 2^(j − 7) of the best one
+// `max` (band BANDS − 1 is the floor's; band BANDS, "none", takes in
+// everything above the floor too). Warp 0's lanes find one each.
+__device__ void band_starts(float max, float t, float* from) {
+    if (threadIdx.x <= BANDS) from[threadIdx.x] = least_scaling_to(max - ldexpf(NEGLIGIBLE, (int)threadIdx.x - (BANDS - 1)), t);
+    __syncthreads();
 }
 
 // The narrowest band whose sum of `amount(i, x)` reaches `need`, with
 // that sum in `held`, or BANDS where not even the floor's does; every
 // thread gets them. A lane sums each band in f32 registers (exact for
 // counts below 2^24; a caller that sums masses allows for their rounding).
-template <typename Scaled, typename Amount>
-__device__ int narrowest_band(const float* row, int vocab, Scaled scaled, float max, Amount amount, float need, float& held) {
-    float sums[BANDS] = {};
-    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
-        const float s = scaled(x);
-        if (!in_band(s, max, BANDS - 1)) return;
+template <int LOADS, typename Amount>
+__device__ int narrowest_band(const float* row, int vocab, const float* band_from, Amount amount, float need, float& held) {
+    float from[BANDS], sums[BANDS] = {};
+#pragma unroll
+    for (int band = 0; band < BANDS; ++band) from[band] = band_from[band];
+    for_each_logit<LOADS>(row, vocab, [&](int i, float x) {
+        if (!(x >= from[BANDS - 1])) return;
         const float a = amount(i, x);
 #pragma unroll
         for (int band = 0; band < BANDS; ++band)
-            if (in_band(s, max, band)) sums[band] += a;
+            if (x >= from[band]) sums[band] += a;
     });
     int narrowest = BANDS;
     held = 0.0f;
@@ -337,7 +367,7 @@ template <typename In>
 __device__ void gather(const float* row, int vocab, In in, Candidates& c) {
     if (threadIdx.x == 0) c.count = 0;
     __syncthreads();
-    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
+    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int i, float x) {
         if (!in(x)) return;
         const int slot = atomicAdd(&c.count, 1);
         c.id[slot] = i;
@@ -528,7 +558,10 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     const float max = block_max(best) / t;
     auto scaled = [&](float x) { return x / t; };
     auto weight = [&](float x) { return expf(scaled(x) - max); };
-    auto above_floor = [&](float x) { return scaled(x) >= max - NEGLIGIBLE; };
+    __shared__ float band_from[BANDS + 1];
+    band_starts(max, t, band_from);
+    const float floor = band_from[BANDS - 1];
+    auto above_floor = [&](float x) { return x >= floor; };
 
     // top-k over the whole row: when k is below the number above the
     // floor, the k best all lie in the narrowest band holding k of them;
@@ -541,11 +574,13 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     bool gathered = false;
     if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
         float held;
-        const int band = narrowest_band(row, vocab, scaled, max, [](int, float) { return 1.0f; }, (float)p.top_k, held);
+        auto one = [](int, float) { return 1.0f; };
+        const int band = narrowest_band<CHEAP_LOADS>(row, vocab, band_from, one, (float)p.top_k, held);
+        const float least = band_from[band];
         gathered = band < BANDS && held <= (float)CANDIDATES;
         if (gathered) {
             // The k-th of the band's keys, best first (ties to the lower id).
-            gather(row, vocab, [&](float x) { return in_band(scaled(x), max, band); }, candidates);
+            gather(row, vocab, [&](float x) { return x >= least; }, candidates);
             for (int a = threadIdx.x; a < candidates.count; a += blockDim.x) candidates.key[a] = score_key(candidates.x[a]);
             order_candidates(candidates);
             const int kth = candidates.order[p.top_k - 1];
@@ -554,7 +589,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
             __syncthreads();
         } else if (band < BANDS) {
             double need = (double)p.top_k;
-            auto counted = [&](int, float x) { return in_band(scaled(x), max, band) ? 1.0 : 0.0; };
+            auto counted = [&](int, float x) { return x >= least ? 1.0 : 0.0; };
             k_pivot = select_from_top(row, score_key, counted, vocab, need);
             k_cutoff = tie_cutoff(row, score_key, everyone, k_pivot, need, vocab);
         }
@@ -597,8 +632,9 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         // asking a thousandth more keeps every band chosen a true bound.
         auto band_mass = [&](int i, float x) { return (float)mass(i, x); };
         float held;
-        const int band = narrowest_band(row, vocab, scaled, max, band_mass, (float)(need * 1.001), held);
-        auto counted = [&](int i, float x) { return in_band(scaled(x), max, band) ? mass(i, x) : 0.0; };
+        const int band = narrowest_band<COSTLY_LOADS>(row, vocab, band_from, band_mass, (float)(need * 1.001), held);
+        const float least = band_from[band];
+        auto counted = [&](int i, float x) { return x >= least ? mass(i, x) : 0.0; };
         p_pivot = select_from_top(row, weight_key, counted, vocab, need);
         const double tie = (double)__uint_as_float(p_pivot);
         p_cutoff = tie_cutoff(row, weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);

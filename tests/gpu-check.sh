@@ -26,7 +26,7 @@ PACK=$ROOT/target/gpu-carry/bins.tar.xz
 LOGS=${OUT:-$ROOT/target/gpu-check-logs}
 # Test binaries the check runs: the fast GPU suites before the
 # benchmarks, the serving and slower ones after.
-FIRST_SUITES="cuda_ops cuda_model cuda_graphs nvrtc"
+FIRST_SUITES="cuda_ops cuda_sampling cuda_model cuda_graphs nvrtc"
 LAST_SUITES="cuda_serve greedy_chat http cli"
 SUITES="$FIRST_SUITES $LAST_SUITES"
 BUDGET=${GPU_CHECK_SECONDS:-500}

@@ -6,6 +6,7 @@
 pub mod chat;
 pub mod engine;
 pub mod http;
+pub mod ops;
 pub mod sampled;
 pub mod split;
 
