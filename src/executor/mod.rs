@@ -5,6 +5,7 @@
 mod codec;
 mod nccl;
 mod nodes;
+mod peer;
 mod workers;
 
 pub use nccl::{nccl_ids, nccl_transport};
