@@ -6,6 +6,7 @@ mod codec;
 mod nccl;
 mod nodes;
 mod peer;
+mod rank;
 mod workers;
 
 pub use nccl::{nccl_ids, nccl_transport};
