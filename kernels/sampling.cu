@@ -397,15 +397,25 @@ __device__ int order_candidates(Candidates& c) {
     return result;
 }
 
-// The first index of the row's maximum; every thread gets it.
-__device__ unsigned int row_argmax(const float* row, int vocab) {
+#define NONE 0xffffffffu
+
+// A row's maximum and its first index.
+struct Best {
+    float value;
+    unsigned int index;
+};
+
+// The first index of the maximum of row[s.begin, s.end), with that
+// maximum (-inf and NONE where no id beats -inf); every thread gets it.
+__device__ Best span_argmax(const float* row, Span s) {
     __shared__ float best_value[32];
     __shared__ unsigned int best_index[32];
     float value = NEG_INF;
-    unsigned int index = 0xffffffffu;
+    unsigned int index = NONE;
     // A lane meets its ids in increasing order, so its first maximum is the
     // one a strict comparison keeps; lanes and warps merge ties by index.
-    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int i, float x) {
+    const Span mine = segment(s, threadIdx.x >> 5);
+    warp_for_each<CHEAP_LOADS>(row, mine.begin, mine.end, [&](int i, float x) {
         if (x > value) {
             value = x;
             index = i;
@@ -421,12 +431,15 @@ __device__ unsigned int row_argmax(const float* row, int vocab) {
     if (warp == 0) {
         const int warps = (blockDim.x + 31) >> 5;
         value = lane < warps ? best_value[lane] : NEG_INF;
-        index = lane < warps ? best_index[lane] : 0xffffffffu;
+        index = lane < warps ? best_index[lane] : NONE;
         warp_argmax(value, index);
-        if (lane == 0) best_index[0] = index == 0xffffffffu ? 0 : index;
+        if (lane == 0) {
+            best_value[0] = value;
+            best_index[0] = index;
+        }
     }
     __syncthreads();
-    const unsigned int result = best_index[0];
+    const Best result{best_value[0], best_index[0]};
     __syncthreads();
     return result;
 }
@@ -535,21 +548,69 @@ __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previo
     if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = token;
 }
 
+// Blocks a row may be split over, and the most rows a launch splits
+// (src/backend/cuda/sampling.rs).
+#define SPLITS_MAX 32
+#define SPLIT_ROWS 8
+
+// A greedy row with nothing to adjust, split over gridDim.y blocks (a
+// launch of few rows, so the row streams through as many SMs instead of
+// one): each block takes the argmax of its part and leaves it in `parts`;
+// the last to finish (a counter a row, set back to zero by that block)
+// picks among the parts' as one block would over the whole row.
+__device__ void pick_split(const float* row, int vocab, unsigned int* parts, unsigned int* arrivals, unsigned int* out,
+                           unsigned int* previous, int previous_rows) {
+    const int splits = gridDim.y;
+    const int length = ((vocab + splits - 1) / splits + 31) & ~31;
+    const int begin = min(vocab, (int)blockIdx.y * length);
+    const Best best = span_argmax(row, Span{begin, min(vocab, begin + length)});
+    unsigned int* row_parts = parts + 2 * blockIdx.x * SPLITS_MAX;
+    __shared__ bool merges;
+    if (threadIdx.x == 0) {
+        row_parts[2 * blockIdx.y] = __float_as_uint(best.value);
+        row_parts[2 * blockIdx.y + 1] = best.index;
+        __threadfence();  // the part is visible to every block before the count moves
+        unsigned int* count = arrivals + blockIdx.x;
+        merges = atomicAdd(count, 1u) == splits - 1;
+        if (merges) *count = 0;  // for the next launch
+    }
+    __syncthreads();
+    if (!merges || threadIdx.x != 0) return;
+    __threadfence();
+    const volatile unsigned int* found = row_parts;
+    float value = NEG_INF;
+    unsigned int index = NONE;
+    for (int split = 0; split < splits; ++split) max_with_index(value, index, __uint_as_float(found[2 * split]), found[2 * split + 1]);
+    put_pick(out, previous, previous_rows, index == NONE ? 0 : index);
+}
+
 // out [rows]: the picked token ids, also kept in previous [previous_rows]
 // for the next step's embedding (rows past it are not kept). coming
 // [previous_rows]: the previous sample's tokens as this step's embedding
 // read them. logits [rows, vocab]: overwritten with the adjusted scores.
 // params [rows]; adjustments: the rows' words, each row's ids distinct.
+// A launch of at most SPLIT_ROWS rows may have gridDim.y blocks a row:
+// parts [SPLIT_ROWS, SPLITS_MAX, 2] and arrivals [SPLIT_ROWS] (zeros)
+// serve the greedy rows with nothing to adjust, and the other rows run on
+// their first block alone.
 extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
                                       const unsigned int* __restrict__ coming, int previous_rows,
                                       float* __restrict__ logits, const RowParams* __restrict__ params,
-                                      const unsigned int* __restrict__ adjustments, int vocab) {
+                                      const unsigned int* __restrict__ adjustments, unsigned int* __restrict__ parts,
+                                      unsigned int* __restrict__ arrivals, int vocab) {
     begin_after_previous_kernels();
     const RowParams p = params[blockIdx.x];
     float* row = logits + (size_t)blockIdx.x * vocab;
+    const bool greedy = p.temperature < GREEDY_BELOW;
+    if (gridDim.y > 1 && greedy && p.adjust_begin == p.adjust_end && p.coming == NO_COMING) {
+        pick_split(row, vocab, parts, arrivals, out, previous, previous_rows);
+        return;
+    }
+    if (blockIdx.y > 0) return;
     adjust_row(row, p, adjustments, coming, vocab);
-    if (p.temperature < GREEDY_BELOW) {
-        put_pick(out, previous, previous_rows, row_argmax(row, vocab));
+    if (greedy) {
+        const Best best = span_argmax(row, Span{0, vocab});
+        put_pick(out, previous, previous_rows, best.index == NONE ? 0 : best.index);
         return;
     }
     float best = NEG_INF;

@@ -140,6 +140,53 @@ fn sampling_picks_the_tokens_the_host_picks() {
     }
 }
 
+/// A step of at most 8 rows splits each greedy row with nothing to adjust
+/// over blocks (32 between the rows); the parts' maxima must merge to the
+/// host's pick. Rows tie at 5 in two parts (the lower id wins), or peak at
+/// the last id; among them, greedy rows with a penalty and drawn rows run
+/// on one block. Vocabularies of 1,040 and 33 ids leave the last parts
+/// empty (and 32 parts of 32 ids would miss 1,040's last 16). Each step runs twice, so a count of finished parts that is not
+/// set back to zero shows.
+#[test]
+fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
+    let Some(gpu) = gpu() else { return };
+    for vocab in [151_936usize, 1040, 33] {
+        let (first, second) = (vocab / 3, 2 * vocab / 3);
+        for rows in [1, 2, 3, 8] {
+            for shift in 0..2 {
+                let mut values = random(rows * vocab, (vocab + rows + shift) as u64);
+                let sampling: Vec<RowSampling> = (0..rows)
+                    .map(|r| {
+                        let row = &mut values[r * vocab..(r + 1) * vocab];
+                        let kind = (r + shift) % 4;
+                        match kind {
+                            1 => row[vocab - 1] = 5.0,
+                            _ => (row[first + r % 2], row[second]) = (5.0, 5.0),
+                        }
+                        match kind {
+                            2 => RowSampling {
+                                repetition_penalty: 1.3,
+                                adjustments: vec![adjustment((first + r % 2) as u32, 0.0, 0, true)],
+                                ..RowSampling::greedy()
+                            },
+                            3 => RowSampling {
+                                temperature: 1.0,
+                                uniform: 0.5,
+                                ..RowSampling::greedy()
+                            },
+                            _ => RowSampling::greedy(),
+                        }
+                    })
+                    .collect();
+                for round in 0..2 {
+                    let what = format!("{rows} rows (shift {shift}), round {round}");
+                    assert_host_picks(&gpu, &sampling, &values, vocab, &what);
+                }
+            }
+        }
+    }
+}
+
 /// The scaled distances below the best logit that a top-k or top-p cut
 /// first narrows its search to (kernels/sampling.cu): 40 × 2^(j − 7).
 const BAND_EDGES: [f32; 8] = [0.3125, 0.625, 1.25, 2.5, 5.0, 10.0, 20.0, 40.0];

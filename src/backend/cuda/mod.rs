@@ -231,6 +231,8 @@ pub struct CudaBackend {
     /// Zeros, one a block group of a split attention launch: each counts
     /// the group's finished splits, and the last sets it back to zero.
     arrivals: CudaSlice<u32>,
+    /// What the blocks of a split sampling row leave for the last (`sampling.rs`).
+    split_rows: sampling::SplitRows,
     /// Launch kernels programmatically (`launch.rs`).
     programmatic: bool,
     /// The activations of forwards being recorded (`arena.rs`).
@@ -294,6 +296,7 @@ impl CudaBackend {
         let arrivals = stream
             .alloc_zeros(counters)
             .map_err(alloc_error("attention's merge counters", counters * 4))?;
+        let split_rows = sampling::SplitRows::new(&stream)?;
         Ok(CudaBackend {
             stream,
             blas,
@@ -305,6 +308,7 @@ impl CudaBackend {
             previous,
             coming,
             arrivals,
+            split_rows,
             programmatic: launch::programmatic_launches(capability, std::env::var_os("SHARDLINE_NO_PDL").as_deref()),
             arena: Default::default(),
         })

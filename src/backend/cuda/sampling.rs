@@ -1,13 +1,14 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
-//! adjustments packed into the step's inputs, one block per row, and only
-//! the token ids copied back.
+//! adjustments packed into the step's inputs, one block per row (several
+//! for a greedy row of a few), and only the token ids copied back.
 
 use super::ops::check;
 use super::timeline::StepSpan;
 use super::{alloc_error, driver_error, grid, wait_for, CudaBackend, CudaStep, CudaTensor, PREVIOUS_ROWS};
 use crate::backend::Result;
 use crate::sampling::{LogitAdjustment, RowSampling};
-use cudarc::driver::{CudaEvent, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use std::sync::Arc;
 
 /// Threads per row (`__launch_bounds__` of `sample_f32`).
 const SAMPLE_THREADS: u32 = 512;
@@ -15,6 +16,11 @@ const SAMPLE_THREADS: u32 = 512;
 /// see [`adjustment_width`]).
 pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
+/// A launch of at most `SPLIT_ROWS` rows splits each greedy row with
+/// nothing to adjust over `SPLIT_BLOCKS / rows` blocks (`SPLIT_ROWS` and
+/// `SPLITS_MAX` in the kernel): one SM reads a 151,936-id row in ≈ 5 µs.
+const SPLIT_ROWS: usize = 8;
+const SPLIT_BLOCKS: usize = 32;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
 const NO_COMING: u32 = u32::MAX;
 /// The bit of an adjustment's third word that marks it repeated; the
@@ -73,6 +79,36 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
     }
 }
 
+/// The blocks of one sampled row: several where there are few rows.
+fn blocks_a_row(rows: usize) -> usize {
+    match rows {
+        1..=SPLIT_ROWS => SPLIT_BLOCKS / rows,
+        _ => 1,
+    }
+}
+
+/// What the blocks of a split greedy row leave for the last of them: each
+/// block's argmax (`[SPLIT_ROWS, SPLIT_BLOCKS, 2]` words) and a count a row
+/// of the blocks done (zeros; the last sets it back).
+pub(super) struct SplitRows {
+    parts: CudaSlice<u32>,
+    arrivals: CudaSlice<u32>,
+}
+
+impl SplitRows {
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        let (parts, arrivals) = (SPLIT_ROWS * SPLIT_BLOCKS * 2, SPLIT_ROWS);
+        Ok(SplitRows {
+            parts: stream
+                .alloc_zeros(parts)
+                .map_err(alloc_error("split sampling rows' parts", parts * 4))?,
+            arrivals: stream
+                .alloc_zeros(arrivals)
+                .map_err(alloc_error("split sampling rows' counts", arrivals * 4))?,
+        })
+    }
+}
+
 impl CudaBackend {
     /// One block per row picks its token into the step's sampled ids (and
     /// the backend's previous-sample tokens).
@@ -89,8 +125,11 @@ impl CudaBackend {
         let (params, adjustments, out) = step.sampling_args();
         let mut args = self.kernel_args("sample_f32");
         args.arg(out).arg(&self.previous).arg(&self.coming).arg(&kept);
-        args.out(logits.data_mut()).arg(&params).arg(&adjustments).arg(&vocab);
-        self.launch("sample_f32", args, grid(rows, SAMPLE_THREADS, 0))
+        args.out(logits.data_mut()).arg(&params).arg(&adjustments);
+        args.arg(&self.split_rows.parts).arg(&self.split_rows.arrivals).arg(&vocab);
+        let mut config = grid(rows, SAMPLE_THREADS, 0);
+        config.grid_dim.1 = blocks_a_row(rows) as u32;
+        self.launch("sample_f32", args, config)
     }
 
     /// Queues the copy of a step's sampled ids into page-locked host
