@@ -110,8 +110,8 @@ impl SplitRows {
 }
 
 impl CudaBackend {
-    /// One block per row picks its token into the step's sampled ids (and
-    /// the backend's previous-sample tokens).
+    /// Each row's blocks ([`blocks_a_row`]) pick its token into the step's
+    /// sampled ids (and the backend's previous-sample tokens).
     pub(super) fn sample_rows(&self, logits: &mut CudaTensor, step: &mut CudaStep) -> Result<()> {
         check(step.samples() && step.rows() == logits.rows, || {
             format!(
