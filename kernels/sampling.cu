@@ -548,10 +548,11 @@ __device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previo
     if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = token;
 }
 
-// Blocks a row may be split over, and the most rows a launch splits
-// (src/backend/cuda/sampling.rs).
-#define SPLITS_MAX 32
-#define SPLIT_ROWS 8
+// The most blocks a row is split over (src/backend/cuda/sampling.rs).
+#define SPLIT_BLOCKS 32
+
+// The pick of an argmax: id 0 where no id beats -inf.
+__device__ __forceinline__ unsigned int argmax_pick(unsigned int index) { return index == NONE ? 0 : index; }
 
 // A greedy row with nothing to adjust, split over gridDim.y blocks (a
 // launch of few rows, so the row streams through as many SMs instead of
@@ -564,7 +565,7 @@ __device__ void pick_split(const float* row, int vocab, unsigned int* parts, uns
     const int length = ((vocab + splits - 1) / splits + 31) & ~31;
     const int begin = min(vocab, (int)blockIdx.y * length);
     const Best best = span_argmax(row, Span{begin, min(vocab, begin + length)});
-    unsigned int* row_parts = parts + 2 * blockIdx.x * SPLITS_MAX;
+    unsigned int* row_parts = parts + 2 * blockIdx.x * SPLIT_BLOCKS;
     __shared__ bool merges;
     if (threadIdx.x == 0) {
         row_parts[2 * blockIdx.y] = __float_as_uint(best.value);
@@ -581,7 +582,7 @@ __device__ void pick_split(const float* row, int vocab, unsigned int* parts, uns
     float value = NEG_INF;
     unsigned int index = NONE;
     for (int split = 0; split < splits; ++split) max_with_index(value, index, __uint_as_float(found[2 * split]), found[2 * split + 1]);
-    put_pick(out, previous, previous_rows, index == NONE ? 0 : index);
+    put_pick(out, previous, previous_rows, argmax_pick(index));
 }
 
 // out [rows]: the picked token ids, also kept in previous [previous_rows]
@@ -589,8 +590,8 @@ __device__ void pick_split(const float* row, int vocab, unsigned int* parts, uns
 // [previous_rows]: the previous sample's tokens as this step's embedding
 // read them. logits [rows, vocab]: overwritten with the adjusted scores.
 // params [rows]; adjustments: the rows' words, each row's ids distinct.
-// A launch of at most SPLIT_ROWS rows may have gridDim.y blocks a row:
-// parts [SPLIT_ROWS, SPLITS_MAX, 2] and arrivals [SPLIT_ROWS] (zeros)
+// A launch of few rows may have gridDim.y blocks a row: parts [rows,
+// SPLIT_BLOCKS, 2] and arrivals [rows] (zeros)
 // serve the greedy rows with nothing to adjust, and the other rows run on
 // their first block alone.
 extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
@@ -610,7 +611,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     adjust_row(row, p, adjustments, coming, vocab);
     if (greedy) {
         const Best best = span_argmax(row, Span{0, vocab});
-        put_pick(out, previous, previous_rows, best.index == NONE ? 0 : best.index);
+        put_pick(out, previous, previous_rows, argmax_pick(best.index));
         return;
     }
     float best = NEG_INF;

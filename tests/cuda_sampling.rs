@@ -66,15 +66,6 @@ fn assert_host_picks(gpu: &CudaBackend, rows: &[RowSampling], values: &[f32], vo
     assert_host_picks_after(&CpuBackend::default(), gpu, &vec![0; rows.len()], rows, values, vocab, what);
 }
 
-fn adjustment(token: u32, bias: f32, generated: u32, repeated: bool) -> LogitAdjustment {
-    LogitAdjustment {
-        token,
-        bias,
-        generated,
-        repeated,
-    }
-}
-
 /// Rows of every kind the sampler meets: greedy with and without penalties,
 /// each cut alone and together, ties at the cuts (coarse logits), rows
 /// whose last id stands out (the end of the last warp's part of a row), a
@@ -105,12 +96,12 @@ fn sampling_picks_the_tokens_the_host_picks() {
                 0 => Vec::new(),
                 1 => (0..vocab as u32)
                     .step_by(vocab.div_ceil(3000))
-                    .map(|t| adjustment(t, 0.0, 0, true))
+                    .map(|t| LogitAdjustment::from_parts(t, 0.0, 0, true))
                     .collect(),
                 _ => vec![
-                    adjustment(3, 2.5, 0, false),
-                    adjustment(17, -1.0, 2, true),
-                    adjustment(vocab as u32 - 1, 0.0, 1, true),
+                    LogitAdjustment::from_parts(3, 2.5, 0, false),
+                    LogitAdjustment::from_parts(17, -1.0, 2, true),
+                    LogitAdjustment::from_parts(vocab as u32 - 1, 0.0, 1, true),
                 ],
             };
             let (presence_penalty, frequency_penalty) = [(0.0, 0.0), (0.4, 0.3)][case % 2];
@@ -166,7 +157,7 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
                         match kind {
                             2 => RowSampling {
                                 repetition_penalty: 1.3,
-                                adjustments: vec![adjustment((first + r % 2) as u32, 0.0, 0, true)],
+                                adjustments: vec![LogitAdjustment::from_parts((first + r % 2) as u32, 0.0, 0, true)],
                                 ..RowSampling::greedy()
                             },
                             3 => RowSampling {
@@ -340,8 +331,14 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
             presence_penalty: [0.4, 0.0][r / 3],
             frequency_penalty: [0.3, 0.0][r / 3],
             adjustments: match r / 3 {
-                0 => vec![adjustment(3, 0.5, 2, true), adjustment(500, 0.0, 0, true)],
-                _ => vec![adjustment(3, 0.0, 0, true), adjustment(500, 0.0, 0, true)],
+                0 => vec![
+                    LogitAdjustment::from_parts(3, 0.5, 2, true),
+                    LogitAdjustment::from_parts(500, 0.0, 0, true),
+                ],
+                _ => vec![
+                    LogitAdjustment::from_parts(3, 0.0, 0, true),
+                    LogitAdjustment::from_parts(500, 0.0, 0, true),
+                ],
             },
             coming: Some((r as u32 + 1) % n as u32),
             uniform: rng.next_f32(),

@@ -236,10 +236,7 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 4] {
         uniform: 0.5,
         ..RowSampling::greedy()
     };
-    let seen = (0..2048).map(|i| LogitAdjustment {
-        repeated: true,
-        ..LogitAdjustment::new(i * 73)
-    });
+    let seen = (0..2048).map(|i| LogitAdjustment::from_parts(i * 73, 0.0, 0, true));
     let penalized = RowSampling {
         repetition_penalty: 1.05,
         adjustments: seen.collect(),

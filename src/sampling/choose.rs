@@ -52,11 +52,26 @@ pub struct LogitAdjustment {
 
 impl LogitAdjustment {
     pub fn new(token: u32) -> Self {
+        Self::from_parts(token, 0.0, 0, false)
+    }
+
+    /// An adjustment with every field given.
+    pub fn from_parts(token: u32, bias: f32, generated: u32, repeated: bool) -> Self {
         LogitAdjustment {
             token,
-            bias: 0.0,
-            generated: 0,
-            repeated: false,
+            bias,
+            generated,
+            repeated,
+        }
+    }
+
+    /// This token's adjustment once it joins the sequence as the coming
+    /// token: generated once more, and repeated.
+    pub fn joined(self) -> Self {
+        LogitAdjustment {
+            generated: self.generated + 1,
+            repeated: true,
+            ..self
         }
     }
 
@@ -102,23 +117,13 @@ impl RowSampling {
 /// `coming` is the token the row's [`RowSampling::coming`] names.
 pub fn choose(scores: &mut [f32], row: &RowSampling, coming: Option<u32>) -> u32 {
     let mut listed = false;
-    for a in &row.adjustments {
+    for &a in &row.adjustments {
         let now = Some(a.token) == coming;
         listed |= now;
-        let a = LogitAdjustment {
-            generated: a.generated + now as u32,
-            repeated: a.repeated || now,
-            ..*a
-        };
-        adjust(scores, row, &a);
+        adjust(scores, row, &if now { a.joined() } else { a });
     }
     if let Some(token) = coming.filter(|_| !listed) {
-        let first = LogitAdjustment {
-            generated: 1,
-            repeated: true,
-            ..LogitAdjustment::new(token)
-        };
-        adjust(scores, row, &first);
+        adjust(scores, row, &LogitAdjustment::new(token).joined());
     }
     match row.is_greedy() {
         true => argmax(scores),
@@ -333,15 +338,6 @@ mod tests {
         }
     }
 
-    fn adjustment(token: u32, bias: f32, generated: u32, repeated: bool) -> LogitAdjustment {
-        LogitAdjustment {
-            token,
-            bias,
-            generated,
-            repeated,
-        }
-    }
-
     #[test]
     fn adjustments_apply_the_shift_then_the_repetition_penalty() {
         let mut scores = vec![2.0, -2.0, 1.0, 1.5, 0.5];
@@ -350,11 +346,11 @@ mod tests {
             presence_penalty: 0.25,
             frequency_penalty: 0.5,
             adjustments: vec![
-                adjustment(0, 0.0, 0, true),
-                adjustment(1, 0.0, 0, true),
-                adjustment(2, -1.5, 0, true),
-                adjustment(4, 1.0, 2, false),
-                adjustment(9, 5.0, 0, false),
+                LogitAdjustment::from_parts(0, 0.0, 0, true),
+                LogitAdjustment::from_parts(1, 0.0, 0, true),
+                LogitAdjustment::from_parts(2, -1.5, 0, true),
+                LogitAdjustment::from_parts(4, 1.0, 2, false),
+                LogitAdjustment::from_parts(9, 5.0, 0, false),
             ],
             ..RowSampling::greedy()
         };
@@ -369,7 +365,10 @@ mod tests {
             repetition_penalty: 2.0,
             presence_penalty: 0.25,
             frequency_penalty: 0.5,
-            adjustments: vec![adjustment(1, 0.5, 1, false), adjustment(2, 0.0, 0, true)],
+            adjustments: vec![
+                LogitAdjustment::from_parts(1, 0.5, 1, false),
+                LogitAdjustment::from_parts(2, 0.0, 0, true),
+            ],
             coming: Some(0),
             ..RowSampling::greedy()
         };
@@ -385,9 +384,9 @@ mod tests {
         // The same as the host's row once the token is known.
         let known = RowSampling {
             adjustments: vec![
-                adjustment(1, 0.5, 1, false),
-                adjustment(2, 0.0, 0, true),
-                adjustment(3, 0.0, 1, true),
+                LogitAdjustment::from_parts(1, 0.5, 1, false),
+                LogitAdjustment::from_parts(2, 0.0, 0, true),
+                LogitAdjustment::from_parts(3, 0.0, 1, true),
             ],
             coming: None,
             ..r.clone()
@@ -401,7 +400,7 @@ mod tests {
     fn rows_are_chosen_each_by_its_own_rule_and_a_miscount_is_an_error() {
         let mut scores = vec![0.0, 5.0, 1.0, 3.0, 2.0, 0.0];
         let banned = RowSampling {
-            adjustments: vec![adjustment(0, -10.0, 0, false)],
+            adjustments: vec![LogitAdjustment::from_parts(0, -10.0, 0, false)],
             ..RowSampling::greedy()
         };
         assert_eq!(

@@ -140,12 +140,7 @@ mod tests {
         }
         by_token
             .into_iter()
-            .map(|(token, (bias, generated, repeated))| LogitAdjustment {
-                token,
-                bias,
-                generated,
-                repeated,
-            })
+            .map(|(token, (bias, generated, repeated))| LogitAdjustment::from_parts(token, bias, generated, repeated))
             .collect()
     }
 

@@ -17,8 +17,8 @@ const SAMPLE_THREADS: u32 = 512;
 pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
 /// A launch of at most `SPLIT_ROWS` rows splits each greedy row with
-/// nothing to adjust over `SPLIT_BLOCKS / rows` blocks (`SPLIT_ROWS` and
-/// `SPLITS_MAX` in the kernel): one SM reads a 151,936-id row in ≈ 5 µs.
+/// nothing to adjust over `SPLIT_BLOCKS / rows` blocks (`SPLIT_BLOCKS` in
+/// the kernel too): one SM reads a 151,936-id row in ≈ 5 µs.
 const SPLIT_ROWS: usize = 8;
 const SPLIT_BLOCKS: usize = 32;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
@@ -191,16 +191,8 @@ mod tests {
 
     #[test]
     fn rows_name_their_ranges_of_the_packed_adjustments() {
-        let adjust = |token, generated| LogitAdjustment {
-            token,
-            bias: -1.0,
-            generated,
-            repeated: true,
-        };
-        let repeated = |token| LogitAdjustment {
-            repeated: true,
-            ..LogitAdjustment::new(token)
-        };
+        let adjust = |token, generated| LogitAdjustment::from_parts(token, -1.0, generated, true);
+        let repeated = |token| LogitAdjustment::from_parts(token, 0.0, 0, true);
         let rows = [
             RowSampling {
                 adjustments: vec![adjust(3, 0), adjust(9, 2)],
