@@ -1,7 +1,8 @@
-// Sampling on the device, so a step's logits never leave the GPU: one
-// block per row applies the row's bias and penalties in place, then takes
-// the argmax (greedy) or draws a token from the kept set that
-// src/sampling/choose.rs defines (its host reference). Where the host sorts,
+// Sampling on the device, so a step's logits never leave the GPU: a
+// block applies a row's bias and penalties in place, then takes the
+// argmax (greedy) or draws a token from the kept set that
+// src/sampling/choose.rs defines (its host reference). A row of a step of
+// few rows may split over several blocks (splits_of). Where the host sorts,
 // this finds each cut as a threshold by radix selection over the keys
 // (four passes of 256-bin histograms), and the ties at a threshold and the
 // draw by a search in id order. Sums are in double, as on the host, so the
@@ -467,7 +468,8 @@ struct Listed {
 // Adjustments a thread has in flight.
 #define ADJUSTING 4
 
-// Applies a row's adjustments in place. The token joining the sequence
+// Applies a row's adjustments to its ids in `owned`, in place (a block
+// of a split row owns its part). The token joining the sequence
 // first (a step planned before it reached the host) counts as generated
 // once more, and as repeated: its own adjustment where the row lists it,
 // else a new one. A thread loads ADJUSTING adjustments' words, then their
@@ -475,11 +477,12 @@ struct Listed {
 // another's store writes): one at a time, 2,048 adjustments on 512
 // threads were 4 pairs of dependent round trips to L2.
 __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
-                           int vocab) {
+                           Span owned) {
+    auto owns = [&](unsigned int token) { return token >= (unsigned int)owned.begin && token < (unsigned int)owned.end; };
     const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
     // Every thread read the same word, so all of them wait here or none:
     // a row without a joining token skips the barrier.
-    const bool joins = joining < (unsigned int)vocab;
+    const bool joins = owns(joining);
     __shared__ int joining_listed;
     if (joins) {
         if (threadIdx.x == 0) joining_listed = 0;
@@ -501,11 +504,11 @@ __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* a
         }
 #pragma unroll
         for (int u = 0; u < ADJUSTING; ++u) {
-            if (a[u].token < (unsigned int)vocab) a[u].logit = row[a[u].token];
+            if (owns(a[u].token)) a[u].logit = row[a[u].token];
         }
 #pragma unroll
         for (int u = 0; u < ADJUSTING; ++u) {
-            if (a[u].token >= (unsigned int)vocab) continue;
+            if (!owns(a[u].token)) continue;
             const bool now = a[u].token == joining;
             if (now) joining_listed = 1;
             const unsigned int generated = (a[u].counts & ~REPEATED) + now;
@@ -540,116 +543,94 @@ __device__ int draw_gathered(Candidates& c, Kept kept, Weight weight, float unif
     return token;
 }
 
-// Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
-// has room for, to `previous`.
-__device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previous, int previous_rows, unsigned int token) {
-    if (threadIdx.x != 0) return;
-    out[blockIdx.x] = token;
-    if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = token;
-}
-
-// The most blocks a row is split over (src/backend/cuda/sampling.rs).
-#define SPLIT_BLOCKS 32
-
-// The pick of an argmax: id 0 where no id beats -inf.
-__device__ __forceinline__ unsigned int argmax_pick(unsigned int index) { return index == NONE ? 0 : index; }
-
-// A greedy row with nothing to adjust, split over gridDim.y blocks (a
-// launch of few rows, so the row streams through as many SMs instead of
-// one): each block takes the argmax of its part and leaves it in `parts`;
-// the last to finish (a counter a row, set back to zero by that block)
-// picks among the parts' as one block would over the whole row.
-__device__ void pick_split(const float* row, int vocab, unsigned int* parts, unsigned int* arrivals, unsigned int* out,
-                           unsigned int* previous, int previous_rows) {
-    const int splits = gridDim.y;
-    const int length = ((vocab + splits - 1) / splits + 31) & ~31;
-    const int begin = min(vocab, (int)blockIdx.y * length);
-    const Best best = span_argmax(row, Span{begin, min(vocab, begin + length)});
-    unsigned int* row_parts = parts + 2 * blockIdx.x * SPLIT_BLOCKS;
-    __shared__ bool merges;
-    if (threadIdx.x == 0) {
-        row_parts[2 * blockIdx.y] = __float_as_uint(best.value);
-        row_parts[2 * blockIdx.y + 1] = best.index;
-        __threadfence();  // the part is visible to every block before the count moves
-        unsigned int* count = arrivals + blockIdx.x;
-        merges = atomicAdd(count, 1u) == splits - 1;
-        if (merges) *count = 0;  // for the next launch
+// The draw among candidates that hold every token the row keeps (so its
+// top_k best, where it has a top-k): top-k's cut ranks them by scaled
+// logit, min-p weighs them, top-p's cut ranks the rest by weight (the most
+// likely, ties to the lower id, until their mass reaches top_p of the
+// total, both summed in that order), and the draw walks the kept ones in
+// id order. `max` is the row's best scaled logit and `floor` the least
+// logit whose scaled value lies within NEGLIGIBLE of it; NOT_FOUND where
+// none is kept.
+__device__ int draw_among(Candidates& c, const RowParams& p, float max, float floor) {
+    const float t = p.temperature;
+    auto score_key = [&](float x) { return order_key(x / t); };
+    auto weight = [&](float x) { return expf(x / t - max); };
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) c.key[a] = score_key(c.x[a]);
+    const int ranked = order_candidates(c);
+    unsigned int k_pivot = 0;
+    int k_cutoff = NOT_FOUND;
+    if (p.top_k > 0 && ranked >= (int)p.top_k) {
+        const int kth = c.order[p.top_k - 1];
+        k_pivot = c.key[kth];
+        k_cutoff = (int)c.id[kth];
     }
     __syncthreads();
-    if (!merges || threadIdx.x != 0) return;
-    __threadfence();
-    const volatile unsigned int* found = row_parts;
-    float value = NEG_INF;
-    unsigned int index = NONE;
-    for (int split = 0; split < splits; ++split) max_with_index(value, index, __uint_as_float(found[2 * split]), found[2 * split + 1]);
-    put_pick(out, previous, previous_rows, argmax_pick(index));
+    auto before_top_p = [&](int i, float x) {
+        const unsigned int k = score_key(x);
+        return x >= floor && (k > k_pivot || (k == k_pivot && i <= k_cutoff)) && weight(x) >= p.min_p;
+    };
+    auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
+    unsigned int p_pivot = 0;
+    int p_cutoff = NOT_FOUND;
+    if (p.top_p < 1.0f) {
+        for (int a = threadIdx.x; a < c.count; a += blockDim.x) {
+            const float x = c.x[a];
+            c.key[a] = before_top_p((int)c.id[a], x) ? weight_key(x) : 0u;
+        }
+        const int members = order_candidates(c);
+        __shared__ int last;
+        if (threadIdx.x == 0) {
+            double total = 0.0, running = 0.0;
+            for (int m = 0; m < members; ++m) total += (double)__uint_as_float(c.key[c.order[m]]);
+            const double need = (double)p.top_p * total;
+            int m = 0;
+            while (m < members - 1 && (running += (double)__uint_as_float(c.key[c.order[m]])) < need) ++m;
+            last = c.order[m];
+        }
+        __syncthreads();
+        p_pivot = c.key[last];
+        p_cutoff = (int)c.id[last];
+        __syncthreads();
+    }
+    auto kept = [&](int i, float x) {
+        if (!before_top_p(i, x)) return false;
+        const unsigned int k = weight_key(x);
+        return k > p_pivot || (k == p_pivot && i <= p_cutoff);
+    };
+    return draw_gathered(c, kept, weight, p.uniform);
 }
 
-// out [rows]: the picked token ids, also kept in previous [previous_rows]
-// for the next step's embedding (rows past it are not kept). coming
-// [previous_rows]: the previous sample's tokens as this step's embedding
-// read them. logits [rows, vocab]: overwritten with the adjusted scores.
-// params [rows]; adjustments: the rows' words, each row's ids distinct.
-// A launch of few rows may have gridDim.y blocks a row: parts [rows,
-// SPLIT_BLOCKS, 2] and arrivals [rows] (zeros)
-// serve the greedy rows with nothing to adjust, and the other rows run on
-// their first block alone.
-extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
-                                      const unsigned int* __restrict__ coming, int previous_rows,
-                                      float* __restrict__ logits, const RowParams* __restrict__ params,
-                                      const unsigned int* __restrict__ adjustments, unsigned int* __restrict__ parts,
-                                      unsigned int* __restrict__ arrivals, int vocab) {
-    begin_after_previous_kernels();
-    const RowParams p = params[blockIdx.x];
-    float* row = logits + (size_t)blockIdx.x * vocab;
-    const bool greedy = p.temperature < GREEDY_BELOW;
-    if (gridDim.y > 1 && greedy && p.adjust_begin == p.adjust_end && p.coming == NO_COMING) {
-        pick_split(row, vocab, parts, arrivals, out, previous, previous_rows);
-        return;
-    }
-    if (blockIdx.y > 0) return;
-    adjust_row(row, p, adjustments, coming, vocab);
-    if (greedy) {
-        const Best best = span_argmax(row, Span{0, vocab});
-        put_pick(out, previous, previous_rows, argmax_pick(best.index));
-        return;
-    }
+// The draw from a whole (adjusted) row on one block. `band_from` is
+// shared room for band_starts'.
+__device__ int draw_row(const float* row, const RowParams& p, int vocab, Candidates& candidates, float* band_from) {
     float best = NEG_INF;
     for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
     const float t = p.temperature;
     const float max = block_max(best) / t;
     auto scaled = [&](float x) { return x / t; };
     auto weight = [&](float x) { return expf(scaled(x) - max); };
-    __shared__ float band_from[BANDS + 1];
     band_starts(max, t, band_from);
     const float floor = band_from[BANDS - 1];
     auto above_floor = [&](float x) { return x >= floor; };
 
     // top-k over the whole row: when k is below the number above the
     // floor, the k best all lie in the narrowest band holding k of them;
-    // otherwise the floor decides.
+    // otherwise the floor decides. Where that band holds at most
+    // CANDIDATES keys, it holds every kept one: the draw is among them.
     auto score_key = [&](float x) { return order_key(scaled(x)); };
     auto everyone = [&](int, float) { return true; };
     unsigned int k_pivot = 0;
     int k_cutoff = NOT_FOUND;
-    __shared__ Candidates candidates;
-    bool gathered = false;
     if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
         float held;
         auto one = [](int, float) { return 1.0f; };
         const int band = narrowest_band<CHEAP_LOADS>(row, vocab, band_from, one, (float)p.top_k, held);
         const float least = band_from[band];
-        gathered = band < BANDS && held <= (float)CANDIDATES;
-        if (gathered) {
-            // The k-th of the band's keys, best first (ties to the lower id).
+        if (band < BANDS && held <= (float)CANDIDATES) {
             gather(row, vocab, [&](float x) { return x >= least; }, candidates);
-            for (int a = threadIdx.x; a < candidates.count; a += blockDim.x) candidates.key[a] = score_key(candidates.x[a]);
-            order_candidates(candidates);
-            const int kth = candidates.order[p.top_k - 1];
-            k_pivot = candidates.key[kth];
-            k_cutoff = (int)candidates.id[kth];
-            __syncthreads();
-        } else if (band < BANDS) {
+            return draw_among(candidates, p, max, floor);
+        }
+        if (band < BANDS) {
             double need = (double)p.top_k;
             auto counted = [&](int, float x) { return x >= least ? 1.0 : 0.0; };
             k_pivot = select_from_top(row, score_key, counted, vocab, need);
@@ -665,29 +646,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
     unsigned int p_pivot = 0;
     int p_cutoff = NOT_FOUND;
-    if (p.top_p < 1.0f && gathered) {
-        // What top-p weighs lies within top-k, so among the candidates: the
-        // most likely (ties to the lower id) until their mass reaches top_p
-        // of the total, both summed in that order.
-        for (int a = threadIdx.x; a < candidates.count; a += blockDim.x) {
-            const float x = candidates.x[a];
-            candidates.key[a] = before_top_p((int)candidates.id[a], x) ? weight_key(x) : 0u;
-        }
-        const int members = order_candidates(candidates);
-        __shared__ int last;
-        if (threadIdx.x == 0) {
-            double total = 0.0, running = 0.0;
-            for (int m = 0; m < members; ++m) total += (double)__uint_as_float(candidates.key[candidates.order[m]]);
-            const double need = (double)p.top_p * total;
-            int m = 0;
-            while (m < members - 1 && (running += (double)__uint_as_float(candidates.key[candidates.order[m]])) < need) ++m;
-            last = candidates.order[m];
-        }
-        __syncthreads();
-        p_pivot = candidates.key[last];
-        p_cutoff = (int)candidates.id[last];
-        __syncthreads();
-    } else if (p.top_p < 1.0f) {
+    if (p.top_p < 1.0f) {
         auto mass = [&](int i, float x) { return before_top_p(i, x) ? (double)weight(x) : 0.0; };
         double need = (double)p.top_p * row_sum(row, mass, vocab);
         // A band's f32 sums may fall short of its mass by their rounding:
@@ -707,18 +666,244 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         return k > p_pivot || (k == p_pivot && i <= p_cutoff);
     };
     auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
-    int token = gathered ? draw_gathered(candidates, kept, weight, p.uniform)
-                         : first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
-    if (token == NOT_FOUND) {
-        // Rounding put the draw past the last kept token: take that one.
-        __shared__ int last;
-        if (threadIdx.x == 0) last = 0;
-        __syncthreads();
-        for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
-            if (kept(i, x)) atomicMax(&last, i);
-        });
-        __syncthreads();
-        token = last;
+    const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
+    if (token != NOT_FOUND) return token;
+    // Rounding put the draw past the last kept token: take that one.
+    __shared__ int last;
+    if (threadIdx.x == 0) last = 0;
+    __syncthreads();
+    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
+        if (kept(i, x)) atomicMax(&last, i);
+    });
+    __syncthreads();
+    return last;
+}
+
+// Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
+// has room for, to `previous`.
+__device__ __forceinline__ void put_pick(unsigned int* out, unsigned int* previous, int previous_rows, unsigned int token) {
+    if (threadIdx.x != 0) return;
+    out[blockIdx.x] = token;
+    if ((int)blockIdx.x < previous_rows) previous[blockIdx.x] = token;
+}
+
+// The pick of an argmax (id 0 where no id beats -inf), or of a draw (id 0
+// where nothing is kept: a row of NaNs).
+__device__ __forceinline__ unsigned int argmax_pick(unsigned int index) { return index == NONE ? 0 : index; }
+__device__ __forceinline__ unsigned int drawn_pick(int token) { return token == NOT_FOUND ? 0 : (unsigned int)token; }
+
+// A row of a launch of few rows may be split over several of its gridDim.y
+// blocks, so that it streams through as many SMs: each block adjusts the
+// ids of its part and leaves what it found in `parts` (a slot of
+// CANDIDATES / splits (id, logit) pairs), and the last to finish picks
+// from them all. A greedy row splits over every block: a part leaves its
+// argmax. A drawn row with a top-k of at most CANDIDATES / 2 splits over
+// as many as leave room for each part's k best (scaled logit, ties to the
+// lower id; all it has above its own floor where fewer): the row's top-k
+// lies among them, so the draw is among them. Where a part's k best lie
+// in a band of more than CANDIDATES keys, it leaves OVERFLOWED, and the
+// last block draws from the whole row alone.
+#define SPLIT_BLOCKS 32
+#define OVERFLOWED 0xffffffffu
+
+// The blocks row `p` runs on.
+__device__ int splits_of(const RowParams& p, bool greedy, int vocab) {
+    if (gridDim.y == 1 || greedy) return gridDim.y;
+    if (p.top_k == 0 || p.top_k >= (unsigned int)vocab) return 1;
+    return max(1, min((int)gridDim.y, CANDIDATES / (int)p.top_k));
+}
+
+// This block's part of a row split over `splits` blocks: whole 32-id
+// loads, the last parts empty where the row is short.
+__device__ Span split_part(int vocab, int splits) {
+    const int length = ((vocab + splits - 1) / splits + 31) & ~31;
+    const int begin = min(vocab, (int)blockIdx.y * length);
+    return Span{begin, min(vocab, begin + length)};
+}
+
+// The keys a drawn row's part `s` leaves: its top_k best, or all above
+// its own floor (from its own best) where it has fewer, ranked first in
+// c.order (ids from the part's start); their number, or OVERFLOWED.
+__device__ unsigned int part_best(const float* row, Span s, const RowParams& p, Candidates& c, float* band_from) {
+    const float* part = row + s.begin;
+    const int n = s.end - s.begin;
+    float best = NEG_INF;
+    for_each_logit<CHEAP_LOADS>(part, n, [&](int, float x) { best = fmaxf(best, x); });
+    const float t = p.temperature;
+    band_starts(block_max(best) / t, t, band_from);
+    float held;
+    auto one = [](int, float) { return 1.0f; };
+    const int band = narrowest_band<CHEAP_LOADS>(part, n, band_from, one, (float)p.top_k, held);
+    if (band < BANDS && held > (float)CANDIDATES) return OVERFLOWED;
+    const float least = band_from[min(band, BANDS - 1)];
+    gather(part, n, [&](float x) { return x >= least; }, c);
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) c.key[a] = order_key(c.x[a] / t);
+    return (unsigned int)min(order_candidates(c), (int)p.top_k);
+}
+
+// Leaves this block's part of a split row in its slot and its count.
+__device__ void leave_part(const float* row, Span s, const RowParams& p, bool greedy, unsigned int* slot,
+                           unsigned int* count, Candidates& c, float* band_from) {
+    if (greedy) {
+        const Best best = span_argmax(row, s);
+        if (threadIdx.x == 0) {
+            slot[0] = best.index;
+            slot[1] = __float_as_uint(best.value);
+            *count = 1;
+        }
+        return;
     }
-    put_pick(out, previous, previous_rows, (unsigned int)token);
+    const unsigned int n = part_best(row, s, p, c, band_from);
+    if (threadIdx.x == 0) *count = n;
+    if (n == OVERFLOWED) return;
+    for (int m = threadIdx.x; m < (int)n; m += blockDim.x) {
+        const int a = c.order[m];
+        slot[2 * m] = c.id[a] + (unsigned int)s.begin;
+        slot[2 * m + 1] = __float_as_uint(c.x[a]);
+    }
+}
+
+// Whether this block is the last of its row's `splits` to finish (every
+// thread gets it). Every block's writes are visible to the others before
+// its count moves; the last sets the count back to zero for the next launch.
+__device__ bool last_to_finish(unsigned int* arrivals, int splits) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* count = arrivals + blockIdx.x;
+        last = atomicAdd(count, 1u) == (unsigned int)splits - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// The argmax among a greedy row's parts (ties to the lower id, as the
+// parts lie in id order).
+__device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, int splits) {
+    const int slot = CANDIDATES / splits;
+    float value = NEG_INF;
+    unsigned int index = NONE;
+    for (int j = 0; j < splits; ++j)
+        max_with_index(value, index, __uint_as_float(row_parts[2 * j * slot + 1]), row_parts[2 * j * slot]);
+    return argmax_pick(index);
+}
+
+// The parts' keys of a drawn row, gathered into `c`; false where a part
+// OVERFLOWED. Every thread gets it.
+__device__ bool load_parts(const volatile unsigned int* row_parts, const volatile unsigned int* counts, int splits,
+                           Candidates& c) {
+    __shared__ int start[SPLIT_BLOCKS + 1];
+    if (threadIdx.x == 0) {
+        int total = 0;
+        bool whole = true;
+        for (int j = 0; j < splits; ++j) {
+            start[j] = total;
+            const unsigned int n = counts[j];
+            whole = whole && n != OVERFLOWED;
+            total += whole ? (int)n : 0;
+        }
+        start[splits] = whole ? total : -1;
+        c.count = total;
+    }
+    __syncthreads();
+    const bool whole = start[splits] >= 0;
+    const int slot = CANDIDATES / splits, lane = threadIdx.x & 31;
+    for (int j = threadIdx.x >> 5; whole && j < splits; j += blockDim.x >> 5) {
+        for (int m = lane; m < start[j + 1] - start[j]; m += 32) {
+            c.id[start[j] + m] = row_parts[2 * (j * slot + m)];
+            c.x[start[j] + m] = __uint_as_float(row_parts[2 * (j * slot + m) + 1]);
+        }
+    }
+    __syncthreads();
+    return whole;
+}
+
+// Keeps the candidates whose logit is at least `least` (a thread holds at
+// most one: c.count <= blockDim.x), in no particular order.
+__device__ void keep_from(Candidates& c, float least) {
+    __shared__ int kept;
+    const int a = threadIdx.x;
+    const bool mine = a < c.count && c.x[a] >= least;
+    const unsigned int id = mine ? c.id[a] : 0u;
+    const float x = mine ? c.x[a] : 0.0f;
+    if (a == 0) kept = 0;
+    __syncthreads();
+    const int slot = mine ? atomicAdd(&kept, 1) : 0;
+    __syncthreads();
+    if (mine) {
+        c.id[slot] = id;
+        c.x[slot] = x;
+    }
+    if (a == 0) c.count = kept;
+    __syncthreads();
+}
+
+// The draw among a split row's parts' keys, which hold its best logit
+// and its top-k: first narrowed, as the row is, to the narrowest band
+// below the best that holds k of them (or to those above the floor where
+// fewer are), since ranking all of up to CANDIDATES keys thrice would
+// cost more than the parts took.
+__device__ int draw_merged(Candidates& c, const RowParams& p, float* band_from) {
+    float best = NEG_INF;
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) best = fmaxf(best, c.x[a]);
+    const float max = block_max(best) / p.temperature;
+    band_starts(max, p.temperature, band_from);
+    float held;
+    auto one = [](int, float) { return 1.0f; };
+    const int band = narrowest_band<CHEAP_LOADS>(c.x, c.count, band_from, one, (float)p.top_k, held);
+    keep_from(c, band_from[min(band, BANDS - 1)]);
+    return draw_among(c, p, max, band_from[BANDS - 1]);
+}
+
+// out [rows]: the picked token ids, also kept in previous [previous_rows]
+// for the next step's embedding (rows past it are not kept). coming
+// [previous_rows]: the previous sample's tokens as this step's embedding
+// read them. logits [rows, vocab]: overwritten with the adjusted scores.
+// params [rows]; adjustments: the rows' words, each row's ids distinct.
+// A launch of few rows may have gridDim.y blocks a row: parts [rows,
+// CANDIDATES, 2], counts [rows, SPLIT_BLOCKS] and arrivals [rows] (zeros)
+// serve the rows split over them (splits_of); the others run on their
+// first block alone.
+extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
+                                      const unsigned int* __restrict__ coming, int previous_rows,
+                                      float* __restrict__ logits, const RowParams* __restrict__ params,
+                                      const unsigned int* __restrict__ adjustments, unsigned int* __restrict__ parts,
+                                      unsigned int* __restrict__ counts, unsigned int* __restrict__ arrivals, int vocab) {
+    begin_after_previous_kernels();
+    const RowParams p = params[blockIdx.x];
+    float* row = logits + (size_t)blockIdx.x * vocab;
+    const bool greedy = p.temperature < GREEDY_BELOW;
+    __shared__ Candidates candidates;
+    __shared__ float band_from[BANDS + 1];
+    const int splits = splits_of(p, greedy, vocab);
+    if ((int)blockIdx.y >= splits) return;
+    if (splits == 1) {
+        adjust_row(row, p, adjustments, coming, Span{0, vocab});
+    } else {
+        const Span part = split_part(vocab, splits);
+        adjust_row(row, p, adjustments, coming, part);
+        unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
+        unsigned int* row_counts = counts + blockIdx.x * SPLIT_BLOCKS;
+        unsigned int* slot = row_parts + 2 * blockIdx.y * (CANDIDATES / splits);
+        leave_part(row, part, p, greedy, slot, row_counts + blockIdx.y, candidates, band_from);
+        if (!last_to_finish(arrivals, splits)) return;
+        if (greedy) {
+            put_pick(out, previous, previous_rows, merged_argmax(row_parts, splits));
+            return;
+        }
+        if (load_parts(row_parts, row_counts, splits, candidates)) {
+            put_pick(out, previous, previous_rows, drawn_pick(draw_merged(candidates, p, band_from)));
+            return;
+        }
+        // Every part is adjusted: the row is drawn from as one block would.
+    }
+    if (greedy) {
+        const Best best = span_argmax(row, Span{0, vocab});
+        put_pick(out, previous, previous_rows, argmax_pick(best.index));
+        return;
+    }
+    put_pick(out, previous, previous_rows, drawn_pick(draw_row(row, p, vocab, candidates, band_from)));
 }

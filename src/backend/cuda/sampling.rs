@@ -16,11 +16,14 @@ const SAMPLE_THREADS: u32 = 512;
 /// see [`adjustment_width`]).
 pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
-/// A launch of at most `SPLIT_ROWS` rows splits each greedy row with
-/// nothing to adjust over `SPLIT_BLOCKS / rows` blocks (`SPLIT_BLOCKS` in
-/// the kernel too): one SM reads a 151,936-id row in ≈ 5 µs.
+/// A launch of at most `SPLIT_ROWS` rows has `SPLIT_BLOCKS / rows` blocks
+/// a row (`SPLIT_BLOCKS` in the kernel too): one SM reads a 151,936-id row
+/// in ≈ 5 µs a pass. A greedy row splits over all of them; a drawn row
+/// whose top-k keeps at most `CANDIDATES / 2` over as many as leave room
+/// for each part's k best among the row's `CANDIDATES` (the kernel's).
 const SPLIT_ROWS: usize = 8;
 const SPLIT_BLOCKS: usize = 32;
+const CANDIDATES: usize = 512;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
 const NO_COMING: u32 = u32::MAX;
 /// The bit of an adjustment's third word that marks it repeated; the
@@ -87,24 +90,27 @@ fn blocks_a_row(rows: usize) -> usize {
     }
 }
 
-/// What the blocks of a split greedy row leave for the last of them: each
-/// block's argmax (`[SPLIT_ROWS, SPLIT_BLOCKS, 2]` words) and a count a row
-/// of the blocks done (zeros; the last sets it back).
+/// What the blocks of a split row leave for the last of them: each
+/// block's (id, logit) pairs (`[SPLIT_ROWS, CANDIDATES, 2]` words: its
+/// argmax, or its k best) and how many (`[SPLIT_ROWS, SPLIT_BLOCKS]`), and
+/// a count a row of the blocks done (zeros; the last sets it back).
 pub(super) struct SplitRows {
     parts: CudaSlice<u32>,
+    counts: CudaSlice<u32>,
     arrivals: CudaSlice<u32>,
 }
 
 impl SplitRows {
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let (parts, arrivals) = (SPLIT_ROWS * SPLIT_BLOCKS * 2, SPLIT_ROWS);
+        let words = |what: &'static str, n: usize| {
+            stream
+                .alloc_zeros::<u32>(n)
+                .map_err(alloc_error(what, n * std::mem::size_of::<u32>()))
+        };
         Ok(SplitRows {
-            parts: stream
-                .alloc_zeros(parts)
-                .map_err(alloc_error("split sampling rows' parts", parts * 4))?,
-            arrivals: stream
-                .alloc_zeros(arrivals)
-                .map_err(alloc_error("split sampling rows' counts", arrivals * 4))?,
+            parts: words("split sampling rows' parts", SPLIT_ROWS * CANDIDATES * 2)?,
+            counts: words("split sampling rows' part sizes", SPLIT_ROWS * SPLIT_BLOCKS)?,
+            arrivals: words("split sampling rows' counts", SPLIT_ROWS)?,
         })
     }
 }
@@ -126,7 +132,8 @@ impl CudaBackend {
         let mut args = self.kernel_args("sample_f32");
         args.arg(out).arg(&self.previous).arg(&self.coming).arg(&kept);
         args.out(logits.data_mut()).arg(&params).arg(&adjustments);
-        args.arg(&self.split_rows.parts).arg(&self.split_rows.arrivals).arg(&vocab);
+        let split = &self.split_rows;
+        args.arg(&split.parts).arg(&split.counts).arg(&split.arrivals).arg(&vocab);
         let mut config = grid(rows, SAMPLE_THREADS, 0);
         config.grid_dim.1 = blocks_a_row(rows) as u32;
         self.launch("sample_f32", args, config)
