@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def nvrtc_ptx(lib, source, arch, include):
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None) == 0
-    opts = [f"--gpu-architecture=compute_{arch}".encode(), f"-I{include}".encode(), b"--std=c++17"]
+    opts = [f"--gpu-architecture=compute_{arch}".encode(), f"-I{include}".encode(), f"-I{ROOT / 'kernels'}".encode(), b"--std=c++17"]
     status = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     if status != 0:

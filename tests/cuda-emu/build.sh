@@ -44,7 +44,7 @@ for file, names in re.findall(r'kernel!\(\s*"([^"]+)",\s*\[([^\]]*)\]', open(sys
         print("".join(f"EMU_REGISTER({n})\n" for n in re.findall(r'"([^"]+)"', names)), end="")
 EOF
     } >"$gen"
-    g++ "${flags[@]}" -I"$here/include" -I"$here" -include "$here/emu.h" -c "$gen" -o "$out/gen/kernel_$name.o" &
+    g++ "${flags[@]}" -I"$here/include" -I"$here" -I"$root/kernels" -include "$here/emu.h" -c "$gen" -o "$out/gen/kernel_$name.o" &
     objects+=("$out/gen/kernel_$name.o")
 done
 for src in threads driver memory graphs cublas nccl; do

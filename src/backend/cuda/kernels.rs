@@ -1,5 +1,7 @@
 //! The kernel sources, and their compilation to PTX by NVRTC. Each file is
-//! compiled with `kernels/common.cuh` (block reductions) in front.
+//! compiled with `kernels/common.cuh` (block reductions) in front, and with
+//! the headers of ours it names (`#include "…"`, [`OWN_HEADERS`]) written
+//! in, so the binary carries every kernel's whole text.
 //!
 //! NVRTC needs the CUDA headers the kernels include ([`HEADERS`]) on its
 //! include path: the CUDA toolkit's `include` folder, or the one the pip
@@ -54,6 +56,25 @@ pub const KERNELS: &[KernelSource] = &[
 /// Helpers (block reductions, constants) prepended to every kernel file.
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
+/// Headers in `kernels/` that a kernel file may include (the emulated
+/// driver's build and `benches/kernel_sass.py` find them on their include path).
+pub const OWN_HEADERS: &[(&str, &str)] = &[("row_select.cuh", include_str!("../../../kernels/row_select.cuh"))];
+
+/// What NVRTC compiles for `kernel`: [`COMMON`], then its file with each
+/// `#include` of one of [`OWN_HEADERS`] replaced by that header's text.
+pub fn full_source(kernel: &KernelSource) -> String {
+    let mut text = format!("{COMMON}\n");
+    for line in kernel.source.lines() {
+        let own = line
+            .strip_prefix("#include \"")
+            .and_then(|rest| rest.strip_suffix('"'))
+            .and_then(|name| OWN_HEADERS.iter().find(|(file, _)| *file == name));
+        text.push_str(own.map_or(line, |(_, header)| header));
+        text.push('\n');
+    }
+    text
+}
+
 /// Whether the NVRTC library can be loaded (compiling needs no GPU).
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to open the shared library; nothing is called.
@@ -94,7 +115,7 @@ pub fn compile(kernel: &KernelSource, arch: &'static str, include_dirs: &[PathBu
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    compile_ptx_with_opts(format!("{COMMON}\n{}", kernel.source), options).map_err(|e| match e {
+    compile_ptx_with_opts(full_source(kernel), options).map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { log, .. } => format!("{}: {}", kernel.file, log.to_string_lossy()),
         other => format!("{}: {other:?}", kernel.file),
     })
@@ -112,10 +133,10 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("shardline").join("kernels"))
 }
 
-/// The cache file of `kernel` for `arch`, named by a hash of both sources
+/// The cache file of `kernel` for `arch`, named by a hash of its full source
 /// and the architecture, so an edited kernel never reads a stale entry.
 pub fn cache_path(dir: &Path, kernel: &KernelSource, arch: &str) -> PathBuf {
-    let key = format!("{COMMON}\0{}\0{arch}", kernel.source);
+    let key = format!("{}\0{arch}", full_source(kernel));
     let stem = kernel.file.trim_end_matches(".cu");
     dir.join(format!("{stem}-{arch}-{:016x}.ptx", crate::rng::fnv1a(key.as_bytes())))
 }
@@ -156,4 +177,26 @@ pub fn compile_cached(kernel: &KernelSource, arch: &'static str, cache: Option<&
         }
     }
     Ok((ptx, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_headers_are_written_into_the_files_that_include_them() {
+        for kernel in KERNELS {
+            let text = full_source(kernel);
+            assert!(text.starts_with(COMMON), "{}", kernel.file);
+            assert!(
+                !text.lines().any(|l| l.starts_with("#include \"")),
+                "{} keeps an #include of ours",
+                kernel.file
+            );
+        }
+        let sampling = KERNELS.iter().find(|k| k.file == "sampling.cu").expect("sampling.cu");
+        let (name, header) = OWN_HEADERS[0];
+        assert!(sampling.source.contains(&format!("#include \"{name}\"")));
+        assert!(full_source(sampling).contains(header));
+    }
 }
