@@ -1,6 +1,7 @@
 //! The CUDA backend. Its kernels (`kernels/*.cu`, one file per op family,
-//! `<op>_<dtype>` entry points) are embedded in the binary and compiled by
-//! NVRTC for the device's architecture on first use, then cached on disk.
+//! `<op>_<dtype>` entry points; `kernels/*.cuh`, what files share) are
+//! embedded in the binary and compiled by NVRTC for the device's
+//! architecture on first use, then cached on disk.
 //! cudarc loads the CUDA libraries at run time, so the same binary runs
 //! where there is no CUDA at all: [`gpu_count`] is 0 there.
 //!

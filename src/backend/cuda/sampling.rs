@@ -1,6 +1,7 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
 //! adjustments packed into the step's inputs, one block per row (several
-//! for a greedy row of a few), and only the token ids copied back.
+//! for a greedy row, or one whose top-k keeps few, in a step of a few
+//! rows), and only the token ids copied back.
 
 use super::ops::check;
 use super::timeline::StepSpan;
