@@ -211,6 +211,19 @@ __device__ int draw_among(Candidates& c, const RowParams& p, float max, float fl
     return draw_gathered(c, kept, weight, p.uniform);
 }
 
+// The last id of row[0, n) that `kept` admits, or 0 where none is.
+template <typename Kept>
+__device__ int last_kept(const float* row, int n, Kept kept) {
+    __shared__ int last;
+    if (threadIdx.x == 0) last = 0;
+    __syncthreads();
+    for_each_logit<COSTLY_LOADS>(row, n, [&](int i, float x) {
+        if (kept(i, x)) atomicMax(&last, i);
+    });
+    __syncthreads();
+    return last;
+}
+
 // The draw from a whole (adjusted) row on one block. `band_from` is
 // shared room for band_starts'.
 __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candidates& candidates, float* band_from) {
@@ -278,16 +291,8 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
     };
     auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
     const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
-    if (token != NOT_FOUND) return token;
     // Rounding put the draw past the last kept token: take that one.
-    __shared__ int last;
-    if (threadIdx.x == 0) last = 0;
-    __syncthreads();
-    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) {
-        if (kept(i, x)) atomicMax(&last, i);
-    });
-    __syncthreads();
-    return last;
+    return token != NOT_FOUND ? token : last_kept(row, vocab, kept);
 }
 
 // Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
@@ -313,22 +318,31 @@ __device__ __forceinline__ unsigned int drawn_pick(int token) { return token == 
 // lower id; all it has above its own floor where fewer): the row's top-k
 // lies among them, so the draw is among them. Where a part's k best lie
 // in a band of more than CANDIDATES keys, it leaves OVERFLOWED, and the
-// last block draws from the whole row alone.
+// last block draws from the whole row alone. A drawn row that weighs_all
+// splits over every block: a part leaves its kept mass (draw_by_parts).
 #define SPLIT_BLOCKS 32
 #define OVERFLOWED 0xffffffffu
+
+// Whether a drawn row keeps all it has above the floor that min-p keeps
+// (no top-k, no top-p) and has nothing to adjust, so that every block of
+// it may read the whole row as it is.
+__device__ bool weighs_all(const RowParams& p, int vocab) {
+    const bool no_top_k = p.top_k == 0 || p.top_k >= (unsigned int)vocab;
+    return no_top_k && p.top_p >= 1.0f && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+}
 
 // The blocks row `p` runs on.
 __device__ int splits_of(const RowParams& p, bool greedy, int vocab) {
     if (gridDim.y == 1 || greedy) return gridDim.y;
-    if (p.top_k == 0 || p.top_k >= (unsigned int)vocab) return 1;
+    if (p.top_k == 0 || p.top_k >= (unsigned int)vocab) return weighs_all(p, vocab) ? gridDim.y : 1;
     return max(1, min((int)gridDim.y, CANDIDATES / (int)p.top_k));
 }
 
-// This block's part of a row split over `splits` blocks: whole 32-id
-// loads, the last parts empty where the row is short.
-__device__ Span split_part(int vocab, int splits) {
+// Part `part` of a row split over `splits` blocks: whole 32-id loads, the
+// last parts empty where the row is short.
+__device__ Span split_part(int vocab, int splits, int part) {
     const int length = ((vocab + splits - 1) / splits + 31) & ~31;
-    const int begin = min(vocab, (int)blockIdx.y * length);
+    const int begin = min(vocab, part * length);
     return Span{begin, min(vocab, begin + length)};
 }
 
@@ -400,6 +414,70 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
     for (int j = 0; j < splits; ++j)
         max_with_index(value, index, __uint_as_float(row_parts[2 * j * slot + 1]), row_parts[2 * j * slot]);
     return argmax_pick(index);
+}
+
+// A split row that weighs_all: every block finds the row's best (the
+// weights are relative to it, so each reads the whole row) and sums its
+// own part's kept weights into its slot. The last to finish walks the
+// parts' masses in id order to the one where the running mass passes
+// uniform × the total, and searches that part alone, as draw_row searches
+// the row. Returns whether this block was the last, with the pick in
+// `token` (NOT_FOUND where nothing is kept).
+__device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, int splits, unsigned int* row_parts,
+                              unsigned int* arrivals, float* band_from, int& token) {
+    const float t = p.temperature;
+    float best = NEG_INF;
+    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
+    const float max = block_max(best) / t;
+    band_starts(max, t, band_from);
+    const float floor = band_from[BANDS - 1];
+    auto kept_mass = [&](int, float x) {
+        if (!(x >= floor)) return 0.0;
+        const float w = expf(x / t - max);
+        return w >= p.min_p ? (double)w : 0.0;
+    };
+    const int stride = 2 * (CANDIDATES / splits);
+    const Span part = split_part(vocab, splits, blockIdx.y);
+    const Span mine = segment(part, threadIdx.x >> 5);
+    double partial = 0.0;
+    warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += kept_mass(i, x); });
+    const unsigned long long mass = __double_as_longlong(block_sum(partial));
+    if (threadIdx.x == 0) {
+        row_parts[blockIdx.y * stride] = (unsigned int)mass;
+        row_parts[blockIdx.y * stride + 1] = (unsigned int)(mass >> 32);
+    }
+    if (!last_to_finish(arrivals, splits)) return false;
+    __shared__ int passing;
+    __shared__ double left;
+    if (threadIdx.x == 0) {
+        const volatile unsigned int* found = row_parts;
+        auto mass_of = [&](int j) {
+            return __longlong_as_double((long long)found[j * stride] | (long long)found[j * stride + 1] << 32);
+        };
+        double total = 0.0;
+        for (int j = 0; j < splits; ++j) total += mass_of(j);
+        const double target = (double)p.uniform * total;
+        double running = 0.0;
+        int j = 0, last = -1;
+        for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
+            if (mass_of(j) > 0.0) last = j;
+            running += mass_of(j);
+        }
+        // Rounding may leave every part short of the target: the last
+        // kept token of the last part with any mass is the pick then.
+        passing = j < splits ? j : last;
+        left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
+    }
+    __syncthreads();
+    if (passing < 0) {
+        token = NOT_FOUND;
+        return true;
+    }
+    const Span s = split_part(vocab, splits, passing);
+    auto kept = [&](int i, float x) { return kept_mass(i, x) > 0.0; };
+    const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, left);
+    token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
+    return true;
 }
 
 // The parts' keys of a drawn row, gathered into `c`; false where a part
@@ -494,9 +572,15 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     if (splits == 1) {
         adjust_row(row, p, adjustments, coming, Span{0, vocab});
     } else {
-        const Span part = split_part(vocab, splits);
+        const Span part = split_part(vocab, splits, blockIdx.y);
         adjust_row(row, p, adjustments, coming, part);
         unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
+        if (!greedy && weighs_all(p, vocab)) {
+            int token;
+            if (draw_by_parts(row, p, vocab, splits, row_parts, arrivals, band_from, token))
+                put_pick(out, previous, previous_rows, drawn_pick(token));
+            return;
+        }
         unsigned int* row_counts = counts + blockIdx.x * SPLIT_BLOCKS;
         unsigned int* slot = row_parts + 2 * blockIdx.y * (CANDIDATES / splits);
         leave_part(row, part, p, greedy, slot, row_counts + blockIdx.y, candidates, band_from);
