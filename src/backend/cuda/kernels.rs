@@ -58,7 +58,10 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 
 /// Headers in `kernels/` that a kernel file may include (the emulated
 /// driver's build and `benches/kernel_sass.py` find them on their include path).
-pub const OWN_HEADERS: &[(&str, &str)] = &[("row_select.cuh", include_str!("../../../kernels/row_select.cuh"))];
+pub const OWN_HEADERS: &[(&str, &str)] = &[
+    ("row_select.cuh", include_str!("../../../kernels/row_select.cuh")),
+    ("split_rows.cuh", include_str!("../../../kernels/split_rows.cuh")),
+];
 
 /// What NVRTC compiles for `kernel`: [`COMMON`], then its file with each
 /// `#include` of one of [`OWN_HEADERS`] replaced by that header's text.
@@ -195,8 +198,9 @@ mod tests {
             );
         }
         let sampling = KERNELS.iter().find(|k| k.file == "sampling.cu").expect("sampling.cu");
-        let (name, header) = OWN_HEADERS[0];
-        assert!(sampling.source.contains(&format!("#include \"{name}\"")));
-        assert!(full_source(sampling).contains(header));
+        for (name, header) in OWN_HEADERS {
+            assert!(sampling.source.contains(&format!("#include \"{name}\"")));
+            assert!(full_source(sampling).contains(header));
+        }
     }
 }

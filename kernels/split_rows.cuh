@@ -1,0 +1,242 @@
+// The rows of a sampling launch of few rows that split over several
+// blocks. kernels/sampling.cu includes this after what it reuses: RowParams,
+// draw_among, last_kept and argmax_pick.
+
+// A row of a launch of few rows may be split over several of its gridDim.y
+// blocks, so that it streams through as many SMs: each block adjusts the
+// ids of its part and leaves what it found in `parts` (a slot of
+// CANDIDATES / splits (id, logit) pairs), and the last to finish picks
+// from them all. A greedy row splits over every block: a part leaves its
+// argmax. A drawn row with a top-k of at most CANDIDATES / 2 splits over
+// as many as leave room for each part's k best (scaled logit, ties to the
+// lower id; all it has above its own floor where fewer): the row's top-k
+// lies among them, so the draw is among them. Where a part's k best lie
+// in a band of more than CANDIDATES keys, it leaves OVERFLOWED, and the
+// last block draws from the whole row alone. A drawn row that weighs_all
+// splits over every block: a part leaves its kept mass (draw_by_parts).
+#define SPLIT_BLOCKS 32
+#define OVERFLOWED 0xffffffffu
+
+// Whether a drawn row keeps all it has above the floor that min-p keeps
+// (no top-k, no top-p) and has nothing to adjust, so that every block of
+// it may read the whole row as it is.
+__device__ bool weighs_all(const RowParams& p, int vocab) {
+    const bool no_top_k = p.top_k == 0 || p.top_k >= (unsigned int)vocab;
+    return no_top_k && p.top_p >= 1.0f && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+}
+
+// The blocks row `p` runs on.
+__device__ int splits_of(const RowParams& p, bool greedy, int vocab) {
+    if (gridDim.y == 1 || greedy) return gridDim.y;
+    if (p.top_k == 0 || p.top_k >= (unsigned int)vocab) return weighs_all(p, vocab) ? gridDim.y : 1;
+    return max(1, min((int)gridDim.y, CANDIDATES / (int)p.top_k));
+}
+
+// Part `part` of a row split over `splits` blocks: whole 32-id loads, the
+// last parts empty where the row is short.
+__device__ Span split_part(int vocab, int splits, int part) {
+    const int length = ((vocab + splits - 1) / splits + 31) & ~31;
+    const int begin = min(vocab, part * length);
+    return Span{begin, min(vocab, begin + length)};
+}
+
+// The keys a drawn row's part `s` leaves: its top_k best, or all above
+// its own floor (from its own best) where it has fewer, ranked first in
+// c.order (ids from the part's start); their number, or OVERFLOWED.
+__device__ unsigned int part_best(const float* row, Span s, const RowParams& p, Candidates& c, float* band_from) {
+    const float* part = row + s.begin;
+    const int n = s.end - s.begin;
+    float best = NEG_INF;
+    for_each_logit<CHEAP_LOADS>(part, n, [&](int, float x) { best = fmaxf(best, x); });
+    const float t = p.temperature;
+    band_starts(block_max(best) / t, t, band_from);
+    float held;
+    auto one = [](int, float) { return 1.0f; };
+    const int band = narrowest_band<CHEAP_LOADS>(part, n, band_from, one, (float)p.top_k, held);
+    if (band < BANDS && held > (float)CANDIDATES) return OVERFLOWED;
+    const float least = band_from[min(band, BANDS - 1)];
+    gather(part, n, [&](float x) { return x >= least; }, c);
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) c.key[a] = order_key(c.x[a] / t);
+    return (unsigned int)min(order_candidates(c), (int)p.top_k);
+}
+
+// Leaves this block's part of a split row in its slot and its count.
+__device__ void leave_part(const float* row, Span s, const RowParams& p, bool greedy, unsigned int* slot,
+                           unsigned int* count, Candidates& c, float* band_from) {
+    if (greedy) {
+        const Best best = span_argmax(row, s);
+        if (threadIdx.x == 0) {
+            slot[0] = best.index;
+            slot[1] = __float_as_uint(best.value);
+            *count = 1;
+        }
+        return;
+    }
+    const unsigned int n = part_best(row, s, p, c, band_from);
+    if (threadIdx.x == 0) *count = n;
+    if (n == OVERFLOWED) return;
+    for (int m = threadIdx.x; m < (int)n; m += blockDim.x) {
+        const int a = c.order[m];
+        slot[2 * m] = c.id[a] + (unsigned int)s.begin;
+        slot[2 * m + 1] = __float_as_uint(c.x[a]);
+    }
+}
+
+// Whether this block is the last of its row's `splits` to finish (every
+// thread gets it). Every block's writes are visible to the others before
+// its count moves; the last sets the count back to zero for the next launch.
+__device__ bool last_to_finish(unsigned int* arrivals, int splits) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* count = arrivals + blockIdx.x;
+        last = atomicAdd(count, 1u) == (unsigned int)splits - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// The argmax among a greedy row's parts (ties to the lower id, as the
+// parts lie in id order).
+__device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, int splits) {
+    const int slot = CANDIDATES / splits;
+    float value = NEG_INF;
+    unsigned int index = NONE;
+    for (int j = 0; j < splits; ++j)
+        max_with_index(value, index, __uint_as_float(row_parts[2 * j * slot + 1]), row_parts[2 * j * slot]);
+    return argmax_pick(index);
+}
+
+// A split row that weighs_all: every block finds the row's best (the
+// weights are relative to it, so each reads the whole row) and sums its
+// own part's kept weights into its slot. The last to finish walks the
+// parts' masses in id order to the one where the running mass passes
+// uniform × the total, and searches that part alone, as draw_row searches
+// the row. Returns whether this block was the last, with the pick in
+// `token` (NOT_FOUND where nothing is kept).
+__device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, int splits, unsigned int* row_parts,
+                              unsigned int* arrivals, float* band_from, int& token) {
+    const float t = p.temperature;
+    float best = NEG_INF;
+    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
+    const float max = block_max(best) / t;
+    band_starts(max, t, band_from);
+    const float floor = band_from[BANDS - 1];
+    auto kept_mass = [&](int, float x) {
+        if (!(x >= floor)) return 0.0;
+        const float w = expf(x / t - max);
+        return w >= p.min_p ? (double)w : 0.0;
+    };
+    const int stride = 2 * (CANDIDATES / splits);
+    const Span part = split_part(vocab, splits, blockIdx.y);
+    const Span mine = segment(part, threadIdx.x >> 5);
+    double partial = 0.0;
+    warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += kept_mass(i, x); });
+    const unsigned long long mass = __double_as_longlong(block_sum(partial));
+    if (threadIdx.x == 0) {
+        row_parts[blockIdx.y * stride] = (unsigned int)mass;
+        row_parts[blockIdx.y * stride + 1] = (unsigned int)(mass >> 32);
+    }
+    if (!last_to_finish(arrivals, splits)) return false;
+    __shared__ int passing;
+    __shared__ double left;
+    if (threadIdx.x == 0) {
+        const volatile unsigned int* found = row_parts;
+        auto mass_of = [&](int j) {
+            return __longlong_as_double((long long)found[j * stride] | (long long)found[j * stride + 1] << 32);
+        };
+        double total = 0.0;
+        for (int j = 0; j < splits; ++j) total += mass_of(j);
+        const double target = (double)p.uniform * total;
+        double running = 0.0;
+        int j = 0, last = -1;
+        for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
+            if (mass_of(j) > 0.0) last = j;
+            running += mass_of(j);
+        }
+        // Rounding may leave every part short of the target: the last
+        // kept token of the last part with any mass is the pick then.
+        passing = j < splits ? j : last;
+        left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
+    }
+    __syncthreads();
+    if (passing < 0) {
+        token = NOT_FOUND;
+        return true;
+    }
+    const Span s = split_part(vocab, splits, passing);
+    auto kept = [&](int i, float x) { return kept_mass(i, x) > 0.0; };
+    const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, left);
+    token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
+    return true;
+}
+
+// The parts' keys of a drawn row, gathered into `c`; false where a part
+// OVERFLOWED. Every thread gets it.
+__device__ bool load_parts(const volatile unsigned int* row_parts, const volatile unsigned int* counts, int splits,
+                           Candidates& c) {
+    __shared__ int start[SPLIT_BLOCKS + 1];
+    if (threadIdx.x == 0) {
+        int total = 0;
+        bool whole = true;
+        for (int j = 0; j < splits; ++j) {
+            start[j] = total;
+            const unsigned int n = counts[j];
+            whole = whole && n != OVERFLOWED;
+            total += whole ? (int)n : 0;
+        }
+        start[splits] = whole ? total : -1;
+        c.count = total;
+    }
+    __syncthreads();
+    const bool whole = start[splits] >= 0;
+    const int slot = CANDIDATES / splits, lane = threadIdx.x & 31;
+    for (int j = threadIdx.x >> 5; whole && j < splits; j += blockDim.x >> 5) {
+        for (int m = lane; m < start[j + 1] - start[j]; m += 32) {
+            c.id[start[j] + m] = row_parts[2 * (j * slot + m)];
+            c.x[start[j] + m] = __uint_as_float(row_parts[2 * (j * slot + m) + 1]);
+        }
+    }
+    __syncthreads();
+    return whole;
+}
+
+// Keeps the candidates whose logit is at least `least` (a thread holds at
+// most one: c.count <= blockDim.x), in no particular order.
+__device__ void keep_from(Candidates& c, float least) {
+    __shared__ int kept;
+    const int a = threadIdx.x;
+    const bool mine = a < c.count && c.x[a] >= least;
+    const unsigned int id = mine ? c.id[a] : 0u;
+    const float x = mine ? c.x[a] : 0.0f;
+    if (a == 0) kept = 0;
+    __syncthreads();
+    const int slot = mine ? atomicAdd(&kept, 1) : 0;
+    __syncthreads();
+    if (mine) {
+        c.id[slot] = id;
+        c.x[slot] = x;
+    }
+    if (a == 0) c.count = kept;
+    __syncthreads();
+}
+
+// The draw among a split row's parts' keys, which hold its best logit
+// and its top-k: first narrowed, as the row is, to the narrowest band
+// below the best that holds k of them (or to those above the floor where
+// fewer are), since ranking all of up to CANDIDATES keys thrice would
+// cost more than the parts took.
+__device__ int draw_merged(Candidates& c, const RowParams& p, float* band_from) {
+    float best = NEG_INF;
+    for (int a = threadIdx.x; a < c.count; a += blockDim.x) best = fmaxf(best, c.x[a]);
+    const float max = block_max(best) / p.temperature;
+    band_starts(max, p.temperature, band_from);
+    float held;
+    auto one = [](int, float) { return 1.0f; };
+    const int band = narrowest_band<CHEAP_LOADS>(c.x, c.count, band_from, one, (float)p.top_k, held);
+    keep_from(c, band_from[min(band, BANDS - 1)]);
+    return draw_among(c, p, max, band_from[BANDS - 1]);
+}
