@@ -90,14 +90,16 @@ struct Span {
     int begin, end;
 };
 
-// Warp `warp`'s segment of `s` when the block's warps split it into
-// contiguous parts of whole 32-id loads.
-__device__ __forceinline__ Span segment(Span s, int warp) {
-    const int warps = blockDim.x >> 5;
-    const int length = ((s.end - s.begin + warps - 1) / warps + 31) & ~31;
-    const int first = min(s.end, s.begin + warp * length);
+// Part `part` of `s` split into `parts` contiguous parts of whole 32-id
+// loads (the last ones empty where `s` is short).
+__device__ __forceinline__ Span segment_of(Span s, int parts, int part) {
+    const int length = ((s.end - s.begin + parts - 1) / parts + 31) & ~31;
+    const int first = min(s.end, s.begin + part * length);
     return Span{first, min(s.end, first + length)};
 }
+
+// Warp `warp`'s segment of `s` when the block's warps split it.
+__device__ __forceinline__ Span segment(Span s, int warp) { return segment_of(s, blockDim.x >> 5, warp); }
 
 // Calls f(i, row[i]) for every id of the row, each warp taking its segment.
 template <int LOADS, typename F>
@@ -275,6 +277,16 @@ __device__ void band_starts(float max, float t, float* from) {
     __syncthreads();
 }
 
+// The best scaled logit of row[0, n) (every thread gets it), with the
+// bands below it filled into `band_from` (band_starts).
+__device__ float best_scaled(const float* row, int n, float t, float* band_from) {
+    float best = NEG_INF;
+    for_each_logit<CHEAP_LOADS>(row, n, [&](int, float x) { best = fmaxf(best, x); });
+    const float max = block_max(best) / t;
+    band_starts(max, t, band_from);
+    return max;
+}
+
 // The narrowest band whose sum of `amount(i, x)` reaches `need`, with
 // that sum in `held`, or BANDS where not even the floor's does; every
 // thread gets them. A lane sums each band in f32 registers (exact for
@@ -302,6 +314,13 @@ __device__ int narrowest_band(const float* row, int vocab, const float* band_fro
         }
     }
     return narrowest;
+}
+
+// The narrowest band holding `count` logits of row[0, n), with how many
+// it holds in `held`, or BANDS where not even the floor's does.
+__device__ int band_holding(const float* row, int n, const float* band_from, unsigned int count, float& held) {
+    auto one = [](int, float) { return 1.0f; };
+    return narrowest_band<CHEAP_LOADS>(row, n, band_from, one, (float)count, held);
 }
 
 // A row's keys in one band, gathered into shared memory in no particular

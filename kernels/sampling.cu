@@ -54,6 +54,11 @@ struct RowParams {
 #define REPEATED 0x80000000u
 #define GREEDY_BELOW 1e-5f
 
+// Whether a row's top-k cuts anything.
+__device__ __forceinline__ bool has_top_k(const RowParams& p, int vocab) {
+    return p.top_k > 0 && p.top_k < (unsigned int)vocab;
+}
+
 #include "row_select.cuh"
 
 // logit + bias, less presence + frequency × generated where generated;
@@ -227,13 +232,10 @@ __device__ int last_kept(const float* row, int n, Kept kept) {
 // The draw from a whole (adjusted) row on one block. `band_from` is
 // shared room for band_starts'.
 __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candidates& candidates, float* band_from) {
-    float best = NEG_INF;
-    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
     const float t = p.temperature;
-    const float max = block_max(best) / t;
+    const float max = best_scaled(row, vocab, t, band_from);
     auto scaled = [&](float x) { return x / t; };
     auto weight = [&](float x) { return expf(scaled(x) - max); };
-    band_starts(max, t, band_from);
     const float floor = band_from[BANDS - 1];
     auto above_floor = [&](float x) { return x >= floor; };
 
@@ -245,10 +247,9 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
     auto everyone = [&](int, float) { return true; };
     unsigned int k_pivot = 0;
     int k_cutoff = NOT_FOUND;
-    if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
+    if (has_top_k(p, vocab)) {
         float held;
-        auto one = [](int, float) { return 1.0f; };
-        const int band = narrowest_band<CHEAP_LOADS>(row, vocab, band_from, one, (float)p.top_k, held);
+        const int band = band_holding(row, vocab, band_from, p.top_k, held);
         const float least = band_from[band];
         if (band < BANDS && held <= (float)CANDIDATES) {
             gather(row, vocab, [&](float x) { return x >= least; }, candidates);
@@ -330,22 +331,23 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
     const bool greedy = p.temperature < GREEDY_BELOW;
     __shared__ Candidates candidates;
     __shared__ float band_from[BANDS + 1];
-    const int splits = splits_of(p, greedy, vocab);
+    const bool weighs = !greedy && weighs_all(p, vocab);
+    const int splits = splits_of(p, greedy || weighs, vocab);
     if ((int)blockIdx.y >= splits) return;
     if (splits == 1) {
         adjust_row(row, p, adjustments, coming, Span{0, vocab});
     } else {
-        const Span part = split_part(vocab, splits, blockIdx.y);
+        const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
         adjust_row(row, p, adjustments, coming, part);
         unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
-        if (!greedy && weighs_all(p, vocab)) {
+        if (weighs) {
             int token;
             if (draw_by_parts(row, p, vocab, splits, row_parts, arrivals, band_from, token))
                 put_pick(out, previous, previous_rows, drawn_pick(token));
             return;
         }
         unsigned int* row_counts = counts + blockIdx.x * SPLIT_BLOCKS;
-        unsigned int* slot = row_parts + 2 * blockIdx.y * (CANDIDATES / splits);
+        unsigned int* slot = row_parts + blockIdx.y * slot_words(splits);
         leave_part(row, part, p, greedy, slot, row_counts + blockIdx.y, candidates, band_from);
         if (!last_to_finish(arrivals, splits)) return;
         if (greedy) {

@@ -1,6 +1,6 @@
 // The rows of a sampling launch of few rows that split over several
 // blocks. kernels/sampling.cu includes this after what it reuses: RowParams,
-// draw_among, last_kept and argmax_pick.
+// has_top_k, draw_among, last_kept and argmax_pick.
 
 // A row of a launch of few rows may be split over several of its gridDim.y
 // blocks, so that it streams through as many SMs: each block adjusts the
@@ -21,24 +21,19 @@
 // (no top-k, no top-p) and has nothing to adjust, so that every block of
 // it may read the whole row as it is.
 __device__ bool weighs_all(const RowParams& p, int vocab) {
-    const bool no_top_k = p.top_k == 0 || p.top_k >= (unsigned int)vocab;
-    return no_top_k && p.top_p >= 1.0f && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+    return !has_top_k(p, vocab) && p.top_p >= 1.0f && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
 }
 
-// The blocks row `p` runs on.
-__device__ int splits_of(const RowParams& p, bool greedy, int vocab) {
-    if (gridDim.y == 1 || greedy) return gridDim.y;
-    if (p.top_k == 0 || p.top_k >= (unsigned int)vocab) return weighs_all(p, vocab) ? gridDim.y : 1;
+// The blocks row `p` runs on: all of them for a greedy row or one that
+// weighs_all (`every`), else as many as leave room for its top-k.
+__device__ int splits_of(const RowParams& p, bool every, int vocab) {
+    if (every) return gridDim.y;
+    if (!has_top_k(p, vocab)) return 1;
     return max(1, min((int)gridDim.y, CANDIDATES / (int)p.top_k));
 }
 
-// Part `part` of a row split over `splits` blocks: whole 32-id loads, the
-// last parts empty where the row is short.
-__device__ Span split_part(int vocab, int splits, int part) {
-    const int length = ((vocab + splits - 1) / splits + 31) & ~31;
-    const int begin = min(vocab, part * length);
-    return Span{begin, min(vocab, begin + length)};
-}
+// The words of a part's slot in a row's `parts` when it splits over `splits` blocks.
+__device__ __forceinline__ int slot_words(int splits) { return 2 * (CANDIDATES / splits); }
 
 // The keys a drawn row's part `s` leaves: its top_k best, or all above
 // its own floor (from its own best) where it has fewer, ranked first in
@@ -46,13 +41,10 @@ __device__ Span split_part(int vocab, int splits, int part) {
 __device__ unsigned int part_best(const float* row, Span s, const RowParams& p, Candidates& c, float* band_from) {
     const float* part = row + s.begin;
     const int n = s.end - s.begin;
-    float best = NEG_INF;
-    for_each_logit<CHEAP_LOADS>(part, n, [&](int, float x) { best = fmaxf(best, x); });
     const float t = p.temperature;
-    band_starts(block_max(best) / t, t, band_from);
+    best_scaled(part, n, t, band_from);
     float held;
-    auto one = [](int, float) { return 1.0f; };
-    const int band = narrowest_band<CHEAP_LOADS>(part, n, band_from, one, (float)p.top_k, held);
+    const int band = band_holding(part, n, band_from, p.top_k, held);
     if (band < BANDS && held > (float)CANDIDATES) return OVERFLOWED;
     const float least = band_from[min(band, BANDS - 1)];
     gather(part, n, [&](float x) { return x >= least; }, c);
@@ -102,11 +94,10 @@ __device__ bool last_to_finish(unsigned int* arrivals, int splits) {
 // The argmax among a greedy row's parts (ties to the lower id, as the
 // parts lie in id order).
 __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, int splits) {
-    const int slot = CANDIDATES / splits;
+    const int slot = slot_words(splits);
     float value = NEG_INF;
     unsigned int index = NONE;
-    for (int j = 0; j < splits; ++j)
-        max_with_index(value, index, __uint_as_float(row_parts[2 * j * slot + 1]), row_parts[2 * j * slot]);
+    for (int j = 0; j < splits; ++j) max_with_index(value, index, __uint_as_float(row_parts[j * slot + 1]), row_parts[j * slot]);
     return argmax_pick(index);
 }
 
@@ -120,18 +111,15 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
 __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, int splits, unsigned int* row_parts,
                               unsigned int* arrivals, float* band_from, int& token) {
     const float t = p.temperature;
-    float best = NEG_INF;
-    for_each_logit<CHEAP_LOADS>(row, vocab, [&](int, float x) { best = fmaxf(best, x); });
-    const float max = block_max(best) / t;
-    band_starts(max, t, band_from);
+    const float max = best_scaled(row, vocab, t, band_from);
     const float floor = band_from[BANDS - 1];
     auto kept_mass = [&](int, float x) {
         if (!(x >= floor)) return 0.0;
         const float w = expf(x / t - max);
         return w >= p.min_p ? (double)w : 0.0;
     };
-    const int stride = 2 * (CANDIDATES / splits);
-    const Span part = split_part(vocab, splits, blockIdx.y);
+    const int stride = slot_words(splits);
+    const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
     const Span mine = segment(part, threadIdx.x >> 5);
     double partial = 0.0;
     warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += kept_mass(i, x); });
@@ -167,7 +155,7 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
         token = NOT_FOUND;
         return true;
     }
-    const Span s = split_part(vocab, splits, passing);
+    const Span s = segment_of(Span{0, vocab}, splits, passing);
     auto kept = [&](int i, float x) { return kept_mass(i, x) > 0.0; };
     const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, left);
     token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
@@ -193,11 +181,11 @@ __device__ bool load_parts(const volatile unsigned int* row_parts, const volatil
     }
     __syncthreads();
     const bool whole = start[splits] >= 0;
-    const int slot = CANDIDATES / splits, lane = threadIdx.x & 31;
+    const int slot = slot_words(splits), lane = threadIdx.x & 31;
     for (int j = threadIdx.x >> 5; whole && j < splits; j += blockDim.x >> 5) {
         for (int m = lane; m < start[j + 1] - start[j]; m += 32) {
-            c.id[start[j] + m] = row_parts[2 * (j * slot + m)];
-            c.x[start[j] + m] = __uint_as_float(row_parts[2 * (j * slot + m) + 1]);
+            c.id[start[j] + m] = row_parts[j * slot + 2 * m];
+            c.x[start[j] + m] = __uint_as_float(row_parts[j * slot + 2 * m + 1]);
         }
     }
     __syncthreads();
@@ -230,13 +218,9 @@ __device__ void keep_from(Candidates& c, float least) {
 // fewer are), since ranking all of up to CANDIDATES keys thrice would
 // cost more than the parts took.
 __device__ int draw_merged(Candidates& c, const RowParams& p, float* band_from) {
-    float best = NEG_INF;
-    for (int a = threadIdx.x; a < c.count; a += blockDim.x) best = fmaxf(best, c.x[a]);
-    const float max = block_max(best) / p.temperature;
-    band_starts(max, p.temperature, band_from);
+    const float max = best_scaled(c.x, c.count, p.temperature, band_from);
     float held;
-    auto one = [](int, float) { return 1.0f; };
-    const int band = narrowest_band<CHEAP_LOADS>(c.x, c.count, band_from, one, (float)p.top_k, held);
+    const int band = band_holding(c.x, c.count, band_from, p.top_k, held);
     keep_from(c, band_from[min(band, BANDS - 1)]);
     return draw_among(c, p, max, band_from[BANDS - 1]);
 }
