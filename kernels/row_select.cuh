@@ -108,14 +108,6 @@ __device__ __forceinline__ void for_each_logit(const float* row, int vocab, F f)
     warp_for_each<LOADS>(row, s.begin, s.end, f);
 }
 
-// Sum of `amount(i, row[i])` over the row; every thread gets it.
-template <typename Amount>
-__device__ double row_sum(const float* row, Amount amount, int vocab) {
-    double partial = 0.0;
-    for_each_logit<COSTLY_LOADS>(row, vocab, [&](int i, float x) { partial += amount(i, x); });
-    return block_sum(partial);
-}
-
 // The lowest id whose running sum of `amount` (non-negative) in id order,
 // from `before` at `begin`, exceeds `target`, or NOT_FOUND: one warp scans
 // runs of SCAN_RUN ids a lane. The lane whose run passes the target finds
@@ -287,33 +279,58 @@ __device__ float best_scaled(const float* row, int n, float t, float* band_from)
     return max;
 }
 
-// The narrowest band whose sum of `amount(i, x)` reaches `need`, with
-// that sum in `held`, or BANDS where not even the floor's does; every
+// Each band's sum of `amount(i, x)` over row[0, n), into `sums`; every
 // thread gets them. A lane sums each band in f32 registers (exact for
 // counts below 2^24; a caller that sums masses allows for their rounding).
+// Returns this thread's share of the sum over the floor's band in double
+// (for a caller to block_sum where it needs the total: the pass then
+// weighs each logit once).
 template <int LOADS, typename Amount>
-__device__ int narrowest_band(const float* row, int vocab, const float* band_from, Amount amount, float need, float& held) {
-    float from[BANDS], sums[BANDS] = {};
+__device__ double band_sums(const float* row, int n, const float* band_from, Amount amount, float (&sums)[BANDS]) {
+    float from[BANDS];
 #pragma unroll
-    for (int band = 0; band < BANDS; ++band) from[band] = band_from[band];
-    for_each_logit<LOADS>(row, vocab, [&](int i, float x) {
+    for (int band = 0; band < BANDS; ++band) {
+        from[band] = band_from[band];
+        sums[band] = 0.0f;
+    }
+    double total = 0.0;
+    for_each_logit<LOADS>(row, n, [&](int i, float x) {
         if (!(x >= from[BANDS - 1])) return;
         const float a = amount(i, x);
+        total += (double)a;
 #pragma unroll
         for (int band = 0; band < BANDS; ++band)
             if (x >= from[band]) sums[band] += a;
     });
+#pragma unroll
+    for (int band = 0; band < BANDS; ++band) sums[band] = block_sum(sums[band]);
+    return total;
+}
+
+// The narrowest band whose sum reaches `need`, with that sum in `held`,
+// or BANDS where not even the floor's does.
+template <typename Sum>
+__device__ __forceinline__ int narrowest_of(const Sum (&sums)[BANDS], Sum need, Sum& held) {
     int narrowest = BANDS;
-    held = 0.0f;
+    held = 0;
 #pragma unroll
     for (int band = BANDS - 1; band >= 0; --band) {
-        const float sum = block_sum(sums[band]);
-        if (sum >= need) {
+        if (sums[band] >= need) {
             narrowest = band;
-            held = sum;
+            held = sums[band];
         }
     }
     return narrowest;
+}
+
+// The narrowest band whose sum of `amount(i, x)` reaches `need`, with
+// that sum in `held`, or BANDS where not even the floor's does; every
+// thread gets them (band_sums).
+template <int LOADS, typename Amount>
+__device__ int narrowest_band(const float* row, int vocab, const float* band_from, Amount amount, float need, float& held) {
+    float sums[BANDS];
+    band_sums<LOADS>(row, vocab, band_from, amount, sums);
+    return narrowest_of(sums, need, held);
 }
 
 // The narrowest band holding `count` logits of row[0, n), with how many
@@ -323,9 +340,16 @@ __device__ int band_holding(const float* row, int n, const float* band_from, uns
     return narrowest_band<CHEAP_LOADS>(row, n, band_from, one, (float)count, held);
 }
 
+// How many logits of row[0, n) are at least `least`; every thread gets it.
+__device__ int count_from(const float* row, int n, float least) {
+    int count = 0;
+    for_each_logit<CHEAP_LOADS>(row, n, [&](int, float x) { count += x >= least; });
+    return block_sum(count);
+}
+
 // A row's keys in one band, gathered into shared memory in no particular
-// order, where a top-k cut's band holds at most CANDIDATES of them: the
-// top-k and top-p thresholds are then found there, where otherwise each
+// order, where a cut's band holds at most CANDIDATES of them: the top-k
+// and top-p thresholds are then found there, where otherwise each
 // takes a radix selection of four passes over the row and a search for
 // its ties. `key` holds what the cut at hand orders them by.
 struct Candidates {

@@ -22,7 +22,8 @@
 // Where top-k's band holds at most CANDIDATES keys, they are gathered into
 // shared memory instead, and both cuts are found there by ranking them
 // (what top-p weighs lies within top-k), and the draw walks the kept ones
-// there in id order.
+// there in id order. So is top-p's band, for a row with no top-k, with
+// the row's total mass.
 //
 // The passes over a row and the selections on them are in row_select.cuh.
 
@@ -165,9 +166,11 @@ __device__ int draw_gathered(Candidates& c, Kept kept, Weight weight, float unif
 // likely, ties to the lower id, until their mass reaches top_p of the
 // total, both summed in that order), and the draw walks the kept ones in
 // id order. `max` is the row's best scaled logit and `floor` the least
-// logit whose scaled value lies within NEGLIGIBLE of it; NOT_FOUND where
-// none is kept.
-__device__ int draw_among(Candidates& c, const RowParams& p, float max, float floor) {
+// logit whose scaled value lies within NEGLIGIBLE of it. The total is the
+// candidates' where they hold all the row weighs before top-p (its
+// top-k), else `row_mass` (a row with no top-k, whose candidates hold
+// top-p's band). NOT_FOUND where none is kept.
+__device__ int draw_among(Candidates& c, const RowParams& p, float max, float floor, const double* row_mass) {
     const float t = p.temperature;
     auto score_key = [&](float x) { return order_key(x / t); };
     auto weight = [&](float x) { return expf(x / t - max); };
@@ -197,15 +200,21 @@ __device__ int draw_among(Candidates& c, const RowParams& p, float max, float fl
         __shared__ int last;
         if (threadIdx.x == 0) {
             double total = 0.0, running = 0.0;
-            for (int m = 0; m < members; ++m) total += (double)__uint_as_float(c.key[c.order[m]]);
+            if (row_mass) {
+                total = *row_mass;
+            } else {
+                for (int m = 0; m < members; ++m) total += (double)__uint_as_float(c.key[c.order[m]]);
+            }
             const double need = (double)p.top_p * total;
             int m = 0;
             while (m < members - 1 && (running += (double)__uint_as_float(c.key[c.order[m]])) < need) ++m;
-            last = c.order[m];
+            last = members > 0 ? c.order[m] : -1;
         }
         __syncthreads();
-        p_pivot = c.key[last];
-        p_cutoff = (int)c.id[last];
+        if (last >= 0) {
+            p_pivot = c.key[last];
+            p_cutoff = (int)c.id[last];
+        }
         __syncthreads();
     }
     auto kept = [&](int i, float x) {
@@ -227,6 +236,33 @@ __device__ int last_kept(const float* row, int n, Kept kept) {
     });
     __syncthreads();
     return last;
+}
+
+// The draw from a whole row among the ids `before_top_p` admits, less,
+// with a top-p, those past its cut: the most likely (ties to the lower id)
+// until their mass reaches `need`, all at or above `least` (a band that
+// holds that mass), found by radix selection over the row.
+template <typename BeforeTopP, typename Weight>
+__device__ int draw_kept(const float* row, int vocab, const RowParams& p, BeforeTopP before_top_p, Weight weight,
+                         double need, float least) {
+    auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
+    unsigned int p_pivot = 0;
+    int p_cutoff = NOT_FOUND;
+    if (p.top_p < 1.0f) {
+        auto counted = [&](int i, float x) { return x >= least && before_top_p(i, x) ? (double)weight(x) : 0.0; };
+        p_pivot = select_from_top(row, weight_key, counted, vocab, need);
+        const double tie = (double)__uint_as_float(p_pivot);
+        p_cutoff = tie_cutoff(row, weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
+    }
+    auto kept = [&](int i, float x) {
+        if (!before_top_p(i, x)) return false;
+        const unsigned int k = weight_key(x);
+        return k > p_pivot || (k == p_pivot && i <= p_cutoff);
+    };
+    auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
+    const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
+    // Rounding put the draw past the last kept token: take that one.
+    return token != NOT_FOUND ? token : last_kept(row, vocab, kept);
 }
 
 // The draw from a whole (adjusted) row on one block. `band_from` is
@@ -253,7 +289,7 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
         const float least = band_from[band];
         if (band < BANDS && held <= (float)CANDIDATES) {
             gather(row, vocab, [&](float x) { return x >= least; }, candidates);
-            return draw_among(candidates, p, max, floor);
+            return draw_among(candidates, p, max, floor, nullptr);
         }
         if (band < BANDS) {
             double need = (double)p.top_k;
@@ -268,32 +304,27 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
     };
     auto before_top_p = [&](int i, float x) { return above_floor(x) && in_top_k(i, x) && weight(x) >= p.min_p; };
 
-    auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
-    unsigned int p_pivot = 0;
-    int p_cutoff = NOT_FOUND;
+    double need = 0.0;
+    float least = 0.0f;
     if (p.top_p < 1.0f) {
-        auto mass = [&](int i, float x) { return before_top_p(i, x) ? (double)weight(x) : 0.0; };
-        double need = (double)p.top_p * row_sum(row, mass, vocab);
-        // A band's f32 sums may fall short of its mass by their rounding:
-        // asking a thousandth more keeps every band chosen a true bound.
-        auto band_mass = [&](int i, float x) { return (float)mass(i, x); };
-        float held;
-        const int band = narrowest_band<COSTLY_LOADS>(row, vocab, band_from, band_mass, (float)(need * 1.001), held);
-        const float least = band_from[band];
-        auto counted = [&](int i, float x) { return x >= least ? mass(i, x) : 0.0; };
-        p_pivot = select_from_top(row, weight_key, counted, vocab, need);
-        const double tie = (double)__uint_as_float(p_pivot);
-        p_cutoff = tie_cutoff(row, weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
+        // One pass weighs each logit for the total (in double, as the host
+        // sums) and for the bands (f32, which may fall short of a band's
+        // mass by their rounding: asking a thousandth more keeps every band
+        // chosen a true bound).
+        auto mass = [&](int i, float x) { return before_top_p(i, x) ? weight(x) : 0.0f; };
+        float sums[BANDS], held;
+        const double total = block_sum(band_sums<COSTLY_LOADS>(row, vocab, band_from, mass, sums));
+        need = (double)p.top_p * total;
+        const int band = narrowest_of(sums, (float)(need * 1.001), held);
+        least = band_from[band];
+        // With no top-k, a band of few keys holds the nucleus: its cut and
+        // the draw are made among them.
+        if (!has_top_k(p, vocab) && band < BANDS && count_from(row, vocab, least) <= CANDIDATES) {
+            gather(row, vocab, [&](float x) { return x >= least; }, candidates);
+            return draw_among(candidates, p, max, floor, &total);
+        }
     }
-    auto kept = [&](int i, float x) {
-        if (!before_top_p(i, x)) return false;
-        const unsigned int k = weight_key(x);
-        return k > p_pivot || (k == p_pivot && i <= p_cutoff);
-    };
-    auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
-    const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
-    // Rounding put the draw past the last kept token: take that one.
-    return token != NOT_FOUND ? token : last_kept(row, vocab, kept);
+    return draw_kept(row, vocab, p, before_top_p, weight, need, least);
 }
 
 // Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it
@@ -320,7 +351,7 @@ __device__ __forceinline__ unsigned int drawn_pick(int token) { return token == 
 // CANDIDATES, 2], counts [rows, SPLIT_BLOCKS] and arrivals [rows] (zeros)
 // serve the rows split over them (splits_of); the others run on their
 // first block alone.
-extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
+extern "C" __global__ void __launch_bounds__(512, 2) sample_f32(unsigned int* __restrict__ out, unsigned int* __restrict__ previous,
                                       const unsigned int* __restrict__ coming, int previous_rows,
                                       float* __restrict__ logits, const RowParams* __restrict__ params,
                                       const unsigned int* __restrict__ adjustments, unsigned int* __restrict__ parts,
@@ -342,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(512) sample_f32(unsigned int* __res
         unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
         if (weighs) {
             int token;
-            if (draw_by_parts(row, p, vocab, splits, row_parts, arrivals, band_from, token))
+            if (draw_by_parts(row, p, vocab, splits, row_parts, arrivals, candidates, band_from, token))
                 put_pick(out, previous, previous_rows, drawn_pick(token));
             return;
         }

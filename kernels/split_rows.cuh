@@ -1,6 +1,6 @@
 // The rows of a sampling launch of few rows that split over several
 // blocks. kernels/sampling.cu includes this after what it reuses: RowParams,
-// has_top_k, draw_among, last_kept and argmax_pick.
+// has_top_k, draw_among, draw_kept, last_kept and argmax_pick.
 
 // A row of a launch of few rows may be split over several of its gridDim.y
 // blocks, so that it streams through as many SMs: each block adjusts the
@@ -13,15 +13,16 @@
 // lies among them, so the draw is among them. Where a part's k best lie
 // in a band of more than CANDIDATES keys, it leaves OVERFLOWED, and the
 // last block draws from the whole row alone. A drawn row that weighs_all
-// splits over every block: a part leaves its kept mass (draw_by_parts).
+// splits over every block: a part leaves its kept mass, and with a top-p
+// its band sums (draw_by_parts).
 #define SPLIT_BLOCKS 32
 #define OVERFLOWED 0xffffffffu
 
-// Whether a drawn row keeps all it has above the floor that min-p keeps
-// (no top-k, no top-p) and has nothing to adjust, so that every block of
-// it may read the whole row as it is.
+// Whether a drawn row weighs every id it has above the floor (no top-k)
+// and has nothing to adjust, so that every block of it may read the whole
+// row as it is.
 __device__ bool weighs_all(const RowParams& p, int vocab) {
-    return !has_top_k(p, vocab) && p.top_p >= 1.0f && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+    return !has_top_k(p, vocab) && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
 }
 
 // The blocks row `p` runs on: all of them for a greedy row or one that
@@ -101,63 +102,139 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
     return argmax_pick(index);
 }
 
+// A weighing part's slot: its kept mass (a double, low word first), then,
+// where the row has a top-p, each band's mass and number of keys (floats).
+#define MASS_WORDS 2
+#define SUMMARY_WORDS (MASS_WORDS + 2 * BANDS)
+
+// Leaves this block's part of a row that weighs_all in its slot: its kept
+// mass, and with a top-p its band sums (band_sums, from the row's bands).
+template <typename Weighed, typename Weight>
+__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, Weighed weighed,
+                           Weight weight, unsigned int* slot) {
+    auto kept_mass = [&](int, float x) { return weighed(x) ? weight(x) : 0.0f; };
+    const float* ids = row + part.begin;
+    const int n = part.end - part.begin;
+    float masses[BANDS], counts[BANDS];
+    double partial = 0.0;
+    if (nucleus) {
+        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, kept_mass, masses);
+        band_sums<CHEAP_LOADS>(ids, n, band_from, [](int, float) { return 1.0f; }, counts);
+    } else {
+        for_each_logit<COSTLY_LOADS>(ids, n, [&](int i, float x) { partial += (double)kept_mass(i, x); });
+    }
+    const unsigned long long mass = __double_as_longlong(block_sum(partial));
+    if (threadIdx.x != 0) return;
+    slot[0] = (unsigned int)mass;
+    slot[1] = (unsigned int)(mass >> 32);
+    for (int band = 0; nucleus && band < BANDS; ++band) {
+        slot[MASS_WORDS + band] = __float_as_uint(masses[band]);
+        slot[MASS_WORDS + BANDS + band] = __float_as_uint(counts[band]);
+    }
+}
+
+// What the last block of a row that weighs_all makes of its parts'
+// slots: the row's kept mass; with a top-p, the narrowest band whose
+// mass reaches top_p of it (or BANDS) and how many keys that band holds;
+// else the part where the draw lands (-1 where nothing is kept) and what
+// the draw must still pass there.
+struct Weighing {
+    double total, left;
+    int band, count, passing;
+};
+
+// Reads the parts' slots (all at once, into shared memory: one thread's
+// loads, one after another, would each wait a round trip) and weighs them.
+__device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const RowParams& p, int splits, bool nucleus) {
+    __shared__ unsigned int summary[SPLIT_BLOCKS * SUMMARY_WORDS];
+    __shared__ double band_mass[BANDS];
+    __shared__ int band_count[BANDS];
+    __shared__ Weighing weighing;
+    const int words = nucleus ? SUMMARY_WORDS : MASS_WORDS, stride = slot_words(splits);
+    for (int w = threadIdx.x; w < splits * words; w += blockDim.x) summary[w] = row_parts[w / words * stride + w % words];
+    __syncthreads();
+    auto word = [&](int j, int at) { return summary[j * words + at]; };
+    if (nucleus && threadIdx.x < BANDS) {
+        double mass = 0.0;
+        float count = 0.0f;
+        for (int j = 0; j < splits; ++j) {
+            mass += (double)__uint_as_float(word(j, MASS_WORDS + threadIdx.x));
+            count += __uint_as_float(word(j, MASS_WORDS + BANDS + threadIdx.x));
+        }
+        band_mass[threadIdx.x] = mass;
+        band_count[threadIdx.x] = (int)count;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        auto mass_of = [&](int j) { return __longlong_as_double((long long)word(j, 0) | (long long)word(j, 1) << 32); };
+        Weighing w{0.0, 0.0, BANDS, 0, -1};
+        for (int j = 0; j < splits; ++j) w.total += mass_of(j);
+        if (nucleus) {
+            // As a block's sums are f32, a thousandth more is asked of them (draw_row).
+            double held;
+            w.band = narrowest_of(band_mass, (double)p.top_p * w.total * 1.001, held);
+            w.count = w.band < BANDS ? band_count[w.band] : 0;
+        } else {
+            const double target = (double)p.uniform * w.total;
+            double running = 0.0;
+            int j = 0;
+            for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
+                if (mass_of(j) > 0.0) w.passing = j;
+                running += mass_of(j);
+            }
+            // Rounding may leave every part short of the target: the last
+            // kept token of the last part with any mass is the pick then.
+            w.left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
+            if (j < splits) w.passing = j;
+        }
+        weighing = w;
+    }
+    __syncthreads();
+    const Weighing result = weighing;
+    __syncthreads();
+    return result;
+}
+
 // A split row that weighs_all: every block finds the row's best (the
 // weights are relative to it, so each reads the whole row) and sums its
-// own part's kept weights into its slot. The last to finish walks the
-// parts' masses in id order to the one where the running mass passes
-// uniform × the total, and searches that part alone, as draw_row searches
-// the row. Returns whether this block was the last, with the pick in
-// `token` (NOT_FOUND where nothing is kept).
+// own part's kept weights into its slot. The last to finish weighs the
+// parts. With a top-p, where the band that holds its mass has at most
+// CANDIDATES keys, it gathers them from the row and draws among them, else
+// it draws from the whole row (draw_kept). Without, it searches only the
+// part where the draw lands, as draw_row searches the row. Returns whether
+// this block was the last, with the pick in `token` (NOT_FOUND where
+// nothing is kept).
 __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, int splits, unsigned int* row_parts,
-                              unsigned int* arrivals, float* band_from, int& token) {
+                              unsigned int* arrivals, Candidates& c, float* band_from, int& token) {
     const float t = p.temperature;
     const float max = best_scaled(row, vocab, t, band_from);
     const float floor = band_from[BANDS - 1];
-    auto kept_mass = [&](int, float x) {
-        if (!(x >= floor)) return 0.0;
-        const float w = expf(x / t - max);
-        return w >= p.min_p ? (double)w : 0.0;
-    };
-    const int stride = slot_words(splits);
-    const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
-    const Span mine = segment(part, threadIdx.x >> 5);
-    double partial = 0.0;
-    warp_for_each<COSTLY_LOADS>(row, mine.begin, mine.end, [&](int i, float x) { partial += kept_mass(i, x); });
-    const unsigned long long mass = __double_as_longlong(block_sum(partial));
-    if (threadIdx.x == 0) {
-        row_parts[blockIdx.y * stride] = (unsigned int)mass;
-        row_parts[blockIdx.y * stride + 1] = (unsigned int)(mass >> 32);
-    }
+    auto weight = [&](float x) { return expf(x / t - max); };
+    auto weighed = [&](float x) { return x >= floor && weight(x) >= p.min_p; };
+    const bool nucleus = p.top_p < 1.0f;
+    leave_mass(row, segment_of(Span{0, vocab}, splits, blockIdx.y), nucleus, band_from, weighed, weight,
+               row_parts + blockIdx.y * slot_words(splits));
     if (!last_to_finish(arrivals, splits)) return false;
-    __shared__ int passing;
-    __shared__ double left;
-    if (threadIdx.x == 0) {
-        const volatile unsigned int* found = row_parts;
-        auto mass_of = [&](int j) {
-            return __longlong_as_double((long long)found[j * stride] | (long long)found[j * stride + 1] << 32);
-        };
-        double total = 0.0;
-        for (int j = 0; j < splits; ++j) total += mass_of(j);
-        const double target = (double)p.uniform * total;
-        double running = 0.0;
-        int j = 0, last = -1;
-        for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
-            if (mass_of(j) > 0.0) last = j;
-            running += mass_of(j);
+    const Weighing w = weigh_parts(row_parts, p, splits, nucleus);
+    auto before_top_p = [&](int, float x) { return weighed(x); };
+    if (nucleus) {
+        const float least = band_from[w.band];
+        if (w.band < BANDS && w.count <= CANDIDATES) {
+            gather(row, vocab, [&](float x) { return x >= least; }, c);
+            token = draw_among(c, p, max, floor, &w.total);
+        } else {
+            token = draw_kept(row, vocab, p, before_top_p, weight, (double)p.top_p * w.total, least);
         }
-        // Rounding may leave every part short of the target: the last
-        // kept token of the last part with any mass is the pick then.
-        passing = j < splits ? j : last;
-        left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
+        return true;
     }
-    __syncthreads();
-    if (passing < 0) {
+    if (w.passing < 0) {
         token = NOT_FOUND;
         return true;
     }
-    const Span s = segment_of(Span{0, vocab}, splits, passing);
-    auto kept = [&](int i, float x) { return kept_mass(i, x) > 0.0; };
-    const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, left);
+    const Span s = segment_of(Span{0, vocab}, splits, w.passing);
+    auto kept_mass = [&](int, float x) { return weighed(x) ? (double)weight(x) : 0.0; };
+    auto kept = [&](int i, float x) { return weighed(x); };
+    const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, w.left);
     token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
     return true;
 }
@@ -222,5 +299,5 @@ __device__ int draw_merged(Candidates& c, const RowParams& p, float* band_from) 
     float held;
     const int band = band_holding(c.x, c.count, band_from, p.top_k, held);
     keep_from(c, band_from[min(band, BANDS - 1)]);
-    return draw_among(c, p, max, band_from[BANDS - 1]);
+    return draw_among(c, p, max, band_from[BANDS - 1], nullptr);
 }

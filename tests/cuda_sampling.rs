@@ -182,9 +182,9 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
 
 /// A step of at most 8 rows splits a drawn row whose top-k keeps at most
 /// 256 over blocks too, as many as leave each part room for its k best
-/// among 512, and one with no cut but the floor and min-p and nothing to
-/// adjust over every block (the draw walks the parts' masses): the draw
-/// must be the host's. Each cut with a top-k, on fine and coarse logits
+/// among 512, and one with no top-k and nothing to adjust over every block
+/// (the draw walks the parts' masses, or top-p's cut gathers the band the
+/// parts' band sums choose): the draw must be the host's. Each cut with a top-k, on fine and coarse logits
 /// (ties at the k-th across parts), with penalties on ids of every part; a
 /// flat row (each part of a Qwen2-sized row ties more than 512 at its
 /// k-th: the last block then draws from the whole row alone); a top-k of
@@ -192,21 +192,27 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
 /// temperature alone, fine, coarse with min-p and flat, and one with
 /// penalties (one block: its best logit, in a middle part, is penalized,
 /// which a block reading the whole row before that part's adjustment
-/// would miss). Draws of 0 and 0.999 reach the first and last
+/// would miss); rows cut by top-p alone: peaked (ids of every part lead,
+/// tied in sevens across parts: the band holds them), spread (a
+/// Qwen2-sized row's band holds thousands: the last block selects over the
+/// whole row), flat, peaked with a top-p too near 1 for any band and a
+/// min-p, and peaked with penalties (one block, whose band holds the
+/// nucleus too). Draws of 0 and 0.999 reach the first and last
 /// parts. Each step runs twice, so a count of finished parts that is not
 /// set back to zero shows.
 #[test]
 fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
+    const KINDS: usize = 17;
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::seeded(41);
     for vocab in [151_936usize, 1040, 33] {
         let spread: Vec<u32> = (0..vocab as u32).step_by(vocab / 40 + 1).chain([vocab as u32 - 1]).collect();
-        for (rows, shifts) in [(1, 12), (3, 4), (8, 2)] {
+        for (rows, shifts) in [(1, KINDS), (3, 6), (8, 3)] {
             for shift in 0..shifts {
                 let mut values = random(rows * vocab, (vocab + 10 * rows + shift) as u64);
                 let sampling: Vec<RowSampling> = (0..rows)
                     .map(|r| {
-                        let kind = (r + rows * shift) % 12;
+                        let kind = (r + rows * shift) % KINDS;
                         let (temperature, top_k, top_p, min_p) = [
                             (0.7, 20, 0.8, 0.0),
                             (1.0, 1, 1.0, 0.0),
@@ -220,18 +226,28 @@ fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
                             (1.3, 0, 1.0, 0.05),
                             (0.8, 0, 1.0, 0.0),
                             (1.0, 0, 1.0, 0.0),
+                            (1.0, 0, 0.8, 0.0),
+                            (1.0, 0, 0.9, 0.0),
+                            (0.9, 0, 0.9, 0.0),
+                            (1.0, 0, 0.9995, 0.05),
+                            (0.8, 0, 0.9, 0.0),
                         ][kind];
                         let row = &mut values[r * vocab..(r + 1) * vocab];
                         match kind {
                             2 | 3 | 9 => row.iter_mut().for_each(|v| *v = (*v * 12.0).floor()),
-                            6 | 11 => row.fill(1.0),
+                            6 | 11 | 14 => row.fill(1.0),
                             // The best logit is one a penalty lowers, in a middle
                             // part of a row flat enough that every part's mass counts.
                             10 => row[spread[spread.len() / 2] as usize] = 3.0,
                             _ => row.iter_mut().for_each(|v| *v *= 9.0),
                         }
+                        if matches!(kind, 12 | 15 | 16) {
+                            for (j, &t) in spread.iter().enumerate() {
+                                row[t as usize] = 12.0 - 0.05 * (j % 7) as f32;
+                            }
+                        }
                         let adjustments = match kind {
-                            0 | 7 | 10 => spread.iter().map(|&t| LogitAdjustment::from_parts(t, 0.0, 0, true)).collect(),
+                            0 | 7 | 10 | 16 => spread.iter().map(|&t| LogitAdjustment::from_parts(t, 0.0, 0, true)).collect(),
                             3 => spread
                                 .iter()
                                 .map(|&t| LogitAdjustment::from_parts(t, 1.5, t % 3, t % 2 == 0))

@@ -5,7 +5,8 @@
 //! cuBLAS at 9 (bytes: the weights); and decode attention over `--context`
 //! cached tokens at batch 1 and 64 (bytes: the keys and values); and the
 //! sampling kernel on 1 and 64 rows of the vocabulary, greedy, drawn at
-//! temperature 1 and drawn with Qwen2.5's cuts (bytes: the logits, once).
+//! temperature 1, with top-p alone and with Qwen2.5's cuts (bytes: the
+//! logits, once).
 //! Also the attention of a `--context`-token prompt's prefill, which
 //! computes more than it reads: its multiply-adds a second.
 
@@ -224,11 +225,12 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
 }
 
 /// The rows `bench --kernels` samples: greedy; drawn at temperature 1 with
-/// no cut (the OpenAI API's default); and Qwen2.5-Instruct's
-/// generation_config.json (what serve applies to a request that sets none),
-/// without and with its repetition penalty over a 2,048-token sequence's
-/// distinct ids (sent a word each).
-fn sampling_kinds() -> [(&'static str, RowSampling); 4] {
+/// no cut (the OpenAI API's default) and with a top-p of 0.9 alone (what an
+/// OpenAI client often sets, for a model whose generation_config.json sets
+/// no top-k); and Qwen2.5-Instruct's generation_config.json (what serve
+/// applies to a request that sets none), without and with its repetition
+/// penalty over a 2,048-token sequence's distinct ids (sent a word each).
+fn sampling_kinds() -> [(&'static str, RowSampling); 5] {
     let drawn = |temperature, top_k, top_p| RowSampling {
         temperature,
         top_k,
@@ -245,6 +247,7 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 4] {
     [
         ("greedy", RowSampling::greedy()),
         ("temperature 1", drawn(1.0, 0, 1.0)),
+        ("top-p 0.9", drawn(1.0, 0, 0.9)),
         ("top-k 20, top-p 0.8", drawn(0.7, 20, 0.8)),
         ("top-k 20, top-p 0.8, 2,048 penalized ids", penalized),
     ]
@@ -262,7 +265,8 @@ fn sampling(
     let Step { mut step, .. } = step_of(gpu, config, (rows, 0, 1), &vec![row.clone(); rows])?;
     let mut logits = gpu.zeros(rows, vocab)?;
     // Gumbel-distributed, a tail like a language model's: top-k 20's band
-    // holds a few dozen ids, so the cuts take the gathered path.
+    // holds a few dozen ids, and top-p 0.9's at temperature 1 about as
+    // many, so the cuts take the gathered path.
     let values: Vec<f32> = (0..rows * vocab).map(|_| -2.0 * (-rng.next_f32().max(1e-9).ln()).ln()).collect();
     logits.copy_from_host(&values)?;
     let what = format!("sampling {how}, {rows} row{} of {vocab}", if rows == 1 { "" } else { "s" });

@@ -1,7 +1,8 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
 //! adjustments packed into the step's inputs, one block per row (several
-//! for a greedy row, or one whose top-k keeps few, in a step of a few
-//! rows), and only the token ids copied back.
+//! for a greedy row, one whose top-k keeps few, or one with no top-k and
+//! nothing to adjust, in a step of a few rows), and only the token ids
+//! copied back.
 
 use super::ops::check;
 use super::timeline::StepSpan;
@@ -19,9 +20,10 @@ pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
 /// A launch of at most `SPLIT_ROWS` rows has `SPLIT_BLOCKS / rows` blocks
 /// a row (`SPLIT_BLOCKS` in the kernel too): one SM reads a 151,936-id row
-/// in ≈ 5 µs a pass. A greedy row splits over all of them; a drawn row
-/// whose top-k keeps at most `CANDIDATES / 2` over as many as leave room
-/// for each part's k best among the row's `CANDIDATES` (the kernel's).
+/// in ≈ 5 µs a pass. A greedy row splits over all of them, as does a drawn
+/// row with no top-k and nothing to adjust; a drawn row whose top-k keeps
+/// at most `CANDIDATES / 2` over as many as leave room for each part's k
+/// best among the row's `CANDIDATES` (the kernel's).
 const SPLIT_ROWS: usize = 8;
 const SPLIT_BLOCKS: usize = 32;
 const CANDIDATES: usize = 512;
@@ -93,7 +95,8 @@ fn blocks_a_row(rows: usize) -> usize {
 
 /// What the blocks of a split row leave for the last of them: each
 /// block's (id, logit) pairs (`[SPLIT_ROWS, CANDIDATES, 2]` words: its
-/// argmax, or its k best) and how many (`[SPLIT_ROWS, SPLIT_BLOCKS]`), and
+/// argmax, or its k best; or its kept mass and band sums) and how many
+/// (`[SPLIT_ROWS, SPLIT_BLOCKS]`), and
 /// a count a row of the blocks done (zeros; the last sets it back).
 pub(super) struct SplitRows {
     parts: CudaSlice<u32>,
