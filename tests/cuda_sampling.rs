@@ -131,8 +131,9 @@ fn sampling_picks_the_tokens_the_host_picks() {
     }
 }
 
-/// A step of at most 8 rows splits each greedy row over blocks (32
-/// between the rows); the parts' maxima must merge to the host's pick.
+/// A step of rows that leave each other two SMs or more splits each greedy
+/// row over blocks (the emulated GPU's 132 SMs: 32 a row at most, 2 a row
+/// for 64 rows); the parts' maxima must merge to the host's pick.
 /// Rows tie at 5 in two parts (the lower id wins), or peak at the last id,
 /// or lose their peak to a penalty (each part adjusts its own ids); among
 /// them, a row drawn at temperature 1 alone splits its draw (each part
@@ -145,7 +146,7 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
     let Some(gpu) = gpu() else { return };
     for vocab in [151_936usize, 1040, 33] {
         let (first, second) = (vocab / 3, 2 * vocab / 3);
-        for rows in [1, 2, 3, 8] {
+        for rows in [1, 2, 3, 8, 64] {
             for shift in 0..2 {
                 let mut values = random(rows * vocab, (vocab + rows + shift) as u64);
                 let sampling: Vec<RowSampling> = (0..rows)
@@ -180,26 +181,26 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
     }
 }
 
-/// A step of at most 8 rows splits a drawn row whose top-k keeps at most
-/// 256 over blocks too, as many as leave each part room for its k best
-/// among 512, and one with no top-k and nothing to adjust over every block
-/// (the draw walks the parts' masses, or top-p's cut gathers the band the
-/// parts' band sums choose): the draw must be the host's. Each cut with a top-k, on fine and coarse logits
-/// (ties at the k-th across parts), with penalties on ids of every part; a
-/// flat row (each part of a Qwen2-sized row ties more than 512 at its
-/// k-th: the last block then draws from the whole row alone); a top-k of
-/// 300 (one block); a greedy row with penalties; rows drawn at a
-/// temperature alone, fine, coarse with min-p and flat, and one with
-/// penalties (one block: its best logit, in a middle part, is penalized,
-/// which a block reading the whole row before that part's adjustment
-/// would miss); rows cut by top-p alone: peaked (ids of every part lead,
-/// tied in sevens across parts: the band holds them), spread (a
-/// Qwen2-sized row's band holds thousands: the last block selects over the
-/// whole row), flat, peaked with a top-p too near 1 for any band and a
-/// min-p, and peaked with penalties (one block, whose band holds the
-/// nucleus too). Draws of 0 and 0.999 reach the first and last
-/// parts. Each step runs twice, so a count of finished parts that is not
-/// set back to zero shows.
+/// A step of few rows (1, 3, 8 and 64 here) splits a drawn row whose
+/// top-k keeps at most 256 over blocks too, as many as leave each part
+/// room for its k best among 512, and one with no top-k and nothing to
+/// adjust over every block (the draw walks the parts' masses, or top-p's
+/// cut gathers the band the parts' band sums choose): the draw must be the
+/// host's. Each cut with a top-k, on fine and coarse logits (ties at the
+/// k-th across parts), with penalties on ids of every part; a flat row
+/// (each part of a Qwen2-sized row ties more than 512 at its k-th: the
+/// last block then draws from the whole row alone); a top-k of 300 (one
+/// block); a greedy row with penalties; rows drawn at a temperature alone,
+/// fine, coarse with min-p and flat, and one with penalties (one block:
+/// its best logit, in a middle part, is penalized, which a block reading
+/// the whole row before that part's adjustment would miss); rows cut by
+/// top-p alone: peaked (ids of every part lead, tied in sevens across
+/// parts: the band holds them), spread (a Qwen2-sized row's band holds
+/// thousands: the last block selects over the whole row), flat, peaked
+/// with a top-p too near 1 for any band and a min-p, and peaked with
+/// penalties (one block, whose band holds the nucleus too). Draws of 0 and
+/// 0.999 reach the first and last parts. Each step runs twice, so a count
+/// of finished parts that is not set back to zero shows.
 #[test]
 fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
     const KINDS: usize = 17;
@@ -207,7 +208,7 @@ fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
     let mut rng = Rng::seeded(41);
     for vocab in [151_936usize, 1040, 33] {
         let spread: Vec<u32> = (0..vocab as u32).step_by(vocab / 40 + 1).chain([vocab as u32 - 1]).collect();
-        for (rows, shifts) in [(1, KINDS), (3, 6), (8, 3)] {
+        for (rows, shifts) in [(1, KINDS), (3, 6), (8, 3), (64, 1)] {
             for shift in 0..shifts {
                 let mut values = random(rows * vocab, (vocab + 10 * rows + shift) as u64);
                 let sampling: Vec<RowSampling> = (0..rows)

@@ -224,7 +224,7 @@ impl CudaBackend {
         let arrivals = stream
             .alloc_zeros(counters)
             .map_err(alloc_error("attention's merge counters", counters * 4))?;
-        let split_rows = sampling::SplitRows::new(&stream)?;
+        let split_rows = sampling::SplitRows::new(&stream, multiprocessors)?;
         Ok(CudaBackend {
             stream,
             blas,

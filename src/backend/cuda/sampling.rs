@@ -1,8 +1,8 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
 //! adjustments packed into the step's inputs, one block per row (several
 //! for a greedy row, one whose top-k keeps few, or one with no top-k and
-//! nothing to adjust, in a step of a few rows), and only the token ids
-//! copied back.
+//! nothing to adjust, in a step of at most half as many rows as the GPU
+//! has SMs), and only the token ids copied back.
 
 use super::ops::check;
 use super::timeline::StepSpan;
@@ -18,13 +18,13 @@ const SAMPLE_THREADS: u32 = 512;
 /// see [`adjustment_width`]).
 pub const PARAM_WORDS: usize = 12;
 pub const ADJUSTMENT_WORDS: usize = 3;
-/// A launch of at most `SPLIT_ROWS` rows has `SPLIT_BLOCKS / rows` blocks
-/// a row (`SPLIT_BLOCKS` in the kernel too): one SM reads a 151,936-id row
-/// in ≈ 5 µs a pass. A greedy row splits over all of them, as does a drawn
-/// row with no top-k and nothing to adjust; a drawn row whose top-k keeps
-/// at most `CANDIDATES / 2` over as many as leave room for each part's k
-/// best among the row's `CANDIDATES` (the kernel's).
-const SPLIT_ROWS: usize = 8;
+/// A launch of rows that leave each row two SMs or more has as many blocks
+/// a row as there are SMs for it, up to `SPLIT_BLOCKS` (the kernel's too):
+/// one SM reads a 151,936-id row in ≈ 5 µs a pass. A greedy row splits
+/// over all of them, as does a drawn row with no top-k and nothing to
+/// adjust; a drawn row whose top-k keeps at most `CANDIDATES / 2` over as
+/// many as leave room for each part's k best among the row's `CANDIDATES`
+/// (the kernel's).
 const SPLIT_BLOCKS: usize = 32;
 const CANDIDATES: usize = 512;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
@@ -85,19 +85,21 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
     }
 }
 
-/// The blocks of one sampled row: several where there are few rows.
-fn blocks_a_row(rows: usize) -> usize {
+/// The blocks of each of `rows` sampled rows on a GPU of `multiprocessors`
+/// SMs: the SMs a row has where it has two or more, else one.
+fn blocks_a_row(rows: usize, multiprocessors: usize) -> usize {
     match rows {
-        1..=SPLIT_ROWS => SPLIT_BLOCKS / rows,
+        0 => 1,
+        _ if 2 * rows <= multiprocessors => (multiprocessors / rows).min(SPLIT_BLOCKS),
         _ => 1,
     }
 }
 
-/// What the blocks of a split row leave for the last of them: each
-/// block's (id, logit) pairs (`[SPLIT_ROWS, CANDIDATES, 2]` words: its
-/// argmax, or its k best; or its kept mass and band sums) and how many
-/// (`[SPLIT_ROWS, SPLIT_BLOCKS]`), and
-/// a count a row of the blocks done (zeros; the last sets it back).
+/// What the blocks of a split row leave for the last of them, for the
+/// most rows that split (half the SMs): each block's (id, logit) pairs
+/// (`[rows, CANDIDATES, 2]` words: its argmax, or its k best; or its kept
+/// mass and band sums) and how many (`[rows, SPLIT_BLOCKS]`), and a count
+/// a row of the blocks done (zeros; the last sets it back).
 pub(super) struct SplitRows {
     parts: CudaSlice<u32>,
     counts: CudaSlice<u32>,
@@ -105,16 +107,17 @@ pub(super) struct SplitRows {
 }
 
 impl SplitRows {
-    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+    pub fn new(stream: &Arc<CudaStream>, multiprocessors: usize) -> Result<Self> {
+        let rows = (multiprocessors / 2).max(1);
         let words = |what: &'static str, n: usize| {
             stream
                 .alloc_zeros::<u32>(n)
                 .map_err(alloc_error(what, n * std::mem::size_of::<u32>()))
         };
         Ok(SplitRows {
-            parts: words("split sampling rows' parts", SPLIT_ROWS * CANDIDATES * 2)?,
-            counts: words("split sampling rows' part sizes", SPLIT_ROWS * SPLIT_BLOCKS)?,
-            arrivals: words("split sampling rows' counts", SPLIT_ROWS)?,
+            parts: words("split sampling rows' parts", rows * CANDIDATES * 2)?,
+            counts: words("split sampling rows' part sizes", rows * SPLIT_BLOCKS)?,
+            arrivals: words("split sampling rows' counts", rows)?,
         })
     }
 }
@@ -139,7 +142,7 @@ impl CudaBackend {
         let split = &self.split_rows;
         args.arg(&split.parts).arg(&split.counts).arg(&split.arrivals).arg(&vocab);
         let mut config = grid(rows, SAMPLE_THREADS, 0);
-        config.grid_dim.1 = blocks_a_row(rows) as u32;
+        config.grid_dim.1 = blocks_a_row(rows, self.multiprocessors) as u32;
         self.launch("sample_f32", args, config)
     }
 
@@ -199,6 +202,25 @@ pub struct SampledFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_split_over_the_sms_they_leave_each_other() {
+        assert_eq!(blocks_a_row(1, 132), SPLIT_BLOCKS);
+        assert_eq!(blocks_a_row(8, 132), 16);
+        assert_eq!(blocks_a_row(64, 132), 2);
+        assert_eq!(blocks_a_row(66, 132), 2);
+        assert_eq!(blocks_a_row(67, 132), 1);
+        assert_eq!(blocks_a_row(1, 1), 1);
+        for multiprocessors in [1, 2, 3, 78, 132] {
+            // SplitRows holds half the SMs' rows; the split ones must fit.
+            let held = (multiprocessors / 2).max(1);
+            for rows in 0..300 {
+                let blocks = blocks_a_row(rows, multiprocessors);
+                assert!((1..=SPLIT_BLOCKS).contains(&blocks), "{rows} rows on {multiprocessors} SMs");
+                assert!(blocks == 1 || (rows <= held && rows * blocks <= multiprocessors));
+            }
+        }
+    }
 
     #[test]
     fn rows_name_their_ranges_of_the_packed_adjustments() {
