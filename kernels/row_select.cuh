@@ -252,11 +252,12 @@ __device__ unsigned int select_from_top(const float* row, Key key, Amount amount
     return prefix;
 }
 
-// The id of the `count`-th element (from 1, in id order) at `pivot` among
-// those `in_set`; elements at the pivot up to it are kept. NOT_FOUND keeps them all.
-template <typename Key, typename InSet>
-__device__ int tie_cutoff(const float* row, Key key, InSet in_set, unsigned int pivot, double count, int vocab) {
-    auto at_pivot = [&](int i, float x) { return in_set(i, x) && key(x) == pivot ? 1.0 : 0.0; };
+// The id of the `count`-th element (from 1, in id order) whose key(i, x)
+// is `pivot`; elements at the pivot up to it are kept. NOT_FOUND keeps
+// them all.
+template <typename Key>
+__device__ int tie_cutoff(const float* row, Key key, unsigned int pivot, double count, int vocab) {
+    auto at_pivot = [&](int i, float x) { return key(i, x) == pivot ? 1.0 : 0.0; };
     return first_past(row, at_pivot, vocab, 0.0, count - 0.5);
 }
 

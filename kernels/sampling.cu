@@ -238,30 +238,34 @@ __device__ int last_kept(const float* row, int n, Kept kept) {
     return last;
 }
 
-// The draw from a whole row among the ids `before_top_p` admits, less,
-// with a top-p, those past its cut: the most likely (ties to the lower id)
-// until their mass reaches `need`, all at or above `least` (a band that
-// holds that mass), found by radix selection over the row.
-template <typename BeforeTopP, typename Weight>
-__device__ int draw_kept(const float* row, int vocab, const RowParams& p, BeforeTopP before_top_p, Weight weight,
-                         double need, float least) {
+// The draw from a whole row among the ids `weighed` admits (it gives an
+// id's weight, or 0 where the id is not kept before top-p: a kept weight
+// is at least e^-40), less, with a top-p, those past its cut: the most
+// likely (ties to the lower id) until their mass reaches `need`, all at
+// or above `least` (a band that holds that mass), found by radix
+// selection over the row. `weight` weighs a logit with no test.
+template <typename Weighed, typename Weight>
+__device__ int draw_kept(const float* row, int vocab, const RowParams& p, Weighed weighed, Weight weight, double need,
+                         float least) {
     auto weight_key = [&](float x) { return __float_as_uint(weight(x)); };
+    auto weighed_key = [&](int i, float x) { return __float_as_uint(weighed(i, x)); };
     unsigned int p_pivot = 0;
     int p_cutoff = NOT_FOUND;
     if (p.top_p < 1.0f) {
-        auto counted = [&](int i, float x) { return x >= least && before_top_p(i, x) ? (double)weight(x) : 0.0; };
+        auto counted = [&](int i, float x) { return x >= least ? (double)weighed(i, x) : 0.0; };
         p_pivot = select_from_top(row, weight_key, counted, vocab, need);
         const double tie = (double)__uint_as_float(p_pivot);
-        p_cutoff = tie_cutoff(row, weight_key, before_top_p, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
+        p_cutoff = tie_cutoff(row, weighed_key, p_pivot, fmax(1.0, ceil(need / tie)), vocab);
     }
-    auto kept = [&](int i, float x) {
-        if (!before_top_p(i, x)) return false;
-        const unsigned int k = weight_key(x);
-        return k > p_pivot || (k == p_pivot && i <= p_cutoff);
+    auto kept_weight = [&](int i, float x) {
+        const float w = weighed(i, x);
+        const unsigned int k = __float_as_uint(w);
+        return k > p_pivot || (k == p_pivot && i <= p_cutoff) ? w : 0.0f;
     };
-    auto kept_mass = [&](int i, float x) { return kept(i, x) ? (double)weight(x) : 0.0; };
+    auto kept_mass = [&](int i, float x) { return (double)kept_weight(i, x); };
     const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
     // Rounding put the draw past the last kept token: take that one.
+    auto kept = [&](int i, float x) { return kept_weight(i, x) > 0.0f; };
     return token != NOT_FOUND ? token : last_kept(row, vocab, kept);
 }
 
@@ -270,17 +274,14 @@ __device__ int draw_kept(const float* row, int vocab, const RowParams& p, Before
 __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candidates& candidates, float* band_from) {
     const float t = p.temperature;
     const float max = best_scaled(row, vocab, t, band_from);
-    auto scaled = [&](float x) { return x / t; };
-    auto weight = [&](float x) { return expf(scaled(x) - max); };
+    auto weight = [&](float x) { return expf(x / t - max); };
     const float floor = band_from[BANDS - 1];
-    auto above_floor = [&](float x) { return x >= floor; };
 
     // top-k over the whole row: when k is below the number above the
     // floor, the k best all lie in the narrowest band holding k of them;
     // otherwise the floor decides. Where that band holds at most
     // CANDIDATES keys, it holds every kept one: the draw is among them.
-    auto score_key = [&](float x) { return order_key(scaled(x)); };
-    auto everyone = [&](int, float) { return true; };
+    auto score_key = [&](float x) { return order_key(x / t); };
     unsigned int k_pivot = 0;
     int k_cutoff = NOT_FOUND;
     if (has_top_k(p, vocab)) {
@@ -295,14 +296,18 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
             double need = (double)p.top_k;
             auto counted = [&](int, float x) { return x >= least ? 1.0 : 0.0; };
             k_pivot = select_from_top(row, score_key, counted, vocab, need);
-            k_cutoff = tie_cutoff(row, score_key, everyone, k_pivot, need, vocab);
+            k_cutoff = tie_cutoff(row, [&](int, float x) { return score_key(x); }, k_pivot, need, vocab);
         }
     }
-    auto in_top_k = [&](int i, float x) {
-        const unsigned int k = score_key(x);
-        return k > k_pivot || (k == k_pivot && i <= k_cutoff);
+    // A logit's weight where it lies above the floor, in top-k and passes
+    // min-p, else 0: its scaled value and weight found once.
+    auto weighed = [&](int i, float x) {
+        const float s = x / t;
+        const float w = expf(s - max);
+        const unsigned int k = order_key(s);
+        const bool in_top_k = k > k_pivot || (k == k_pivot && i <= k_cutoff);
+        return x >= floor && in_top_k && w >= p.min_p ? w : 0.0f;
     };
-    auto before_top_p = [&](int i, float x) { return above_floor(x) && in_top_k(i, x) && weight(x) >= p.min_p; };
 
     double need = 0.0;
     float least = 0.0f;
@@ -311,9 +316,8 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
         // sums) and for the bands (f32, which may fall short of a band's
         // mass by their rounding: asking a thousandth more keeps every band
         // chosen a true bound).
-        auto mass = [&](int i, float x) { return before_top_p(i, x) ? weight(x) : 0.0f; };
         float sums[BANDS], held;
-        const double total = block_sum(band_sums<COSTLY_LOADS>(row, vocab, band_from, mass, sums));
+        const double total = block_sum(band_sums<COSTLY_LOADS>(row, vocab, band_from, weighed, sums));
         need = (double)p.top_p * total;
         const int band = narrowest_of(sums, (float)(need * 1.001), held);
         least = band_from[band];
@@ -324,7 +328,7 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
             return draw_among(candidates, p, max, floor, &total);
         }
     }
-    return draw_kept(row, vocab, p, before_top_p, weight, need, least);
+    return draw_kept(row, vocab, p, weighed, weight, need, least);
 }
 
 // Thread 0 writes row blockIdx.x's pick, to `out` and, for the rows it

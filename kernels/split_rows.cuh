@@ -108,20 +108,20 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
 #define SUMMARY_WORDS (MASS_WORDS + 2 * BANDS)
 
 // Leaves this block's part of a row that weighs_all in its slot: its kept
-// mass, and with a top-p its band sums (band_sums, from the row's bands).
-template <typename Weighed, typename Weight>
-__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, Weighed weighed,
-                           Weight weight, unsigned int* slot) {
-    auto kept_mass = [&](int, float x) { return weighed(x) ? weight(x) : 0.0f; };
+// mass (of `kept_weight`, a logit's weight or 0), and with a top-p its
+// band sums (band_sums, from the row's bands).
+template <typename KeptWeight>
+__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, KeptWeight kept_weight,
+                           unsigned int* slot) {
     const float* ids = row + part.begin;
     const int n = part.end - part.begin;
     float masses[BANDS], counts[BANDS];
     double partial = 0.0;
     if (nucleus) {
-        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, kept_mass, masses);
+        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, kept_weight, masses);
         band_sums<CHEAP_LOADS>(ids, n, band_from, [](int, float) { return 1.0f; }, counts);
     } else {
-        for_each_logit<COSTLY_LOADS>(ids, n, [&](int i, float x) { partial += (double)kept_mass(i, x); });
+        for_each_logit<COSTLY_LOADS>(ids, n, [&](int i, float x) { partial += (double)kept_weight(i, x); });
     }
     const unsigned long long mass = __double_as_longlong(block_sum(partial));
     if (threadIdx.x != 0) return;
@@ -210,20 +210,22 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
     const float max = best_scaled(row, vocab, t, band_from);
     const float floor = band_from[BANDS - 1];
     auto weight = [&](float x) { return expf(x / t - max); };
-    auto weighed = [&](float x) { return x >= floor && weight(x) >= p.min_p; };
+    auto kept_weight = [&](int, float x) {
+        const float weighs = weight(x);
+        return x >= floor && weighs >= p.min_p ? weighs : 0.0f;
+    };
     const bool nucleus = p.top_p < 1.0f;
-    leave_mass(row, segment_of(Span{0, vocab}, splits, blockIdx.y), nucleus, band_from, weighed, weight,
+    leave_mass(row, segment_of(Span{0, vocab}, splits, blockIdx.y), nucleus, band_from, kept_weight,
                row_parts + blockIdx.y * slot_words(splits));
     if (!last_to_finish(arrivals, splits)) return false;
     const Weighing w = weigh_parts(row_parts, p, splits, nucleus);
-    auto before_top_p = [&](int, float x) { return weighed(x); };
     if (nucleus) {
         const float least = band_from[w.band];
         if (w.band < BANDS && w.count <= CANDIDATES) {
             gather(row, vocab, [&](float x) { return x >= least; }, c);
             token = draw_among(c, p, max, floor, &w.total);
         } else {
-            token = draw_kept(row, vocab, p, before_top_p, weight, (double)p.top_p * w.total, least);
+            token = draw_kept(row, vocab, p, kept_weight, weight, (double)p.top_p * w.total, least);
         }
         return true;
     }
@@ -232,8 +234,8 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
         return true;
     }
     const Span s = segment_of(Span{0, vocab}, splits, w.passing);
-    auto kept_mass = [&](int, float x) { return weighed(x) ? (double)weight(x) : 0.0; };
-    auto kept = [&](int i, float x) { return weighed(x); };
+    auto kept_mass = [&](int i, float x) { return (double)kept_weight(i, x); };
+    auto kept = [&](int i, float x) { return kept_weight(i, x) > 0.0f; };
     const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, w.left);
     token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
     return true;
