@@ -225,17 +225,31 @@ __device__ int draw_among(Candidates& c, const RowParams& p, float max, float fl
     return draw_gathered(c, kept, weight, p.uniform);
 }
 
-// The last id of row[0, n) that `kept` admits, or 0 where none is.
-template <typename Kept>
-__device__ int last_kept(const float* row, int n, Kept kept) {
+// The lowest id of row[0, n) whose running sum of `kept_weight(i, x)` (a
+// kept logit's weight, else 0) passes share × the total + extra
+// (first_past), or, where rounding put that past the last kept id, that
+// id (0 where none is kept).
+template <typename KeptWeight>
+__device__ int first_kept_past(const float* row, int n, KeptWeight kept_weight, double share, double extra) {
+    auto kept_mass = [&](int i, float x) { return (double)kept_weight(i, x); };
+    const int token = first_past(row, kept_mass, n, share, extra);
+    if (token != NOT_FOUND) return token;
     __shared__ int last;
     if (threadIdx.x == 0) last = 0;
     __syncthreads();
     for_each_logit<COSTLY_LOADS>(row, n, [&](int i, float x) {
-        if (kept(i, x)) atomicMax(&last, i);
+        if (kept_weight(i, x) > 0.0f) atomicMax(&last, i);
     });
     __syncthreads();
     return last;
+}
+
+// The draw among the row's logits at or above `least` (a band of at most
+// CANDIDATES that holds every kept one), gathered into `c` (draw_among).
+__device__ int draw_band(const float* row, int vocab, float least, Candidates& c, const RowParams& p, float max,
+                         float floor, const double* row_mass) {
+    gather(row, vocab, [&](float x) { return x >= least; }, c);
+    return draw_among(c, p, max, floor, row_mass);
 }
 
 // The draw from a whole row among the ids `weighed` admits (it gives an
@@ -262,11 +276,7 @@ __device__ int draw_kept(const float* row, int vocab, const RowParams& p, Weighe
         const unsigned int k = __float_as_uint(w);
         return k > p_pivot || (k == p_pivot && i <= p_cutoff) ? w : 0.0f;
     };
-    auto kept_mass = [&](int i, float x) { return (double)kept_weight(i, x); };
-    const int token = first_past(row, kept_mass, vocab, (double)p.uniform, 0.0);
-    // Rounding put the draw past the last kept token: take that one.
-    auto kept = [&](int i, float x) { return kept_weight(i, x) > 0.0f; };
-    return token != NOT_FOUND ? token : last_kept(row, vocab, kept);
+    return first_kept_past(row, vocab, kept_weight, (double)p.uniform, 0.0);
 }
 
 // The draw from a whole (adjusted) row on one block. `band_from` is
@@ -288,10 +298,8 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
         float held;
         const int band = band_holding(row, vocab, band_from, p.top_k, held);
         const float least = band_from[band];
-        if (band < BANDS && held <= (float)CANDIDATES) {
-            gather(row, vocab, [&](float x) { return x >= least; }, candidates);
-            return draw_among(candidates, p, max, floor, nullptr);
-        }
+        if (band < BANDS && held <= (float)CANDIDATES)
+            return draw_band(row, vocab, least, candidates, p, max, floor, nullptr);
         if (band < BANDS) {
             double need = (double)p.top_k;
             auto counted = [&](int, float x) { return x >= least ? 1.0 : 0.0; };
@@ -323,10 +331,8 @@ __device__ int draw_row(const float* row, const RowParams& p, int vocab, Candida
         least = band_from[band];
         // With no top-k, a band of few keys holds the nucleus: its cut and
         // the draw are made among them.
-        if (!has_top_k(p, vocab) && band < BANDS && count_from(row, vocab, least) <= CANDIDATES) {
-            gather(row, vocab, [&](float x) { return x >= least; }, candidates);
-            return draw_among(candidates, p, max, floor, &total);
-        }
+        if (!has_top_k(p, vocab) && band < BANDS && count_from(row, vocab, least) <= CANDIDATES)
+            return draw_band(row, vocab, least, candidates, p, max, floor, &total);
     }
     return draw_kept(row, vocab, p, weighed, weight, need, least);
 }

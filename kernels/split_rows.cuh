@@ -1,10 +1,12 @@
-// The rows of a sampling launch of few rows that split over several
-// blocks. kernels/sampling.cu includes this after what it reuses: RowParams,
-// has_top_k, draw_among, draw_kept, last_kept and argmax_pick.
+// The rows of a sampling launch that split over several blocks.
+// kernels/sampling.cu includes this after what it reuses: RowParams,
+// has_top_k, draw_among, draw_band, draw_kept, first_kept_past and
+// argmax_pick.
 
-// A row of a launch of few rows may be split over several of its gridDim.y
-// blocks, so that it streams through as many SMs: each block adjusts the
-// ids of its part and leaves what it found in `parts` (a slot of
+// A row of a launch of few rows (at most half as many as the GPU has SMs:
+// src/backend/cuda/sampling.rs) may be split over its gridDim.y blocks,
+// so that it streams through as many SMs: each block adjusts the ids of
+// its part and leaves what it found in `parts` (a slot of
 // CANDIDATES / splits (id, logit) pairs), and the last to finish picks
 // from them all. A greedy row splits over every block: a part leaves its
 // argmax. A drawn row with a top-k of at most CANDIDATES / 2 splits over
@@ -93,12 +95,14 @@ __device__ bool last_to_finish(unsigned int* arrivals, int splits) {
 }
 
 // The argmax among a greedy row's parts (ties to the lower id, as the
-// parts lie in id order).
+// parts lie in id order): a lane of warp 0 loads each part's (at most
+// SPLIT_BLOCKS, so all at once), and warp 0's lanes get it (thread 0
+// writes the pick).
 __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, int splits) {
-    const int slot = slot_words(splits);
-    float value = NEG_INF;
-    unsigned int index = NONE;
-    for (int j = 0; j < splits; ++j) max_with_index(value, index, __uint_as_float(row_parts[j * slot + 1]), row_parts[j * slot]);
+    const int j = threadIdx.x, slot = slot_words(splits);
+    float value = j < splits ? __uint_as_float(row_parts[j * slot + 1]) : NEG_INF;
+    unsigned int index = j < splits ? row_parts[j * slot] : NONE;
+    warp_argmax(value, index);
     return argmax_pick(index);
 }
 
@@ -143,8 +147,9 @@ struct Weighing {
     int band, count, passing;
 };
 
-// Reads the parts' slots (all at once, into shared memory: one thread's
-// loads, one after another, would each wait a round trip) and weighs them.
+// Reads the parts' slots (all at once, into shared memory, as load_parts
+// reads their counts: one thread's loads, one after another, would each
+// wait a round trip) and weighs them.
 __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const RowParams& p, int splits, bool nucleus) {
     __shared__ unsigned int summary[SPLIT_BLOCKS * SUMMARY_WORDS];
     __shared__ double band_mass[BANDS];
@@ -177,15 +182,15 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
         } else {
             const double target = (double)p.uniform * w.total;
             double running = 0.0;
-            int j = 0;
+            int j = 0, last = -1;
             for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
-                if (mass_of(j) > 0.0) w.passing = j;
+                if (mass_of(j) > 0.0) last = j;
                 running += mass_of(j);
             }
             // Rounding may leave every part short of the target: the last
             // kept token of the last part with any mass is the pick then.
+            w.passing = j < splits ? j : last;
             w.left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
-            if (j < splits) w.passing = j;
         }
         weighing = w;
     }
@@ -221,12 +226,9 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
     const Weighing w = weigh_parts(row_parts, p, splits, nucleus);
     if (nucleus) {
         const float least = band_from[w.band];
-        if (w.band < BANDS && w.count <= CANDIDATES) {
-            gather(row, vocab, [&](float x) { return x >= least; }, c);
-            token = draw_among(c, p, max, floor, &w.total);
-        } else {
-            token = draw_kept(row, vocab, p, kept_weight, weight, (double)p.top_p * w.total, least);
-        }
+        const bool few = w.band < BANDS && w.count <= CANDIDATES;
+        token = few ? draw_band(row, vocab, least, c, p, max, floor, &w.total)
+                    : draw_kept(row, vocab, p, kept_weight, weight, (double)p.top_p * w.total, least);
         return true;
     }
     if (w.passing < 0) {
@@ -234,10 +236,7 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
         return true;
     }
     const Span s = segment_of(Span{0, vocab}, splits, w.passing);
-    auto kept_mass = [&](int i, float x) { return (double)kept_weight(i, x); };
-    auto kept = [&](int i, float x) { return kept_weight(i, x) > 0.0f; };
-    const int id = first_past(row + s.begin, kept_mass, s.end - s.begin, 0.0, w.left);
-    token = s.begin + (id != NOT_FOUND ? id : last_kept(row + s.begin, s.end - s.begin, kept));
+    token = s.begin + first_kept_past(row + s.begin, s.end - s.begin, kept_weight, 0.0, w.left);
     return true;
 }
 
@@ -246,12 +245,15 @@ __device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, i
 __device__ bool load_parts(const volatile unsigned int* row_parts, const volatile unsigned int* counts, int splits,
                            Candidates& c) {
     __shared__ int start[SPLIT_BLOCKS + 1];
+    __shared__ unsigned int part_count[SPLIT_BLOCKS];
+    if (threadIdx.x < splits) part_count[threadIdx.x] = counts[threadIdx.x];
+    __syncthreads();
     if (threadIdx.x == 0) {
         int total = 0;
         bool whole = true;
         for (int j = 0; j < splits; ++j) {
             start[j] = total;
-            const unsigned int n = counts[j];
+            const unsigned int n = part_count[j];
             whole = whole && n != OVERFLOWED;
             total += whole ? (int)n : 0;
         }

@@ -85,18 +85,24 @@ pub fn pack_rows(rows: &[RowSampling], capacity: usize, words: &mut Vec<u32>) {
     }
 }
 
+/// The most rows a launch splits on a GPU of `multiprocessors` SMs: as
+/// many as leave each row two.
+fn most_split_rows(multiprocessors: usize) -> usize {
+    multiprocessors / 2
+}
+
 /// The blocks of each of `rows` sampled rows on a GPU of `multiprocessors`
 /// SMs: the SMs a row has where it has two or more, else one.
 fn blocks_a_row(rows: usize, multiprocessors: usize) -> usize {
     match rows {
         0 => 1,
-        _ if 2 * rows <= multiprocessors => (multiprocessors / rows).min(SPLIT_BLOCKS),
+        _ if rows <= most_split_rows(multiprocessors) => (multiprocessors / rows).min(SPLIT_BLOCKS),
         _ => 1,
     }
 }
 
 /// What the blocks of a split row leave for the last of them, for the
-/// most rows that split (half the SMs): each block's (id, logit) pairs
+/// most rows that split ([`most_split_rows`]): each block's (id, logit) pairs
 /// (`[rows, CANDIDATES, 2]` words: its argmax, or its k best; or its kept
 /// mass and band sums) and how many (`[rows, SPLIT_BLOCKS]`), and a count
 /// a row of the blocks done (zeros; the last sets it back).
@@ -108,7 +114,7 @@ pub(super) struct SplitRows {
 
 impl SplitRows {
     pub fn new(stream: &Arc<CudaStream>, multiprocessors: usize) -> Result<Self> {
-        let rows = (multiprocessors / 2).max(1);
+        let rows = most_split_rows(multiprocessors).max(1);
         let words = |what: &'static str, n: usize| {
             stream
                 .alloc_zeros::<u32>(n)
@@ -213,7 +219,7 @@ mod tests {
         assert_eq!(blocks_a_row(1, 1), 1);
         for multiprocessors in [1, 2, 3, 78, 132] {
             // SplitRows holds half the SMs' rows; the split ones must fit.
-            let held = (multiprocessors / 2).max(1);
+            let held = multiprocessors / 2;
             for rows in 0..300 {
                 let blocks = blocks_a_row(rows, multiprocessors);
                 assert!((1..=SPLIT_BLOCKS).contains(&blocks), "{rows} rows on {multiprocessors} SMs");
