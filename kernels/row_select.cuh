@@ -270,24 +270,39 @@ __device__ void band_starts(float max, float t, float* from) {
     __syncthreads();
 }
 
-// The best scaled logit of row[0, n) (every thread gets it), with the
-// bands below it filled into `band_from` (band_starts).
-__device__ float best_scaled(const float* row, int n, float t, float* band_from) {
-    float best = NEG_INF;
-    for_each_logit<CHEAP_LOADS>(row, n, [&](int, float x) { best = fmaxf(best, x); });
+// The best scaled logit of row[0, n) but the ids `skipped(i)` and of the
+// threads' `best` (every thread gets it), with the bands below it filled
+// into `band_from` (band_starts).
+template <typename Skipped>
+__device__ float best_scaled(const float* row, int n, float t, float* band_from, Skipped skipped, float best) {
+    for_each_logit<CHEAP_LOADS>(row, n, [&](int i, float x) { best = skipped(i) ? best : fmaxf(best, x); });
     const float max = block_max(best) / t;
     band_starts(max, t, band_from);
     return max;
 }
 
+// The best scaled logit of row[0, n), with the bands below it.
+__device__ float best_scaled(const float* row, int n, float t, float* band_from) {
+    return best_scaled(row, n, t, band_from, [](int) { return false; }, NEG_INF);
+}
+
+// Where band_sums has no logits to count otherwise than the row holds them.
+struct NoExtra {};
+
+template <typename F>
+__device__ void for_each_extra(NoExtra, F) {}
+
 // Each band's sum of `amount(i, x)` over row[0, n), into `sums`; every
-// thread gets them. A lane sums each band in f32 registers (exact for
+// thread gets them. for_each_extra(extra, f) calls f(i, x, counted) for ids whose logit
+// the pass read as x but which count as `counted` (each thread its own,
+// after the pass). A lane sums each band in f32 registers (exact for
 // counts below 2^24; a caller that sums masses allows for their rounding).
 // Returns this thread's share of the sum over the floor's band in double
 // (for a caller to block_sum where it needs the total: the pass then
 // weighs each logit once).
-template <int LOADS, typename Amount>
-__device__ double band_sums(const float* row, int n, const float* band_from, Amount amount, float (&sums)[BANDS]) {
+template <int LOADS, typename Amount, typename Extra>
+__device__ double band_sums(const float* row, int n, const float* band_from, Amount amount, float (&sums)[BANDS],
+                            Extra extra) {
     float from[BANDS];
 #pragma unroll
     for (int band = 0; band < BANDS; ++band) {
@@ -295,17 +310,28 @@ __device__ double band_sums(const float* row, int n, const float* band_from, Amo
         sums[band] = 0.0f;
     }
     double total = 0.0;
-    for_each_logit<LOADS>(row, n, [&](int i, float x) {
+    auto add = [&](int i, float x, float sign) {
         if (!(x >= from[BANDS - 1])) return;
-        const float a = amount(i, x);
+        const float a = sign * amount(i, x);
         total += (double)a;
 #pragma unroll
         for (int band = 0; band < BANDS; ++band)
             if (x >= from[band]) sums[band] += a;
+    };
+    for_each_logit<LOADS>(row, n, [&](int i, float x) { add(i, x, 1.0f); });
+    for_each_extra(extra, [&](int i, float x, float counted) {
+        add(i, x, -1.0f);
+        add(i, counted, 1.0f);
     });
 #pragma unroll
     for (int band = 0; band < BANDS; ++band) sums[band] = block_sum(sums[band]);
     return total;
+}
+
+// band_sums of the row as it is.
+template <int LOADS, typename Amount>
+__device__ double band_sums(const float* row, int n, const float* band_from, Amount amount, float (&sums)[BANDS]) {
+    return band_sums<LOADS>(row, n, band_from, amount, sums, NoExtra{});
 }
 
 // The narrowest band whose sum reaches `need`, with that sum in `held`,

@@ -85,16 +85,21 @@ struct Listed {
 // Adjustments a thread has in flight.
 #define ADJUSTING 4
 
-// Applies a row's adjustments to its ids in `owned`, in place (a block
-// of a split row owns its part). The token joining the sequence
-// first (a step planned before it reached the host) counts as generated
-// once more, and as repeated: its own adjustment where the row lists it,
-// else a new one. A thread loads ADJUSTING adjustments' words, then their
-// logits, then stores (a row's ids are distinct, so no load reads what
-// another's store writes): one at a time, 2,048 adjustments on 512
-// threads were 4 pairs of dependent round trips to L2.
-__device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
-                           Span owned) {
+// Calls f(id, logit, adjusted) for each id of `owned` that row p's
+// adjustments change, with its logit in the row and what it is adjusted
+// to: f may store that in place (a block of a split row adjusts its
+// part), or count it instead (the parts of a split row that weighs_all,
+// which read the row as it came). The
+// token joining the sequence first (a step planned before it reached the
+// host) counts as generated once more, and as repeated: its own
+// adjustment where the row lists it, else a new one. A thread loads
+// ADJUSTING adjustments' words, then their logits, then calls f (a row's
+// ids are distinct, so no load reads what another's store writes): one at
+// a time, 2,048 adjustments on 512 threads were 4 pairs of dependent
+// round trips to L2. Every thread calls it.
+template <typename F>
+__device__ void for_each_adjusted(const float* row, const RowParams& p, const unsigned int* adjustments,
+                                  const unsigned int* coming, Span owned, F f) {
     auto owns = [&](unsigned int token) { return token >= (unsigned int)owned.begin && token < (unsigned int)owned.end; };
     const unsigned int joining = p.coming == NO_COMING ? NO_COMING : coming[p.coming];
     // Every thread read the same word, so all of them wait here or none:
@@ -129,14 +134,20 @@ __device__ void adjust_row(float* row, const RowParams& p, const unsigned int* a
             const bool now = a[u].token == joining;
             if (now) joining_listed = 1;
             const unsigned int generated = (a[u].counts & ~REPEATED) + now;
-            row[a[u].token] = adjusted(p, a[u].logit, a[u].bias, generated, (a[u].counts & REPEATED) || now);
+            f(a[u].token, a[u].logit, adjusted(p, a[u].logit, a[u].bias, generated, (a[u].counts & REPEATED) || now));
         }
     }
     __syncthreads();
     if (joins && !joining_listed) {
-        if (threadIdx.x == 0) row[joining] = adjusted(p, row[joining], 0.0f, 1, true);
+        if (threadIdx.x == 0) f(joining, row[joining], adjusted(p, row[joining], 0.0f, 1, true));
         __syncthreads();
     }
+}
+
+// Applies a row's adjustments to its ids in `owned`, in place.
+__device__ void adjust_row(float* row, const RowParams& p, const unsigned int* adjustments, const unsigned int* coming,
+                           Span owned) {
+    for_each_adjusted(row, p, adjustments, coming, owned, [&](unsigned int token, float, float s) { row[token] = s; });
 }
 
 // The draw where the gathered candidates hold every kept token (they hold
@@ -375,18 +386,18 @@ extern "C" __global__ void __launch_bounds__(512, 2) sample_f32(unsigned int* __
     const bool weighs = !greedy && weighs_all(p, vocab);
     const int splits = splits_of(p, greedy || weighs, vocab);
     if ((int)blockIdx.y >= splits) return;
+    unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
+    if (splits > 1 && weighs) {
+        int token;
+        if (draw_by_parts(row, p, adjustments, coming, vocab, splits, row_parts, arrivals, candidates, band_from, token))
+            put_pick(out, previous, previous_rows, drawn_pick(token));
+        return;
+    }
     if (splits == 1) {
         adjust_row(row, p, adjustments, coming, Span{0, vocab});
     } else {
         const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
         adjust_row(row, p, adjustments, coming, part);
-        unsigned int* row_parts = parts + (size_t)blockIdx.x * 2 * CANDIDATES;
-        if (weighs) {
-            int token;
-            if (draw_by_parts(row, p, vocab, splits, row_parts, arrivals, candidates, band_from, token))
-                put_pick(out, previous, previous_rows, drawn_pick(token));
-            return;
-        }
         unsigned int* row_counts = counts + blockIdx.x * SPLIT_BLOCKS;
         unsigned int* slot = row_parts + blockIdx.y * slot_words(splits);
         leave_part(row, part, p, greedy, slot, row_counts + blockIdx.y, candidates, band_from);

@@ -1,7 +1,7 @@
 // The rows of a sampling launch that split over several blocks.
 // kernels/sampling.cu includes this after what it reuses: RowParams,
-// has_top_k, draw_among, draw_band, draw_kept, first_kept_past and
-// argmax_pick.
+// has_top_k, for_each_adjusted, adjust_row, draw_among, draw_band,
+// draw_kept, first_kept_past and argmax_pick.
 
 // A row of a launch of few rows (at most half as many as the GPU has SMs:
 // src/backend/cuda/sampling.rs) may be split over its gridDim.y blocks,
@@ -20,11 +20,20 @@
 #define SPLIT_BLOCKS 32
 #define OVERFLOWED 0xffffffffu
 
-// Whether a drawn row weighs every id it has above the floor (no top-k)
-// and has nothing to adjust, so that every block of it may read the whole
-// row as it is.
+// The ids a split row that weighs_all may list as adjusted, a bit each
+// in shared memory (Qwen2's 152,064).
+#define LISTED_WORDS 4752
+
+// Whether row p has nothing to adjust: no adjustment, no joining token.
+__device__ __forceinline__ bool unadjusted(const RowParams& p) {
+    return p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+}
+
+// Whether a drawn row weighs every id it has above the floor (no top-k),
+// so that every block of it reads the whole row for its best; one with
+// adjustments only where their ids fit LISTED_WORDS (draw_by_parts).
 __device__ bool weighs_all(const RowParams& p, int vocab) {
-    return !has_top_k(p, vocab) && p.adjust_begin == p.adjust_end && p.coming == NO_COMING;
+    return !has_top_k(p, vocab) && (unadjusted(p) || vocab <= 32 * LISTED_WORDS);
 }
 
 // The blocks row `p` runs on: all of them for a greedy row or one that
@@ -111,21 +120,41 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
 #define MASS_WORDS 2
 #define SUMMARY_WORDS (MASS_WORDS + 2 * BANDS)
 
+// The ids of `part` that row p's adjustments change, where it has any.
+struct AdjustedIn {
+    const float* row;
+    const RowParams& p;
+    const unsigned int* adjustments;
+    const unsigned int* coming;
+    Span part;
+    bool adjusts;
+};
+
+// Calls f(id, logit, adjusted) for each of them (for_each_adjusted; every
+// thread calls it).
+template <typename F>
+__device__ void for_each_extra(const AdjustedIn& a, F f) {
+    if (a.adjusts) for_each_adjusted(a.row, a.p, a.adjustments, a.coming, a.part, f);
+}
+
 // Leaves this block's part of a row that weighs_all in its slot: its kept
-// mass (of `kept_weight`, a logit's weight or 0), and with a top-p its
-// band sums (band_sums, from the row's bands).
-template <typename KeptWeight>
-__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, KeptWeight kept_weight,
-                           unsigned int* slot) {
+// mass (of `kept`, a logit's weight or 0), and with a top-p its band sums
+// (band_sums, from the row's bands). The pass reads the part as it came;
+// `adjusted` then takes out what its adjusted ids added and counts them as
+// adjusted.
+template <typename Kept>
+__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, Kept kept,
+                           const AdjustedIn& adjusted, unsigned int* slot) {
     const float* ids = row + part.begin;
     const int n = part.end - part.begin;
     float masses[BANDS], counts[BANDS];
     double partial = 0.0;
     if (nucleus) {
-        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, kept_weight, masses);
-        band_sums<CHEAP_LOADS>(ids, n, band_from, [](int, float) { return 1.0f; }, counts);
+        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, [&](int, float x) { return kept(x); }, masses, adjusted);
+        band_sums<CHEAP_LOADS>(ids, n, band_from, [](int, float) { return 1.0f; }, counts, adjusted);
     } else {
-        for_each_logit<COSTLY_LOADS>(ids, n, [&](int i, float x) { partial += (double)kept_weight(i, x); });
+        for_each_logit<COSTLY_LOADS>(ids, n, [&](int, float x) { partial += (double)kept(x); });
+        for_each_extra(adjusted, [&](int, float x, float counted) { partial += (double)kept(counted) - (double)kept(x); });
     }
     const unsigned long long mass = __double_as_longlong(block_sum(partial));
     if (threadIdx.x != 0) return;
@@ -202,27 +231,49 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
 
 // A split row that weighs_all: every block finds the row's best (the
 // weights are relative to it, so each reads the whole row) and sums its
-// own part's kept weights into its slot. The last to finish weighs the
-// parts. With a top-p, where the band that holds its mass has at most
-// CANDIDATES keys, it gathers them from the row and draws among them, else
-// it draws from the whole row (draw_kept). Without, it searches only the
-// part where the draw lands, as draw_row searches the row. Returns whether
-// this block was the last, with the pick in `token` (NOT_FOUND where
-// nothing is kept).
-__device__ bool draw_by_parts(const float* row, const RowParams& p, int vocab, int splits, unsigned int* row_parts,
+// own part's kept weights into its slot. No block adjusts the row in
+// place before every block has read it: each marks the ids the row's
+// adjustments change, leaves them out of its search for the best and
+// takes the best they are adjusted to instead, and counts its own part's
+// as adjusted; the last to finish adjusts the row. It then weighs the
+// parts. With a top-p,
+// where the band that holds its mass has at most CANDIDATES keys, it
+// gathers them from the row and draws among them, else it draws from the
+// whole row (draw_kept). Without, it searches only the part where the
+// draw lands, as draw_row searches the row. Returns whether this block
+// was the last, with the pick in `token` (NOT_FOUND where nothing is kept).
+__device__ bool draw_by_parts(float* row, const RowParams& p, const unsigned int* adjustments,
+                              const unsigned int* coming, int vocab, int splits, unsigned int* row_parts,
                               unsigned int* arrivals, Candidates& c, float* band_from, int& token) {
+    __shared__ unsigned int marked[LISTED_WORDS];
+    const bool adjusts = !unadjusted(p);
+    const int words = adjusts ? (vocab + 31) / 32 : 0;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) marked[w] = 0u;
+    __syncthreads();
+    float adjusted_best = NEG_INF;
+    if (adjusts) {
+        for_each_adjusted(row, p, adjustments, coming, Span{0, vocab}, [&](unsigned int token, float, float s) {
+            atomicOr(&marked[token >> 5], 1u << (token & 31));
+            adjusted_best = fmaxf(adjusted_best, s);
+        });
+    }
+    auto listed = [&](int i) { return (marked[i >> 5] >> (i & 31) & 1u) != 0u; };
     const float t = p.temperature;
-    const float max = best_scaled(row, vocab, t, band_from);
+    const float max = adjusts ? best_scaled(row, vocab, t, band_from, listed, adjusted_best)
+                              : best_scaled(row, vocab, t, band_from);
     const float floor = band_from[BANDS - 1];
     auto weight = [&](float x) { return expf(x / t - max); };
-    auto kept_weight = [&](int, float x) {
+    auto kept = [&](float x) {
         const float weighs = weight(x);
         return x >= floor && weighs >= p.min_p ? weighs : 0.0f;
     };
     const bool nucleus = p.top_p < 1.0f;
-    leave_mass(row, segment_of(Span{0, vocab}, splits, blockIdx.y), nucleus, band_from, kept_weight,
-               row_parts + blockIdx.y * slot_words(splits));
+    const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
+    const AdjustedIn adjusted{row, p, adjustments, coming, part, adjusts};
+    leave_mass(row, part, nucleus, band_from, kept, adjusted, row_parts + blockIdx.y * slot_words(splits));
     if (!last_to_finish(arrivals, splits)) return false;
+    if (adjusts) adjust_row(row, p, adjustments, coming, Span{0, vocab});
+    auto kept_weight = [&](int, float x) { return kept(x); };
     const Weighing w = weigh_parts(row_parts, p, splits, nucleus);
     if (nucleus) {
         const float least = band_from[w.band];

@@ -183,31 +183,38 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
 
 /// A step of few rows (1, 3, 8 and 64 here) splits a drawn row whose
 /// top-k keeps at most 256 over blocks too, as many as leave each part
-/// room for its k best among 512, and one with no top-k and nothing to
-/// adjust over every block (the draw walks the parts' masses, or top-p's
-/// cut gathers the band the parts' band sums choose): the draw must be the
-/// host's. Each cut with a top-k, on fine and coarse logits (ties at the
+/// room for its k best among 512, and one with no top-k over every block
+/// (the draw walks the parts' masses, or top-p's cut gathers the band the
+/// parts' band sums choose; the parts count the ids the row's adjustments
+/// change as adjusted, and the last to finish adjusts them): the draw must
+/// be the host's. Each cut with a top-k, on fine and coarse logits (ties at the
 /// k-th across parts), with penalties on ids of every part; a flat row
 /// (each part of a Qwen2-sized row ties more than 512 at its k-th: the
 /// last block then draws from the whole row alone); a top-k of 300 (one
 /// block); a greedy row with penalties; rows drawn at a temperature alone,
-/// fine, coarse with min-p and flat, and one with penalties (one block:
-/// its best logit, in a middle part, is penalized, which a block reading
-/// the whole row before that part's adjustment would miss); rows cut by
-/// top-p alone: peaked (ids of every part lead, tied in sevens across
-/// parts: the band holds them), spread (a Qwen2-sized row's band holds
-/// thousands: the last block selects over the whole row), flat, peaked
-/// with a top-p too near 1 for any band and a min-p, and peaked with
-/// penalties (one block, whose band holds the nucleus too). Draws of 0 and
+/// fine, coarse with min-p and flat, and one with penalties (its best
+/// logit, in a middle part, is penalized: a best that counted it as it
+/// came would weigh every id against too high a logit); rows cut by top-p
+/// alone: peaked (ids of every part lead, tied in sevens across parts: the
+/// band holds them), spread (a Qwen2-sized row's band holds thousands: the
+/// last block selects over the whole row), flat, peaked with a top-p too
+/// near 1 for any band and a min-p, and peaked with penalties (the band
+/// holds the nucleus too); rows with no top-k whose biases raise ids of
+/// every part past the row's best, drawn with a min-p (which weighs
+/// against the raised best) and cut by top-p, and a flat row whose biases
+/// raise 600 ids into top-p's band (counted as they came, it would hold
+/// none, and a gather of 600 would overrun the 512 candidates). Draws of 0 and
 /// 0.999 reach the first and last parts. Each step runs twice, so a count
 /// of finished parts that is not set back to zero shows.
 #[test]
 fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
-    const KINDS: usize = 17;
+    const KINDS: usize = 20;
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::seeded(41);
     for vocab in [151_936usize, 1040, 33] {
-        let spread: Vec<u32> = (0..vocab as u32).step_by(vocab / 40 + 1).chain([vocab as u32 - 1]).collect();
+        let mut spread: Vec<u32> = (0..vocab as u32).step_by(vocab / 40 + 1).chain([vocab as u32 - 1]).collect();
+        // A row's adjustments name distinct ids.
+        spread.dedup();
         for (rows, shifts) in [(1, KINDS), (3, 6), (8, 3), (64, 1)] {
             for shift in 0..shifts {
                 let mut values = random(rows * vocab, (vocab + 10 * rows + shift) as u64);
@@ -232,11 +239,14 @@ fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
                             (0.9, 0, 0.9, 0.0),
                             (1.0, 0, 0.9995, 0.05),
                             (0.8, 0, 0.9, 0.0),
+                            (1.0, 0, 1.0, 0.05),
+                            (0.9, 0, 0.9, 0.0),
+                            (1.0, 0, 0.9, 0.0),
                         ][kind];
                         let row = &mut values[r * vocab..(r + 1) * vocab];
                         match kind {
                             2 | 3 | 9 => row.iter_mut().for_each(|v| *v = (*v * 12.0).floor()),
-                            6 | 11 | 14 => row.fill(1.0),
+                            6 | 11 | 14 | 19 => row.fill(1.0),
                             // The best logit is one a penalty lowers, in a middle
                             // part of a row flat enough that every part's mass counts.
                             10 => row[spread[spread.len() / 2] as usize] = 3.0,
@@ -252,6 +262,16 @@ fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
                             3 => spread
                                 .iter()
                                 .map(|&t| LogitAdjustment::from_parts(t, 1.5, t % 3, t % 2 == 0))
+                                .collect(),
+                            17 | 18 => spread
+                                .iter()
+                                .enumerate()
+                                .map(|(j, &t)| LogitAdjustment::from_parts(t, 4.0 + 0.5 * (j % 7) as f32, t % 3, t % 2 == 0))
+                                .collect(),
+                            19 => (0..vocab as u32)
+                                .step_by((vocab / 600).max(1))
+                                .take(600)
+                                .map(|t| LogitAdjustment::from_parts(t, 10.0, 0, false))
                                 .collect(),
                             _ => Vec::new(),
                         };
@@ -420,13 +440,16 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
     // and 500: rows 0, 1 and 3 count a listed token once more, the others
     // a new one. Rows 0–2 have every penalty, and token 3 generated twice;
     // rows 3–5 a repetition penalty alone (their tokens sent alone). The
-    // logits are flat near the coming tokens so the penalties decide the picks.
+    // drawn rows 1 and 3 have no top-k (3 a top-p), so they split over every
+    // block, which count the coming token as adjusted; row 5 has a top-k.
+    // The logits are flat near the coming tokens so the penalties decide the picks.
     let ids: Vec<u32> = (0..n as u32).map(|r| PREVIOUS_SAMPLE | ((r + 1) % n as u32)).collect();
     let mut rng = Rng::seeded(31);
     let rows: Vec<RowSampling> = (0..n)
         .map(|r| RowSampling {
             temperature: [0.0, 0.8][r % 2],
-            top_k: [0, 20][r % 2],
+            top_k: [0, 0, 0, 0, 0, 20][r],
+            top_p: [1.0, 1.0, 1.0, 0.9, 1.0, 1.0][r],
             repetition_penalty: 1.3,
             presence_penalty: [0.4, 0.0][r / 3],
             frequency_penalty: [0.3, 0.0][r / 3],

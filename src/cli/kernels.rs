@@ -227,10 +227,11 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
 /// The rows `bench --kernels` samples: greedy; drawn at temperature 1 with
 /// no cut (the OpenAI API's default) and with a top-p of 0.9 alone (what an
 /// OpenAI client often sets, for a model whose generation_config.json sets
-/// no top-k); and Qwen2.5-Instruct's generation_config.json (what serve
-/// applies to a request that sets none), without and with its repetition
-/// penalty over a 2,048-token sequence's distinct ids (sent a word each).
-fn sampling_kinds() -> [(&'static str, RowSampling); 5] {
+/// no top-k), also with the API's presence penalty over a 2,048-token
+/// sequence's distinct ids; and Qwen2.5-Instruct's generation_config.json
+/// (what serve applies to a request that sets none), without and with its
+/// repetition penalty over those ids (sent a word each).
+fn sampling_kinds() -> [(&'static str, RowSampling); 6] {
     let drawn = |temperature, top_k, top_p| RowSampling {
         temperature,
         top_k,
@@ -244,10 +245,17 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 5] {
         adjustments: seen.collect(),
         ..drawn(0.7, 20, 0.8)
     };
+    let generated = (0..2048).map(|i| LogitAdjustment::from_parts(i * 73, 0.0, 1, false));
+    let present = RowSampling {
+        presence_penalty: 0.5,
+        adjustments: generated.collect(),
+        ..drawn(1.0, 0, 0.9)
+    };
     [
         ("greedy", RowSampling::greedy()),
         ("temperature 1", drawn(1.0, 0, 1.0)),
         ("top-p 0.9", drawn(1.0, 0, 0.9)),
+        ("top-p 0.9, presence penalty over 2,048 ids", present),
         ("top-k 20, top-p 0.8", drawn(0.7, 20, 0.8)),
         ("top-k 20, top-p 0.8, 2,048 penalized ids", penalized),
     ]

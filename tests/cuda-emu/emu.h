@@ -201,6 +201,7 @@ inline unsigned int atomicMin(unsigned int* a, unsigned int v) {
 inline unsigned int atomicMax(unsigned int* a, unsigned int v) {
     return emu_atomic_update<unsigned int>(a, [](unsigned int x, unsigned int y) { return x > y ? x : y; }, v);
 }
+inline unsigned int atomicOr(unsigned int* a, unsigned int v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }
 inline int atomicExch(int* a, int v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }
 inline unsigned int atomicExch(unsigned int* a, unsigned int v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }
 inline int atomicCAS(int* a, int compare, int v) {

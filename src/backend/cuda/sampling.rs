@@ -1,8 +1,8 @@
 //! The wrapper of `kernels/sampling.cu`: each row's parameters and
 //! adjustments packed into the step's inputs, one block per row (several
-//! for a greedy row, one whose top-k keeps few, or one with no top-k and
-//! nothing to adjust, in a step of at most half as many rows as the GPU
-//! has SMs), and only the token ids copied back.
+//! for a greedy row, one whose top-k keeps few, or one with no top-k, in a
+//! step of at most half as many rows as the GPU has SMs), and only the
+//! token ids copied back.
 
 use super::ops::check;
 use super::timeline::StepSpan;
@@ -21,10 +21,11 @@ pub const ADJUSTMENT_WORDS: usize = 3;
 /// A launch of rows that leave each row two SMs or more has as many blocks
 /// a row as there are SMs for it, up to `SPLIT_BLOCKS` (the kernel's too):
 /// one SM reads a 151,936-id row in ≈ 5 µs a pass. A greedy row splits
-/// over all of them, as does a drawn row with no top-k and nothing to
-/// adjust; a drawn row whose top-k keeps at most `CANDIDATES / 2` over as
-/// many as leave room for each part's k best among the row's `CANDIDATES`
-/// (the kernel's).
+/// over all of them, as does a drawn row with no top-k (where its
+/// vocabulary fits the kernel's marks of adjusted ids, `LISTED_WORDS`: a
+/// Qwen2 row's does); a drawn row whose top-k keeps at most
+/// `CANDIDATES / 2` over as many as leave room for each part's k best
+/// among the row's `CANDIDATES` (the kernel's).
 const SPLIT_BLOCKS: usize = 32;
 const CANDIDATES: usize = 512;
 /// A row's `coming` when it has none (`NO_COMING` in the kernel).
