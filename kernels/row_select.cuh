@@ -90,10 +90,13 @@ struct Span {
     int begin, end;
 };
 
-// Part `part` of `s` split into `parts` contiguous parts of whole 32-id
-// loads (the last ones empty where `s` is short).
+// The length of each of `parts` contiguous parts of `s`, in whole 32-id
+// loads (the last ones short or empty where `s` is short).
+__device__ __forceinline__ int part_length(Span s, int parts) { return ((s.end - s.begin + parts - 1) / parts + 31) & ~31; }
+
+// Part `part` of `s` split into `parts` (part_length).
 __device__ __forceinline__ Span segment_of(Span s, int parts, int part) {
-    const int length = ((s.end - s.begin + parts - 1) / parts + 31) & ~31;
+    const int length = part_length(s, parts);
     const int first = min(s.end, s.begin + part * length);
     return Span{first, min(s.end, first + length)};
 }

@@ -96,7 +96,8 @@ struct Listed {
 // ADJUSTING adjustments' words, then their logits, then calls f (a row's
 // ids are distinct, so no load reads what another's store writes): one at
 // a time, 2,048 adjustments on 512 threads were 4 pairs of dependent
-// round trips to L2. Every thread calls it.
+// round trips to L2. Every thread calls it; it returns after a barrier
+// that follows every call of f.
 template <typename F>
 __device__ void for_each_adjusted(const float* row, const RowParams& p, const unsigned int* adjustments,
                                   const unsigned int* coming, Span owned, F f) {

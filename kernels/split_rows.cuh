@@ -116,9 +116,42 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
 }
 
 // A weighing part's slot: its kept mass (a double, low word first), then,
-// where the row has a top-p, each band's mass and number of keys (floats).
+// where the row has a top-p, each band's mass and number of keys (floats),
+// else, where the slot has room, each of its warps' masses (doubles).
 #define MASS_WORDS 2
 #define SUMMARY_WORDS (MASS_WORDS + 2 * BANDS)
+
+// The double in a slot's words at..at+1 (low word first).
+__device__ __forceinline__ double double_at(const volatile unsigned int* slot, int at) {
+    return __longlong_as_double((long long)slot[at] | (long long)slot[at + 1] << 32);
+}
+
+// Where a weighing part's slot holds its warps' masses (a block of
+// blockDim.x threads).
+__device__ __forceinline__ bool holds_warp_masses(int splits) {
+    return MASS_WORDS + 2 * (int)(blockDim.x >> 5) <= slot_words(splits);
+}
+
+// Where a draw lands among masses in order: the first whose running sum
+// passes the target, and what the draw must still pass there. Rounding may
+// leave every one short: the last with any mass then, and +inf (its last
+// kept token is the pick). -1 where none has mass.
+struct Passing {
+    int at;
+    double left;
+};
+
+template <typename Mass>
+__device__ Passing passing_of(int n, Mass mass, double target) {
+    double running = 0.0;
+    int j = 0, last = -1;
+    for (; j < n && !(mass(j) > 0.0 && running + mass(j) > target); ++j) {
+        if (mass(j) > 0.0) last = j;
+        running += mass(j);
+    }
+    if (j < n) return Passing{j, target - running};
+    return Passing{last, __longlong_as_double(0x7ff0000000000000ll)};  // +inf
+}
 
 // The ids of `part` that row p's adjustments change, where it has any.
 struct AdjustedIn {
@@ -139,27 +172,50 @@ __device__ void for_each_extra(const AdjustedIn& a, F f) {
 
 // Leaves this block's part of a row that weighs_all in its slot: its kept
 // mass (of `kept`, a logit's weight or 0), and with a top-p its band sums
-// (band_sums, from the row's bands). The pass reads the part as it came;
-// `adjusted` then takes out what its adjusted ids added and counts them as
-// adjusted.
+// (band_sums, from the row's bands), else, where `warp_masses`, the mass
+// of each warp's segment of the part (the part's mass is their sum, in
+// order, so that the last block finds the same running sums). The pass
+// reads the part as it came; `adjusted` then takes out what its adjusted
+// ids added and counts them as adjusted (into a warp's mass by a shared
+// atomic add, whose order may change its last bits from run to run, as
+// the selection's histograms' may).
 template <typename Kept>
-__device__ void leave_mass(const float* row, Span part, bool nucleus, const float* band_from, Kept kept,
-                           const AdjustedIn& adjusted, unsigned int* slot) {
+__device__ void leave_mass(const float* row, Span part, bool nucleus, bool warp_masses, const float* band_from,
+                           Kept kept, const AdjustedIn& adjusted, unsigned int* slot) {
     const float* ids = row + part.begin;
     const int n = part.end - part.begin;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float masses[BANDS], counts[BANDS];
-    double partial = 0.0;
+    __shared__ double warp_mass[32];
+    double mass;
     if (nucleus) {
-        partial = band_sums<COSTLY_LOADS>(ids, n, band_from, [&](int, float x) { return kept(x); }, masses, adjusted);
+        const double partial =
+            band_sums<COSTLY_LOADS>(ids, n, band_from, [&](int, float x) { return kept(x); }, masses, adjusted);
         band_sums<CHEAP_LOADS>(ids, n, band_from, [](int, float) { return 1.0f; }, counts, adjusted);
+        mass = block_sum(partial);
     } else {
+        double partial = 0.0;
         for_each_logit<COSTLY_LOADS>(ids, n, [&](int, float x) { partial += (double)kept(x); });
-        for_each_extra(adjusted, [&](int, float x, float counted) { partial += (double)kept(counted) - (double)kept(x); });
+        partial = warp_sum(partial);
+        if (lane == 0) warp_mass[warp] = partial;
+        __syncthreads();
+        const int length = part_length(Span{0, n}, warps);
+        for_each_extra(adjusted, [&](int i, float x, float counted) {
+            atomicAdd(&warp_mass[(i - part.begin) / length], (double)kept(counted) - (double)kept(x));
+        });
+        __syncthreads();
+        mass = 0.0;
+        for (int w = 0; w < warps; ++w) mass += warp_mass[w];
+        if (warp_masses && threadIdx.x < warps) {
+            const unsigned long long bits = __double_as_longlong(warp_mass[threadIdx.x]);
+            slot[MASS_WORDS + 2 * threadIdx.x] = (unsigned int)bits;
+            slot[MASS_WORDS + 2 * threadIdx.x + 1] = (unsigned int)(bits >> 32);
+        }
     }
-    const unsigned long long mass = __double_as_longlong(block_sum(partial));
     if (threadIdx.x != 0) return;
-    slot[0] = (unsigned int)mass;
-    slot[1] = (unsigned int)(mass >> 32);
+    const unsigned long long bits = __double_as_longlong(mass);
+    slot[0] = (unsigned int)bits;
+    slot[1] = (unsigned int)(bits >> 32);
     for (int band = 0; nucleus && band < BANDS; ++band) {
         slot[MASS_WORDS + band] = __float_as_uint(masses[band]);
         slot[MASS_WORDS + BANDS + band] = __float_as_uint(counts[band]);
@@ -200,7 +256,7 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        auto mass_of = [&](int j) { return __longlong_as_double((long long)word(j, 0) | (long long)word(j, 1) << 32); };
+        auto mass_of = [&](int j) { return double_at(summary + j * words, 0); };
         Weighing w{0.0, 0.0, BANDS, 0, -1};
         for (int j = 0; j < splits; ++j) w.total += mass_of(j);
         if (nucleus) {
@@ -209,17 +265,9 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
             w.band = narrowest_of(band_mass, (double)p.top_p * w.total * 1.001, held);
             w.count = w.band < BANDS ? band_count[w.band] : 0;
         } else {
-            const double target = (double)p.uniform * w.total;
-            double running = 0.0;
-            int j = 0, last = -1;
-            for (; j < splits && !(mass_of(j) > 0.0 && running + mass_of(j) > target); ++j) {
-                if (mass_of(j) > 0.0) last = j;
-                running += mass_of(j);
-            }
-            // Rounding may leave every part short of the target: the last
-            // kept token of the last part with any mass is the pick then.
-            w.passing = j < splits ? j : last;
-            w.left = j < splits ? target - running : __longlong_as_double(0x7ff0000000000000ll);  // +inf
+            const Passing at = passing_of(splits, mass_of, (double)p.uniform * w.total);
+            w.passing = at.at;
+            w.left = at.left;
         }
         weighing = w;
     }
@@ -229,6 +277,24 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
     return result;
 }
 
+// Where in part `s` the draw lands, `left` short of its start: the
+// segment of the warp whose mass passes it, with what the draw must still
+// pass there, where the part's slot holds its warps' masses (every thread
+// gets it), else the whole part.
+__device__ Span landing_in(const volatile unsigned int* slot, Span s, int splits, double& left) {
+    __shared__ double masses[32];
+    __shared__ Passing at;
+    if (!holds_warp_masses(splits)) return s;
+    const int warps = blockDim.x >> 5;
+    if (threadIdx.x < warps) masses[threadIdx.x] = double_at(slot, MASS_WORDS + 2 * threadIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) at = passing_of(warps, [&](int k) { return masses[k]; }, left);
+    __syncthreads();
+    if (at.at < 0) return s;
+    left = at.left;
+    return segment(s, at.at);
+}
+
 // A split row that weighs_all: every block finds the row's best (the
 // weights are relative to it, so each reads the whole row) and sums its
 // own part's kept weights into its slot. No block adjusts the row in
@@ -236,12 +302,13 @@ __device__ Weighing weigh_parts(const volatile unsigned int* row_parts, const Ro
 // adjustments change, leaves them out of its search for the best and
 // takes the best they are adjusted to instead, and counts its own part's
 // as adjusted; the last to finish adjusts the row. It then weighs the
-// parts. With a top-p,
-// where the band that holds its mass has at most CANDIDATES keys, it
-// gathers them from the row and draws among them, else it draws from the
-// whole row (draw_kept). Without, it searches only the part where the
-// draw lands, as draw_row searches the row. Returns whether this block
-// was the last, with the pick in `token` (NOT_FOUND where nothing is kept).
+// parts. With a top-p, where the band that holds its mass has at most
+// CANDIDATES keys, it gathers them from the row and draws among them,
+// else it draws from the whole row (draw_kept). Without, it searches only
+// where the draw lands, as draw_row searches the row: the part, or the
+// segment of one of its warps where its slot has room for their masses
+// (landing_in). Returns whether this block was the last, with the pick in
+// `token` (NOT_FOUND where nothing is kept).
 __device__ bool draw_by_parts(float* row, const RowParams& p, const unsigned int* adjustments,
                               const unsigned int* coming, int vocab, int splits, unsigned int* row_parts,
                               unsigned int* arrivals, Candidates& c, float* band_from, int& token) {
@@ -270,7 +337,8 @@ __device__ bool draw_by_parts(float* row, const RowParams& p, const unsigned int
     const bool nucleus = p.top_p < 1.0f;
     const Span part = segment_of(Span{0, vocab}, splits, blockIdx.y);
     const AdjustedIn adjusted{row, p, adjustments, coming, part, adjusts};
-    leave_mass(row, part, nucleus, band_from, kept, adjusted, row_parts + blockIdx.y * slot_words(splits));
+    leave_mass(row, part, nucleus, holds_warp_masses(splits), band_from, kept, adjusted,
+               row_parts + blockIdx.y * slot_words(splits));
     if (!last_to_finish(arrivals, splits)) return false;
     if (adjusts) adjust_row(row, p, adjustments, coming, Span{0, vocab});
     auto kept_weight = [&](int, float x) { return kept(x); };
@@ -286,8 +354,10 @@ __device__ bool draw_by_parts(float* row, const RowParams& p, const unsigned int
         token = NOT_FOUND;
         return true;
     }
-    const Span s = segment_of(Span{0, vocab}, splits, w.passing);
-    token = s.begin + first_kept_past(row + s.begin, s.end - s.begin, kept_weight, 0.0, w.left);
+    double left = w.left;
+    const Span s = landing_in(row_parts + w.passing * slot_words(splits), segment_of(Span{0, vocab}, splits, w.passing),
+                              splits, left);
+    token = s.begin + first_kept_past(row + s.begin, s.end - s.begin, kept_weight, 0.0, left);
     return true;
 }
 
