@@ -289,20 +289,24 @@ __device__ float best_scaled(const float* row, int n, float t, float* band_from)
     return best_scaled(row, n, t, band_from, [](int) { return false; }, NEG_INF);
 }
 
-// Where band_sums has no logits to count otherwise than the row holds them.
+// Where band_sums has no logits to count otherwise than the row holds
+// them. An extra is a type with a for_each_extra overload (found where
+// band_sums is instantiated), not a generic lambda or a member template:
+// NVRTC compiles no generic lambda in device code, and the emulator
+// (tests/cuda-emu, where __device__ is `static`) no member function.
 struct NoExtra {};
 
 template <typename F>
 __device__ void for_each_extra(NoExtra, F) {}
 
 // Each band's sum of `amount(i, x)` over row[0, n), into `sums`; every
-// thread gets them. for_each_extra(extra, f) calls f(i, x, counted) for ids whose logit
-// the pass read as x but which count as `counted` (each thread its own,
-// after the pass). A lane sums each band in f32 registers (exact for
-// counts below 2^24; a caller that sums masses allows for their rounding).
-// Returns this thread's share of the sum over the floor's band in double
-// (for a caller to block_sum where it needs the total: the pass then
-// weighs each logit once).
+// thread gets them. for_each_extra(extra, f) calls f(i, x, counted) for
+// ids whose logit the pass read as x but which count as `counted` (each
+// thread its own, after the pass). A lane sums each band in f32
+// registers (exact for counts below 2^24; a caller that sums masses
+// allows for their rounding). Returns this thread's share of the sum over
+// the floor's band in double (for a caller to block_sum where it needs
+// the total: the pass then weighs each logit once).
 template <int LOADS, typename Amount, typename Extra>
 __device__ double band_sums(const float* row, int n, const float* band_from, Amount amount, float (&sums)[BANDS],
                             Extra extra) {

@@ -89,10 +89,10 @@ struct Listed {
 // adjustments change, with its logit in the row and what it is adjusted
 // to: f may store that in place (a block of a split row adjusts its
 // part), or count it instead (the parts of a split row that weighs_all,
-// which read the row as it came). The
-// token joining the sequence first (a step planned before it reached the
-// host) counts as generated once more, and as repeated: its own
-// adjustment where the row lists it, else a new one. A thread loads
+// which read the row as it came). The token joining the sequence first
+// (a step planned before it reached the host) counts as generated once
+// more, and as repeated: its own adjustment where the row lists it, else
+// a new one. A thread loads
 // ADJUSTING adjustments' words, then their logits, then calls f (a row's
 // ids are distinct, so no load reads what another's store writes): one at
 // a time, 2,048 adjustments on 512 threads were 4 pairs of dependent

@@ -121,9 +121,15 @@ __device__ unsigned int merged_argmax(const volatile unsigned int* row_parts, in
 #define MASS_WORDS 2
 #define SUMMARY_WORDS (MASS_WORDS + 2 * BANDS)
 
-// The double in a slot's words at..at+1 (low word first).
+// The double in a slot's words at..at+1 (low word first), and its store.
 __device__ __forceinline__ double double_at(const volatile unsigned int* slot, int at) {
     return __longlong_as_double((long long)slot[at] | (long long)slot[at + 1] << 32);
+}
+
+__device__ __forceinline__ void put_double(unsigned int* slot, int at, double v) {
+    const unsigned long long bits = __double_as_longlong(v);
+    slot[at] = (unsigned int)bits;
+    slot[at + 1] = (unsigned int)(bits >> 32);
 }
 
 // Where a weighing part's slot holds its warps' masses (a block of
@@ -206,16 +212,10 @@ __device__ void leave_mass(const float* row, Span part, bool nucleus, bool warp_
         __syncthreads();
         mass = 0.0;
         for (int w = 0; w < warps; ++w) mass += warp_mass[w];
-        if (warp_masses && threadIdx.x < warps) {
-            const unsigned long long bits = __double_as_longlong(warp_mass[threadIdx.x]);
-            slot[MASS_WORDS + 2 * threadIdx.x] = (unsigned int)bits;
-            slot[MASS_WORDS + 2 * threadIdx.x + 1] = (unsigned int)(bits >> 32);
-        }
+        if (warp_masses && threadIdx.x < warps) put_double(slot, MASS_WORDS + 2 * threadIdx.x, warp_mass[threadIdx.x]);
     }
     if (threadIdx.x != 0) return;
-    const unsigned long long bits = __double_as_longlong(mass);
-    slot[0] = (unsigned int)bits;
-    slot[1] = (unsigned int)(bits >> 32);
+    put_double(slot, 0, mass);
     for (int band = 0; nucleus && band < BANDS; ++band) {
         slot[MASS_WORDS + band] = __float_as_uint(masses[band]);
         slot[MASS_WORDS + BANDS + band] = __float_as_uint(counts[band]);

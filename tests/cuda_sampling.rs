@@ -187,8 +187,8 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
 /// (the draw walks the parts' masses, or top-p's cut gathers the band the
 /// parts' band sums choose; the parts count the ids the row's adjustments
 /// change as adjusted, and the last to finish adjusts them): the draw must
-/// be the host's. Each cut with a top-k, on fine and coarse logits (ties at the
-/// k-th across parts), with penalties on ids of every part; a flat row
+/// be the host's. Each cut with a top-k, on fine and coarse logits (ties
+/// at the k-th across parts), with penalties on ids of every part; a flat row
 /// (each part of a Qwen2-sized row ties more than 512 at its k-th: the
 /// last block then draws from the whole row alone); a top-k of 300 (one
 /// block); a greedy row with penalties; rows drawn at a temperature alone,
@@ -203,8 +203,8 @@ fn greedy_rows_split_over_blocks_pick_the_hosts_token() {
 /// every part past the row's best, drawn with a min-p (which weighs
 /// against the raised best) and cut by top-p, and a flat row whose biases
 /// raise 600 ids into top-p's band (counted as they came, it would hold
-/// none, and a gather of 600 would overrun the 512 candidates). Draws of 0 and
-/// 0.999 reach the first and last parts. Each step runs twice, so a count
+/// none, and a gather of 600 would overrun the 512 candidates). Draws of 0
+/// and 0.999 reach the first and last parts. Each step runs twice, so a count
 /// of finished parts that is not set back to zero shows.
 #[test]
 fn drawn_rows_split_over_blocks_draw_the_hosts_token() {
@@ -440,16 +440,18 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
     // and 500: rows 0, 1 and 3 count a listed token once more, the others
     // a new one. Rows 0–2 have every penalty, and token 3 generated twice;
     // rows 3–5 a repetition penalty alone (their tokens sent alone). The
-    // drawn rows 1 and 3 have no top-k (3 a top-p), so they split over every
-    // block, which count the coming token as adjusted; row 5 has a top-k.
-    // The logits are flat near the coming tokens so the penalties decide the picks.
+    // drawn rows 1 and 5 have no top-k (5 a top-p), so they split over every
+    // block, which count the coming token as adjusted: row 1's is listed,
+    // row 5's is not; both have a min-p. Row 3 has a top-k. The logits are
+    // flat near the coming tokens so the penalties decide the picks.
     let ids: Vec<u32> = (0..n as u32).map(|r| PREVIOUS_SAMPLE | ((r + 1) % n as u32)).collect();
     let mut rng = Rng::seeded(31);
     let rows: Vec<RowSampling> = (0..n)
         .map(|r| RowSampling {
             temperature: [0.0, 0.8][r % 2],
-            top_k: [0, 0, 0, 0, 0, 20][r],
-            top_p: [1.0, 1.0, 1.0, 0.9, 1.0, 1.0][r],
+            top_k: [0, 0, 0, 20, 0, 0][r],
+            top_p: [1.0, 1.0, 1.0, 1.0, 1.0, 0.9][r],
+            min_p: [0.0, 0.3, 0.0, 0.0, 0.0, 0.3][r],
             repetition_penalty: 1.3,
             presence_penalty: [0.4, 0.0][r / 3],
             frequency_penalty: [0.3, 0.0][r / 3],
@@ -465,9 +467,13 @@ fn penalties_count_the_coming_token_the_embedding_resolves() {
             },
             coming: Some((r as u32 + 1) % n as u32),
             uniform: rng.next_f32(),
-            ..RowSampling::greedy()
         })
         .collect();
-    let values: Vec<f32> = random(n * vocab, 32).iter().map(|v| v * 0.2 + 2.0).collect();
+    let mut values: Vec<f32> = random(n * vocab, 32).iter().map(|v| v * 0.2 + 2.0).collect();
+    // The split rows' coming tokens lead their rows as they came, so the
+    // best (which min-p weighs against) must count them adjusted.
+    for r in [1, 5] {
+        values[r * vocab + picked[(r + 1) % n] as usize] = 3.0;
+    }
     assert_host_picks_after(&cpu, &gpu, &ids, &rows, &values, vocab, "coming tokens");
 }

@@ -239,16 +239,21 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 6] {
         uniform: 0.5,
         ..RowSampling::greedy()
     };
-    let seen = (0..2048).map(|i| LogitAdjustment::from_parts(i * 73, 0.0, 0, true));
+    // The sequence's distinct ids, each repeated (prompt or output) or
+    // generated once.
+    let seen = |generated, repeated| {
+        (0..2048)
+            .map(|i| LogitAdjustment::from_parts(i * 73, 0.0, generated, repeated))
+            .collect()
+    };
     let penalized = RowSampling {
         repetition_penalty: 1.05,
-        adjustments: seen.collect(),
+        adjustments: seen(0, true),
         ..drawn(0.7, 20, 0.8)
     };
-    let generated = (0..2048).map(|i| LogitAdjustment::from_parts(i * 73, 0.0, 1, false));
     let present = RowSampling {
         presence_penalty: 0.5,
-        adjustments: generated.collect(),
+        adjustments: seen(1, false),
         ..drawn(1.0, 0, 0.9)
     };
     [
