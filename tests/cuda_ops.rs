@@ -31,65 +31,102 @@ fn normed<W>(weight: &W) -> RmsNorm<'_, W> {
     RmsNorm { weight, eps: 1e-6 }
 }
 
+/// The bound a product of `n` tokens meets against the CPU's: cuBLAS
+/// multiplies bf16 weights by bf16 activations, `rounded` times over.
+fn product_tolerance(gpu: &CudaBackend, n: usize, dtype: DType, rounded: f64) -> f64 {
+    match (gpu.through_matvec(n), dtype) {
+        (false, DType::BF16) => rounded * BF16_ROUNDED,
+        _ => EXACT,
+    }
+}
+
+/// Each token count, with the mat-vec kernels on as a backend starts, and
+/// those within their reach again with every product through cuBLAS.
+fn both_ways(gpu: &mut CudaBackend, counts: &[usize], mut check: impl FnMut(&CudaBackend, usize)) {
+    for &n in counts {
+        check(gpu, n);
+        if gpu.through_matvec(n) {
+            gpu.use_matvec(false);
+            check(gpu, n);
+            gpu.use_matvec(true);
+        }
+    }
+}
+
 #[test]
 fn linear_matches_for_every_batch_size_dtype_and_bias() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
-    // Matvec for up to 8 tokens, cuBLAS above. The mat-vec's steps of 256
-    // weights: whole, partial with and without a lane's second run of 4
-    // (200, 100, 896, 2824), or scalar (98: rows not 4-weight aligned).
+    // Matvec for up to 8 tokens, cuBLAS above (and below, switched). The
+    // mat-vec's steps of 256 weights: whole, partial with and without a
+    // lane's second run of 4 (200, 100, 896, 2824), or scalar (98: rows not
+    // 4-weight aligned).
     for (inner, outs) in [(256, 96), (100, 33), (200, 24), (98, 20), (896, 4864), (2824, 40)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[outs, inner], dtype, 1);
             let b = weight(&[outs], DType::BF16, 2);
             let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
             let (cb, gb) = (cpu.load_weight(b.clone()).unwrap(), gpu.load_weight(b).unwrap());
-            for n in [1, 3, 8, 9, 37] {
-                let (cx, gx) = activations(&gpu, n, inner, 3 + n as u64);
-                let tolerance = match (n > 8, dtype) {
-                    (true, DType::BF16) => BF16_ROUNDED,
-                    _ => EXACT,
-                };
+            both_ways(&mut gpu, &[1, 3, 8, 9, 37], |gpu, n| {
+                let (cx, gx) = activations(gpu, n, inner, 3 + n as u64);
+                let tolerance = product_tolerance(gpu, n, dtype, 1.0);
                 for bias in [false, true] {
                     let want = cpu.linear(&cx, &cw, bias.then_some(&cb)).unwrap();
                     let got = gpu.linear(&gx, &gw, bias.then_some(&gb)).unwrap();
                     let what = format!("linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype} bias={bias}");
-                    assert_close(&want, &gpu, &got, tolerance, &what);
+                    assert_close(&want, gpu, &got, tolerance, &what);
                 }
                 // Added into a residual stream of about the product's size.
-                let (mut c_res, mut g_res) = activations(&gpu, n, outs, 50 + n as u64);
+                let (mut c_res, mut g_res) = activations(gpu, n, outs, 50 + n as u64);
                 cpu.add_linear(&mut c_res, &cx, &cw).unwrap();
                 gpu.add_linear(&mut g_res, &gx, &gw).unwrap();
                 let what = format!("add_linear [{n}, {inner}]·[{outs}, {inner}]ᵀ {dtype}");
-                assert_close(&c_res, &gpu, &g_res, tolerance, &what);
-            }
+                assert_close(&c_res, gpu, &g_res, tolerance, &what);
+            });
         }
     }
 }
 
 #[test]
+fn with_the_mat_vec_off_even_one_token_multiplies_through_cublas() {
+    let Some(mut gpu) = gpu() else { return };
+    let w = gpu.load_weight(weight(&[96, 256], DType::BF16, 1)).unwrap();
+    let (_, x) = activations(&gpu, 1, 256, 4);
+    let product = |gpu: &CudaBackend| {
+        let mut out = Vec::new();
+        gpu.to_host(&gpu.linear(&x, &w, None).unwrap(), &mut out).unwrap();
+        out
+    };
+    let matvec = product(&gpu);
+    gpu.use_matvec(false);
+    assert!(!gpu.through_matvec(1));
+    // cuBLAS takes the activations rounded to bf16, the mat-vec as they are.
+    assert_ne!(product(&gpu), matvec);
+    gpu.use_matvec(true);
+    assert_eq!(product(&gpu), matvec);
+}
+
+#[test]
 fn swiglu_matches_for_every_batch_size_and_dtype() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     let cpu = CpuBackend::default();
     // The fused gate/up mat-vec for up to 8 tokens (whole, partial and
-    // scalar steps, as for linear), cuBLAS and the SwiGLU kernel above.
+    // scalar steps, as for linear), cuBLAS and the SwiGLU kernel above (and
+    // below, switched).
     for (inner, inter) in [(256, 48), (100, 17), (200, 12), (98, 10), (896, 4864), (2824, 20)] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&[2 * inter, inner], dtype, 13);
             let (cw, gw) = (cpu.load_weight(w.clone()).unwrap(), gpu.load_weight(w).unwrap());
             let (cn, gn) = norm_weights(&cpu, &gpu, inner, 12);
-            for n in [1, 3, 8, 9, 37] {
-                let (cx, gx) = activations(&gpu, n, inner, 14 + n as u64);
-                // Above 8 tokens the gate and the up product each carry
+            both_ways(&mut gpu, &[1, 3, 8, 9, 37], |gpu, n| {
+                let (cx, gx) = activations(gpu, n, inner, 14 + n as u64);
+                // Through cuBLAS the gate and the up product each carry
                 // the bf16 rounding of the activations, and SwiGLU multiplies them.
-                let tolerance = match (n > 8, dtype) {
-                    (true, DType::BF16) => 2.0 * BF16_ROUNDED,
-                    _ => EXACT,
-                };
+                let tolerance = product_tolerance(gpu, n, dtype, 2.0);
                 let want = cpu.swiglu(&cx, normed(&cn), &cw).unwrap();
                 let what = format!("swiglu [{n}, {inner}] with gate_up [{}, {inner}] {dtype}", 2 * inter);
-                assert_close(&want, &gpu, &gpu.swiglu(&gx, normed(&gn), &gw).unwrap(), tolerance, &what);
-            }
+                assert_close(&want, gpu, &gpu.swiglu(&gx, normed(&gn), &gw).unwrap(), tolerance, &what);
+            });
         }
     }
 }
@@ -303,18 +340,13 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
             .project_qkv(&gx, normed(&g_norm), &g_w, g_b, &mut g_cache, &g_step, &g_rope, &spec)
             .unwrap();
         let what = format!("heads={heads} kv_heads={kv_heads} head_dim={head_dim} hidden={hidden} {dtype} bias={bias} round {round}");
-        // Above 8 tokens cuBLAS multiplies bf16 weights by bf16 activations.
-        let projected = if positions.len() > 8 && dtype == DType::BF16 {
-            BF16_ROUNDED
-        } else {
-            EXACT
-        };
+        let projected = product_tolerance(gpu, positions.len(), dtype, 1.0);
         assert_close(&cq, gpu, &gq, projected, &format!("project_qkv {what}"));
         let want = cpu.paged_attention(&cq, &c_cache, &c_step, &spec).unwrap();
         let got = gpu.paged_attention(&gq, &g_cache, &g_step, &spec).unwrap();
         assert_close(&want, gpu, &got, BF16_ROUNDED, &format!("paged_attention {what}"));
-        // Past 8 tokens the attention kernel also writes its output rounded
-        // to bf16, which o_proj's GEMM reads.
+        // Where o_proj multiplies through cuBLAS, the attention kernel also
+        // writes its output rounded to bf16, which the GEMM reads.
         let o_want = cpu.linear(&want, &c_o, None).unwrap();
         let o_got = gpu.linear(&got, &g_o, None).unwrap();
         assert_close(&o_want, gpu, &o_got, 4.0 * BF16_ROUNDED, &format!("o_proj of the attention {what}"));
@@ -323,9 +355,13 @@ fn attention_case(gpu: &CudaBackend, (heads, kv_heads, head_dim): (usize, usize,
 
 #[test]
 fn qkv_projection_and_paged_attention_match_for_prefill_chunks_and_decode() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     // Projections of whole and partial mat-vec steps, and of scalar ones (102).
     attention_case(&gpu, (4, 2, 64), 264, DType::BF16, true);
+    // Decode's products through cuBLAS too, and its attention's rounded output.
+    gpu.use_matvec(false);
+    attention_case(&gpu, (4, 2, 64), 264, DType::BF16, true);
+    gpu.use_matvec(true);
     attention_case(&gpu, (2, 1, 128), 100, DType::F32, false);
     attention_case(&gpu, (14, 2, 64), 200, DType::F32, true);
     attention_case(&gpu, (28, 4, 128), 264, DType::BF16, true);

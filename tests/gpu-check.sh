@@ -239,7 +239,8 @@ for k in report["kernels"]:
     if k["kernel"].startswith("prefill"):
         print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['tflop_per_s']:.1f} TFLOP/s")
     else:
-        print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['gb_per_s']:.0f} GB/s = {100 * k['fraction_of_copy_bandwidth']:.0f}% of copy")
+        print(f"{'kernel':<34} {k['kernel']}: {k['us']:.1f} µs, {k['gb_per_s']:.0f} GB/s = {100 * k['fraction_of_copy_bandwidth']:.0f}% of copy"
+              + (f" (launched one by one: {k['us_launched']:.1f} µs)" if k["graphed"] else " (launched one by one: no graph)"))
 EOF
 )
 fi

@@ -1,12 +1,13 @@
 //! `shardline bench --kernels`: the two kernels decode streams memory
-//! through, timed alone on the GPU at a model's shapes and put against the
-//! device's copy bandwidth: the batch-1 mat-vec of each weight matrix of a
-//! layer and of the LM head, and down_proj's for 2 to 8 tokens and through
-//! cuBLAS at 9 (bytes: the weights); and decode attention over `--context`
-//! cached tokens at batch 1 and 64 (bytes: the keys and values); and the
-//! sampling kernel on 1 and 64 rows of the vocabulary, greedy, drawn at
-//! temperature 1, with top-p alone and with Qwen2.5's cuts (bytes: the
-//! logits, once).
+//! through, timed alone on the GPU at a model's shapes (back to back in a
+//! graph, as decode runs them) and put against the device's copy
+//! bandwidth: the batch-1 mat-vec of each weight matrix of a layer and of
+//! the LM head, and down_proj's for 1 to 8 tokens through the mat-vec and
+//! cuBLAS both, and at 9 through cuBLAS (bytes: the weights); and decode
+//! attention over `--context` cached tokens at batch 1 and 64 (bytes: the
+//! keys and values); and the sampling kernel on 1 and 64 rows of the
+//! vocabulary, greedy, drawn at temperature 1, with top-p alone and with
+//! Qwen2.5's cuts (bytes: the logits, once).
 //! Also the attention of a `--context`-token prompt's prefill, which
 //! computes more than it reads: its multiply-adds a second.
 
@@ -23,37 +24,65 @@ use std::time::Instant;
 /// Calls of each kernel per timing, after as many untimed.
 const CALLS: usize = 20;
 
+/// Replays of a graph of `CALLS` calls per timing, queued back to back.
+const REPLAYS: usize = 10;
+
 /// One timed kernel: what it streams, the arithmetic it does (floating-point
-/// operations, a multiply-add two), and how long a call takes.
+/// operations, a multiply-add two), and how long a call takes: recorded
+/// into a graph as decode runs it (`graphed`, unless recording it failed),
+/// and launched one by one from the host.
 struct Timing {
     what: String,
     bytes: usize,
     flops: f64,
     seconds: f64,
+    graphed: bool,
+    launched_seconds: f64,
 }
 
-/// Times `CALLS` back-to-back calls of `op` (queued, then waited for once;
-/// what each call returns is dropped as it comes).
+/// Times `op`: `CALLS` back-to-back launches (queued, then waited for once;
+/// what each call returns is dropped as it comes), then `REPLAYS` replays
+/// of a graph recorded from `CALLS` calls. A kernel of a few µs (a layer's
+/// decode attention, a small mat-vec) takes about as long as its launch
+/// costs the host, so only the graph's figure is the kernel's own, and it
+/// is the one put against the bandwidth. A kernel that cannot be recorded
+/// is reported as launched, saying so, and the other rows still come.
 fn time<T>(
     gpu: &CudaBackend,
     what: String,
     (bytes, flops): (usize, f64),
     mut op: impl FnMut() -> shardline::backend::Result<T>,
 ) -> anyhow::Result<Timing> {
-    for _ in 0..CALLS {
-        op()?;
-    }
-    gpu.synchronize()?;
-    let start = Instant::now();
-    for _ in 0..CALLS {
-        op()?;
-    }
-    gpu.synchronize()?;
+    let run = |times: usize, call: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        call()?;
+        gpu.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..times {
+            call()?;
+        }
+        gpu.synchronize()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let launched = run(1, &mut || {
+        for _ in 0..CALLS {
+            op()?;
+        }
+        Ok(())
+    })? / CALLS as f64;
+    let replayed = match gpu.capture(&mut || (0..CALLS).try_for_each(|_| op().map(drop))) {
+        Ok(graph) => Some(run(REPLAYS, &mut || Ok(gpu.replay(&graph)?))? / (REPLAYS * CALLS) as f64),
+        Err(e) => {
+            eprintln!("{what}: recording it into a graph failed ({e}); timed as launched one by one");
+            None
+        }
+    };
     Ok(Timing {
         what,
         bytes,
         flops,
-        seconds: start.elapsed().as_secs_f64() / CALLS as f64,
+        seconds: replayed.unwrap_or(launched),
+        graphed: replayed.is_some(),
+        launched_seconds: launched,
     })
 }
 
@@ -153,17 +182,20 @@ fn activations(gpu: &CudaBackend, tokens: usize, cols: usize, rng: &mut Rng) -> 
     Ok(x)
 }
 
+/// A product's work: the bf16 weights' bytes, and a multiply-add a weight
+/// and token.
+fn work(outs: usize, ins: usize, tokens: usize) -> (usize, f64) {
+    (outs * ins * 2, 2.0 * (outs * ins * tokens) as f64)
+}
+
 /// The batch-1 mat-vec of every matrix of one layer and the LM head, each
 /// as the model runs it (qkv and gate/up of the residual stream's RMSNorm,
 /// qkv with RoPE and the KV write, gate/up with the SwiGLU, o_proj and
-/// down_proj added into the stream); then down_proj's for a few tokens,
-/// and through cuBLAS.
+/// down_proj added into the stream).
 fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
     let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
     let weight = |outs: usize, ins: usize, rng: &mut Rng| gpu.load_weight(random_bf16(vec![outs, ins], rng));
-    // The weights' bytes, and a multiply-add a weight and token.
-    let work = |outs: usize, ins: usize, tokens: usize| (outs * ins * 2, 2.0 * (outs * ins * tokens) as f64);
     let mut timings = Vec::new();
     let norm = gpu.load_weight(HostTensor::from_f32(vec![h], &(0..h).map(|_| rng.next_f32()).collect::<Vec<_>>()))?;
     let norm = RmsNorm { weight: &norm, eps: 1e-6 };
@@ -194,14 +226,36 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
         };
         timings.push(timing);
     }
+    Ok(timings)
+}
 
-    let w = weight(h, i, rng)?;
-    for tokens in [2, 4, 8, 9] {
+/// down_proj added into the residual stream for a few tokens, through the
+/// mat-vec and through cuBLAS, up to a token past where the backend hands
+/// the one to the other: what that hand-over should be.
+fn handover(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let w = gpu.load_weight(random_bf16(vec![h, i], rng))?;
+    // Powers of two up to the mat-vec's most tokens, and one more.
+    let most = (1..).take_while(|&n| gpu.through_matvec(n)).count();
+    let counts: Vec<usize> = (0..).map(|k| 1 << k).take_while(|&n| n <= most).chain([most + 1]).collect();
+    let mut timings = Vec::new();
+    for tokens in counts {
         let x = activations(gpu, tokens, i, rng)?;
         let mut residual = activations(gpu, tokens, h, rng)?;
-        let how = if tokens > 8 { "cuBLAS" } else { "mat-vec" };
-        let what = format!("{how} down_proj + residual [{h}, {i}], {tokens} tokens");
-        timings.push(time(gpu, what, work(h, i, tokens), || gpu.add_linear(&mut residual, &x, &w))?);
+        for matvec in [true, false] {
+            gpu.use_matvec(matvec);
+            if matvec && !gpu.through_matvec(tokens) {
+                continue;
+            }
+            let how = if matvec { "mat-vec" } else { "cuBLAS" };
+            let what = format!(
+                "{how} down_proj + residual [{h}, {i}], {tokens} token{}",
+                if tokens == 1 { "" } else { "s" }
+            );
+            let gpu = &*gpu;
+            timings.push(time(gpu, what, work(h, i, tokens), || gpu.add_linear(&mut residual, &x, &w))?);
+        }
+        gpu.use_matvec(true);
     }
     Ok(timings)
 }
@@ -230,8 +284,9 @@ fn attention(gpu: &CudaBackend, config: &ModelConfig, batch: usize, cached: usiz
 /// no top-k), also with the API's presence penalty over a 2,048-token
 /// sequence's distinct ids; and Qwen2.5-Instruct's generation_config.json
 /// (what serve applies to a request that sets none), without and with its
-/// repetition penalty over those ids (sent a word each).
-fn sampling_kinds() -> [(&'static str, RowSampling); 6] {
+/// repetition penalty over those ids (sent a word each), spread evenly
+/// over a vocabulary of `vocab` ids.
+fn sampling_kinds(vocab: usize) -> [(&'static str, RowSampling); 6] {
     let drawn = |temperature, top_k, top_p| RowSampling {
         temperature,
         top_k,
@@ -241,9 +296,10 @@ fn sampling_kinds() -> [(&'static str, RowSampling); 6] {
     };
     // The sequence's distinct ids, each repeated (prompt or output) or
     // generated once.
+    let ids = vocab.min(2048);
     let seen = |generated, repeated| {
-        (0..2048)
-            .map(|i| LogitAdjustment::from_parts(i * 73, 0.0, generated, repeated))
+        (0..ids)
+            .map(|i| LogitAdjustment::from_parts((i * vocab / ids) as u32, 0.0, generated, repeated))
             .collect()
     };
     let penalized = RowSampling {
@@ -288,16 +344,17 @@ fn sampling(
 
 pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(cuda::gpu_count() > 0, "--kernels times CUDA kernels: no CUDA GPU found");
-    let gpu = CudaBackend::new(0).context("opening GPU 0")?;
+    let mut gpu = CudaBackend::new(0).context("opening GPU 0")?;
     let bandwidth = cuda::measure_copy_bandwidth(0)?;
     let mut rng = Rng::seeded(0);
     let mut timings = matvecs(&gpu, config, &mut rng)?;
+    timings.extend(handover(&mut gpu, config, &mut rng)?);
     for batch in [1, 64] {
         timings.push(attention(&gpu, config, batch, context, 1)?);
     }
     timings.push(attention(&gpu, config, 1, 0, context)?);
     for rows in [1, 64] {
-        for kind in &sampling_kinds() {
+        for kind in &sampling_kinds(config.vocab_size) {
             timings.push(sampling(&gpu, config, rows, kind, &mut rng)?);
         }
     }
@@ -306,7 +363,7 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
         let rows: Vec<_> = timings
             .iter()
             .map(|t| {
-                json!({"kernel": t.what, "bytes": t.bytes, "us": t.seconds * 1e6, "gb_per_s": rate(t) / 1e9,
+                json!({"kernel": t.what, "bytes": t.bytes, "us": t.seconds * 1e6, "graphed": t.graphed, "us_launched": t.launched_seconds * 1e6, "gb_per_s": rate(t) / 1e9,
                        "fraction_of_copy_bandwidth": rate(t) / bandwidth, "tflop_per_s": t.flops / t.seconds / 1e12})
             })
             .collect();
@@ -320,12 +377,16 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     let width = timings.iter().map(|t| t.what.chars().count()).max().unwrap_or(0);
     for t in &timings {
         println!(
-            "{:<width$} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth {:>8.1} TFLOP/s",
+            "{:<width$} {:>9.1} µs {:>8.0} GB/s  {:>4.0}% of copy bandwidth {:>8.1} TFLOP/s  ({})",
             t.what,
             t.seconds * 1e6,
             rate(t) / 1e9,
             100.0 * rate(t) / bandwidth,
-            t.flops / t.seconds / 1e12
+            t.flops / t.seconds / 1e12,
+            match t.graphed {
+                true => format!("launched one by one: {:.1} µs", t.launched_seconds * 1e6),
+                false => "launched one by one: not recorded into a graph".to_string(),
+            }
         );
     }
     Ok(())

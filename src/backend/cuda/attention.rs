@@ -6,7 +6,6 @@
 //! longest context has 32-key tiles; the last split of a block group to
 //! finish merges the group's rows, counting in the backend's `arrivals`.
 
-use super::matvec::MATVEC_MAX_TOKENS;
 use super::ops::check;
 use super::{driver_error, CudaBackend, CudaKvCache, CudaStep, CudaTensor};
 use crate::backend::{AttentionSpec, Result};
@@ -120,11 +119,11 @@ impl CudaBackend {
         let (tokens, seqs, block_size) = (step.tokens() as i32, step.seqs() as i32, step.block_size() as i32);
         let (heads_i, kv_heads_i, passes_i, scale) = (heads as i32, kv_heads as i32, passes as i32, spec.scale);
         let (tables, tiles, token_pos) = (step.block_tables(), step.tile_table(), step.token_pos());
-        // Past the mat-vec's tokens o_proj multiplies through cuBLAS, which
-        // takes the output rounded to bf16 (for bf16 weights): written here.
-        let mut rounded = match step.tokens() > MATVEC_MAX_TOKENS {
-            true => Some(self.scratch::<bf16>(out.rows * out.cols, "bf16 attention output")?),
-            false => None,
+        // Where o_proj multiplies through cuBLAS, it takes the output
+        // rounded to bf16 (for bf16 weights): written here.
+        let mut rounded = match self.through_matvec(step.tokens()) {
+            true => None,
+            false => Some(self.scratch::<bf16>(out.rows * out.cols, "bf16 attention output")?),
         };
         let mut args = self.kernel_args(name);
         args.out(out.data_mut()).out_or_null(rounded.as_mut());

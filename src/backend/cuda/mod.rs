@@ -163,6 +163,9 @@ pub struct CudaBackend {
     split_rows: sampling::SplitRows,
     /// Launch kernels programmatically (`launch.rs`).
     programmatic: bool,
+    /// Multiply up to `MATVEC_MAX_TOKENS` tokens in the mat-vec kernels
+    /// (else every product goes through cuBLAS).
+    matvec: bool,
     /// The activations of forwards being recorded (`arena.rs`).
     arena: arena::Arena,
 }
@@ -238,8 +241,22 @@ impl CudaBackend {
             arrivals,
             split_rows,
             programmatic: launch::programmatic_launches(capability, std::env::var_os("SHARDLINE_NO_PDL").as_deref()),
+            matvec: true,
             arena: Default::default(),
         })
+    }
+
+    /// Whether a product of `tokens` tokens runs in the mat-vec kernels,
+    /// which read each weight once for all of them, rather than in cuBLAS.
+    pub fn through_matvec(&self, tokens: usize) -> bool {
+        self.matvec && tokens <= matvec::MATVEC_MAX_TOKENS
+    }
+
+    /// Sends every product through cuBLAS (`false`), or, as a backend
+    /// starts, those of few enough tokens through the mat-vec kernels:
+    /// `bench --kernels` times both sides of the hand-over.
+    pub fn use_matvec(&mut self, on: bool) {
+        self.matvec = on;
     }
 
     /// Waits until the stream has run everything queued on it.

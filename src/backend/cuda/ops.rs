@@ -2,7 +2,6 @@
 //! backend's stream. Shapes are checked on the host before each launch.
 
 use super::gemm::Operands;
-use super::matvec::MATVEC_MAX_TOKENS;
 use super::{
     alloc_error, driver_error, elementwise, grid, CudaBackend, CudaGraph, CudaKvCache, CudaStep, CudaTensor, CudaWeight, SampledFetch,
     WeightData, KV_CACHE_BYTES,
@@ -188,7 +187,7 @@ impl Backend for CudaBackend {
             },
         )?;
         let mut out = self.tensor(x.rows, w.rows, "qkv")?;
-        if x.rows <= MATVEC_MAX_TOKENS {
+        if self.through_matvec(x.rows) {
             self.matvec_qkv_rope(x, norm, w, bias, cache, step, table, spec, &mut out)?;
         } else {
             self.normed_gemm(x, norm, w, &mut out)?;
@@ -218,7 +217,7 @@ impl Backend for CudaBackend {
         )?;
         let inter = gate_up.rows / 2;
         let mut out = self.tensor(x.rows, inter, "SwiGLU output")?;
-        if x.rows <= MATVEC_MAX_TOKENS {
+        if self.through_matvec(x.rows) {
             self.matvec_swiglu(x, norm, gate_up, &mut out)?;
             return Ok(out);
         }
@@ -371,12 +370,12 @@ impl CudaBackend {
     }
 
     /// `out = x · wᵀ + bias`, or `out +=` that with `accumulate`: through
-    /// the mat-vec kernels up to [`MATVEC_MAX_TOKENS`] tokens, else cuBLAS
+    /// the mat-vec kernels where [`CudaBackend::through_matvec`], else cuBLAS
     /// (bf16 weights take the activations rounded to bf16: `x`'s own
     /// rounded copy where it has one, else a cast). Shapes are the caller's
     /// to check.
     fn product(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaSlice<f32>>, out: &mut CudaTensor, accumulate: bool) -> Result<()> {
-        if x.rows <= MATVEC_MAX_TOKENS {
+        if self.through_matvec(x.rows) {
             return self.matvec(x, w, bias, out, accumulate);
         }
         match &w.data {
