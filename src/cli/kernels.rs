@@ -2,12 +2,12 @@
 //! through, timed alone on the GPU at a model's shapes (back to back in a
 //! graph, as decode runs them) and put against the device's copy
 //! bandwidth: the batch-1 mat-vec of each weight matrix of a layer and of
-//! the LM head, and down_proj's for 1 to 8 tokens through the mat-vec and
-//! cuBLAS both, and at 9 through cuBLAS (bytes: the weights); and decode
-//! attention over `--context` cached tokens at batch 1 and 64 (bytes: the
-//! keys and values); and the sampling kernel on 1 and 64 rows of the
-//! vocabulary, greedy, drawn at temperature 1, with top-p alone and with
-//! Qwen2.5's cuts (bytes: the logits, once).
+//! the LM head, and down_proj's for 1 to 8 tokens (gate/up's for 8) through
+//! the mat-vec and cuBLAS both, and at 9 through cuBLAS (bytes: the
+//! weights); and decode attention over `--context` cached tokens at batch 1
+//! and 64 (bytes: the keys and values); and the sampling kernel on 1 and 64
+//! rows of the vocabulary, greedy, drawn at temperature 1, with top-p alone
+//! and with Qwen2.5's cuts (bytes: the logits, once).
 //! Also the attention of a `--context`-token prompt's prefill, which
 //! computes more than it reads: its multiply-adds a second.
 
@@ -86,6 +86,13 @@ fn time<T>(
     })
 }
 
+/// Uniform in [0, 1).
+fn random_f32(shape: Vec<usize>, rng: &mut Rng) -> HostTensor {
+    let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.next_f32()).collect();
+    HostTensor::from_f32(shape, &values)
+}
+
+/// Uniform in ±0.5, in bf16.
 fn random_bf16(shape: Vec<usize>, rng: &mut Rng) -> HostTensor {
     let n: usize = shape.iter().product();
     let bytes = (0..n)
@@ -197,12 +204,11 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
     let weight = |outs: usize, ins: usize, rng: &mut Rng| gpu.load_weight(random_bf16(vec![outs, ins], rng));
     let mut timings = Vec::new();
-    let norm = gpu.load_weight(HostTensor::from_f32(vec![h], &(0..h).map(|_| rng.next_f32()).collect::<Vec<_>>()))?;
+    let norm = gpu.load_weight(random_f32(vec![h], rng))?;
     let norm = RmsNorm { weight: &norm, eps: 1e-6 };
 
     let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
-    let table = HostTensor::from_f32(vec![1, hd], &(0..hd).map(|_| rng.next_f32()).collect::<Vec<_>>());
-    let table = gpu.load_weight(table)?;
+    let table = gpu.load_weight(random_f32(vec![1, hd], rng))?;
     let Step { mut cache, step, spec, .. } = step_of(gpu, config, (1, 0, 1), &[])?;
     let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
     timings.push(time(gpu, what, work(q + 2 * kv, h, 1), || {
@@ -231,10 +237,11 @@ fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
 
 /// down_proj added into the residual stream for a few tokens, through the
 /// mat-vec and through cuBLAS, up to a token past where the backend hands
-/// the one to the other: what that hand-over should be.
+/// the one to the other, and gate/up with the SwiGLU both ways at the
+/// mat-vec's most tokens: what that hand-over should be.
 fn handover(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
-    let w = gpu.load_weight(random_bf16(vec![h, i], rng))?;
+    let down = gpu.load_weight(random_bf16(vec![h, i], rng))?;
     // Powers of two up to the mat-vec's most tokens, and one more.
     let most = (1..).take_while(|&n| gpu.through_matvec(n)).count();
     let counts: Vec<usize> = (0..).map(|k| 1 << k).take_while(|&n| n <= most).chain([most + 1]).collect();
@@ -242,21 +249,40 @@ fn handover(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyho
     for tokens in counts {
         let x = activations(gpu, tokens, i, rng)?;
         let mut residual = activations(gpu, tokens, h, rng)?;
-        for matvec in [true, false] {
-            gpu.use_matvec(matvec);
-            if matvec && !gpu.through_matvec(tokens) {
-                continue;
-            }
-            let how = if matvec { "mat-vec" } else { "cuBLAS" };
-            let what = format!(
-                "{how} down_proj + residual [{h}, {i}], {tokens} token{}",
-                if tokens == 1 { "" } else { "s" }
-            );
-            let gpu = &*gpu;
-            timings.push(time(gpu, what, work(h, i, tokens), || gpu.add_linear(&mut residual, &x, &w))?);
-        }
-        gpu.use_matvec(true);
+        let what = format!("down_proj + residual [{h}, {i}]");
+        timings.extend(both_ways(gpu, &what, tokens, work(h, i, tokens), |gpu| {
+            gpu.add_linear(&mut residual, &x, &down)
+        })?);
     }
+    let gate_up = gpu.load_weight(random_bf16(vec![2 * i, h], rng))?;
+    let norm = gpu.load_weight(random_f32(vec![h], rng))?;
+    let x = activations(gpu, most, h, rng)?;
+    let what = format!("gate_up_proj + SwiGLU [{}, {h}]", 2 * i);
+    timings.extend(both_ways(gpu, &what, most, work(2 * i, h, most), |gpu| {
+        gpu.swiglu(&x, RmsNorm { weight: &norm, eps: 1e-6 }, &gate_up)
+    })?);
+    Ok(timings)
+}
+
+/// `op` on `tokens` tokens timed through the mat-vec, where it reaches
+/// that many, and through cuBLAS; the mat-vec is on again after.
+fn both_ways<T>(
+    gpu: &mut CudaBackend,
+    what: &str,
+    tokens: usize,
+    work: (usize, f64),
+    mut op: impl FnMut(&CudaBackend) -> shardline::backend::Result<T>,
+) -> anyhow::Result<Vec<Timing>> {
+    let mut timings = Vec::new();
+    let plural = if tokens == 1 { "" } else { "s" };
+    for (matvec, how) in [(true, "mat-vec"), (false, "cuBLAS")] {
+        gpu.use_matvec(matvec);
+        if gpu.through_matvec(tokens) == matvec {
+            let gpu = &*gpu;
+            timings.push(time(gpu, format!("{how} {what}, {tokens} token{plural}"), work, || op(gpu))?);
+        }
+    }
+    gpu.use_matvec(true);
     Ok(timings)
 }
 
