@@ -5,9 +5,10 @@
 //! the LM head, and down_proj's for 1 to 8 tokens (gate/up's for 8) through
 //! the mat-vec and cuBLAS both, and at 9 through cuBLAS (bytes: the
 //! weights); and decode attention over `--context` cached tokens at batch 1
-//! and 64 (bytes: the keys and values); and the sampling kernel on 1 and 64
-//! rows of the vocabulary, greedy, drawn at temperature 1, with top-p alone
-//! and with Qwen2.5's cuts (bytes: the logits, once).
+//! and 64, and over 256 and 1,024 at batch 1 (bytes: the keys and values);
+//! and the sampling kernel on 1 and 64 rows of the vocabulary, greedy,
+//! drawn at temperature 1, with top-p alone and with Qwen2.5's cuts (bytes:
+//! the logits, once).
 //! Also the attention of a `--context`-token prompt's prefill, which
 //! computes more than it reads: its multiply-adds a second.
 
@@ -375,8 +376,11 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     let mut rng = Rng::seeded(0);
     let mut timings = matvecs(&gpu, config, &mut rng)?;
     timings.extend(handover(&mut gpu, config, &mut rng)?);
-    for batch in [1, 64] {
-        timings.push(attention(&gpu, config, batch, context, 1)?);
+    // Batch-1 decode's attention at the shorter contexts of the decode
+    // targets too, where its merge of split keys weighs most.
+    let shorter = [256, 1024].into_iter().filter(|&c| c < context);
+    for (batch, cached) in shorter.map(|c| (1, c)).chain([(1, context), (64, context)]) {
+        timings.push(attention(&gpu, config, batch, cached, 1)?);
     }
     timings.push(attention(&gpu, config, 1, 0, context)?);
     for rows in [1, 64] {
