@@ -150,12 +150,13 @@ struct Passing {
 template <typename Mass>
 __device__ Passing passing_of(int n, Mass mass, double target) {
     double running = 0.0;
-    int j = 0, last = -1;
-    for (; j < n && !(mass(j) > 0.0 && running + mass(j) > target); ++j) {
-        if (mass(j) > 0.0) last = j;
-        running += mass(j);
+    int last = -1;
+    for (int j = 0; j < n; ++j) {
+        const double m = mass(j);
+        if (m > 0.0 && running + m > target) return Passing{j, target - running};
+        if (m > 0.0) last = j;
+        running += m;
     }
-    if (j < n) return Passing{j, target - running};
     return Passing{last, __longlong_as_double(0x7ff0000000000000ll)};  // +inf
 }
 

@@ -2,9 +2,9 @@
 //! through, timed alone on the GPU at a model's shapes (back to back in a
 //! graph, as decode runs them) and put against the device's copy
 //! bandwidth: the batch-1 mat-vec of each weight matrix of a layer and of
-//! the LM head, and down_proj's for 1 to 8 tokens (gate/up's for 8) through
-//! the mat-vec and cuBLAS both, and at 9 through cuBLAS (bytes: the
-//! weights); and decode attention over `--context` cached tokens at batch 1
+//! the LM head, the MLP's through the mat-vec and cuBLAS both, down_proj's
+//! for 1 to 8 tokens and at 9 through cuBLAS, gate/up's for 1 and 8 (bytes:
+//! the weights); and decode attention over `--context` cached tokens at batch 1
 //! and 64, and over 256 and 1,024 at batch 1 (bytes: the keys and values);
 //! and the sampling kernel on 1 and 64 rows of the vocabulary, greedy,
 //! drawn at temperature 1, with top-p alone and with Qwen2.5's cuts (bytes:
@@ -174,15 +174,6 @@ fn step_of(
     })
 }
 
-/// How the model runs a mat-vec.
-enum Product {
-    /// Of the input's norm, with the SwiGLU in the epilogue.
-    Swiglu,
-    /// Added into the residual stream.
-    Residual,
-    Plain,
-}
-
 /// `tokens` rows of `cols` random activations on the GPU.
 fn activations(gpu: &CudaBackend, tokens: usize, cols: usize, rng: &mut Rng) -> anyhow::Result<<CudaBackend as Backend>::Tensor> {
     let mut x = gpu.zeros(tokens, cols)?;
@@ -196,54 +187,49 @@ fn work(outs: usize, ins: usize, tokens: usize) -> (usize, f64) {
     (outs * ins * 2, 2.0 * (outs * ins * tokens) as f64)
 }
 
-/// The batch-1 mat-vec of every matrix of one layer and the LM head, each
-/// as the model runs it (qkv and gate/up of the residual stream's RMSNorm,
-/// qkv with RoPE and the KV write, gate/up with the SwiGLU, o_proj and
-/// down_proj added into the stream).
+/// The batch-1 mat-vec of the attention's matrices and the LM head, each
+/// as the model runs it: qkv of the residual stream's RMSNorm, with RoPE
+/// and the KV write; o_proj added into the stream.
 fn matvecs(gpu: &CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
-    let (h, hd, i) = (config.hidden_size, config.head_dim(), config.intermediate_size);
+    let (h, hd, vocab) = (config.hidden_size, config.head_dim(), config.vocab_size);
     let (q, kv) = (config.num_attention_heads * hd, config.num_kv_heads() * hd);
-    let weight = |outs: usize, ins: usize, rng: &mut Rng| gpu.load_weight(random_bf16(vec![outs, ins], rng));
     let mut timings = Vec::new();
     let norm = gpu.load_weight(random_f32(vec![h], rng))?;
-    let norm = RmsNorm { weight: &norm, eps: 1e-6 };
-
-    let (w, x) = (weight(q + 2 * kv, h, rng)?, activations(gpu, 1, h, rng)?);
+    let (w, x) = (
+        gpu.load_weight(random_bf16(vec![q + 2 * kv, h], rng))?,
+        activations(gpu, 1, h, rng)?,
+    );
     let table = gpu.load_weight(random_f32(vec![1, hd], rng))?;
     let Step { mut cache, step, spec, .. } = step_of(gpu, config, (1, 0, 1), &[])?;
     let what = format!("mat-vec qkv_proj + RoPE + KV write [{}, {h}]", q + 2 * kv);
     timings.push(time(gpu, what, work(q + 2 * kv, h, 1), || {
+        let norm = RmsNorm { weight: &norm, eps: 1e-6 };
         gpu.project_qkv(&x, norm, &w, None, &mut cache, &step, &table, &spec)
     })?);
 
-    let mut residual = activations(gpu, 1, h, rng)?;
-    let shapes = [
-        ("o_proj + residual", h, q, Product::Residual),
-        ("gate_up_proj + SwiGLU", 2 * i, h, Product::Swiglu),
-        ("down_proj + residual", h, i, Product::Residual),
-        ("lm_head", config.vocab_size, h, Product::Plain),
-    ];
-    for (name, outs, ins, product) in shapes {
-        let (w, x) = (weight(outs, ins, rng)?, activations(gpu, 1, ins, rng)?);
-        let (what, work) = (format!("mat-vec {name} [{outs}, {ins}]"), work(outs, ins, 1));
-        let timing = match product {
-            Product::Swiglu => time(gpu, what, work, || gpu.swiglu(&x, norm, &w))?,
-            Product::Residual => time(gpu, what, work, || gpu.add_linear(&mut residual, &x, &w))?,
-            Product::Plain => time(gpu, what, work, || gpu.linear(&x, &w, None))?,
-        };
-        timings.push(timing);
-    }
+    let (w, x, mut residual) = (
+        gpu.load_weight(random_bf16(vec![h, q], rng))?,
+        activations(gpu, 1, q, rng)?,
+        activations(gpu, 1, h, rng)?,
+    );
+    let what = format!("mat-vec o_proj + residual [{h}, {q}]");
+    timings.push(time(gpu, what, work(h, q, 1), || gpu.add_linear(&mut residual, &x, &w))?);
+
+    let (w, x) = (gpu.load_weight(random_bf16(vec![vocab, h], rng))?, activations(gpu, 1, h, rng)?);
+    timings.push(time(gpu, format!("mat-vec lm_head [{vocab}, {h}]"), work(vocab, h, 1), || {
+        gpu.linear(&x, &w, None)
+    })?);
     Ok(timings)
 }
 
-/// down_proj added into the residual stream for a few tokens, through the
-/// mat-vec and through cuBLAS, up to a token past where the backend hands
-/// the one to the other, and gate/up with the SwiGLU both ways at the
-/// mat-vec's most tokens: what that hand-over should be.
-fn handover(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
+/// The MLP's products as the model runs them (gate/up of the residual
+/// stream's RMSNorm with the SwiGLU, down_proj added into the stream),
+/// each through the mat-vec and through cuBLAS: down_proj at powers of two
+/// up to the mat-vec's most tokens and at one more, gate/up at 1 token and
+/// the most. Batch 1 of both, and where the hand-over should be.
+fn mlp(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Result<Vec<Timing>> {
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let down = gpu.load_weight(random_bf16(vec![h, i], rng))?;
-    // Powers of two up to the mat-vec's most tokens, and one more.
     let most = (1..).take_while(|&n| gpu.through_matvec(n)).count();
     let counts: Vec<usize> = (0..).map(|k| 1 << k).take_while(|&n| n <= most).chain([most + 1]).collect();
     let mut timings = Vec::new();
@@ -257,11 +243,13 @@ fn handover(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyho
     }
     let gate_up = gpu.load_weight(random_bf16(vec![2 * i, h], rng))?;
     let norm = gpu.load_weight(random_f32(vec![h], rng))?;
-    let x = activations(gpu, most, h, rng)?;
-    let what = format!("gate_up_proj + SwiGLU [{}, {h}]", 2 * i);
-    timings.extend(both_ways(gpu, &what, most, work(2 * i, h, most), |gpu| {
-        gpu.swiglu(&x, RmsNorm { weight: &norm, eps: 1e-6 }, &gate_up)
-    })?);
+    for tokens in [1, most] {
+        let x = activations(gpu, tokens, h, rng)?;
+        let what = format!("gate_up_proj + SwiGLU [{}, {h}]", 2 * i);
+        timings.extend(both_ways(gpu, &what, tokens, work(2 * i, h, tokens), |gpu| {
+            gpu.swiglu(&x, RmsNorm { weight: &norm, eps: 1e-6 }, &gate_up)
+        })?);
+    }
     Ok(timings)
 }
 
@@ -375,7 +363,7 @@ pub fn run(config: &ModelConfig, name: &str, context: usize, as_json: bool) -> a
     let bandwidth = cuda::measure_copy_bandwidth(0)?;
     let mut rng = Rng::seeded(0);
     let mut timings = matvecs(&gpu, config, &mut rng)?;
-    timings.extend(handover(&mut gpu, config, &mut rng)?);
+    timings.extend(mlp(&mut gpu, config, &mut rng)?);
     // Batch-1 decode's attention at the shorter contexts of the decode
     // targets too, where its merge of split keys weighs most.
     let shorter = [256, 1024].into_iter().filter(|&c| c < context);
