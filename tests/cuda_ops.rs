@@ -46,9 +46,7 @@ fn both_ways(gpu: &mut CudaBackend, counts: &[usize], mut check: impl FnMut(&Cud
     for &n in counts {
         check(gpu, n);
         if gpu.through_matvec(n) {
-            gpu.use_matvec(false);
-            check(gpu, n);
-            gpu.use_matvec(true);
+            gpu.through_cublas(|gpu| check(gpu, n));
         }
     }
 }
@@ -98,11 +96,10 @@ fn with_the_mat_vec_off_even_one_token_multiplies_through_cublas() {
         out
     };
     let matvec = product(&gpu);
-    gpu.use_matvec(false);
-    assert!(!gpu.through_matvec(1));
+    let (cublas, through_matvec) = gpu.through_cublas(|gpu| (product(gpu), gpu.through_matvec(1)));
+    assert!(!through_matvec);
     // cuBLAS takes the activations rounded to bf16, the mat-vec as they are.
-    assert_ne!(product(&gpu), matvec);
-    gpu.use_matvec(true);
+    assert_ne!(cublas, matvec);
     assert_eq!(product(&gpu), matvec);
 }
 
@@ -359,9 +356,7 @@ fn qkv_projection_and_paged_attention_match_for_prefill_chunks_and_decode() {
     // Projections of whole and partial mat-vec steps, and of scalar ones (102).
     attention_case(&gpu, (4, 2, 64), 264, DType::BF16, true);
     // Decode's products through cuBLAS too, and its attention's rounded output.
-    gpu.use_matvec(false);
-    attention_case(&gpu, (4, 2, 64), 264, DType::BF16, true);
-    gpu.use_matvec(true);
+    gpu.through_cublas(|gpu| attention_case(gpu, (4, 2, 64), 264, DType::BF16, true));
     attention_case(&gpu, (2, 1, 128), 100, DType::F32, false);
     attention_case(&gpu, (14, 2, 64), 200, DType::F32, true);
     attention_case(&gpu, (28, 4, 128), 264, DType::BF16, true);

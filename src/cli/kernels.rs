@@ -233,19 +233,19 @@ fn mlp(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
     let most = (1..).take_while(|&n| gpu.through_matvec(n)).count();
     let counts: Vec<usize> = (0..).map(|k| 1 << k).take_while(|&n| n <= most).chain([most + 1]).collect();
     let mut timings = Vec::new();
+    let what = format!("down_proj + residual [{h}, {i}]");
     for tokens in counts {
         let x = activations(gpu, tokens, i, rng)?;
         let mut residual = activations(gpu, tokens, h, rng)?;
-        let what = format!("down_proj + residual [{h}, {i}]");
         timings.extend(both_ways(gpu, &what, tokens, work(h, i, tokens), |gpu| {
             gpu.add_linear(&mut residual, &x, &down)
         })?);
     }
     let gate_up = gpu.load_weight(random_bf16(vec![2 * i, h], rng))?;
     let norm = gpu.load_weight(random_f32(vec![h], rng))?;
+    let what = format!("gate_up_proj + SwiGLU [{}, {h}]", 2 * i);
     for tokens in [1, most] {
         let x = activations(gpu, tokens, h, rng)?;
-        let what = format!("gate_up_proj + SwiGLU [{}, {h}]", 2 * i);
         timings.extend(both_ways(gpu, &what, tokens, work(2 * i, h, tokens), |gpu| {
             gpu.swiglu(&x, RmsNorm { weight: &norm, eps: 1e-6 }, &gate_up)
         })?);
@@ -254,7 +254,7 @@ fn mlp(gpu: &mut CudaBackend, config: &ModelConfig, rng: &mut Rng) -> anyhow::Re
 }
 
 /// `op` on `tokens` tokens timed through the mat-vec, where it reaches
-/// that many, and through cuBLAS; the mat-vec is on again after.
+/// that many, and through cuBLAS.
 fn both_ways<T>(
     gpu: &mut CudaBackend,
     what: &str,
@@ -262,16 +262,13 @@ fn both_ways<T>(
     work: (usize, f64),
     mut op: impl FnMut(&CudaBackend) -> shardline::backend::Result<T>,
 ) -> anyhow::Result<Vec<Timing>> {
-    let mut timings = Vec::new();
     let plural = if tokens == 1 { "" } else { "s" };
-    for (matvec, how) in [(true, "mat-vec"), (false, "cuBLAS")] {
-        gpu.use_matvec(matvec);
-        if gpu.through_matvec(tokens) == matvec {
-            let gpu = &*gpu;
-            timings.push(time(gpu, format!("{how} {what}, {tokens} token{plural}"), work, || op(gpu))?);
-        }
+    let name = |how| format!("{how} {what}, {tokens} token{plural}");
+    let mut timings = Vec::new();
+    if gpu.through_matvec(tokens) {
+        timings.push(time(gpu, name("mat-vec"), work, || op(gpu))?);
     }
-    gpu.use_matvec(true);
+    timings.push(gpu.through_cublas(|gpu| time(gpu, name("cuBLAS"), work, || op(gpu)))?);
     Ok(timings)
 }
 

@@ -164,7 +164,7 @@ pub struct CudaBackend {
     /// Launch kernels programmatically (`launch.rs`).
     programmatic: bool,
     /// Multiply up to `MATVEC_MAX_TOKENS` tokens in the mat-vec kernels
-    /// (else every product goes through cuBLAS).
+    /// (off within [`CudaBackend::through_cublas`]).
     matvec: bool,
     /// The activations of forwards being recorded (`arena.rs`).
     arena: arena::Arena,
@@ -252,11 +252,13 @@ impl CudaBackend {
         self.matvec && tokens <= matvec::MATVEC_MAX_TOKENS
     }
 
-    /// Sends every product through cuBLAS (`false`), or, as a backend
-    /// starts, those of few enough tokens through the mat-vec kernels:
-    /// `bench --kernels` times both sides of the hand-over.
-    pub fn use_matvec(&mut self, on: bool) {
-        self.matvec = on;
+    /// `f` with every product sent through cuBLAS, the mat-vec kernels as
+    /// they were after: `bench --kernels` times both sides of the hand-over.
+    pub fn through_cublas<T>(&mut self, f: impl FnOnce(&Self) -> T) -> T {
+        let matvec = std::mem::replace(&mut self.matvec, false);
+        let out = f(self);
+        self.matvec = matvec;
+        out
     }
 
     /// Waits until the stream has run everything queued on it.
